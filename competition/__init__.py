@@ -1,0 +1,1 @@
+"""Carvana Image Masking: data, folds, RLE, metrics, models, training and inference."""

@@ -1,0 +1,279 @@
+"""The Carvana data layout: image and mask files from folders or the competition's zips, and the Dataset."""
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from competition.rle import RLEError, rle_decode
+
+LAYOUT_HELP = (
+    "Expected the Carvana layout: train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif, "
+    "train_masks.csv, metadata.csv, test/*.jpg, sample_submission.csv (folders or the "
+    "competition's .zip files). Make a synthetic set with "
+    "`python -m competition.synthetic --out input/` or pass --data-dir."
+)
+
+
+class DataError(ValueError):
+    """Input data that does not follow the competition's format; the message names the file."""
+
+
+def car_id_of(image_id: str) -> str:
+    """``0cdf5b5d0ce1_05`` -> ``0cdf5b5d0ce1``: the 16 views of a car share everything before ``_NN``."""
+    return image_id.rsplit("_", 1)[0]
+
+
+def image_id_of(file_name: str) -> str:
+    """``0cdf5b5d0ce1_05.jpg`` (a CSV ``img`` value or a file name) -> ``0cdf5b5d0ce1_05``."""
+    return Path(file_name).name.removesuffix(".jpg").removesuffix("_mask.gif")
+
+
+class _Folder:
+    """Files with one suffix in a folder, keyed by file name."""
+
+    def __init__(self, path: Path, suffix: str):
+        self.path = path
+        self.names = sorted(p.name for p in path.iterdir() if p.name.endswith(suffix))
+
+    def describe(self, name: str) -> str:
+        return str(self.path / name)
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+
+class _Zip:
+    """Files with one suffix inside a zip archive, keyed by base name, read without extracting.
+
+    Each process opens its own handle: DataLoader workers must not share a file offset.
+    """
+
+    def __init__(self, path: Path, suffix: str):
+        self.path = path
+        self._handle: zipfile.ZipFile | None = None
+        self._pid = -1
+        try:
+            members = self._archive().namelist()
+        except zipfile.BadZipFile as error:
+            raise DataError(f"{path}: not a readable zip archive ({error}); download it again") from None
+        self._members = {
+            Path(member).name: member
+            for member in members
+            if member.endswith(suffix) and not member.startswith("__MACOSX/")
+        }
+        self.names = sorted(self._members)
+
+    def _archive(self) -> zipfile.ZipFile:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = zipfile.ZipFile(self.path)
+            self._pid = os.getpid()
+        return self._handle
+
+    def describe(self, name: str) -> str:
+        return f"{self.path}:{self._members.get(name, name)}"
+
+    def read(self, name: str) -> bytes:
+        return self._archive().read(self._members[name])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handle": None, "_pid": -1}
+
+
+def _open_files(root: Path, name: str, suffix: str) -> "_Folder | _Zip | None":
+    if (root / name).is_dir():
+        return _Folder(root / name, suffix)
+    if (root / f"{name}.zip").is_file():
+        return _Zip(root / f"{name}.zip", suffix)
+    return None
+
+
+def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            full_shape = (image.height, image.width)
+            if reduce_to is not None:
+                image.draft("RGB", (reduce_to[1], reduce_to[0]))
+            return np.asarray(image.convert("RGB")), full_shape
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"{source}: the image does not decode ({error}); the file is corrupt, replace it") from None
+
+
+def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
+    """JPEG bytes -> RGB uint8 (H, W, 3). ``reduce_to`` (height, width) lets libjpeg decode at
+    1/2, 1/4 or 1/8 scale when that is still at least as large: several times faster."""
+    return _decode_jpeg(data, source, reduce_to)[0]
+
+
+def decode_mask(data: bytes, source: str) -> np.ndarray:
+    """GIF bytes -> uint8 0/1 (H, W). Any non-black pixel is car, whatever the palette."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (np.asarray(image.convert("L")) > 0).astype(np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"{source}: the mask does not decode ({error}); the file is corrupt, replace it") from None
+
+
+def _image_shape(data: bytes, source: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"{source}: the image does not decode ({error}); the file is corrupt, replace it") from None
+
+
+class CarvanaData:
+    """One Carvana-format data folder. Every folder may instead be the competition's ``<name>.zip``.
+
+    ``mask_source``: ``gif`` (train_masks/), ``csv`` (train_masks.csv) or ``auto`` (GIFs when present).
+    """
+
+    def __init__(self, root: str | Path, mask_source: str = "auto"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: data folder not found. {LAYOUT_HELP}")
+        self.train_images = _open_files(self.root, "train", ".jpg")
+        self.train_masks = _open_files(self.root, "train_masks", ".gif")
+        self.test_images = _open_files(self.root, "test", ".jpg")
+        if not any(files and files.names for files in (self.train_images, self.test_images)):
+            raise DataError(f"{self.root}: no train or test images. {LAYOUT_HELP}")
+        if mask_source not in ("auto", "gif", "csv"):
+            raise DataError(f"mask_source must be auto, gif or csv, got {mask_source!r}")
+        if mask_source == "auto":
+            mask_source = "gif" if self.train_masks and self.train_masks.names else "csv"
+        self.mask_source = mask_source
+        self._csv_masks: dict[str, str] | None = None
+
+    def _csv_path(self, name: str) -> Path:
+        for candidate in (self.root / name, self.root / f"{name}.zip"):
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"{self.root / name}: not found (nor {name}.zip). {LAYOUT_HELP}")
+
+    def read_csv(self, name: str, columns: list[str]) -> pd.DataFrame:
+        """A competition CSV (``name`` or ``name.zip``) as strings, checked to have ``columns``."""
+        path = self._csv_path(name)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, zipfile.BadZipFile) as error:
+            raise DataError(f"{path}: not a readable CSV ({error})") from None
+        missing = [column for column in columns if column not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; expected {columns}, found {list(frame.columns)}")
+        return frame
+
+    def train_ids(self) -> list[str]:
+        """Ids (``<car>_<NN>``) of the training images, sorted."""
+        return sorted(image_id_of(name) for name in self.train_images.names) if self.train_images else []
+
+    def test_ids(self) -> list[str]:
+        """Ids of the test images, sorted."""
+        return sorted(image_id_of(name) for name in self.test_images.names) if self.test_images else []
+
+    def _image_files(self, split: str):
+        files = {"train": self.train_images, "test": self.test_images}[split]
+        if files is None:
+            raise DataError(f"{self.root}: no {split}/ folder or {split}.zip. {LAYOUT_HELP}")
+        return files
+
+    def image_path(self, image_id: str, split: str = "train") -> str:
+        return self._image_files(split).describe(f"{image_id}.jpg")
+
+    def read_image(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None) -> np.ndarray:
+        """RGB uint8 (H, W, 3) of one image; see ``decode_image`` for ``reduce_to``."""
+        files = self._image_files(split)
+        return decode_image(files.read(f"{image_id}.jpg"), files.describe(f"{image_id}.jpg"), reduce_to)
+
+    def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
+        """(height, width) of one image, read from its header alone."""
+        files = self._image_files(split)
+        return _image_shape(files.read(f"{image_id}.jpg"), files.describe(f"{image_id}.jpg"))
+
+    def _masks_from_csv(self) -> dict[str, str]:
+        if self._csv_masks is None:
+            frame = self.read_csv("train_masks.csv", ["img", "rle_mask"])
+            self._csv_masks = dict(zip(map(image_id_of, frame["img"]), frame["rle_mask"]))
+        return self._csv_masks
+
+    def mask_ids(self) -> set[str]:
+        """Ids that have a mask in the chosen mask source."""
+        if self.mask_source == "gif":
+            return {image_id_of(name) for name in self.train_masks.names} if self.train_masks else set()
+        return set(self._masks_from_csv())
+
+    def check_masks(self, image_ids: list[str]) -> None:
+        """Raise a DataError naming the images that have no mask."""
+        missing = sorted(set(image_ids) - self.mask_ids())
+        if missing:
+            where = "train_masks/" if self.mask_source == "gif" else "train_masks.csv"
+            raise DataError(
+                f"{self.root}: {len(missing)} training image(s) have no mask in {where}, "
+                f"e.g. {missing[:3]}; restore the masks or remove those images"
+            )
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """uint8 0/1 (H, W) mask of one training image, from its GIF or from train_masks.csv."""
+        if self.mask_source == "gif":
+            name = f"{image_id}_mask.gif"
+            if self.train_masks is None or name not in self.train_masks.names:
+                raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
+            return decode_mask(self.train_masks.read(name), self.train_masks.describe(name))
+        masks = self._masks_from_csv()
+        if image_id not in masks:
+            raise DataError(f"{self.root}: image {image_id}.jpg has no row in train_masks.csv")
+        try:
+            return rle_decode(masks[image_id], self.image_shape(image_id))
+        except RLEError as error:
+            raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
+
+    def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask) of one training image, checked to be the same size before any reduction."""
+        mask = self.read_mask(image_id)
+        files = self._image_files("train")
+        name = f"{image_id}.jpg"
+        image, full_shape = _decode_jpeg(files.read(name), files.describe(name), reduce_to)
+        if full_shape != mask.shape:
+            raise DataError(
+                f"{files.describe(name)}: image is {full_shape[1]}x{full_shape[0]} but its mask is "
+                f"{mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image, replace it"
+            )
+        return image, mask
+
+
+class CarvanaDataset(torch.utils.data.Dataset):
+    """(image uint8 (3, H, W), mask float32 (1, H, W)) for a list of training ids.
+
+    ``size`` (height, width) resizes both (JPEG decoded at reduced scale where it can);
+    ``transform`` is an albumentations transform applied to image and mask together.
+    Images stay uint8: the model normalises them on the device, a quarter of the bytes to copy.
+    """
+
+    def __init__(self, data: CarvanaData, image_ids: list[str], size: tuple[int, int] | None = None, transform=None):
+        data.check_masks(image_ids)
+        self.data = data
+        self.image_ids = list(image_ids)
+        self.size = size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_id = self.image_ids[index]
+        image, mask = self.data.read_sample(image_id, reduce_to=self.size)
+        if self.size is not None:
+            height, width = self.size
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+            mask = (cv2.resize(mask * 255, (width, height), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+        if self.transform is not None:
+            augmented = self.transform(image=image, mask=mask)
+            image, mask = augmented["image"], augmented["mask"]
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        mask = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float()
+        return image, mask

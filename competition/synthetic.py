@@ -1,0 +1,459 @@
+"""A synthetic data set in the exact Carvana format: studio photos of cars on a turntable, 16 views each.
+
+    python -m competition.synthetic --out input/ --cars 24 --test-cars 8 --width 1918 --height 1280 --seed 0 [--zip]
+
+Each car is a 3-D body (an extruded side profile that narrows towards the roof, wheels,
+mirrors, sometimes an antenna) rendered in perspective from 16 evenly spaced yaw angles in
+a studio scene (wall gradient, floor, turntable, soft shadow), then blurred, lit with
+jitter, noised and JPEG-compressed. The mask is the union of the same polygons, so it is
+exact. The real data is under Kaggle's licence; this lets every command and test run.
+"""
+
+import argparse
+import io
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from PIL import Image
+
+from competition.rle import rle_encode
+
+VIEWS = 16
+_SUBPIXEL = 4  # cv2 polygon coordinates carry 4 fractional bits
+_COLOURS = {  # name -> RGB; white, silver and black, and a grey close to the studio wall
+    "white": (236, 236, 234),
+    "silver": (178, 181, 185),
+    "black": (24, 25, 28),
+    "studio grey": (200, 200, 198),
+    "red": (160, 24, 28),
+    "blue": (28, 60, 140),
+    "dark green": (28, 70, 45),
+    "beige": (196, 180, 150),
+    "graphite": (80, 82, 86),
+    "yellow": (220, 180, 40),
+}
+_MAKES = {
+    "Acura": ["MDX", "TLX"],
+    "BMW": ["3 Series", "X5"],
+    "Ford": ["Focus", "F-150"],
+    "Honda": ["Civic", "CR-V"],
+    "Toyota": ["Camry", "RAV4"],
+    "Volkswagen": ["Golf", "Jetta"],
+}
+
+
+@dataclass
+class Car:
+    """One car's shape and look, in metres; x along the car (front positive), z up."""
+
+    profile: np.ndarray  # (P, 2) side outline (x, z), counter-clockwise
+    glass: np.ndarray  # (P,) bool: edge i (profile[i] -> profile[i+1]) is glass
+    half_width: np.ndarray  # (P,) half width at each profile point (narrower at the roof)
+    window: np.ndarray  # (Q, 2) side-window outline (x, z)
+    wheel_x: tuple[float, float]
+    wheel_radius: float
+    colour: np.ndarray
+    antenna: float  # 0 for none, else its height
+    mirror: bool
+
+
+def make_car(rng: np.random.Generator) -> Car:
+    length = rng.uniform(3.9, 5.0)
+    style = rng.choice(["sedan", "hatchback", "suv", "pickup"])
+    clearance = rng.uniform(0.14, 0.22) + (0.08 if style in ("suv", "pickup") else 0.0)
+    belt = clearance + rng.uniform(0.55, 0.7) + (0.15 if style in ("suv", "pickup") else 0.0)
+    roof = belt + rng.uniform(0.42, 0.55)
+    front, rear = length / 2, -length / 2
+    hood = front - rng.uniform(0.8, 1.3)
+    roof_front = hood - rng.uniform(0.6, 0.9)
+    if style == "sedan":
+        roof_rear = roof_front - rng.uniform(1.0, 1.4)
+        deck = rear + rng.uniform(0.5, 0.8)
+        upper = [
+            (front, belt - 0.1),
+            (hood, belt),
+            (roof_front, roof),
+            (roof_rear, roof),
+            (deck, belt + 0.05),
+            (rear, belt),
+        ]
+        glass_edges = [1, 3]
+    elif style == "hatchback":
+        roof_rear = rear + rng.uniform(0.35, 0.6)
+        upper = [(front, belt - 0.1), (hood, belt), (roof_front, roof), (roof_rear, roof), (rear, belt + 0.05)]
+        glass_edges = [1, 3]
+    elif style == "suv":
+        roof_rear = rear + rng.uniform(0.15, 0.3)
+        upper = [
+            (front, belt - 0.05),
+            (hood, belt),
+            (roof_front, roof),
+            (roof_rear, roof),
+            (rear, roof - 0.1),
+            (rear, belt),
+        ]
+        glass_edges = [1, 4]
+    else:
+        cab_rear = roof_front - rng.uniform(0.9, 1.2)
+        upper = [
+            (front, belt - 0.05),
+            (hood, belt),
+            (roof_front, roof),
+            (cab_rear, roof),
+            (cab_rear, belt + 0.05),
+            (rear, belt + 0.05),
+        ]
+        glass_edges = [1, 3]
+    profile = [(rear, clearance), (front - 0.1, clearance), (front, clearance + 0.2)]
+    glass_offset = len(profile)
+    profile = np.array(profile + upper, dtype=np.float64)
+    glass = np.zeros(len(profile), dtype=bool)
+    glass[[glass_offset + edge for edge in glass_edges]] = True
+    half = rng.uniform(0.85, 0.98)
+    narrowing = np.clip((profile[:, 1] - belt) / (roof - belt), 0, 1) * rng.uniform(0.12, 0.22)
+    window_top = roof - 0.06
+    window_bottom = belt + 0.05
+    window = np.array(
+        [
+            (hood - 0.12, window_bottom),
+            (roof_front - 0.08, window_top),
+            (min(upper[3][0], roof_front - 0.5) + 0.1, window_top),
+            (min(upper[3][0], roof_front - 0.5), window_bottom),
+        ]
+    )
+    wheel_radius = rng.uniform(0.3, 0.38) + (0.04 if style in ("suv", "pickup") else 0.0)
+    wheel_x = (front - rng.uniform(0.75, 0.95), rear + rng.uniform(0.75, 1.0))
+    colour = np.array(_COLOURS[rng.choice(list(_COLOURS))], dtype=np.float64)
+    antenna = rng.uniform(0.25, 0.5) if rng.random() < 0.35 else 0.0
+    return Car(
+        profile, glass, half * (1 - narrowing), window, wheel_x, wheel_radius, colour, antenna, rng.random() < 0.7
+    )
+
+
+class _Camera:
+    """Perspective projection of a car turned by ``yaw`` on a turntable, seen slightly from above."""
+
+    def __init__(self, yaw: float, width: int, height: int, distance: float, elevation: float):
+        self.cos_yaw, self.sin_yaw = np.cos(yaw), np.sin(yaw)
+        self.cos_el, self.sin_el = np.cos(elevation), np.sin(elevation)
+        self.distance = distance
+        self.focal = width * 1.45
+        self.centre = (width / 2, height * 0.58)
+
+    def turn(self, points: np.ndarray) -> np.ndarray:
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        return np.stack([x * self.cos_yaw - y * self.sin_yaw, x * self.sin_yaw + y * self.cos_yaw, z], axis=-1)
+
+    def depth(self, turned: np.ndarray) -> np.ndarray:
+        return self.distance + turned[..., 1] * self.cos_el - (turned[..., 2] - 0.7) * self.sin_el
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        turned = self.turn(points)
+        depth = self.depth(turned)
+        up = (turned[..., 2] - 0.7) * self.cos_el + turned[..., 1] * self.sin_el
+        u = self.centre[0] + self.focal * turned[..., 0] / depth
+        v = self.centre[1] - self.focal * up / depth
+        return np.stack([u, v], axis=-1)
+
+
+def _fixed(points: np.ndarray) -> np.ndarray:
+    return np.round(points * (1 << _SUBPIXEL)).astype(np.int32)
+
+
+class _Canvas:
+    """Draws each car part into the image and the same pixels into the mask."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray):
+        self.image, self.mask = image, mask
+
+    def polygon(self, points: np.ndarray, colour, in_mask: bool = True) -> None:
+        fixed = [_fixed(points)]
+        cv2.fillPoly(self.image, fixed, tuple(float(c) for c in colour), cv2.LINE_8, _SUBPIXEL)
+        if in_mask:
+            cv2.fillPoly(self.mask, fixed, 1, cv2.LINE_8, _SUBPIXEL)
+
+    def line(self, start: np.ndarray, end: np.ndarray, colour, thickness: int) -> None:
+        a, b = tuple(int(v) for v in _fixed(start)), tuple(int(v) for v in _fixed(end))
+        cv2.line(self.image, a, b, tuple(float(c) for c in colour), thickness, cv2.LINE_8, _SUBPIXEL)
+        cv2.line(self.mask, a, b, 1, thickness, cv2.LINE_8, _SUBPIXEL)
+
+
+def _studio(width: int, height: int, rng: np.random.Generator, camera: _Camera) -> np.ndarray:
+    """Wall gradient, floor and turntable."""
+    horizon = int(height * rng.uniform(0.42, 0.5))
+    wall_top, wall_bottom = rng.uniform(205, 235), rng.uniform(185, 215)
+    floor_near, floor_far = rng.uniform(150, 185), rng.uniform(170, 200)
+    rows = np.empty(height, dtype=np.float32)
+    rows[:horizon] = np.linspace(wall_top, wall_bottom, horizon)
+    rows[horizon:] = np.linspace(floor_far, floor_near, height - horizon)
+    tint = np.array([1.0, 1.0, 1.0 + rng.uniform(-0.03, 0.03)], dtype=np.float32)
+    image = np.ascontiguousarray(np.broadcast_to(rows[:, None, None] * tint, (height, width, 3)))
+    angles = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+    turntable = np.stack([3.1 * np.cos(angles), 3.1 * np.sin(angles), np.zeros_like(angles)], axis=-1)
+    shade = float(rng.uniform(0.9, 1.05))
+    cv2.fillPoly(image, [_fixed(camera.project(turntable))], (0.9 * shade * floor_near,) * 3, cv2.LINE_8, _SUBPIXEL)
+    return image
+
+
+def _shadow(image: np.ndarray, car: Car, camera: _Camera) -> None:
+    """A soft dark footprint under the car, blurred at low resolution for speed."""
+    height, width = image.shape[:2]
+    x, half = np.abs(car.profile[:, 0]).max() + 0.15, car.half_width.max() + 0.2
+    footprint = np.array([[x, -half, 0], [x, half, 0], [-x, half, 0], [-x, -half, 0]])
+    scale = 8
+    small = np.zeros((height // scale + 1, width // scale + 1), dtype=np.float32)
+    cv2.fillPoly(small, [_fixed(camera.project(footprint) / scale)], 1.0, cv2.LINE_8, _SUBPIXEL)
+    small = cv2.GaussianBlur(small, (0, 0), 6)
+    darkening = 1 - 0.55 * cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)[:height, :width]
+    image *= darkening[..., None]
+
+
+def _shaded(colour: np.ndarray, normal: np.ndarray, light: np.ndarray, gloss: float = 0.25) -> np.ndarray:
+    diffuse = 0.45 + 0.55 * max(0.0, float(normal @ light))
+    return np.clip(colour * diffuse + 255 * gloss * max(0.0, float(normal @ light)) ** 8, 0, 255)
+
+
+def render(
+    car: Car, yaw: float, width: int, height: int, rng: np.random.Generator, studio_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One studio photo (RGB uint8) of ``car`` turned by ``yaw``, and its exact 0/1 mask.
+
+    ``studio_seed`` fixes the studio and camera, the same for all views of a car; ``rng``
+    draws what changes from shot to shot (exposure, noise).
+    """
+    studio = np.random.default_rng(studio_seed)
+    camera = _Camera(yaw, width, height, distance=studio.uniform(8.0, 9.0), elevation=np.deg2rad(studio.uniform(8, 14)))
+    image = _studio(width, height, studio, camera)
+    _shadow(image, car, camera)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    canvas = _Canvas(image, mask)
+    light = np.array([0.3, -0.6, 0.75])
+    light /= np.linalg.norm(light)
+    view = np.array([0.0, -camera.cos_el, camera.sin_el])  # towards the camera, in turned coordinates
+    sides = {side: np.column_stack([car.profile[:, 0], side * car.half_width, car.profile[:, 1]]) for side in (-1, 1)}
+    tyre, rim = np.array([22.0, 22, 24]), np.array([150.0, 152, 155])
+    glass_colour = np.array([35.0, 40, 48])
+
+    def wheels(side: int) -> None:
+        angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        for x in car.wheel_x:
+            for radius, colour in ((car.wheel_radius, tyre), (car.wheel_radius * 0.6, rim)):
+                circle = np.column_stack(
+                    [
+                        x + radius * np.cos(angles),
+                        np.full_like(angles, side * (car.half_width[0] + 0.02)),
+                        car.wheel_radius + radius * np.sin(angles),
+                    ]
+                )
+                canvas.polygon(camera.project(circle), colour)
+
+    near_side = 1 if camera.turn(np.array([0.0, 1.0, 0.0]))[1] < 0 else -1
+    wheels(-near_side)
+    # Faces of the closed body, far first (painter's algorithm), back faces culled.
+    faces = []
+    for side, points in sides.items():
+        normal = camera.turn(np.array([0.0, side, 0.0]))
+        faces.append((points, normal, "side", side))
+    count = len(car.profile)
+    for i in range(count):
+        j = (i + 1) % count
+        quad = np.array([sides[-1][i], sides[-1][j], sides[1][j], sides[1][i]])
+        edge = car.profile[j] - car.profile[i]
+        normal = camera.turn(np.array([edge[1], 0.0, -edge[0]]) / (np.linalg.norm(edge) + 1e-9))
+        faces.append((quad, normal, "glass" if car.glass[i] else "body", 0))
+    faces.sort(key=lambda face: -float(camera.depth(camera.turn(face[0])).mean()))
+    for points, normal, kind, side in faces:
+        if normal @ view <= 0:
+            continue
+        colour = glass_colour if kind == "glass" else car.colour
+        canvas.polygon(camera.project(points), _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25))
+        if kind == "side":
+            window = np.column_stack(
+                [car.window[:, 0], np.full(len(car.window), side * 0.99 * car.half_width.min()), car.window[:, 1]]
+            )
+            window_2d = camera.project(window)
+            canvas.polygon(window_2d, _shaded(glass_colour, normal, light, 0.6))
+            streak = window_2d[[0, 1]] * 0.5 + window_2d[[3, 2]] * 0.5
+            canvas.line(streak[0], streak[1], np.minimum(glass_colour + 90, 255), max(1, width // 600))
+    wheels(near_side)
+    if car.mirror:
+        base_x, base_z = car.window[0]
+        for side in (-1, 1):
+            y = side * car.half_width.max()
+            mirror = np.array(
+                [
+                    [base_x, y, base_z],
+                    [base_x - 0.15, y, base_z],
+                    [base_x - 0.12, y + side * 0.2, base_z + 0.12],
+                    [base_x - 0.02, y + side * 0.2, base_z + 0.12],
+                ]
+            )
+            canvas.polygon(camera.project(mirror), _shaded(car.colour, camera.turn(np.array([1.0, 0, 0])), light))
+    if car.antenna:
+        roof = car.profile[np.argmax(car.profile[:, 1])]
+        base = np.array([roof[0] - 0.3, 0.0, roof[1]])
+        tip = base + np.array([-0.15, 0.0, car.antenna])
+        canvas.line(camera.project(base), camera.project(tip), (30, 30, 30), int(rng.integers(1, 4)))
+    return _photograph(image, rng), mask
+
+
+def _photograph(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Optics blur, exposure and white-balance jitter, sensor noise."""
+    image = cv2.GaussianBlur(image, (0, 0), 0.7)
+    image *= rng.uniform(0.88, 1.1) * (1 + rng.uniform(-0.015, 0.015, size=3)).astype(np.float32)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(1.5, 4.0))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+def encode_gif(mask: np.ndarray) -> bytes:
+    """The competition's mask GIFs: palette image, index 0 black background, index 1 white car."""
+    gif = Image.fromarray(mask.astype(np.uint8), mode="P")
+    gif.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+    buffer = io.BytesIO()
+    gif.save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def render_car(car_seed: int, width: int, height: int) -> list[tuple[bytes, np.ndarray]]:
+    """The 16 views of one car: (JPEG bytes, mask) each. Deterministic for ``car_seed``."""
+    rng = np.random.default_rng(car_seed)
+    car = make_car(rng)
+    start = rng.uniform(0, 2 * np.pi / VIEWS)
+    studio_seed = int(rng.integers(2**31))
+    views = []
+    for view in range(VIEWS):
+        image, mask = render(car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed)
+        views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask))
+    return views
+
+
+class _Writer:
+    """Writes the layout as folders, or as the competition's zip archives (``<folder>.zip``)."""
+
+    def __init__(self, out: Path, as_zip: bool):
+        self.out, self.as_zip = out, as_zip
+        self.archives: dict[str, zipfile.ZipFile] = {}
+
+    def file(self, folder: str, name: str, data: bytes) -> None:
+        if self.as_zip:
+            if folder not in self.archives:
+                self.archives[folder] = zipfile.ZipFile(self.out / f"{folder}.zip.partial", "w", zipfile.ZIP_STORED)
+            self.archives[folder].writestr(f"{folder}/{name}", data)
+        else:
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
+            (self.out / folder / name).write_bytes(data)
+
+    def csv(self, name: str, frame: pd.DataFrame) -> None:
+        partial = self.out / f"{name}.partial"
+        if self.as_zip:
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(name, frame.to_csv(index=False))
+            os.replace(partial, self.out / f"{name}.zip")
+        else:
+            frame.to_csv(partial, index=False)
+            os.replace(partial, self.out / name)
+
+    def close(self) -> None:
+        for folder, archive in self.archives.items():
+            archive.close()
+            os.replace(self.out / f"{folder}.zip.partial", self.out / f"{folder}.zip")
+
+
+def contact_sheet(views: list[tuple[bytes, np.ndarray]], path: Path, columns: int = 4) -> None:
+    """One car's views in a grid, mask outlines drawn in green, saved as PNG."""
+    tiles = []
+    for jpeg, mask in views:
+        image = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(image, contours, -1, (0, 220, 0), max(1, image.shape[1] // 400))
+        scale = 480 / image.shape[1]
+        tiles.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+    rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
+    Image.fromarray(np.vstack(rows)).save(path)
+
+
+def generate(
+    out: str | Path,
+    cars: int = 24,
+    test_cars: int = 8,
+    width: int = 1918,
+    height: int = 1280,
+    seed: int = 0,
+    as_zip: bool = False,
+    jobs: int = -1,
+) -> Path:
+    """Write a full Carvana-format data set under ``out``; returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("train", "train_masks", "test"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+        (out / f"{stale}.zip").unlink(missing_ok=True)
+    seeds = np.random.SeedSequence(seed).generate_state(cars + test_cars + 1)
+    naming = np.random.default_rng(seeds[-1])
+    car_ids = []
+    while len(car_ids) < cars + test_cars:
+        car_id = naming.bytes(6).hex()
+        if car_id not in car_ids:
+            car_ids.append(car_id)
+    writer = _Writer(out, as_zip)
+    train_rows, test_rows, metadata = [], [], []
+    renders = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(render_car)(int(car_seed), width, height) for car_seed in seeds[:-1]
+    )
+    for index, (car_id, views) in enumerate(zip(car_ids, renders)):
+        is_test = index >= cars
+        for view, (jpeg, mask) in enumerate(views, start=1):
+            name = f"{car_id}_{view:02d}"
+            writer.file("test" if is_test else "train", f"{name}.jpg", jpeg)
+            (test_rows if is_test else train_rows).append((f"{name}.jpg", rle_encode(mask)))
+            if not is_test:
+                writer.file("train_masks", f"{name}_mask.gif", encode_gif(mask))
+        make = naming.choice(sorted(_MAKES))
+        metadata.append((car_id, str(naming.integers(2007, 2017)), make, naming.choice(_MAKES[make]), "", ""))
+        if index == 0:
+            contact_sheet(views, out / "contact_sheet.png")
+    writer.close()
+    train_rows, test_rows, metadata = sorted(train_rows), sorted(test_rows), sorted(metadata)
+    columns = ["img", "rle_mask"]
+    writer.csv("train_masks.csv", pd.DataFrame(train_rows, columns=columns))
+    writer.csv("metadata.csv", pd.DataFrame(metadata, columns=["id", "year", "make", "model", "trim1", "trim2"]))
+    writer.csv("sample_submission.csv", pd.DataFrame([(img, "1 1") for img, _ in test_rows], columns=columns))
+    writer.csv("test_masks.csv", pd.DataFrame(test_rows, columns=columns))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
+    parser.add_argument("--cars", type=int, default=24, help="training cars, 16 images each")
+    parser.add_argument("--test-cars", type=int, default=8, help="test cars, 16 images each")
+    parser.add_argument("--width", type=int, default=1918)
+    parser.add_argument("--height", type=int, default=1280)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zip", action="store_true", help="write the competition's zip archives instead of folders")
+    parser.add_argument("--jobs", type=int, default=-1, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
+        parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
+    out = generate(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.zip, args.jobs)
+    print(
+        f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images "
+        f"({args.width}x{args.height}) to {out}/; one car's views: {out}/contact_sheet.png"
+    )
+
+
+if __name__ == "__main__":
+    main()

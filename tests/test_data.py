@@ -1,0 +1,138 @@
+import shutil
+import zipfile
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition.data import CarvanaData, CarvanaDataset, DataError, car_id_of, image_id_of
+from tests.conftest import HEIGHT, WIDTH
+
+
+def test_ids_follow_the_competition_naming(data_dir):
+    data = CarvanaData(data_dir)
+    ids = data.train_ids()
+    assert len(ids) == 5 * 16 and len(data.test_ids()) == 2 * 16
+    assert len({car_id_of(image_id) for image_id in ids}) == 5
+    assert image_id_of("abc_03.jpg") == "abc_03" == image_id_of("abc_03_mask.gif")
+
+
+def test_folders_and_zips_give_identical_samples(data_dir, zip_dir):
+    folders, zips = CarvanaData(data_dir), CarvanaData(zip_dir)
+    assert folders.train_ids() == zips.train_ids() and folders.test_ids() == zips.test_ids()
+    for image_id in folders.train_ids()[::7]:
+        for a, b in zip(folders.read_sample(image_id), zips.read_sample(image_id)):
+            np.testing.assert_array_equal(a, b)
+    test_id = folders.test_ids()[0]
+    np.testing.assert_array_equal(folders.read_image(test_id, "test"), zips.read_image(test_id, "test"))
+    pd.testing.assert_frame_equal(folders.read_csv("metadata.csv", ["id"]), zips.read_csv("metadata.csv", ["id"]))
+
+
+def test_gif_and_csv_masks_agree_for_every_image(data_dir):
+    gifs, csv = CarvanaData(data_dir, mask_source="gif"), CarvanaData(data_dir, mask_source="csv")
+    for image_id in gifs.train_ids():
+        gif_mask = gifs.read_mask(image_id)
+        assert gif_mask.shape == (HEIGHT, WIDTH) and set(np.unique(gif_mask)) == {0, 1}
+        np.testing.assert_array_equal(gif_mask, csv.read_mask(image_id))
+
+
+def test_dataset_returns_uint8_image_and_float_mask(data_dir):
+    data = CarvanaData(data_dir)
+    dataset = CarvanaDataset(data, data.train_ids()[:3])
+    image, mask = dataset[0]
+    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype.is_floating_point is False
+    assert mask.shape == (1, HEIGHT, WIDTH) and set(mask.unique().tolist()) == {0.0, 1.0}
+    small_image, small_mask = CarvanaDataset(data, data.train_ids()[:3], size=(64, 96))[0]
+    assert small_image.shape == (3, 64, 96) and small_mask.shape == (1, 64, 96)
+    assert abs(small_mask.mean().item() - mask.mean().item()) < 0.02
+
+
+def test_dataset_applies_the_transform_to_image_and_mask_together(data_dir):
+    data = CarvanaData(data_dir)
+    ids = data.train_ids()[:1]
+    image, mask = CarvanaDataset(data, ids)[0]
+    flipped_image, flipped_mask = CarvanaDataset(data, ids, transform=A.HorizontalFlip(p=1.0))[0]
+    assert (flipped_image == image.flip(-1)).all() and (flipped_mask == mask.flip(-1)).all()
+
+
+def test_image_without_mask(data_copy):
+    image_id = CarvanaData(data_copy).train_ids()[0]
+    (data_copy / "train_masks" / f"{image_id}_mask.gif").unlink()
+    data = CarvanaData(data_copy)
+    with pytest.raises(DataError, match=f"have no mask.*{image_id}"):
+        CarvanaDataset(data, data.train_ids())
+    with pytest.raises(DataError, match=f"{image_id}.jpg has no mask"):
+        data.read_mask(image_id)
+
+
+def test_image_and_mask_of_different_sizes(data_copy):
+    data = CarvanaData(data_copy)
+    image_id = data.train_ids()[0]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((HEIGHT, WIDTH + 2), np.uint8)).save(data_copy / "train_masks" / f"{image_id}_mask.gif")
+    with pytest.raises(
+        DataError, match=rf"{image_id}\.jpg: image is {WIDTH}x{HEIGHT} but its mask is {WIDTH + 2}x{HEIGHT}"
+    ):
+        data.read_sample(image_id)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_jpeg(data_copy, damage):
+    data = CarvanaData(data_copy)
+    image_id = data.train_ids()[0]
+    path = data_copy / "train" / f"{image_id}.jpg"
+    payload = path.read_bytes()
+    path.write_bytes(b"not a jpeg" if damage == "garbage" else payload[: len(payload) // 2])
+    with pytest.raises(DataError, match=rf"{image_id}\.jpg: the image does not decode"):
+        data.read_sample(image_id)
+
+
+def test_corrupt_gif(data_copy):
+    data = CarvanaData(data_copy)
+    image_id = data.train_ids()[0]
+    (data_copy / "train_masks" / f"{image_id}_mask.gif").write_bytes(b"GIF89a broken")
+    with pytest.raises(DataError, match=rf"{image_id}_mask\.gif: the mask does not decode"):
+        data.read_mask(image_id)
+
+
+def test_corrupt_zip(zip_dir, tmp_path):
+    shutil.copytree(zip_dir, tmp_path / "data")
+    (tmp_path / "data" / "train.zip").write_bytes(b"PK not really")
+    with pytest.raises(DataError, match="train.zip: not a readable zip archive"):
+        CarvanaData(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    "rle, problem", [("1 2 3", "odd count"), ("1 999999", "past the end"), ("9 2 1 2", "out of order")]
+)
+def test_malformed_rle_in_train_masks_csv(data_copy, rle, problem):
+    frame = pd.read_csv(data_copy / "train_masks.csv")
+    frame.loc[0, "rle_mask"] = rle
+    frame.to_csv(data_copy / "train_masks.csv", index=False)
+    data = CarvanaData(data_copy, mask_source="csv")
+    image_id = image_id_of(frame.loc[0, "img"])
+    with pytest.raises(DataError, match=rf"train_masks\.csv: row {image_id}\.jpg: RLE .*{problem}"):
+        data.read_mask(image_id)
+
+
+def test_csv_without_expected_columns(data_copy):
+    pd.DataFrame({"image": ["a.jpg"], "mask": ["1 1"]}).to_csv(data_copy / "train_masks.csv", index=False)
+    with pytest.raises(DataError, match=r"train_masks\.csv: missing column\(s\) \['img', 'rle_mask'\]"):
+        CarvanaData(data_copy, mask_source="csv").read_mask("a")
+
+
+def test_csv_read_from_its_zip(data_copy):
+    frame = pd.read_csv(data_copy / "metadata.csv", dtype=str)
+    with zipfile.ZipFile(data_copy / "metadata.csv.zip", "w") as archive:
+        archive.write(data_copy / "metadata.csv", "metadata.csv")
+    (data_copy / "metadata.csv").unlink()
+    assert CarvanaData(data_copy).read_csv("metadata.csv", ["id", "make"])["id"].tolist() == frame["id"].tolist()
+
+
+def test_empty_or_missing_data_folder(tmp_path):
+    with pytest.raises(DataError, match="no train or test images.*synthetic"):
+        CarvanaData(tmp_path)
+    with pytest.raises(DataError, match="data folder not found"):
+        CarvanaData(tmp_path / "nowhere")
