@@ -249,17 +249,26 @@ class CarvanaData:
 class CarvanaDataset(torch.utils.data.Dataset):
     """(image uint8 (3, H, W), mask float32 (1, H, W)) for a list of training ids.
 
-    ``size`` (height, width) resizes both (JPEG decoded at reduced scale where it can);
+    ``size`` (height, width) resizes both (JPEG decoded at reduced scale where it can), or the
+    image alone with ``full_size_masks`` (validation scores at full resolution);
     ``transform`` is an albumentations transform applied to image and mask together.
     Images stay uint8: the model normalises them on the device, a quarter of the bytes to copy.
     """
 
-    def __init__(self, data: CarvanaData, image_ids: list[str], size: tuple[int, int] | None = None, transform=None):
+    def __init__(
+        self,
+        data: CarvanaData,
+        image_ids: list[str],
+        size: tuple[int, int] | None = None,
+        transform=None,
+        full_size_masks: bool = False,
+    ):
         data.check_masks(image_ids)
         self.data = data
         self.image_ids = list(image_ids)
         self.size = size
         self.transform = transform
+        self.full_size_masks = full_size_masks
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -270,7 +279,8 @@ class CarvanaDataset(torch.utils.data.Dataset):
         if self.size is not None:
             height, width = self.size
             image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-            mask = (cv2.resize(mask * 255, (width, height), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+            if not self.full_size_masks:
+                mask = (cv2.resize(mask * 255, (width, height), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
         if self.transform is not None:
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]

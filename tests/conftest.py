@@ -34,3 +34,35 @@ def zip_dir(tmp_path_factory):
 def data_copy(data_dir, tmp_path):
     """A private copy of data_dir that a test may damage."""
     return shutil.copytree(data_dir, tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def folds_csv(data_dir, tmp_path_factory):
+    """5 car-grouped folds of data_dir: 64 training and 16 validation images per fold."""
+    from competition.data import CarvanaData
+    from competition.folds import assign_folds
+
+    path = tmp_path_factory.mktemp("folds") / "folds.csv"
+    assign_folds(CarvanaData(data_dir).train_ids(), 5, 42).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def tiny_config(data_dir, folds_csv, tmp_path):
+    """A training run that takes seconds on a CPU."""
+    from competition.config import TrainConfig
+
+    return TrainConfig(
+        data_dir=str(data_dir),
+        folds_csv=str(folds_csv),
+        out=str(tmp_path / "run"),
+        encoder="resnet18",
+        encoder_weights="none",
+        size="64x96",
+        epochs=2,
+        batch_size=8,
+        lr=2e-3,
+        warmup_epochs=0.2,
+        workers=0,
+        log_every=2,
+    )

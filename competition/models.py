@@ -1,0 +1,140 @@
+"""Segmentation models: smp architectures on smp/timm encoders, taking uint8 images of any size."""
+
+import contextlib
+import socket
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = {
+    "Unet": smp.Unet,
+    "UnetPlusPlus": smp.UnetPlusPlus,
+    "FPN": smp.FPN,
+    "Linknet": smp.Linknet,
+    "DeepLabV3Plus": smp.DeepLabV3Plus,
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STRIDE = 32
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked; the message says what to pass instead."""
+
+
+class SegmentationModel(nn.Module):
+    """uint8 (N, 3, H, W) images -> (N, 1, H, W) logits for any H, W.
+
+    Normalisation happens here, on the device, so loaders ship uint8 (a quarter of the bytes);
+    the input is padded to a multiple of 32 (1918 -> 1920) and the logits cropped back.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        images = (images.float() - self.mean) / self.std
+        pad_height, pad_width = -height % STRIDE, -width % STRIDE
+        if pad_height or pad_width:
+            images = F.pad(images, (0, pad_width, 0, pad_height), mode="reflect")
+        return self.network(images)[..., :height, :width]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub_when_unreachable():
+    """Without a network the hub client retries for half a minute; offline mode fails at once
+    (and still finds weights already in the local cache)."""
+    import huggingface_hub.constants as hub
+
+    offline = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = offline or not _hub_reachable()
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
+def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> None:
+    """Encoder weights from a local file (the offline Kaggle way: weights attached as a data set)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: encoder weights file not found") from None
+    except Exception as error:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "unreadable"
+        raise ModelError(
+            f"{path}: not a readable weights file ({type(error).__name__}: {error}); "
+            "pass a state dict saved with torch.save or a .safetensors file"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: holds no state dict of tensors")
+    for prefix in ("module.", "encoder.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    wanted = encoder.state_dict()
+    state = {k: v for k, v in state.items() if k in wanted}  # a classifier head (fc.*) is not part of the encoder
+    missing = [k for k in wanted if k not in state]
+    mismatched = [k for k, v in state.items() if v.shape != wanted[k].shape]
+    if missing or mismatched:
+        raise ModelError(
+            f"{path}: does not fit encoder {encoder_name} ({len(missing)} missing, {len(mismatched)} of another "
+            f"shape, e.g. {(missing + mismatched)[:3]}); pass the weights of that same encoder"
+        )
+    encoder.load_state_dict(state)
+
+
+def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -> SegmentationModel:
+    """An smp ``arch`` on ``encoder`` with one output channel (logits).
+
+    ``encoder_weights``: ``imagenet`` (downloaded, or taken from the local cache), ``none``, or
+    the path of a local encoder weights file.
+    """
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    weights = (encoder_weights or "none").strip()
+    local_file = weights.lower() not in ("imagenet", "none")
+    try:
+        if weights.lower() == "imagenet":
+            with _offline_hub_when_unreachable():
+                hub_weights = True if encoder.startswith("tu-") else "imagenet"
+                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=1)
+        else:
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, classes=1)
+    except (KeyError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
+            raise
+        raise ModelError(
+            f"unknown encoder {encoder!r}; see smp.encoders.get_encoder_names(), or any timm model as 'tu-NAME'"
+        ) from None
+    except OSError as error:
+        raise ModelError(
+            f"could not get imagenet weights for encoder {encoder!r}: no internet and none in the local cache "
+            f"({type(error).__name__}). Offline (a Kaggle notebook with internet off), attach the encoder's "
+            "weights as a data set and pass --encoder-weights /kaggle/input/<dataset>/<file>.pth, "
+            "or train from scratch with --encoder-weights none"
+        ) from None
+    if local_file:
+        _load_encoder_file(network.encoder, Path(weights), encoder)
+    return SegmentationModel(network)

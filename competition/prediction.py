@@ -1,0 +1,59 @@
+"""Probabilities from a model: precision, test-time augmentation, and the way back to full resolution."""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+# name -> (transform of the input, inverse applied to the output); each is its own inverse here.
+TTA = {
+    "hflip": (lambda images: images.flip(-1), lambda logits: logits.flip(-1)),
+    "vflip": (lambda images: images.flip(-2), lambda logits: logits.flip(-2)),
+}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    if requested not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    output_size: tuple[int, int] | None = None,
+    tta: tuple[str, ...] = (),
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """float32 probabilities (N, 1, H, W) of uint8 images, averaged over the identity and ``tta`` views.
+
+    With ``output_size`` (height, width) the probabilities are resized bilinearly to it: a model
+    trained on resized images predicts at its size and is scored at full resolution.
+    """
+    unknown = [name for name in tta if name not in TTA]
+    if unknown:
+        raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
+    total = None
+    for name in ("identity", *tta):
+        forward, inverse = TTA.get(name, (lambda x: x, lambda x: x))
+        with autocast(precision, images.device):
+            logits = model(forward(images))
+        probabilities = torch.sigmoid(inverse(logits).float())
+        total = probabilities if total is None else total + probabilities
+    probabilities = total / (1 + len(tta))
+    if output_size is not None and tuple(probabilities.shape[-2:]) != tuple(output_size):
+        probabilities = F.interpolate(probabilities, size=output_size, mode="bilinear", align_corners=False)
+    return probabilities

@@ -1,0 +1,267 @@
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train
+from competition import training
+from competition.config import TrainConfig, add_config_arguments, config_from, resolve_config
+from competition.losses import build_loss, soft_dice_loss
+from competition.models import ModelError, build_model
+from competition.training import NonFiniteLossError, accumulate_gradients, lr_factor, train_fold, train_folds
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return resolve_config(parser.parse_args(argv))
+
+
+def test_config_layers_defaults_then_file_then_flags(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('encoder = "resnet18"\nepochs = 3\nlr = 1\n')
+    config = parse(["--config", str(path), "--epochs", "5", "--no-channels-last"])
+    assert (config.encoder, config.epochs, config.lr, config.channels_last) == ("resnet18", 5, 1.0, False)
+    assert config.arch == TrainConfig().arch
+    path.write_text("epoch = 3\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epoch'\]"):
+        parse(["--config", str(path)])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        parse(["--size", "1000x1500"])
+    with pytest.raises(ValueError, match="epochs must be int"):
+        config_from({"epochs": "many"})
+    assert config_from(json.loads(json.dumps(config.__dict__))) == config
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[100] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_soft_dice_is_per_image_in_float32():
+    targets = torch.zeros(2, 1, 4, 4)
+    targets[0, :, :2] = 1
+    logits = torch.where(targets > 0, 20.0, -20.0)
+    assert soft_dice_loss(logits, targets).item() == pytest.approx(0.0, abs=1e-6)
+    half = soft_dice_loss(logits.half(), targets)
+    assert half.dtype == torch.float32
+    big = torch.full((1, 1, 1280, 1920), 8.0, dtype=torch.float16)
+    assert math.isfinite(build_loss("bce_dice")(big, torch.ones_like(big)).item())
+
+
+def test_accumulating_four_batches_of_two_gives_the_gradients_of_one_batch_of_eight():
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18").eval()  # eval: batch norm uses fixed statistics
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    masks = (torch.rand(8, 1, 64, 64) > 0.5).float()
+    loss_fn = build_loss("bce_dice")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(micro_batches):
+        model.zero_grad()
+        loss = accumulate_gradients(model, loss_fn, micro_batches, "fp32", scaler)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    big_loss, big = gradients([(images, masks)])
+    small_loss, small = gradients([(images[i : i + 2], masks[i : i + 2]) for i in range(0, 8, 2)])
+    assert small_loss.item() == pytest.approx(big_loss.item(), rel=1e-5)
+    assert torch.allclose(small, big, rtol=1e-4, atol=1e-7)
+    _, halves = gradients([(images[:2], masks[:2])])
+    assert not torch.allclose(halves, big, rtol=1e-2), "the test must be able to fail"
+
+
+def test_training_learns_and_writes_its_run_folder(tiny_config):
+    tiny_config.epochs = 4
+    best = train_fold(tiny_config, "cpu", progress=False)
+    run_dir = tiny_config.run_dir()
+    for name in ("best.pt", "last.pt", "log.csv", "curves.png", "config.json"):
+        assert (run_dir / name).exists(), name
+    log = pd.read_csv(run_dir / "log.csv")
+    assert log["epoch"].tolist() == [0, 1, 2, 3] and log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    # An all-background guess scores 0 on images with a car, an all-car guess about 0.4.
+    assert best["val_dice"] > 0.8 and best["val_dice"] == log["val_dice"].max()
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    assert checkpoint["fold"] == 0 and checkpoint["score"] == pytest.approx(best["val_dice"])
+    assert config_from(checkpoint["config"]) == tiny_config
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_same_seed_same_run_and_bf16_autocast_on_cpu(tiny_config, tmp_path):
+    tiny_config.epochs = 1
+    logs = []
+    for name in ("a", "b"):
+        tiny_config.out = str(tmp_path / name)
+        train_fold(tiny_config, "cpu", progress=False)
+        logs.append(pd.read_csv(tiny_config.run_dir() / "log.csv"))
+    pd.testing.assert_series_equal(logs[0]["train_loss"], logs[1]["train_loss"])
+    pd.testing.assert_series_equal(logs[0]["val_dice"], logs[1]["val_dice"])
+    tiny_config.precision, tiny_config.out = "bf16", str(tmp_path / "bf16")
+    assert math.isfinite(train_fold(tiny_config, "cpu", progress=False)["train_loss"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_mid_epoch(tiny_config, monkeypatch):
+    tiny_config.epochs = 3
+    real = training.accumulate_gradients
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8 + 3:  # epoch 2 (8 steps an epoch), step 3
+            raise Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "accumulate_gradients", interrupted)
+    with pytest.raises(Interrupt):
+        train_fold(tiny_config, "cpu", progress=False)
+    run_dir = tiny_config.run_dir()
+    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0]
+    first_epoch = pd.read_csv(run_dir / "log.csv").iloc[0]
+    monkeypatch.setattr(training, "accumulate_gradients", real)
+    train_fold(tiny_config, "cpu", resume=True, progress=False)
+    log = pd.read_csv(run_dir / "log.csv")
+    assert log["epoch"].tolist() == [0, 1, 2]
+    assert log.iloc[0]["train_loss"] == first_epoch["train_loss"]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
+    real = training.accumulate_gradients
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 8 + 5 else loss
+
+    monkeypatch.setattr(training, "accumulate_gradients", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 5.*Last good checkpoint: .*last\.pt"):
+        train_fold(tiny_config, "cpu", progress=False)
+    checkpoint = torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_folds_in_parallel_report_a_failing_fold_without_hiding_the_others(tiny_config):
+    tiny_config.epochs = 1
+    outcomes = train_folds(tiny_config, [0, 7], ["cpu"], jobs=2)
+    by_fold = {outcome.fold: outcome for outcome in outcomes}
+    assert by_fold[0].ok and "best val Dice" in by_fold[0].message
+    assert not by_fold[7].ok and "fold 7 does not exist" in by_fold[7].message
+    assert "Traceback" in Path(by_fold[7].log).read_text()
+    assert (tiny_config.run_dir() / "best.pt").exists()
+
+
+def run_train(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return exit_info.value.code, error
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--folds-csv", "missing.csv"], "folds file not found"),
+        (["--fold", "9"], "fold 9 does not exist"),
+        (["--encoder", "resnet_nope"], "unknown encoder 'resnet_nope'"),
+        (["--arch", "Unet3000"], "unknown architecture 'Unet3000'"),
+        (["--encoder-weights", "weights_nowhere.pth"], "encoder weights file not found"),
+        (["--size", "100x100"], "multiples of 32"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(tiny_config, capsys, flags, message):
+    base = [
+        "--data-dir",
+        tiny_config.data_dir,
+        "--folds-csv",
+        tiny_config.folds_csv,
+        "--out",
+        tiny_config.out,
+        "--encoder",
+        "resnet18",
+        "--encoder-weights",
+        "none",
+        "--size",
+        "64x96",
+        "--workers",
+        "0",
+    ]
+    code, error = run_train(base + flags, capsys)
+    assert code == 2 and message in error
+
+
+def test_data_folder_without_masks(tiny_config, tmp_path, capsys):
+    import shutil
+
+    data = shutil.copytree(tiny_config.data_dir, tmp_path / "data")
+    shutil.rmtree(data / "train_masks")
+    (data / "train_masks.csv").unlink()
+    code, error = run_train(
+        [
+            "--data-dir",
+            str(data),
+            "--folds-csv",
+            tiny_config.folds_csv,
+            "--encoder-weights",
+            "none",
+            "--encoder",
+            "resnet18",
+        ],
+        capsys,
+    )
+    assert code == 2 and "train_masks.csv: not found" in error
+
+
+def test_unreadable_weights_file(tmp_path):
+    path = tmp_path / "encoder.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable weights file"):
+        build_model("Unet", "resnet18", str(path))
+
+
+def test_local_encoder_weights_file_loads_into_the_encoder(tmp_path):
+    source = build_model("Unet", "resnet18")
+    state = {f"module.{k}": v for k, v in source.network.encoder.state_dict().items()}
+    state["module.fc.weight"] = torch.zeros(1000, 512)
+    torch.save(state, tmp_path / "resnet18.pth")
+    loaded = build_model("FPN", "resnet18", str(tmp_path / "resnet18.pth"))
+    for name, value in source.network.encoder.state_dict().items():
+        assert torch.equal(loaded.network.encoder.state_dict()[name], value), name
+    with pytest.raises(ModelError, match="does not fit encoder resnet34"):
+        build_model("Unet", "resnet34", str(tmp_path / "resnet18.pth"))
+
+
+def test_imagenet_without_network_fails_at_once_and_says_what_to_pass(monkeypatch, tmp_path):
+    from competition import models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match="--encoder-weights /kaggle/input/"):
+        build_model("Unet", "resnet18", "imagenet")
+    assert time.perf_counter() - started < 20
+
+
+def test_model_takes_uint8_images_of_any_size():
+    model = build_model("Unet", "resnet18").eval()
+    images = torch.randint(0, 256, (1, 3, 70, 90), dtype=torch.uint8)
+    with torch.no_grad():
+        assert model(images).shape == (1, 1, 70, 90)
+    assert np.isfinite(model(images).detach().numpy()).all()
