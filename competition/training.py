@@ -89,6 +89,16 @@ def accumulate_gradients(model, loss_fn, micro_batches, precision: str, scaler) 
     return loss_sum
 
 
+def optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
+    """Clip (after unscaling fp16 gradients), step, and clear the gradients."""
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -291,12 +301,7 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
                 continue
             loss = accumulate_gradients(forward_model, loss_fn, micro_batches, precision, scaler)
             micro_batches = []
-            if config.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, config.clip_grad)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
