@@ -187,8 +187,13 @@ class CarvanaData:
 
     def read_image(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None) -> np.ndarray:
         """RGB uint8 (H, W, 3) of one image; see ``decode_image`` for ``reduce_to``."""
+        return self.read_image_and_shape(image_id, split, reduce_to)[0]
+
+    def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None):
+        """(image, (height, width) before any reduction) of one image."""
         files = self._image_files(split)
-        return decode_image(files.read(f"{image_id}.jpg"), files.describe(f"{image_id}.jpg"), reduce_to)
+        name = f"{image_id}.jpg"
+        return _decode_jpeg(files.read(name), files.describe(name), reduce_to)
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
         """(height, width) of one image, read from its header alone."""
@@ -235,15 +240,18 @@ class CarvanaData:
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
         mask = self.read_mask(image_id)
-        files = self._image_files("train")
-        name = f"{image_id}.jpg"
-        image, full_shape = _decode_jpeg(files.read(name), files.describe(name), reduce_to)
+        image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
         if full_shape != mask.shape:
             raise DataError(
-                f"{files.describe(name)}: image is {full_shape[1]}x{full_shape[0]} but its mask is "
+                f"{self.image_path(image_id)}: image is {full_shape[1]}x{full_shape[0]} but its mask is "
                 f"{mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image, replace it"
             )
         return image, mask
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-averaged resize to (height, width): the one resize used in training and inference alike."""
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
 class CarvanaDataset(torch.utils.data.Dataset):
@@ -277,10 +285,9 @@ class CarvanaDataset(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         image, mask = self.data.read_sample(image_id, reduce_to=self.size)
         if self.size is not None:
-            height, width = self.size
-            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+            image = resize_image(image, self.size)
             if not self.full_size_masks:
-                mask = (cv2.resize(mask * 255, (width, height), interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+                mask = (resize_image(mask * 255, self.size) > 127).astype(np.uint8)
         if self.transform is not None:
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]

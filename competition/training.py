@@ -235,6 +235,7 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
             f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of "
             f"{config.batch_size} x {config.accum_steps}; lower --batch-size"
         )
+    image_shape = data.image_shape(val_ids[0])  # inference checks test images against it
     workers = min(config.workers, os.cpu_count() or 1)
     order = torch.Generator()
     loader_options = {
@@ -331,7 +332,13 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
         }
         state.rows.append(row)
         weights = evaluated.state_dict()
-        summary = {"config": asdict(config), "fold": config.fold, "epoch": epoch, "score": metrics["val_dice"]}
+        summary = {
+            "config": asdict(config),
+            "fold": config.fold,
+            "epoch": epoch,
+            "score": metrics["val_dice"],
+            "image_shape": list(image_shape),
+        }
         if metrics["val_dice"] > state.best_dice:
             state.best_dice = metrics["val_dice"]
             _atomic_save({"model": weights, **summary}, run_dir / "best.pt")

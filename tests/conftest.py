@@ -66,3 +66,29 @@ def tiny_config(data_dir, folds_csv, tmp_path):
         workers=0,
         log_every=2,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, folds_csv, tmp_path_factory):
+    """Folds 0 and 1 trained for a few epochs, shared by the inference tests (read-only)."""
+    from competition.config import TrainConfig
+    from competition.training import train_fold
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    for fold in (0, 1):
+        config = TrainConfig(
+            data_dir=str(data_dir),
+            folds_csv=str(folds_csv),
+            out=str(out),
+            fold=fold,
+            encoder="resnet18",
+            encoder_weights="none",
+            size="64x96",
+            epochs=3,
+            batch_size=8,
+            lr=2e-3,
+            warmup_epochs=0.2,
+            workers=0,
+        )
+        train_fold(config, "cpu", progress=False)
+    return out
