@@ -1,10 +1,12 @@
-# make demo: set up, make the synthetic data set (unless input/ has data), split folds, ...
+# make demo: set up, make the synthetic data set (unless input/ holds data), split folds, train fold 0
+#            with the CPU demo schedule, predict the test set with TTA, score it (synthetic truth only)
 # make test: set up and run the tests (this is what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DEMO_RUN := runs/demo
 
-.PHONY: setup demo data folds test lint bench
+.PHONY: setup demo data folds train infer test bench
 
 setup: $(VENV)/.installed
 
@@ -21,7 +23,16 @@ data: setup
 folds: data
 	$(BIN)/python make_folds.py --data-dir input/ --n-folds 5 --seed 42 --out folds/folds.csv
 
-demo: folds
+train: folds
+	$(BIN)/python train.py --config configs/cpu_demo.toml --fold 0
+
+infer: train
+	$(BIN)/python infer.py --tta --checkpoints $(DEMO_RUN) --out submissions/submission.csv
+	$(BIN)/python infer.py --oof --tta --checkpoints $(DEMO_RUN)
+	@if [ -e input/test_masks.csv ]; then \
+	$(BIN)/python -m competition.metrics submissions/submission.csv input/test_masks.csv; fi
+
+demo: infer
 
 test: setup
 	$(BIN)/ruff check .
@@ -29,3 +40,4 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.rle_bench
+	$(BIN)/python -m bench.train_bench --size 256x384 --batch-size 4 --steps 6 --warmup 2 --workers 2

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Score a submission CSV against a truth CSV (both img,rle_mask).")
     parser.add_argument("submission")
     parser.add_argument("truth", help="e.g. input/test_masks.csv from the synthetic data set")
-    parser.add_argument("--size", default="1918x1280", help="image WIDTHxHEIGHT (default: %(default)s)")
+    parser.add_argument("--size", default="1280x1918", help="image HEIGHTxWIDTH (default: %(default)s)")
     args = parser.parse_args(argv)
-    width, height = (int(side) for side in args.size.lower().split("x"))
+    height, width = (int(side) for side in args.size.lower().split("x"))
     try:
         frames = [pd.read_csv(path, dtype=str, keep_default_na=False) for path in (args.submission, args.truth)]
         scores = score_submission(*frames, n_pixels=width * height)

@@ -5,11 +5,27 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# name -> (transform of the input, inverse applied to the output); each is its own inverse here.
+
+def _rescaled(scale: float):
+    """A view at ``scale`` times the size; its logits are resized back to the input's size."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images.float(), scale_factor=scale, mode="bilinear", align_corners=False)
+
+    def inverse(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+    return forward, inverse
+
+
+# name -> (view of the input, inverse mapping the view's logits back onto the input's pixels)
 TTA = {
-    "hflip": (lambda images: images.flip(-1), lambda logits: logits.flip(-1)),
-    "vflip": (lambda images: images.flip(-2), lambda logits: logits.flip(-2)),
+    "hflip": (lambda images: images.flip(-1), lambda logits, size: logits.flip(-1)),
+    "vflip": (lambda images: images.flip(-2), lambda logits, size: logits.flip(-2)),
+    "scale0.875": _rescaled(0.875),
+    "scale1.125": _rescaled(1.125),
 }
+_IDENTITY = (lambda images: images, lambda logits, size: logits)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -48,10 +64,10 @@ def predict_probabilities(
         raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
     total = None
     for name in ("identity", *tta):
-        forward, inverse = TTA.get(name, (lambda x: x, lambda x: x))
+        forward, inverse = TTA.get(name, _IDENTITY)
         with autocast(precision, images.device):
             logits = model(forward(images))
-        probabilities = torch.sigmoid(inverse(logits).float())
+        probabilities = torch.sigmoid(inverse(logits, images.shape[-2:]).float())
         total = probabilities if total is None else total + probabilities
     probabilities = total / (1 + len(tta))
     if output_size is not None and tuple(probabilities.shape[-2:]) != tuple(output_size):

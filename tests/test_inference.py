@@ -175,3 +175,25 @@ def test_validation_catches_broken_submissions(tmp_path):
 def test_member_size_key_follows_its_config(trained_run):
     member = load_member(trained_run / "fold0" / "best.pt", torch.device("cpu"))
     assert isinstance(member, Member) and member.size_key == "64x96" and member.image_shape == (HEIGHT, WIDTH)
+
+
+class Pointwise(torch.nn.Module):
+    """A model that commutes with flips and resizing: its logit depends on each pixel's colour alone."""
+
+    def forward(self, images):
+        return (images.float() / 255 - 0.5).sum(1, keepdim=True) * 4
+
+
+@pytest.mark.parametrize(
+    "name, tolerance", [("vflip", 1e-6), ("hflip", 1e-6), ("scale0.875", 0.02), ("scale1.125", 0.02)]
+)
+def test_every_tta_view_maps_back_onto_the_input_pixels(name, tolerance):
+    rows, columns = torch.meshgrid(torch.linspace(0, 3, 64), torch.linspace(0, 5, 96), indexing="ij")
+    smooth = ((torch.sin(rows) * torch.cos(columns) + 1) * 127).to(torch.uint8)  # no detail lost by resizing
+    image = torch.stack([smooth, smooth.flip(-1), smooth.flip(-2)])[None]
+    plain = predict_probabilities(Pointwise(), image)
+    augmented = predict_probabilities(Pointwise(), image, tta=(name,))
+    assert augmented.shape == plain.shape
+    assert (augmented - plain).abs().max() < tolerance
+    shifted = predict_probabilities(Pointwise(), image.roll(8, -1))
+    assert (shifted - plain).abs().max() > 10 * tolerance, "the test must be able to fail"
