@@ -19,6 +19,7 @@ from competition.environment import default_data_dir, default_work_dir
 from competition.inference import (
     CheckpointError,
     Ensemble,
+    export_onnx,
     find_checkpoints,
     load_member,
     out_of_fold,
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)")
     parser.add_argument("--worst", type=int, default=8, help="for --oof: overlays of this many worst images")
     parser.add_argument("--image", type=Path, help="predict this one image instead")
+    parser.add_argument(
+        "--export-onnx",
+        type=Path,
+        metavar="PATH.onnx",
+        help="export the first checkpoint to ONNX, checked against onnxruntime, instead",
+    )
     parser.add_argument(
         "--out-dir",
         type=Path,
@@ -139,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(members)} model(s): {', '.join(str(member.path) for member in members)}; "
             f"TTA {'+'.join(tta) or 'off'}, {precision} on {device}"
         )
-        if args.oof:
+        if args.export_onnx:
+            difference = export_onnx(members[0], args.export_onnx)
+            print(f"{members[0].path} -> {args.export_onnx}: onnxruntime matches PyTorch (max |diff| {difference:.1e})")
+        elif args.oof:
             run_oof(args, members, tta, precision)
         elif args.image:
             run_image(args, Ensemble(members, tta, precision), args.threshold)

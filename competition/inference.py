@@ -1,5 +1,6 @@
 """Prediction with fold ensembles: checkpoints, a streaming test-set pipeline to submission.csv, out-of-fold scoring."""
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -163,6 +164,7 @@ def _collate(samples: list[dict]) -> dict:
 
 
 def _loader(dataset, batch_size: int, workers: int, device: torch.device):
+    workers = min(workers, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size,
@@ -326,3 +328,37 @@ def predict_image(ensemble: Ensemble, image: np.ndarray, threshold: float = 0.5)
         images[key] = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None].to(device)
     probabilities = ensemble.probabilities(images, image.shape[:2])
     return (probabilities[0, 0] > threshold).to(torch.uint8).cpu().numpy()
+
+
+def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> float:
+    """Export one fold model to ONNX (uint8 images of its input size in, logits out, any batch size)
+    and check that onnxruntime reproduces PyTorch; returns the largest absolute difference."""
+    import onnxruntime
+
+    path = Path(path)
+    size = member.config.input_size() or member.image_shape
+    if size is None:
+        raise CheckpointError(f"{member.path}: records no image size to export at")
+    model = member.model.float().to("cpu").eval()
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    partial = path.with_name(path.name + ".partial")
+    torch.onnx.export(
+        model,
+        (images,),
+        partial,
+        dynamo=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+    )
+    session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+    fresh = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(fresh).numpy()
+    difference = float(np.abs(session.run(None, {"images": fresh.numpy()})[0] - expected).max())
+    if not difference <= tolerance * max(1.0, float(np.abs(expected).max())):
+        partial.unlink()
+        raise CheckpointError(f"{member.path}: onnxruntime differs from PyTorch by {difference:.2e}; not exported")
+    os.replace(partial, path)
+    return difference

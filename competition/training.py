@@ -134,8 +134,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    epochs = [row["epoch"] for row in rows]
+    epochs = [row["epoch"] + 1 for row in rows]
     figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(epochs, [row["train_loss"] for row in rows], label="train")
     loss_axis.plot(epochs, [row["val_loss"] for row in rows], label="validation")
@@ -143,6 +144,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     loss_axis.legend()
     dice_axis.plot(epochs, [row["val_dice"] for row in rows], color="tab:green")
     dice_axis.set(xlabel="epoch", ylabel="Dice", title="validation Dice (full resolution)")
+    for axis in (loss_axis, dice_axis):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
     partial = path.with_name(path.name + ".partial.png")
     figure.savefig(partial, dpi=100)
@@ -332,13 +335,7 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
         }
         state.rows.append(row)
         weights = evaluated.state_dict()
-        summary = {
-            "config": asdict(config),
-            "fold": config.fold,
-            "epoch": epoch,
-            "score": metrics["val_dice"],
-            "image_shape": list(image_shape),
-        }
+        summary = checkpoint_summary(config, epoch, metrics["val_dice"], image_shape)
         if metrics["val_dice"] > state.best_dice:
             state.best_dice = metrics["val_dice"]
             _atomic_save({"model": weights, **summary}, run_dir / "best.pt")
@@ -365,6 +362,17 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
         f"fold {config.fold}: best val Dice {best['val_dice']:.5f} at epoch {best['epoch'] + 1} -> {run_dir / 'best.pt'}"
     )
     return best
+
+
+def checkpoint_summary(config: TrainConfig, epoch: int, score: float, image_shape: tuple[int, int]) -> dict:
+    """What every checkpoint carries besides weights: all infer.py needs to rebuild and check the model."""
+    return {
+        "config": asdict(config),
+        "fold": config.fold,
+        "epoch": epoch,
+        "score": score,
+        "image_shape": list(image_shape),
+    }
 
 
 def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: Path) -> list[float]:

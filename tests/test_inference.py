@@ -197,3 +197,17 @@ def test_every_tta_view_maps_back_onto_the_input_pixels(name, tolerance):
     assert (augmented - plain).abs().max() < tolerance
     shifted = predict_probabilities(Pointwise(), image.roll(8, -1))
     assert (shifted - plain).abs().max() > 10 * tolerance, "the test must be able to fail"
+
+
+def test_export_onnx_matches_pytorch(trained_run, tmp_path, capsys):
+    import onnxruntime
+
+    out = tmp_path / "fold0.onnx"
+    infer.main(["--export-onnx", str(out), "--checkpoints", str(trained_run / "fold0" / "best.pt")])
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    member = load_member(trained_run / "fold0" / "best.pt", torch.device("cpu"))
+    images = torch.randint(0, 256, (5, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = member.model(images).numpy()
+    assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() < 1e-3

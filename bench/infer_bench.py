@@ -1,0 +1,92 @@
+"""Inference speed: infer.py's pipeline (JPEG files to CSV rows) against the model-only forward rate, in one run.
+
+    python -m bench.infer_bench --size full --batch-size 8 --tta hflip --compile      # on a GPU, 1280x1918
+    python -m bench.infer_bench --size 256x384 --batch-size 4 --workers 2             # CPU variant
+
+Both at the same batch size, TTA and precision, with a randomly initialised model saved as a
+checkpoint and loaded back as infer.py does. End to end = decoding, resizing, the forward
+passes, upsampling, thresholding, RLE and writing, over the test images of --data-dir.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from competition.config import TrainConfig
+from competition.data import CarvanaData
+from competition.inference import Ensemble, load_member, write_submission
+from competition.models import build_model
+from competition.prediction import resolve_precision
+from competition.training import checkpoint_summary
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="full", help="HEIGHTxWIDTH the model sees, or full")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--tta", default="hflip", help="comma-separated TTA views, or empty")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--data-dir", default="input")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision("auto", device)
+    tta = tuple(name for name in args.tta.split(",") if name)
+    data = CarvanaData(args.data_dir)
+    shape = data.image_shape(data.test_ids()[0], "test")
+    config = TrainConfig(encoder=args.encoder, size=args.size, encoder_weights="none")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "best.pt"
+        torch.save(
+            {
+                "model": build_model(config.arch, config.encoder).state_dict(),
+                **checkpoint_summary(config, 0, 0.0, shape),
+            },
+            path,
+        )
+        member = load_member(path, device)
+        if args.compile:
+            member.model = torch.compile(member.model)
+        ensemble = Ensemble([member], tta, precision)
+        size = config.input_size() or shape
+        images = {member.size_key: torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8, device=device)}
+        for _ in range(3):
+            ensemble.probabilities(images, shape)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            (ensemble.probabilities(images, shape) > 0.5).to(torch.uint8)
+        synchronize(device)
+        model_only = args.steps * args.batch_size / (time.perf_counter() - started)
+        started = time.perf_counter()
+        rows = write_submission(
+            ensemble,
+            data,
+            Path(folder) / "submission.csv",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=False,
+        )
+        end_to_end = len(rows) / (time.perf_counter() - started)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"{name}: Unet-{args.encoder}, input {size[0]}x{size[1]} -> {shape[0]}x{shape[1]}, batch {args.batch_size}, "
+        f"TTA {'+'.join(tta) or 'off'}, {precision}{' + compile' if args.compile else ''}"
+    )
+    print(f"model only  {model_only:8.1f} img/s")
+    print(f"end to end  {end_to_end:8.1f} img/s over {len(rows)} test images ({args.workers} workers)")
+    print(f"end to end / model only: {end_to_end / model_only:.2f}")
+
+
+if __name__ == "__main__":
+    main()
