@@ -47,48 +47,36 @@ def folds_csv(data_dir, tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def tiny_config(data_dir, folds_csv, tmp_path):
-    """A training run that takes seconds on a CPU."""
+def small_config(data_dir, folds_csv, out, **settings):
+    """A training run that takes seconds on a CPU: resnet18 from scratch on 64x96 inputs."""
     from competition.config import TrainConfig
 
     return TrainConfig(
         data_dir=str(data_dir),
         folds_csv=str(folds_csv),
-        out=str(tmp_path / "run"),
+        out=str(out),
         encoder="resnet18",
         encoder_weights="none",
         size="64x96",
-        epochs=2,
         batch_size=8,
         lr=2e-3,
         warmup_epochs=0.2,
         workers=0,
-        log_every=2,
+        **settings,
     )
+
+
+@pytest.fixture
+def tiny_config(data_dir, folds_csv, tmp_path):
+    return small_config(data_dir, folds_csv, tmp_path / "run", epochs=2, log_every=2)
 
 
 @pytest.fixture(scope="session")
 def trained_run(data_dir, folds_csv, tmp_path_factory):
     """Folds 0 and 1 trained for a few epochs, shared by the inference tests (read-only)."""
-    from competition.config import TrainConfig
     from competition.training import train_fold
 
     out = tmp_path_factory.mktemp("trained") / "run"
     for fold in (0, 1):
-        config = TrainConfig(
-            data_dir=str(data_dir),
-            folds_csv=str(folds_csv),
-            out=str(out),
-            fold=fold,
-            encoder="resnet18",
-            encoder_weights="none",
-            size="64x96",
-            epochs=3,
-            batch_size=8,
-            lr=2e-3,
-            warmup_epochs=0.2,
-            workers=0,
-        )
-        train_fold(config, "cpu", progress=False)
+        train_fold(small_config(data_dir, folds_csv, out, fold=fold, epochs=3), "cpu", progress=False)
     return out

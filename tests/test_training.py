@@ -265,3 +265,11 @@ def test_model_takes_uint8_images_of_any_size():
     with torch.no_grad():
         assert model(images).shape == (1, 1, 70, 90)
     assert np.isfinite(model(images).detach().numpy()).all()
+
+
+def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config):
+    tiny_config.crop, tiny_config.epochs, tiny_config.arch = 64, 1, "FPN"
+    assert tiny_config.input_size() is None
+    best = train_fold(tiny_config, "cpu", progress=False)
+    assert 0.0 <= best["val_dice"] <= 1.0 and math.isfinite(best["val_loss"])
+    assert torch.load(tiny_config.run_dir() / "best.pt", weights_only=True)["config"]["crop"] == 64
