@@ -10,40 +10,47 @@ import tomllib
 from competition.environment import default_data_dir, default_work_dir
 
 
+def setting(default, description: str):
+    """A TrainConfig field with its --help text; a callable default is called per instance."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": description})
+    return field(default=default, metadata={"help": description})
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint so infer.py needs nothing else."""
 
-    data_dir: str = field(default_factory=lambda: str(default_data_dir()))
-    folds_csv: str = field(default_factory=lambda: str(default_work_dir() / "folds" / "folds.csv"))
-    out: str = field(default_factory=lambda: str(default_work_dir() / "runs" / "unet_resnet34"))
-    fold: int = 0
-    arch: str = "Unet"
-    encoder: str = "resnet34"
-    encoder_weights: str = "imagenet"  # imagenet, none, or a path to an encoder weights file
-    size: str = "1024x1536"  # HEIGHTxWIDTH the images are resized to for training; "full" keeps full size
-    crop: int = 0  # > 0: train on random full-resolution crops of this side instead of resized images
-    epochs: int = 30
-    batch_size: int = 8
-    accum_steps: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"  # cosine (linear warm-up, then cosine) or onecycle
-    loss: str = "bce_dice"  # bce_dice, bce, dice, focal, lovasz
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    precision: str = "auto"  # auto (bf16 where the GPU has it, else fp16; fp32 on CPU), bf16, fp16, fp32
-    channels_last: bool = True
-    compile: bool = False
-    clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
-    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 turns it off
-    augment: bool = True
-    val_batch_size: int = 2
-    workers: int = 4
-    mask_source: str = "auto"  # auto, gif or csv
-    seed: int = 42
-    log_every: int = 10  # optimizer steps between progress updates (and non-finite checks)
+    data_dir: str = setting(lambda: str(default_data_dir()), "Carvana data folder (folders or the competition's zips)")
+    folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
+    out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
+    fold: int = setting(0, "the held-out fold")
+    arch: str = setting("Unet", "Unet, UnetPlusPlus, FPN, Linknet or DeepLabV3Plus")
+    encoder: str = setting("resnet34", "an smp encoder, or any timm model as tu-NAME")
+    encoder_weights: str = setting("imagenet", "imagenet, none, or the path of a local encoder weights file")
+    size: str = setting("1024x1536", "HEIGHTxWIDTH the images are resized to (multiples of 32), or full")
+    crop: int = setting(0, "> 0: train on random full-resolution crops of this side instead of resizing")
+    epochs: int = setting(30, "epochs")
+    batch_size: int = setting(8, "images per forward pass")
+    accum_steps: int = setting(1, "forward passes per optimizer step: effective batch = batch_size x accum_steps")
+    lr: float = setting(3e-4, "peak learning rate (AdamW)")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    warmup_epochs: float = setting(1.0, "linear warm-up length, in epochs (cosine schedule)")
+    schedule: str = setting("cosine", "cosine (warm-up, then cosine decay) or onecycle")
+    loss: str = setting("bce_dice", "bce_dice, bce, dice, focal or lovasz")
+    bce_weight: float = setting(1.0, "weight of BCE in bce_dice")
+    dice_weight: float = setting(1.0, "weight of soft Dice in bce_dice")
+    precision: str = setting("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32")
+    channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
+    compile: bool = setting(False, "torch.compile the model")
+    clip_grad: float = setting(1.0, "max gradient norm; 0 turns clipping off")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, e.g. 0.999; 0 is off")
+    augment: bool = setting(True, "flip, shift-scale-rotate, brightness/contrast and hue augmentation")
+    val_batch_size: int = setting(2, "images per validation batch (full-resolution masks)")
+    workers: int = setting(4, "data loader processes (capped at the CPU count)")
+    mask_source: str = setting("auto", "auto (GIFs when present), gif or csv (train_masks.csv)")
+    seed: int = setting(42, "seed of weights, data order and augmentation")
+    log_every: int = setting(10, "optimizer steps between progress updates and non-finite-loss checks")
 
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) the model sees in training and validation, or None for full resolution."""
@@ -99,10 +106,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
+        text = f"{f.metadata['help']} (default: {default})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, type=f.type, default=None, help=text)
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
