@@ -270,7 +270,9 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    partial = run_dir / "config.json.partial"
+    partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
+    os.replace(partial, run_dir / "config.json")
     state = _resume(run_dir, config, model, optimizer, scheduler, scaler, ema) if resume else _State(rows=[])
     inputs = f"crops of {config.crop}" if config.crop else f"resized to {input_size}" if input_size else "full size"
     print(

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import infer
@@ -11,7 +13,7 @@ from competition.data import CarvanaData, DataError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
 from competition.metrics import score_submission
 from competition.models import build_model
-from competition.prediction import predict_probabilities
+from competition.prediction import TTA, predict_probabilities
 from competition.submission import validate_submission
 from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH
@@ -211,3 +213,14 @@ def test_export_onnx_matches_pytorch(trained_run, tmp_path, capsys):
     with torch.no_grad():
         expected = member.model(images).numpy()
     assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() < 1e-3
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(8, 40), st.integers(8, 40), st.sampled_from(sorted(TTA)))
+def test_each_tta_inverse_undoes_its_view(batch, height, width, name):
+    forward, inverse = TTA[name]
+    images = torch.rand(batch, 1, height, width)
+    restored = inverse(forward(images), (height, width))
+    assert restored.shape == images.shape
+    if "flip" in name:
+        assert torch.equal(restored, images)

@@ -5,6 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from competition.metrics import dice_per_image, dice_score, iou_per_image, iou_score, rle_dice, score_submission
 from competition.rle import rle_encode
@@ -73,3 +76,20 @@ def test_score_submission_and_cli(tmp_path):
     submission.loc[1, "rle_mask"] = "1 2 3"
     with pytest.raises(ValueError, match="c_02.jpg: RLE has an odd count"):
         score_submission(submission, truth, 20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda n: st.tuples(
+            arrays(np.bool_, (n, 7), elements=st.booleans()), arrays(np.bool_, (n, 7), elements=st.booleans())
+        )
+    )
+)
+def test_dice_and_iou_properties(pair):
+    a, b = pair
+    dice, iou = dice_score(a, b), iou_score(a, b)
+    assert 0.0 <= dice <= 1.0 and dice == dice_score(b, a)
+    assert (dice == 1.0) == bool(np.array_equal(a, b))
+    assert dice == pytest.approx(2 * iou / (1 + iou))
+    assert rle_dice(rle_encode(a), rle_encode(b), a.size) == pytest.approx(dice)

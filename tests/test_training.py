@@ -273,3 +273,31 @@ def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config):
     best = train_fold(tiny_config, "cpu", progress=False)
     assert 0.0 <= best["val_dice"] <= 1.0 and math.isfinite(best["val_loss"])
     assert torch.load(tiny_config.run_dir() / "best.pt", weights_only=True)["config"]["crop"] == 64
+
+
+def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
+    argv = [
+        "--data-dir",
+        tiny_config.data_dir,
+        "--folds-csv",
+        tiny_config.folds_csv,
+        "--out",
+        tiny_config.out,
+        "--encoder",
+        "resnet18",
+        "--encoder-weights",
+        "none",
+        "--size",
+        "64x96",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--folds",
+        "1,8",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert "fold 1: ok: best val Dice" in printed and "fold 8: FAILED: DataError" in printed
