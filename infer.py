@@ -28,7 +28,7 @@ from competition.inference import (
     write_submission,
 )
 from competition.models import ModelError
-from competition.prediction import TTA, resolve_precision
+from competition.prediction import TTA, resolve_precision, tune_for
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = resolve_precision(args.precision, device)
+        tune_for(device)
         tta = tuple(name for name in args.tta_transforms.split(",") if name) if args.tta else ()
         unknown = [name for name in tta if name not in TTA]
         if unknown:

@@ -19,7 +19,7 @@ from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.inference import Ensemble, load_member, write_submission
 from competition.models import build_model
-from competition.prediction import resolve_precision
+from competition.prediction import resolve_precision, tune_for
 from competition.training import checkpoint_summary
 
 
@@ -41,6 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision("auto", device)
+    tune_for(device)
     tta = tuple(name for name in args.tta.split(",") if name)
     data = CarvanaData(args.data_dir)
     shape = data.image_shape(data.test_ids()[0], "test")

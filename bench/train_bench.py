@@ -17,7 +17,7 @@ from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, CarvanaDataset
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from competition.prediction import resolve_precision
+from competition.prediction import resolve_precision, tune_for
 from competition.training import accumulate_gradients, optimizer_step, train_transform
 
 
@@ -108,6 +108,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    tune_for(device)  # what train.py sets; after the plain loop, which tutorials run without it
     trainer = trainer_step_factory(config, device, precision)
     label = f"trainer {precision}{' + channels_last' if config.channels_last else ''}{' + compile' if config.compile else ''}"
     rows.append((f"{label}, model only", timed(trainer, resident, args.warmup, device)))

@@ -24,7 +24,7 @@ from competition.folds import read_folds
 from competition.losses import build_loss
 from competition.metrics import dice_per_image, iou_per_image
 from competition.models import build_model
-from competition.prediction import autocast, predict_probabilities, resolve_precision
+from competition.prediction import autocast, predict_probabilities, resolve_precision, tune_for
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_iou", "train_img_per_s", "seconds"]
 
@@ -227,6 +227,7 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(config.precision, device)
+    tune_for(device)
     seed_everything(config.seed)
     data = CarvanaData(config.data_dir, config.mask_source)
     train_ids, val_ids = _fold_ids(config, data)
