@@ -164,6 +164,20 @@ def test_folds_in_parallel_report_a_failing_fold_without_hiding_the_others(tiny_
     assert (tiny_config.run_dir() / "best.pt").exists()
 
 
+def cli_flags(config) -> list[str]:
+    """train.py flags for the tiny run of ``config``."""
+    flags = {
+        "data-dir": config.data_dir,
+        "folds-csv": config.folds_csv,
+        "out": config.out,
+        "encoder": "resnet18",
+        "encoder-weights": "none",
+        "size": "64x96",
+        "workers": "0",
+    }
+    return [item for name, value in flags.items() for item in (f"--{name}", value)]
+
+
 def run_train(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
@@ -184,23 +198,7 @@ def run_train(argv, capsys):
     ],
 )
 def test_bad_input_gives_one_clear_error(tiny_config, capsys, flags, message):
-    base = [
-        "--data-dir",
-        tiny_config.data_dir,
-        "--folds-csv",
-        tiny_config.folds_csv,
-        "--out",
-        tiny_config.out,
-        "--encoder",
-        "resnet18",
-        "--encoder-weights",
-        "none",
-        "--size",
-        "64x96",
-        "--workers",
-        "0",
-    ]
-    code, error = run_train(base + flags, capsys)
+    code, error = run_train(cli_flags(tiny_config) + flags, capsys)
     assert code == 2 and message in error
 
 
@@ -276,26 +274,7 @@ def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config):
 
 
 def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
-    argv = [
-        "--data-dir",
-        tiny_config.data_dir,
-        "--folds-csv",
-        tiny_config.folds_csv,
-        "--out",
-        tiny_config.out,
-        "--encoder",
-        "resnet18",
-        "--encoder-weights",
-        "none",
-        "--size",
-        "64x96",
-        "--workers",
-        "0",
-        "--epochs",
-        "1",
-        "--folds",
-        "1,8",
-    ]
+    argv = [*cli_flags(tiny_config), "--epochs", "1", "--folds", "1,8"]
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     printed = capsys.readouterr().out
