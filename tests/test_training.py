@@ -280,3 +280,12 @@ def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
     printed = capsys.readouterr().out
     assert exit_info.value.code == 1
     assert "fold 1: ok: best val Dice" in printed and "fold 8: FAILED: DataError" in printed
+
+
+def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_config):
+    tiny_config.precision, tiny_config.epochs = "fp16", 1
+    best = train_fold(tiny_config, "cpu", progress=False)
+    assert math.isfinite(best["train_loss"]) and best["val_dice"] > 0
+    checkpoint = torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)
+    assert checkpoint["scaler"]["scale"] > 0, "the GradScaler ran and its state is saved for --resume"
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
