@@ -144,7 +144,7 @@ class _Camera:
         self.cos_yaw, self.sin_yaw = np.cos(yaw), np.sin(yaw)
         self.cos_el, self.sin_el = np.cos(elevation), np.sin(elevation)
         self.distance = distance
-        self.focal = width * 1.45
+        self.focal = width * 1.4
         self.centre = (width / 2, height * 0.58)
 
     def turn(self, points: np.ndarray) -> np.ndarray:
@@ -229,7 +229,7 @@ def render(
     draws what changes from shot to shot (exposure, noise).
     """
     studio = np.random.default_rng(studio_seed)
-    camera = _Camera(yaw, width, height, distance=studio.uniform(8.0, 9.0), elevation=np.deg2rad(studio.uniform(8, 14)))
+    camera = _Camera(yaw, width, height, distance=studio.uniform(8.5, 9.5), elevation=np.deg2rad(studio.uniform(8, 14)))
     image = _studio(width, height, studio, camera)
     _shadow(image, car, camera)
     mask = np.zeros((height, width), dtype=np.uint8)
