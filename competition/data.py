@@ -222,8 +222,12 @@ class CarvanaData:
                 f"e.g. {missing[:3]}; restore the masks or remove those images"
             )
 
-    def read_mask(self, image_id: str) -> np.ndarray:
-        """uint8 0/1 (H, W) mask of one training image, from its GIF or from train_masks.csv."""
+    def read_mask(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 0/1 (H, W) mask of one training image, from its GIF or from train_masks.csv.
+
+        An RLE row carries no size: ``shape`` (height, width), when the caller already knows it,
+        saves reading the image's header again.
+        """
         if self.mask_source == "gif":
             name = f"{image_id}_mask.gif"
             if self.train_masks is None or name not in self.train_masks.names:
@@ -233,14 +237,14 @@ class CarvanaData:
         if image_id not in masks:
             raise DataError(f"{self.root}: image {image_id}.jpg has no row in train_masks.csv")
         try:
-            return rle_decode(masks[image_id], self.image_shape(image_id))
+            return rle_decode(masks[image_id], shape or self.image_shape(image_id))
         except RLEError as error:
             raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
 
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
-        mask = self.read_mask(image_id)
         image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
+        mask = self.read_mask(image_id, full_shape)
         if full_shape != mask.shape:
             raise DataError(
                 f"{self.image_path(image_id)}: image is {full_shape[1]}x{full_shape[0]} but its mask is "

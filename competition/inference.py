@@ -150,7 +150,7 @@ class PredictionImages(torch.utils.data.Dataset):
                 resized = image if size is None else resize_image(image, size)
                 sample["images"][key] = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
             if self.with_masks:
-                sample["mask"] = torch.from_numpy(self.data.read_mask(image_id)).unsqueeze(0)
+                sample["mask"] = torch.from_numpy(self.data.read_mask(image_id, shape)).unsqueeze(0)
             return sample
         except DataError as error:
             return {"error": str(error)}
