@@ -136,3 +136,16 @@ def test_empty_or_missing_data_folder(tmp_path):
         CarvanaData(tmp_path)
     with pytest.raises(DataError, match="data folder not found"):
         CarvanaData(tmp_path / "nowhere")
+
+
+def test_zip_reads_in_loader_worker_processes(data_dir, zip_dir):
+    import torch
+
+    ids = CarvanaData(data_dir).train_ids()[:8]
+    expected = [CarvanaDataset(CarvanaData(data_dir), ids, size=(64, 96))[i] for i in range(len(ids))]
+    loader = torch.utils.data.DataLoader(
+        CarvanaDataset(CarvanaData(zip_dir), ids, size=(64, 96)), batch_size=2, num_workers=2
+    )
+    images, masks = (torch.cat(parts) for parts in zip(*loader))
+    assert torch.equal(images, torch.stack([image for image, _ in expected]))
+    assert torch.equal(masks, torch.stack([mask for _, mask in expected]))
