@@ -15,17 +15,13 @@ from pathlib import Path
 
 import torch
 
+from bench.device import describe, synchronize
 from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.inference import Ensemble, load_member, write_submission
 from competition.models import build_model
 from competition.prediction import resolve_precision, tune_for
 from competition.training import checkpoint_summary
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -79,7 +75,7 @@ def main() -> None:
             progress=False,
         )
         end_to_end = len(rows) / (time.perf_counter() - started)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = describe(device)
     print(
         f"{name}: Unet-{args.encoder}, input {size[0]}x{size[1]} -> {shape[0]}x{shape[1]}, batch {args.batch_size}, "
         f"TTA {'+'.join(tta) or 'off'}, {precision}{' + compile' if args.compile else ''}"

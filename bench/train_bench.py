@@ -13,17 +13,13 @@ import time
 import segmentation_models_pytorch as smp
 import torch
 
+from bench.device import describe, synchronize
 from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, CarvanaDataset
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from competition.prediction import resolve_precision, tune_for
 from competition.training import accumulate_gradients, optimizer_step, train_transform
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(step, batches, warmup: int, device: torch.device) -> float:
@@ -132,7 +128,7 @@ def main() -> None:
             timed(trainer, (next(batches) for _ in range(steps)), args.warmup, device),
         )
     )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = describe(device)
     print(f"{name}: Unet-{args.encoder}, batch {args.batch_size} at {height}x{width}, {args.steps} timed steps")
     print(f"{'':58}{'img/s':>8}{'vs plain':>10}")
     for label_text, rate in rows:
