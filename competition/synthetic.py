@@ -267,14 +267,18 @@ def render(
         quad = np.array([sides[-1][i], sides[-1][j], sides[1][j], sides[1][i]])
         edge = car.profile[j] - car.profile[i]
         normal = camera.turn(np.array([edge[1], 0.0, -edge[0]]) / (np.linalg.norm(edge) + 1e-9))
-        faces.append((quad, normal, "glass" if car.glass[i] else "body", 0))
+        lamps = {2: "front", count - 1: "rear"}.get(i)  # the vertical faces under the bonnet and the boot
+        faces.append((quad, normal, "glass" if car.glass[i] else lamps or "body", i))
     faces.sort(key=lambda face: -float(camera.depth(camera.turn(face[0])).mean()))
-    for points, normal, kind, side in faces:
+    for points, normal, kind, detail in faces:
         if normal @ view <= 0:
             continue
         colour = glass_colour if kind == "glass" else car.colour
         canvas.polygon(camera.project(points), _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25))
+        if kind in ("front", "rear"):
+            _lamps(canvas, camera, car, detail, (236, 236, 226) if kind == "front" else (175, 22, 24))
         if kind == "side":
+            side = detail
             window = np.column_stack(
                 [car.window[:, 0], np.full(len(car.window), side * 0.99 * car.half_width.min()), car.window[:, 1]]
             )
@@ -304,10 +308,23 @@ def render(
     return _photograph(image, rng), mask
 
 
+def _lamps(canvas: _Canvas, camera: _Camera, car: Car, edge: int, colour) -> None:
+    """Head- or tail-lamps near the top corners of the vertical face on profile edge ``edge``."""
+    start, end = car.profile[edge], car.profile[(edge + 1) % len(car.profile)]
+    x, top = (start[0] + end[0]) / 2, max(start[1], end[1])
+    half = min(car.half_width[edge], car.half_width[(edge + 1) % len(car.profile)])
+    for side in (-1, 1):
+        inner, outer = side * (half - 0.4), side * (half - 0.08)
+        lamp = np.array(
+            [[x, inner, top - 0.05], [x, outer, top - 0.05], [x, outer, top - 0.17], [x, inner, top - 0.17]]
+        )
+        canvas.polygon(camera.project(lamp), colour)
+
+
 def _photograph(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Optics blur, exposure and white-balance jitter, sensor noise."""
     image = cv2.GaussianBlur(image, (0, 0), 0.7)
-    image *= rng.uniform(0.88, 1.1) * (1 + rng.uniform(-0.015, 0.015, size=3)).astype(np.float32)
+    image *= rng.uniform(0.95, 1.05) * (1 + rng.uniform(-0.015, 0.015, size=3)).astype(np.float32)
     image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(1.5, 4.0))
     return np.clip(image, 0, 255).astype(np.uint8)
 
