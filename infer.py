@@ -16,6 +16,7 @@ from PIL import Image
 from competition.config import TrainConfig
 from competition.data import CarvanaData, DataError, decode_image, image_id_of
 from competition.environment import default_data_dir, default_work_dir
+from competition.files import atomic_output
 from competition.inference import (
     CheckpointError,
     Ensemble,
@@ -74,9 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial.png")
-    Image.fromarray(array).save(partial)
-    partial.replace(path)
+    with atomic_output(path) as partial:
+        Image.fromarray(array).save(partial, format="PNG")
 
 
 def run_oof(args, members, tta, precision) -> None:

@@ -1,11 +1,11 @@
 """Split the training images into car-grouped folds: python make_folds.py --n-folds 5 --seed 42."""
 
 import argparse
-import os
 from pathlib import Path
 
 from competition.data import CarvanaData, DataError
 from competition.environment import default_data_dir, default_work_dir
+from competition.files import atomic_output
 from competition.folds import assign_folds, fold_summary
 
 
@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     if strata is not None:
         folds[args.stratify] = [strata[car_id] for car_id in folds["car_id"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    folds[["img", "car_id", "fold"]].to_csv(partial, index=False)
-    os.replace(partial, args.out)
+    with atomic_output(args.out) as partial:
+        folds[["img", "car_id", "fold"]].to_csv(partial, index=False)
     print(fold_summary(folds, args.stratify).to_string())
     print(f"{len(folds)} images of {folds['car_id'].nunique()} cars in {args.n_folds} folds -> {args.out}")
 

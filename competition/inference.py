@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from competition.config import TrainConfig, config_from
 from competition.data import CarvanaData, DataError, image_id_of, resize_image
+from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.metrics import dice_per_image
 from competition.models import build_model
@@ -341,24 +342,22 @@ def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> fl
         raise CheckpointError(f"{member.path}: records no image size to export at")
     model = member.model.float().to("cpu").eval()
     images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
-    partial = path.with_name(path.name + ".partial")
-    torch.onnx.export(
-        model,
-        (images,),
-        partial,
-        dynamo=False,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-    )
-    session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
-    fresh = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8)
-    with torch.no_grad():
-        expected = model(fresh).numpy()
-    difference = float(np.abs(session.run(None, {"images": fresh.numpy()})[0] - expected).max())
-    if not difference <= tolerance * max(1.0, float(np.abs(expected).max())):
-        partial.unlink()
-        raise CheckpointError(f"{member.path}: onnxruntime differs from PyTorch by {difference:.2e}; not exported")
-    os.replace(partial, path)
+    with atomic_output(path) as partial:
+        torch.onnx.export(
+            model,
+            (images,),
+            partial,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+        )
+        session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+        fresh = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8)
+        with torch.no_grad():
+            expected = model(fresh).numpy()
+        difference = float(np.abs(session.run(None, {"images": fresh.numpy()})[0] - expected).max())
+        if not difference <= tolerance * max(1.0, float(np.abs(expected).max())):
+            raise CheckpointError(f"{member.path}: onnxruntime differs from PyTorch by {difference:.2e}; not exported")
     return difference

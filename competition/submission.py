@@ -7,13 +7,10 @@ import numpy as np
 import pandas as pd
 
 from competition.data import DataError
+from competition.files import partial_path
 from competition.rle import RLEError, rle_runs
 
 HEADER = "img,rle_mask\n"
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 class SubmissionWriter:

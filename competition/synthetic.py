@@ -23,6 +23,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from PIL import Image
 
+from competition.files import atomic_output, partial_path
 from competition.rle import rle_encode
 
 VIEWS = 16
@@ -367,26 +368,26 @@ class _Writer:
     def file(self, folder: str, name: str, data: bytes) -> None:
         if self.as_zip:
             if folder not in self.archives:
-                self.archives[folder] = zipfile.ZipFile(self.out / f"{folder}.zip.partial", "w", zipfile.ZIP_STORED)
+                partial = partial_path(self.out / f"{folder}.zip")
+                self.archives[folder] = zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED)
             self.archives[folder].writestr(f"{folder}/{name}", data)
         else:
             (self.out / folder).mkdir(parents=True, exist_ok=True)
-            (self.out / folder / name).write_bytes(data)
+            with atomic_output(self.out / folder / name) as partial:
+                partial.write_bytes(data)
 
     def csv(self, name: str, frame: pd.DataFrame) -> None:
-        partial = self.out / f"{name}.partial"
         if self.as_zip:
-            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr(name, frame.to_csv(index=False))
-            os.replace(partial, self.out / f"{name}.zip")
+            with atomic_output(self.out / f"{name}.zip") as partial, zipfile.ZipFile(partial, "w") as archive:
+                archive.writestr(name, frame.to_csv(index=False), zipfile.ZIP_DEFLATED)
         else:
-            frame.to_csv(partial, index=False)
-            os.replace(partial, self.out / name)
+            with atomic_output(self.out / name) as partial:
+                frame.to_csv(partial, index=False)
 
     def close(self) -> None:
         for folder, archive in self.archives.items():
             archive.close()
-            os.replace(self.out / f"{folder}.zip.partial", self.out / f"{folder}.zip")
+            os.replace(partial_path(self.out / f"{folder}.zip"), self.out / f"{folder}.zip")
 
 
 def contact_sheet(views: list[tuple[bytes, np.ndarray]], path: Path, columns: int = 4) -> None:
@@ -399,7 +400,8 @@ def contact_sheet(views: list[tuple[bytes, np.ndarray]], path: Path, columns: in
         scale = 480 / image.shape[1]
         tiles.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
     rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
-    Image.fromarray(np.vstack(rows)).save(path)
+    with atomic_output(path) as partial:
+        Image.fromarray(np.vstack(rows)).save(partial, format="PNG")
 
 
 def generate(

@@ -8,7 +8,7 @@ import os
 import random
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from competition.config import TrainConfig, config_from
 from competition.data import CarvanaData, CarvanaDataset, DataError, image_id_of
+from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.losses import build_loss
 from competition.metrics import dice_per_image, iou_per_image
@@ -113,18 +114,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_output(path) as partial:
+        torch.save(payload, partial)
 
 
 def _write_log(rows: list[dict], run_dir: Path) -> None:
-    partial = run_dir / "log.csv.partial"
-    with open(partial, "w", newline="") as handle:
+    with atomic_output(run_dir / "log.csv") as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, run_dir / "log.csv")
     plot_curves(rows, run_dir / "curves.png")
 
 
@@ -147,10 +145,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     for axis in (loss_axis, dice_axis):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
-    partial = path.with_name(path.name + ".partial.png")
-    figure.savefig(partial, dpi=100)
+    with atomic_output(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
-    os.replace(partial, path)
 
 
 @torch.no_grad()
@@ -196,14 +193,14 @@ def _fold_ids(config: TrainConfig, data: CarvanaData) -> tuple[list[str], list[s
 class _State:
     start_epoch: int = 0
     best_dice: float = -1.0
-    rows: list | None = None
+    rows: list = field(default_factory=list)
 
 
 def _resume(run_dir: Path, config: TrainConfig, model, optimizer, scheduler, scaler, ema) -> _State:
     path = run_dir / "last.pt"
     if not path.exists():
         print(f"--resume: no {path} yet, starting from scratch")
-        return _State(rows=[])
+        return _State()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = config_from(checkpoint["config"], str(path))
     for name in ("arch", "encoder", "fold", "epochs", "batch_size", "accum_steps", "size", "crop"):
@@ -271,10 +268,9 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / "config.json.partial"
-    partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
-    os.replace(partial, run_dir / "config.json")
-    state = _resume(run_dir, config, model, optimizer, scheduler, scaler, ema) if resume else _State(rows=[])
+    with atomic_output(run_dir / "config.json") as partial:
+        partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
+    state = _resume(run_dir, config, model, optimizer, scheduler, scaler, ema) if resume else _State()
     inputs = f"crops of {config.crop}" if config.crop else f"resized to {input_size}" if input_size else "full size"
     print(
         f"fold {config.fold}: {len(train_set)} train / {len(val_set)} validation images, {config.arch}-"
