@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, DataError, ModelError, ValueError) as error:
         sys.stderr.write(f"infer.py: error: {error}\n")
         raise SystemExit(2) from None
+    except torch.OutOfMemoryError as error:
+        cause = str(error).splitlines()[0] if str(error) else "out of memory"
+        sys.stderr.write(
+            f"infer.py: error: {cause} (batch {args.batch_size}): lower --batch-size; rows already written "
+            "are kept, and --resume continues from them\n"
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

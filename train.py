@@ -8,7 +8,7 @@ import torch
 from competition.config import add_config_arguments, resolve_config
 from competition.data import DataError
 from competition.models import ModelError
-from competition.training import NonFiniteLossError, train_fold, train_folds
+from competition.training import DeviceMemoryError, NonFiniteLossError, train_fold, train_folds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.folds:
         try:
             train_fold(config, resume=args.resume)
-        except (DataError, ModelError, NonFiniteLossError, ValueError) as error:
+        except (DataError, DeviceMemoryError, ModelError, NonFiniteLossError, ValueError) as error:
             parser.exit(2, f"train.py: error: {error}\n")
         return
     folds = [int(fold) for fold in args.folds.split(",")]

@@ -244,9 +244,9 @@ def write_submission(
                 pending.append((names, [encoders.submit(rle_encode, mask) for mask in masks]))
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
                     _write_done(writer, pending.pop(0), bar)
-            while pending:
-                _write_done(writer, pending.pop(0), bar)
         finally:
+            while pending:  # also when the loop stopped early: rows already predicted are kept for --resume
+                _write_done(writer, pending.pop(0), bar)
             bar.close()
             writer.handle.flush()
     path = writer.close()

@@ -34,6 +34,33 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before any such weights were saved."""
 
 
+class DeviceMemoryError(RuntimeError):
+    """The device ran out of memory; the message says which setting to lower."""
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(config: TrainConfig, validating: bool = False):
+    """Turn the allocator's out-of-memory error into one that names the settings to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        cause = str(error).splitlines()[0] if str(error) else "out of memory"
+        if validating:
+            fix = f"lower --val-batch-size (now {config.val_batch_size}); it does not change training"
+        elif config.batch_size > 1:
+            fix = (
+                f"halve the batch and keep its effective size: --batch-size {config.batch_size // 2} "
+                f"--accum-steps {config.accum_steps * 2}; or lower --size"
+            )
+        else:
+            fix = "lower --size, or train on --crop 512"
+        raise DeviceMemoryError(
+            f"{cause} ({'validation' if validating else 'a training step'} of {config.arch}-{config.encoder}, "
+            f"batch {config.val_batch_size if validating else config.batch_size}, size {config.size}): {fix}. "
+            f"`python -m competition.memory` with the same flags counts the memory per batch size"
+        ) from None
+
+
 def train_transform(config: TrainConfig) -> A.Compose | None:
     """Augmentations applied identically to image and mask (crops first, when training on crops)."""
     transforms = []
@@ -302,9 +329,10 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
             micro_batches.append((images, masks.to(device, non_blocking=True)))
             if len(micro_batches) < config.accum_steps:
                 continue
-            loss = accumulate_gradients(forward_model, loss_fn, micro_batches, precision, scaler)
+            with _explain_out_of_memory(config):
+                loss = accumulate_gradients(forward_model, loss_fn, micro_batches, precision, scaler)
+                optimizer_step(model, optimizer, scaler, config.clip_grad)
             micro_batches = []
-            optimizer_step(model, optimizer, scaler, config.clip_grad)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -323,7 +351,8 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
         losses += _check_finite(pending, epoch, run_dir)
         train_seconds = time.perf_counter() - started
         evaluated = ema.module if ema is not None else model
-        metrics = evaluate(evaluated, val_loader, loss_fn, precision)
+        with _explain_out_of_memory(config, validating=True):
+            metrics = evaluate(evaluated, val_loader, loss_fn, precision)
         row = {
             "epoch": epoch,
             "lr": scheduler.get_last_lr()[0],

@@ -119,6 +119,27 @@ def run_infer(argv, capsys):
     return error
 
 
+def test_out_of_device_memory_keeps_the_written_rows_for_resume(trained_run, data_dir, tmp_path, capsys, monkeypatch):
+    real = Ensemble.probabilities
+    calls = {"n": 0}
+
+    def runs_out_on_the_third_batch(self, images, output_size):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nallocator report")
+        return real(self, images, output_size)
+
+    monkeypatch.setattr(Ensemble, "probabilities", runs_out_on_the_third_batch)
+    out = tmp_path / "submission.csv"
+    common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--out", str(out)]
+    error = run_infer([*common, "--batch-size", "2"], capsys)
+    assert "Tried to allocate 8.00 GiB. (batch 2): lower --batch-size" in error and "allocator report" not in error
+    assert not out.exists() and len((tmp_path / "submission.csv.partial").read_text().splitlines()) == 1 + 2 * 2
+    monkeypatch.setattr(Ensemble, "probabilities", real)
+    infer.main([*common, "--resume"])
+    validate_submission(out, pd.read_csv(data_dir / "sample_submission.csv")["img"].tolist(), (HEIGHT, WIDTH))
+
+
 def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
     payload = (trained_run / "fold0" / "best.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(payload[: len(payload) // 2])

@@ -289,3 +289,24 @@ def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_confi
     checkpoint = torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)
     assert checkpoint["scaler"]["scale"] > 0, "the GradScaler ran and its state is saved for --resume"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "fails_in, settings, advice",
+    [
+        ("accumulate_gradients", {}, "--batch-size 4 --accum-steps 2"),
+        ("accumulate_gradients", {"batch-size": "1"}, "lower --size"),
+        ("evaluate", {}, "lower --val-batch-size (now 2)"),
+    ],
+)
+def test_out_of_device_memory_names_the_settings_to_lower(tiny_config, capsys, monkeypatch, fails_in, settings, advice):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nlong allocator report")
+
+    monkeypatch.setattr(training, fails_in, out_of_memory)
+    flags = cli_flags(tiny_config) + [item for name, value in settings.items() for item in (f"--{name}", value)]
+    code, error = run_train(flags, capsys)
+    assert code == 2
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB." in error and "allocator report" not in error
+    assert advice in error and "python -m competition.memory" in error
+    assert not (tiny_config.run_dir() / "best.pt").exists()
