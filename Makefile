@@ -43,3 +43,4 @@ bench: setup
 	$(BIN)/python -m bench.train_bench --size 256x384 --batch-size 4 --steps 6 --warmup 2 --workers 2
 	$(BIN)/python -m bench.infer_bench --size 256x384 --batch-size 4 --workers 2 --steps 10
 	$(BIN)/python -m bench.memory_bench --size 640x960 --batch-sizes 1,2,4 --precision bf16
+	$(BIN)/python -m bench.loader_bench --size 640x960

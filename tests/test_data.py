@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition.data import CarvanaData, CarvanaDataset, DataError, car_id_of, image_id_of
+from competition.data import CarvanaData, CarvanaDataset, DataError, car_id_of, decode_image, image_id_of, resize_image
+from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH
 
 
@@ -54,6 +55,25 @@ def test_dataset_applies_the_transform_to_image_and_mask_together(data_dir):
     image, mask = CarvanaDataset(data, ids)[0]
     flipped_image, flipped_mask = CarvanaDataset(data, ids, transform=A.HorizontalFlip(p=1.0))[0]
     assert (flipped_image == image.flip(-1)).all() and (flipped_mask == mask.flip(-1)).all()
+
+
+@pytest.mark.parametrize(
+    "target, decoded",
+    [
+        ((640, 960), (640, 959)),  # half scale, one pixel short: taken
+        ((320, 480), (320, 480)),  # quarter scale
+        ((660, 990), (1280, 1918)),  # half scale would be 3% short: full decode
+        ((1280, 1918), (1280, 1918)),
+    ],
+)
+def test_jpeg_decoded_at_a_reduced_scale_only_when_close_enough(target, decoded):
+    rows, columns = np.mgrid[0:1280, 0:1918]
+    image = np.stack([rows * 255 // 1279, columns * 255 // 1917, (rows + columns) % 256], axis=-1).astype(np.uint8)
+    payload = encode_jpeg(image, 90)
+    reduced = decode_image(payload, "car.jpg", reduce_to=target)
+    assert reduced.shape == (*decoded, 3)
+    difference = resize_image(reduced, target).astype(int) - resize_image(decode_image(payload, "car.jpg"), target)
+    assert np.abs(difference).mean() < 1.5  # grey levels: the reduced decode is as good as the full one
 
 
 def test_image_without_mask(data_copy):
