@@ -15,7 +15,7 @@ from PIL import Image
 
 from competition.config import TrainConfig
 from competition.data import CarvanaData, DataError, decode_image, image_id_of
-from competition.environment import default_data_dir, default_work_dir
+from competition.environment import DeviceError, default_data_dir, default_work_dir, resolve_device
 from competition.files import atomic_output
 from competition.inference import (
     CheckpointError,
@@ -132,7 +132,7 @@ def run_image(args, ensemble, threshold) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         tune_for(device)
         tta = tuple(name for name in args.tta_transforms.split(",") if name) if args.tta else ()
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.workers,
                 args.resume,
             )
-    except (CheckpointError, DataError, ModelError, ValueError) as error:
+    except (CheckpointError, DataError, DeviceError, ModelError, ValueError) as error:
         sys.stderr.write(f"infer.py: error: {error}\n")
         raise SystemExit(2) from None
     except torch.OutOfMemoryError as error:

@@ -3,10 +3,9 @@
 import argparse
 import sys
 
-import torch
-
 from competition.config import add_config_arguments, resolve_config
 from competition.data import DataError
+from competition.environment import DeviceError, resolve_device
 from competition.models import ModelError
 from competition.training import DeviceMemoryError, NonFiniteLossError, train_fold, train_folds
 
@@ -26,14 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     if not args.folds:
         try:
             train_fold(config, resume=args.resume)
-        except (DataError, DeviceMemoryError, ModelError, NonFiniteLossError, ValueError) as error:
+        except (DataError, DeviceError, DeviceMemoryError, ModelError, NonFiniteLossError, ValueError) as error:
             parser.exit(2, f"train.py: error: {error}\n")
         return
     folds = [int(fold) for fold in args.folds.split(",")]
     if args.gpus:
         devices = [f"cuda:{gpu}" for gpu in args.gpus.split(",")]
     else:
-        devices = ["cuda" if torch.cuda.is_available() else "cpu"]
+        try:
+            devices = [str(resolve_device())]
+        except DeviceError as error:
+            parser.exit(2, f"train.py: error: {error}\n")
     jobs = args.jobs or len(devices)
     print(f"training folds {folds} on {devices}, {jobs} at a time; logs in {config.out}/fold<N>/train.log")
     outcomes = train_folds(config, folds, devices, jobs, resume=args.resume)

@@ -18,6 +18,7 @@ import torch
 from bench.device import describe, synchronize
 from competition.config import TrainConfig
 from competition.data import CarvanaData
+from competition.environment import resolve_device
 from competition.inference import Ensemble, load_member, write_submission
 from competition.models import build_model
 from competition.prediction import resolve_precision, tune_for
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="input")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     precision = resolve_precision("auto", device)
     tune_for(device)
     tta = tuple(name for name in args.tta.split(",") if name)

@@ -17,6 +17,7 @@ from torch.profiler._memory_profiler import Action
 
 from bench.device import describe
 from competition.config import TrainConfig, parse_size
+from competition.environment import resolve_device
 from competition.losses import build_loss
 from competition.memory import GIB, estimate_training_memory
 from competition.models import build_model
@@ -73,7 +74,7 @@ def main() -> None:
         "--precision", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on a CPU), bf16, fp16, fp32"
     )
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     parse_size(args.size)
     precision = resolve_precision(args.precision, device)
     tune_for(device)

@@ -16,6 +16,7 @@ import torch
 from bench.device import describe, synchronize
 from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, CarvanaDataset
+from competition.environment import resolve_device
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from competition.prediction import resolve_precision, tune_for
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="input")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     height, width = parse_size(args.size)
     precision = resolve_precision("auto", device)
     config = TrainConfig(encoder=args.encoder, size=args.size, compile=device.type == "cuda" and not args.no_compile)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from competition.config import TrainConfig, config_from
 from competition.data import CarvanaData, CarvanaDataset, DataError, image_id_of
+from competition.environment import resolve_device
 from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.losses import build_loss
@@ -249,7 +250,7 @@ def train_fold(config: TrainConfig, device: str | None = None, resume: bool = Fa
 
     Returns the best epoch's log row.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     precision = resolve_precision(config.precision, device)
     tune_for(device)
     seed_everything(config.seed)
