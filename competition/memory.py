@@ -28,7 +28,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of one training step: fixed state, plus saved activations per image."""
+    """Bytes of one training step: model state, what each step saves once, and activations per image."""
 
     state_bytes: int
     step_bytes: int
