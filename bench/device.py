@@ -1,6 +1,20 @@
-"""What the benchmarks share: waiting for the device, and naming it in the printed table."""
+"""What the benchmarks share: their common flags, waiting for the device, and naming it in the printed table."""
+
+import argparse
 
 import torch
+
+
+def speed_bench_parser(doc: str, size: str, steps: int, size_help: str = "HEIGHTxWIDTH") -> argparse.ArgumentParser:
+    """The flags of the training and inference speed benchmarks; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--size", default=size, help=size_help)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--data-dir", default="input")
+    return parser
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,14 +8,13 @@ checkpoint and loaded back as infer.py does. End to end = decoding, resizing, th
 passes, upsampling, thresholding, RLE and writing, over the test images of --data-dir.
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.device import describe, synchronize
+from bench.device import describe, speed_bench_parser, synchronize
 from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.environment import resolve_device
@@ -26,14 +25,8 @@ from competition.training import checkpoint_summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="full", help="HEIGHTxWIDTH the model sees, or full")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encoder", default="resnet34")
+    parser = speed_bench_parser(__doc__, "full", steps=20, size_help="HEIGHTxWIDTH the model sees, or full")
     parser.add_argument("--tta", default="hflip", help="comma-separated TTA views, or empty")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--data-dir", default="input")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = resolve_device()

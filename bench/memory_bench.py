@@ -16,13 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
 from bench.device import describe
+from bench.train_bench import trainer_step_factory
 from competition.config import TrainConfig, parse_size
 from competition.environment import resolve_device
-from competition.losses import build_loss
 from competition.memory import GIB, estimate_training_memory
-from competition.models import build_model
 from competition.prediction import resolve_precision, tune_for
-from competition.training import accumulate_gradients, optimizer_step
 
 
 def cpu_peak_bytes(step) -> int:
@@ -41,25 +39,16 @@ def cpu_peak_bytes(step) -> int:
 
 def measured_peak_bytes(config: TrainConfig, batch_size: int, precision: str, device: torch.device) -> int:
     height, width = config.input_size()
-    model = build_model(config.arch, config.encoder).to(device).train()
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = build_loss("bce_dice")
+    step = trainer_step_factory(config, device, precision)
     images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     masks = (torch.rand(batch_size, 1, height, width, device=device) > 0.5).float()
-
-    def step():
-        accumulate_gradients(model, loss_fn, [(images, masks)], precision, scaler)
-        optimizer_step(model, optimizer, scaler, clip_grad=1.0)
-
-    step()
+    step(images, masks)
     if device.type != "cuda":
-        return cpu_peak_bytes(step)
+        return cpu_peak_bytes(lambda: step(images, masks))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    step(images, masks)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
 

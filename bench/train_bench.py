@@ -7,13 +7,12 @@ Same model, same batch. "model only" feeds tensors already on the device; "end t
 JPEG files from --data-dir through decoding, resizing and augmentation in a DataLoader.
 """
 
-import argparse
 import time
 
 import segmentation_models_pytorch as smp
 import torch
 
-from bench.device import describe, synchronize
+from bench.device import describe, speed_bench_parser, synchronize
 from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, CarvanaDataset
 from competition.environment import resolve_device
@@ -76,14 +75,8 @@ def trainer_step_factory(config: TrainConfig, device: torch.device, precision: s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1024x1024")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encoder", default="resnet34")
-    parser.add_argument("--steps", type=int, default=30)
+    parser = speed_bench_parser(__doc__, "1024x1024", steps=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--data-dir", default="input")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     device = resolve_device()

@@ -18,7 +18,7 @@ from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.metrics import dice_per_image
 from competition.models import build_model
-from competition.prediction import predict_probabilities
+from competition.prediction import average_views, predict_probabilities, view_probabilities
 from competition.rle import rle_encode
 from competition.submission import SubmissionWriter, validate_submission
 
@@ -40,6 +40,11 @@ class Member:
     def size_key(self) -> str:
         size = self.config.input_size()
         return "full" if size is None else f"{size[0]}x{size[1]}"
+
+    def model_input(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This member's batch from a loader's images at every size, in its memory format."""
+        batch = images[self.size_key]
+        return batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
 
 
 def find_checkpoints(paths: list[str | Path]) -> list[Path]:
@@ -103,10 +108,9 @@ class Ensemble:
     def probabilities(self, images: dict[str, torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
         total = None
         for member in self.members:
-            batch = images[member.size_key]
-            if member.config.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            probabilities = predict_probabilities(member.model, batch, output_size, self.tta, self.precision)
+            probabilities = predict_probabilities(
+                member.model, member.model_input(images), output_size, self.tta, self.precision
+            )
             total = probabilities if total is None else total + probabilities
         return total / len(self.members)
 
@@ -286,14 +290,15 @@ def out_of_fold(
         image_ids = [image_id_of(img) for img in folds.loc[folds["fold"] == fold, "img"]]
         if not image_ids:
             raise DataError(f"{folds_csv}: fold {fold} of {member.path} has no images")
-        plain, augmented = Ensemble([member], (), precision), Ensemble([member], tta, precision)
-        dataset = PredictionImages(data, image_ids, "train", plain.input_sizes, with_masks=True)
+        dataset = PredictionImages(data, image_ids, "train", Ensemble([member]).input_sizes, with_masks=True)
         device = next(member.model.parameters()).device
         for batch, images in _batches(_loader(dataset, batch_size, workers, device), device):
             masks = batch["mask"].to(device)
             shape = tuple(masks.shape[-2:])
-            plain_probabilities = plain.probabilities(images, shape)
-            probabilities = augmented.probabilities(images, shape) if tta else plain_probabilities
+            # One pass over the views serves both scores: the identity alone, and all views averaged.
+            views = view_probabilities(member.model, member.model_input(images), tta, precision)
+            plain_probabilities = average_views(views[:1], shape)
+            probabilities = average_views(views, shape) if tta else plain_probabilities
             scores = {"dice_plain": dice_per_image(plain_probabilities > 0.5, masks).tolist()}
             for threshold in thresholds:
                 scores[f"dice_{threshold:.2f}"] = dice_per_image(probabilities > threshold, masks).tolist()

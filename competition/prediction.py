@@ -54,6 +54,32 @@ def autocast(precision: str, device: torch.device):
 
 
 @torch.no_grad()
+def view_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, tta: tuple[str, ...] = (), precision: str = "fp32"
+) -> list[torch.Tensor]:
+    """float32 probabilities (N, 1, h, w) of uint8 images at the model's input size, one per view:
+    the identity first, then each of ``tta``, each mapped back onto the input's pixels."""
+    unknown = [name for name in tta if name not in TTA]
+    if unknown:
+        raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
+    views = []
+    for name in ("identity", *tta):
+        forward, inverse = TTA.get(name, _IDENTITY)
+        with autocast(precision, images.device):
+            logits = model(forward(images))
+        views.append(torch.sigmoid(inverse(logits, images.shape[-2:]).float()))
+    return views
+
+
+def average_views(views: list[torch.Tensor], output_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The mean of the views' probabilities, resized bilinearly to ``output_size`` (height, width) when given:
+    a model trained on resized images predicts at its size and is scored at full resolution."""
+    probabilities = sum(views) / len(views)
+    if output_size is not None and tuple(probabilities.shape[-2:]) != tuple(output_size):
+        probabilities = F.interpolate(probabilities, size=output_size, mode="bilinear", align_corners=False)
+    return probabilities
+
+
 def predict_probabilities(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -61,22 +87,6 @@ def predict_probabilities(
     tta: tuple[str, ...] = (),
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """float32 probabilities (N, 1, H, W) of uint8 images, averaged over the identity and ``tta`` views.
-
-    With ``output_size`` (height, width) the probabilities are resized bilinearly to it: a model
-    trained on resized images predicts at its size and is scored at full resolution.
-    """
-    unknown = [name for name in tta if name not in TTA]
-    if unknown:
-        raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
-    total = None
-    for name in ("identity", *tta):
-        forward, inverse = TTA.get(name, _IDENTITY)
-        with autocast(precision, images.device):
-            logits = model(forward(images))
-        probabilities = torch.sigmoid(inverse(logits, images.shape[-2:]).float())
-        total = probabilities if total is None else total + probabilities
-    probabilities = total / (1 + len(tta))
-    if output_size is not None and tuple(probabilities.shape[-2:]) != tuple(output_size):
-        probabilities = F.interpolate(probabilities, size=output_size, mode="bilinear", align_corners=False)
-    return probabilities
+    """float32 probabilities (N, 1, H, W) of uint8 images, averaged over the identity and ``tta`` views,
+    at ``output_size`` when given."""
+    return average_views(view_probabilities(model, images, tta, precision), output_size)
