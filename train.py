@@ -1,46 +1,79 @@
 """Train folds: python train.py --fold 0, or python train.py --folds 0,1,2,3,4 --gpus 0,1,2,3."""
 
 import argparse
+import logging
 import sys
 
 from competition.config import add_config_arguments, resolve_config
-from competition.data import DataError
-from competition.environment import DeviceError, resolve_device
-from competition.models import ModelError
-from competition.training import DeviceMemoryError, NonFiniteLossError, train_fold, train_folds
+from competition.environment import resolve_device
+from competition.errors import ConfigError
+from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.training import fold_numbers, inspect_run_dir, train_fold, train_folds
+
+logger = logging.getLogger("competition.train")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     add_config_arguments(parser)
+    parser.add_argument("--device", help="for one fold: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--folds", help="several folds, e.g. 0,1,2,3,4 (run in parallel with --gpus or --jobs)")
     parser.add_argument("--gpus", help="GPU ids for --folds, e.g. 0,1,2,3: one fold per GPU at a time")
     parser.add_argument("--jobs", type=int, help="folds run at once (default: one per GPU, else 1)")
-    parser.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
-    args = parser.parse_args(argv)
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
+    runs.add_argument("--overwrite", action="store_true", help="train again into a run folder that holds a run")
+    add_logging_arguments(parser)
+    return parser
+
+
+def parse_numbers(text: str, flag: str, example: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]; one line naming ``flag`` for anything else, or a number given twice."""
     try:
+        numbers = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: comma-separated whole numbers, e.g. {flag} {example}") from None
+    repeated = sorted({number for number in numbers if numbers.count(number) > 1})
+    if repeated:
+        raise ConfigError(f"{flag} {text!r}: {repeated} given more than once")
+    return numbers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_from(args)
+    with exit_on_project_error("train.py", args.debug):
         config = resolve_config(args)
-    except ValueError as error:
-        parser.error(str(error))
-    if not args.folds:
-        try:
-            train_fold(config, resume=args.resume)
-        except (DataError, DeviceError, DeviceMemoryError, ModelError, NonFiniteLossError, ValueError) as error:
-            parser.exit(2, f"train.py: error: {error}\n")
-        return
-    folds = [int(fold) for fold in args.folds.split(",")]
-    if args.gpus:
-        devices = [f"cuda:{gpu}" for gpu in args.gpus.split(",")]
-    else:
-        try:
+        if not args.folds:
+            train_fold(config, args.device, resume=args.resume, overwrite=args.overwrite)
+            return
+        if args.device:
+            raise ConfigError("--device is for one fold; several folds take --gpus")
+        folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4")
+        available = fold_numbers(config.folds_csv)
+        absent = [fold for fold in folds if fold not in available]
+        if absent:
+            raise ConfigError(f"--folds: {config.folds_csv} has no fold {absent}; its folds are {available}")
+        for fold in folds:  # every fold's run folder checked before any starts
+            config.fold = fold
+            inspect_run_dir(config, args.resume, args.overwrite)
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+        if args.gpus:
+            devices = [str(resolve_device(f"cuda:{gpu}")) for gpu in parse_numbers(args.gpus, "--gpus", "0,1")]
+        else:
             devices = [str(resolve_device())]
-        except DeviceError as error:
-            parser.exit(2, f"train.py: error: {error}\n")
-    jobs = args.jobs or len(devices)
-    print(f"training folds {folds} on {devices}, {jobs} at a time; logs in {config.out}/fold<N>/train.log")
-    outcomes = train_folds(config, folds, devices, jobs, resume=args.resume)
+        jobs = args.jobs or len(devices)
+        logger.info(
+            "training folds %s on %s, %d at a time; logs in %s/fold<N>/train.log", folds, devices, jobs, config.out
+        )
+        outcomes = train_folds(config, folds, devices, jobs, resume=args.resume, overwrite=args.overwrite)
     for outcome in outcomes:
-        print(f"fold {outcome.fold}: {'ok' if outcome.ok else 'FAILED'}: {outcome.message} (log: {outcome.log})")
+        report = logger.info if outcome.ok else logger.error
+        report(
+            "fold %d: %s: %s (log: %s)", outcome.fold, "ok" if outcome.ok else "FAILED", outcome.message, outcome.log
+        )
     if not all(outcome.ok for outcome in outcomes):
         sys.exit(1)
 

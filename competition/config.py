@@ -1,13 +1,20 @@
 """One training run's settings: defaults, then a config file (TOML or JSON), then command-line flags."""
 
 import argparse
+import difflib
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomllib
 
 from competition.environment import default_data_dir, default_work_dir
+from competition.errors import ConfigError
+from competition.losses import LOSSES
+from competition.models import ARCHITECTURES, encoder_exists, encoder_names
+from competition.prediction import PRECISIONS
+from competition.schedules import SCHEDULES
 
 
 def setting(default, description: str):
@@ -25,7 +32,7 @@ class TrainConfig:
     folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
     out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
     fold: int = setting(0, "the held-out fold")
-    arch: str = setting("Unet", "Unet, UnetPlusPlus, FPN, Linknet or DeepLabV3Plus")
+    arch: str = setting("Unet", ", ".join(ARCHITECTURES))
     encoder: str = setting("resnet34", "an smp encoder, or any timm model as tu-NAME")
     encoder_weights: str = setting("imagenet", "imagenet, none, or the path of a local encoder weights file")
     size: str = setting("1024x1536", "HEIGHTxWIDTH the images are resized to (multiples of 32), or full")
@@ -37,7 +44,7 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "AdamW weight decay")
     warmup_epochs: float = setting(1.0, "linear warm-up length, in epochs (cosine schedule)")
     schedule: str = setting("cosine", "cosine (warm-up, then cosine decay) or onecycle")
-    loss: str = setting("bce_dice", "bce_dice, bce, dice, focal or lovasz")
+    loss: str = setting("bce_dice", ", ".join(LOSSES))
     bce_weight: float = setting(1.0, "weight of BCE in bce_dice")
     dice_weight: float = setting(1.0, "weight of soft Dice in bce_dice")
     precision: str = setting("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32")
@@ -51,6 +58,7 @@ class TrainConfig:
     mask_source: str = setting("auto", "auto (GIFs when present), gif or csv (train_masks.csv)")
     seed: int = setting(42, "seed of weights, data order and augmentation")
     log_every: int = setting(10, "optimizer steps between progress updates and non-finite-loss checks")
+    check: bool = setting(True, "read every image header and mask before the first step (seconds), not mid-epoch")
 
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) the model sees in training and validation, or None for full resolution."""
@@ -67,36 +75,105 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(side) for side in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"size {text!r} must be HEIGHTxWIDTH, e.g. 1024x1536") from None
+        raise ConfigError(f"--size {text!r} must be HEIGHTxWIDTH, e.g. 1024x1536, or full") from None
     if height <= 0 or width <= 0 or height % 32 or width % 32:
-        raise ValueError(f"size {text!r}: both sides must be positive multiples of 32 (the encoder downsamples 32x)")
+        raise ConfigError(f"--size {text!r}: both sides must be positive multiples of 32 (the encoder downsamples 32x)")
     return height, width
+
+
+# name -> the values it takes; checked for files, flags and checkpoints alike.
+CHOICES = {
+    "arch": tuple(ARCHITECTURES),
+    "loss": tuple(LOSSES),
+    "schedule": tuple(SCHEDULES),
+    "precision": PRECISIONS,
+    "mask_source": ("auto", "gif", "csv"),
+}
+# name -> (test, what it must be)
+BOUNDS = {
+    "fold": (lambda v: v >= 0, "0 or more"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "accum_steps": (lambda v: v >= 1, "at least 1"),
+    "val_batch_size": (lambda v: v >= 1, "at least 1"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "workers": (lambda v: v >= 0, "0 or more"),
+    "crop": (lambda v: v == 0 or (v > 0 and v % 32 == 0), "0 (off) or a positive multiple of 32"),
+    "lr": (lambda v: v > 0, "positive"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "warmup_epochs": (lambda v: v >= 0, "0 or more"),
+    "bce_weight": (lambda v: v >= 0, "0 or more"),
+    "dice_weight": (lambda v: v >= 0, "0 or more"),
+    "clip_grad": (lambda v: v >= 0, "0 (off) or more"),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1): 0 is off, e.g. 0.999"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _suggest(value: str, choices) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_config(config: "TrainConfig") -> None:
+    """Every setting within its choices and bounds, one line naming the flag when not."""
+    for name, choices in CHOICES.items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise ConfigError(f"{flag(name)} {value!r}{_suggest(value, choices)}: choose one of {', '.join(choices)}")
+    for name, (test, wanted) in BOUNDS.items():
+        value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise ConfigError(f"{flag(name)} must be {wanted}, got {value!r}")
+    if not encoder_exists(config.encoder):
+        raise ConfigError(
+            f"--encoder {config.encoder!r}{_suggest(config.encoder, encoder_names())}: not an smp encoder; "
+            "see smp.encoders.get_encoder_names(), or any timm model as tu-NAME"
+        )
+    weights = config.encoder_weights.strip()
+    if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ConfigError(f"--encoder-weights {weights}: encoder weights file not found; pass a file, imagenet or none")
+    config.input_size()
 
 
 def _read_file(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the config file ({error.strerror})") from None
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
     try:
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must hold a table of settings, e.g. epochs = 4")
+    return values
+
+
+def _reject_unknown(values: dict, source: str) -> None:
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = "".join(_suggest(name, known) for name in unknown)
+        raise ConfigError(f"{source}: unknown setting(s) {unknown}{hints}; known: {', '.join(sorted(known))}")
 
 
 def config_from(values: dict, source: str = "config") -> TrainConfig:
-    """A TrainConfig from a dict (a config file, or one saved in a checkpoint); unknown keys are rejected."""
+    """A checked TrainConfig from a dict (a config file, flags, or one saved in a checkpoint); unknown keys,
+    wrong types and values outside their choices or bounds are rejected."""
     known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    _reject_unknown(values, source)
     config = TrainConfig(**values)
     for name, value in asdict(config).items():
         expected = known[name].type
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, float(value))
         elif not isinstance(getattr(config, name), expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{source}: {name} must be {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be {expected.__name__}, got {value!r}")
+    check_config(config)
     return config
 
 
@@ -116,11 +193,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then ``--config``, then the flags given on the command line."""
     values = _read_file(args.config) if args.config else {}
-    config_from(values, str(args.config))  # reject unknown keys before the flags mix in
-    for f in fields(TrainConfig):
-        given = getattr(args, f.name, None)
+    _reject_unknown(values, str(args.config))  # before the flags mix in, so the message names the file
+    for name in (f.name for f in fields(TrainConfig)):
+        given = getattr(args, name, None)
         if given is not None:
-            values[f.name] = given
-    config = config_from(values, str(args.config or "flags"))
-    config.input_size()  # fail early on a malformed size
-    return config
+            values[name] = given
+    return config_from(values, str(args.config or "flags"))

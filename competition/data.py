@@ -1,5 +1,6 @@
 """The Carvana data layout: image and mask files from folders or the competition's zips, and the Dataset."""
 
+import contextlib
 import io
 import math
 import os
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from competition.errors import DataError
 from competition.rle import RLEError, rle_decode
 
 LAYOUT_HELP = (
@@ -20,10 +22,6 @@ LAYOUT_HELP = (
     "competition's .zip files). Make a synthetic set with "
     "`python -m competition.synthetic --out input/` or pass --data-dir."
 )
-
-
-class DataError(ValueError):
-    """Input data that does not follow the competition's format; the message names the file."""
 
 
 def car_id_of(image_id: str) -> str:
@@ -100,15 +98,21 @@ def _open_files(root: Path, name: str, suffix: str) -> "_Folder | _Zip | None":
 DRAFT_SHORTFALL = 0.01
 
 
-def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+@contextlib.contextmanager
+def _decoding(source: str, what: str = "image"):
+    """Pillow's ways of saying a file is not a readable image, as one DataError naming the file."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            full_shape = (image.height, image.width)
-            if reduce_to is not None:
-                image.draft("RGB", tuple(math.floor(side * (1 - DRAFT_SHORTFALL)) for side in reduce_to[::-1]))
-            return np.asarray(image.convert("RGB")), full_shape
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{source}: the image does not decode ({error}); the file is corrupt, replace it") from None
+        yield
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{source}: the {what} does not decode ({error}); the file is corrupt, replace it") from None
+
+
+def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    with _decoding(source), Image.open(io.BytesIO(data)) as image:
+        full_shape = (image.height, image.width)
+        if reduce_to is not None:
+            image.draft("RGB", tuple(math.floor(side * (1 - DRAFT_SHORTFALL)) for side in reduce_to[::-1]))
+        return np.asarray(image.convert("RGB")), full_shape
 
 
 def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
@@ -119,19 +123,19 @@ def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = N
 
 def decode_mask(data: bytes, source: str) -> np.ndarray:
     """GIF bytes -> uint8 0/1 (H, W). Any non-black pixel is car, whatever the palette."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return (np.asarray(image.convert("L")) > 0).astype(np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{source}: the mask does not decode ({error}); the file is corrupt, replace it") from None
+    with _decoding(source, "mask"), Image.open(io.BytesIO(data)) as image:
+        return (np.asarray(image.convert("L")) > 0).astype(np.uint8)
 
 
-def _image_shape(data: bytes, source: str) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{source}: the image does not decode ({error}); the file is corrupt, replace it") from None
+def _image_shape(data: bytes, source: str, what: str = "image") -> tuple[int, int]:
+    """(height, width) from the file's header alone."""
+    with _decoding(source, what), Image.open(io.BytesIO(data)) as image:
+        return image.height, image.width
+
+
+def to_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor, the layout models take."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 class CarvanaData:
@@ -247,6 +251,23 @@ class CarvanaData:
         except RLEError as error:
             raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
 
+    def check_sample(self, image_id: str) -> None:
+        """Raise the DataError the loader would meet for this image and its mask, reading headers and the RLE
+        row only: the image's size, and the mask's size (GIF header) or its runs (train_masks.csv)."""
+        shape = self.image_shape(image_id)
+        if self.mask_source == "gif":
+            name = f"{image_id}_mask.gif"
+            if self.train_masks is None or name not in self.train_masks.names:
+                raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
+            mask_shape = _image_shape(self.train_masks.read(name), self.train_masks.describe(name), "mask")
+        else:
+            mask_shape = self.read_mask(image_id, shape).shape
+        if mask_shape != shape:
+            raise DataError(
+                f"{self.image_path(image_id)}: image is {shape[1]}x{shape[0]} but its mask is "
+                f"{mask_shape[1]}x{mask_shape[0]}; the mask belongs to another image, replace it"
+            )
+
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
         image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
@@ -301,6 +322,6 @@ class CarvanaDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image = to_chw(image)
         mask = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float()
         return image, mask

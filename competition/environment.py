@@ -1,9 +1,12 @@
 """Where a run happens: the data and output folders (a local checkout or a Kaggle notebook), and the device."""
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
+
+from competition.errors import DeviceError, DeviceMemoryError
 
 KAGGLE_DATA_DIR = Path("/kaggle/input/carvana-image-masking-challenge")
 KAGGLE_WORK_DIR = Path("/kaggle/working")
@@ -31,10 +34,6 @@ def default_work_dir() -> Path:
     return KAGGLE_WORK_DIR if on_kaggle() else Path(".")
 
 
-class DeviceError(RuntimeError):
-    """A GPU that this PyTorch build has no kernels for; the message says what to pick instead."""
-
-
 def gpu_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a PyTorch build for ``arch_list`` (``torch.cuda.get_arch_list()``) runs on a GPU of
     compute ``capability``: a cubin (sm_XY) runs on its major version from its minor up, PTX
@@ -49,6 +48,25 @@ def gpu_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return not arch_list
 
 
+def _parse_device(requested: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` for a GPU that is here; one line for anything else."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {requested!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {requested!r}: this project runs on cpu or cuda devices")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {requested}: no CUDA device here (none visible to PyTorch); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"--device {requested}: there are {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def resolve_device(requested: str | None = None) -> torch.device:
     """``requested`` (``cuda``, ``cuda:1``, ``cpu``), else the GPU when there is one, else the CPU.
 
@@ -56,7 +74,7 @@ def resolve_device(requested: str | None = None) -> torch.device:
     "no kernel image is available": Kaggle's P100 since its image moved to a PyTorch without
     Pascal kernels.
     """
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _parse_device(requested) if requested else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
         if not gpu_supported(capability, arch_list):
@@ -67,3 +85,15 @@ def resolve_device(requested: str | None = None) -> torch.device:
                 "CUDA_VISIBLE_DEVICES= runs on the CPU instead"
             )
     return device
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(context: str, fix: str):
+    """The allocator's out-of-memory error (its first line, without the multi-line report) as a
+    DeviceMemoryError that says what ran out (``context``) and which setting to lower (``fix``)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        lines = str(error).strip().splitlines()
+        cause = lines[0] if lines else "out of memory"
+        raise DeviceMemoryError(f"{cause} ({context}): {fix}") from None

@@ -1,6 +1,7 @@
-"""Output files: written under a temporary name beside the target, renamed into place when complete."""
+"""Output files: written under a temporary name beside the target, renamed into place when complete; and locks."""
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,3 +24,31 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if absent) while the block runs; yields False at once,
+    without waiting, when another process holds it. The operating system drops the lock when its
+    holder dies, however it dies, so a lock never outlives a killed run."""
+    handle = open(path, "a+")  # noqa: SIM115 - held until the block ends
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield True
+    finally:
+        handle.close()
+
+
+def lock_holder(path: str | Path) -> str:
+    """The process id written in a lock file by its holder, or "unknown"."""
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"

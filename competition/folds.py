@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from competition.data import DataError, car_id_of
+from competition.data import car_id_of
+from competition.errors import ConfigError, DataError
 
 FOLD_COLUMNS = ["img", "car_id", "fold"]
 
@@ -20,9 +21,9 @@ def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str
     image_ids = sorted(set(image_ids))
     car_ids = sorted({car_id_of(image_id) for image_id in image_ids})
     if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+        raise ConfigError(f"--n-folds must be at least 2, got {n_folds}")
     if len(car_ids) < n_folds:
-        raise ValueError(
+        raise ConfigError(
             f"{len(car_ids)} cars cannot fill {n_folds} folds; use --n-folds {max(2, len(car_ids))} or fewer"
         )
     if strata is None:
@@ -31,7 +32,7 @@ def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str
     else:
         missing = [car_id for car_id in car_ids if car_id not in strata]
         if missing:
-            raise ValueError(f"{len(missing)} cars have no stratification label, e.g. {missing[:3]}")
+            raise DataError(f"{len(missing)} cars have no stratification label, e.g. {missing[:3]}")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         labels = [strata[car_id] for car_id in car_ids]
         fold_of_car = {}

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from competition.errors import DataError
 from competition.rle import RLEError, rle_runs
 
 
@@ -76,17 +77,17 @@ def score_submission(submission: pd.DataFrame, truth: pd.DataFrame, n_pixels: in
     for name, frame in (("submission", submission), ("truth", truth)):
         missing = {"img", "rle_mask"} - set(frame.columns)
         if missing:
-            raise ValueError(f"{name} lacks column(s) {sorted(missing)}; expected img,rle_mask")
+            raise DataError(f"{name} lacks column(s) {sorted(missing)}; expected img,rle_mask")
     predicted = dict(zip(submission["img"], submission["rle_mask"]))
     missing_rows = [img for img in truth["img"] if img not in predicted]
     if missing_rows:
-        raise ValueError(f"submission has no row for {len(missing_rows)} image(s), e.g. {missing_rows[:3]}")
+        raise DataError(f"submission has no row for {len(missing_rows)} image(s), e.g. {missing_rows[:3]}")
     scores = {}
     for img, truth_rle in zip(truth["img"], truth["rle_mask"]):
         try:
             scores[img] = rle_dice(predicted[img], truth_rle, n_pixels)
         except RLEError as error:
-            raise ValueError(f"row {img}: {error}") from None
+            raise DataError(f"row {img}: {error}") from None
     return pd.Series(scores, name="dice")
 
 
@@ -96,11 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("truth", help="e.g. input/test_masks.csv from the synthetic data set")
     parser.add_argument("--size", default="1280x1918", help="image HEIGHTxWIDTH (default: %(default)s)")
     args = parser.parse_args(argv)
-    height, width = (int(side) for side in args.size.lower().split("x"))
+    try:
+        height, width = (int(side) for side in args.size.lower().split("x"))
+    except ValueError:
+        parser.exit(2, f"metrics: error: --size {args.size!r} must be HEIGHTxWIDTH, e.g. 1280x1918\n")
     try:
         frames = [pd.read_csv(path, dtype=str, keep_default_na=False) for path in (args.submission, args.truth)]
         scores = score_submission(*frames, n_pixels=width * height)
-    except (OSError, ValueError, pd.errors.ParserError) as error:
+    except (OSError, DataError, pd.errors.ParserError) as error:
         parser.exit(2, f"metrics: error: {error}\n")
     print(f"mean Dice {scores.mean():.5f} over {len(scores)} images (worst {scores.min():.5f}: {scores.idxmin()})")
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from competition.errors import ConfigError
+
 ARCHITECTURES = {
     "Unet": smp.Unet,
     "UnetPlusPlus": smp.UnetPlusPlus,
@@ -21,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STRIDE = 32
 
 
-class ModelError(ValueError):
+class ModelError(ConfigError):
     """A model that cannot be built as asked; the message says what to pass instead."""
 
 
@@ -47,7 +49,22 @@ class SegmentationModel(nn.Module):
         return self.network(images)[..., :height, :width]
 
 
+def encoder_names() -> list[str]:
+    """smp's own encoder names (any timm model is also taken as ``tu-NAME``)."""
+    return smp.encoders.get_encoder_names()
+
+
+def encoder_exists(name: str) -> bool:
+    """Whether smp can build ``name``: one of its encoders, or ``tu-`` and a model in timm's registry."""
+    if name.startswith("tu-"):
+        import timm
+
+        return timm.is_model(name.removeprefix("tu-"))
+    return name in encoder_names()
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers at all, tried once with a short timeout."""
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -57,8 +74,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 @contextlib.contextmanager
 def _offline_hub_when_unreachable():
-    """Without a network the hub client retries for half a minute; offline mode fails at once
-    (and still finds weights already in the local cache)."""
+    """Offline mode for the hub client while the hub is unreachable.
+
+    Why: without a network, huggingface_hub retries for half a minute before failing; in offline
+    mode it fails at once (and still finds weights already in the local cache). Its only switch is
+    the ``HF_HUB_OFFLINE`` environment variable, read once into this module constant at import,
+    so the constant is patched: huggingface_hub has no public call for it.
+    tests/test_training.py::test_the_hub_offline_switch_still_exists fails when an upgrade moves it.
+    """
     import huggingface_hub.constants as hub
 
     offline = hub.HF_HUB_OFFLINE
@@ -112,7 +135,7 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -
     the path of a local encoder weights file.
     """
     if arch not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise ModelError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     weights = (encoder_weights or "none").strip()
     local_file = weights.lower() not in ("imagenet", "none")
     try:
@@ -126,7 +149,8 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -
         if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
             raise
         raise ModelError(
-            f"unknown encoder {encoder!r}; see smp.encoders.get_encoder_names(), or any timm model as 'tu-NAME'"
+            f"--encoder {encoder!r}: not an smp encoder; see smp.encoders.get_encoder_names(), or any timm model "
+            "as tu-NAME"
         ) from None
     except OSError as error:
         raise ModelError(

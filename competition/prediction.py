@@ -5,6 +5,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from competition.environment import resolve_device
+from competition.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# bf16 runs natively from Ampere (compute capability 8.0) on; below, CUDA emulates it slowly, yet
+# torch.cuda.is_bf16_supported() still answers True (it counts emulation), so it cannot decide.
+NATIVE_BF16 = (8, 0)
+
 
 def _rescaled(scale: float):
     """A view at ``scale`` times the size; its logits are resized back to the input's size."""
@@ -28,15 +36,33 @@ TTA = {
 _IDENTITY = (lambda images: images, lambda logits, size: logits)
 
 
+def check_tta(tta: tuple[str, ...]) -> tuple[str, ...]:
+    """``tta`` when every name is a known view; else one line listing the choices."""
+    unknown = [name for name in tta if name not in TTA]
+    if unknown:
+        raise ConfigError(f"--tta-transforms: unknown {unknown}; choose from {', '.join(sorted(TTA))}")
+    return tta
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
-    if requested not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {requested!r}")
-    if requested != "auto":
-        return requested
+    """``auto`` -> bf16 on a GPU that runs it natively (compute capability 8.0+), fp16 (with loss scaling
+    in training) on an older GPU such as Kaggle's T4, fp32 on the CPU. An explicit bf16 on a GPU
+    that would only emulate it is refused."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32" if requested == "auto" else requested
+    capability = torch.cuda.get_device_capability(device)
+    native_bf16 = tuple(capability) >= NATIVE_BF16
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "bf16" and not native_bf16:
+        raise ConfigError(
+            f"--precision bf16: {torch.cuda.get_device_name(device)} (compute capability {capability[0]}."
+            f"{capability[1]}) has no native bf16 and would emulate it slowly; use --precision fp16 "
+            "(trained with loss scaling) or auto"
+        )
+    return requested
 
 
 def tune_for(device: torch.device) -> None:
@@ -44,6 +70,30 @@ def tune_for(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+
+
+def setup_device(requested_device: str | None, requested_precision: str) -> tuple[torch.device, str]:
+    """The device and precision a run uses, checked, with the GPU's kernels tuned: the one set-up every
+    entry point and benchmark makes."""
+    device = resolve_device(requested_device)
+    precision = resolve_precision(requested_precision, device)
+    tune_for(device)
+    return device, precision
+
+
+def model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the memory format its model was put in."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def prepare_model(
+    model: torch.nn.Module, device: torch.device, channels_last: bool, compile: bool = False
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model on ``device`` in its memory format, the module to call for forward passes: compiled or it)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.compile(model) if compile else model
 
 
 def autocast(precision: str, device: torch.device):
@@ -59,9 +109,7 @@ def view_probabilities(
 ) -> list[torch.Tensor]:
     """float32 probabilities (N, 1, h, w) of uint8 images at the model's input size, one per view:
     the identity first, then each of ``tta``, each mapped back onto the input's pixels."""
-    unknown = [name for name in tta if name not in TTA]
-    if unknown:
-        raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
+    check_tta(tta)
     views = []
     for name in ("identity", *tta):
         forward, inverse = TTA.get(name, _IDENTITY)

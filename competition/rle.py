@@ -9,13 +9,15 @@ is kept as the reference the fast encoder is tested and benchmarked against.
 import numba
 import numpy as np
 
+from competition.errors import DataError
+
 _SPACE = 32
 _ZERO = 48
 _ALL_ONES_BYTES = np.uint64(0x0101010101010101)
 _HIGH_BITS = np.uint64(0x8080808080808080)
 
 
-class RLEError(ValueError):
+class RLEError(DataError):
     """A run-length string that is not a valid Carvana mask."""
 
 

@@ -3,9 +3,12 @@
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import random
+import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -18,48 +21,29 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from competition import logs
+from competition.checkpoints import check_resumable, checkpoint_config, load_checkpoint, save_checkpoint, summary
 from competition.config import TrainConfig, config_from
-from competition.data import CarvanaData, CarvanaDataset, DataError, image_id_of
-from competition.environment import resolve_device
-from competition.files import atomic_output
+from competition.data import CarvanaData, CarvanaDataset, image_id_of
+from competition.environment import explain_out_of_memory
+from competition.errors import CheckpointError, DataError, ProjectError, TrainingError
+from competition.files import atomic_output, exclusive_lock, lock_holder
 from competition.folds import read_folds
 from competition.losses import build_loss
 from competition.metrics import dice_per_image, iou_per_image
 from competition.models import build_model
-from competition.prediction import autocast, predict_probabilities, resolve_precision, tune_for
+from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
+from competition.schedules import build_scheduler
+
+logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_iou", "train_img_per_s", "seconds"]
+RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
+LOCK_NAME = ".lock"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; training stopped before any such weights were saved."""
-
-
-class DeviceMemoryError(RuntimeError):
-    """The device ran out of memory; the message says which setting to lower."""
-
-
-@contextlib.contextmanager
-def _explain_out_of_memory(config: TrainConfig, validating: bool = False):
-    """Turn the allocator's out-of-memory error into one that names the settings to change."""
-    try:
-        yield
-    except torch.OutOfMemoryError as error:
-        cause = str(error).splitlines()[0] if str(error) else "out of memory"
-        if validating:
-            fix = f"lower --val-batch-size (now {config.val_batch_size}); it does not change training"
-        elif config.batch_size > 1:
-            fix = (
-                f"halve the batch and keep its effective size: --batch-size {config.batch_size // 2} "
-                f"--accum-steps {config.accum_steps * 2}; or lower --size"
-            )
-        else:
-            fix = "lower --size, or train on --crop 512"
-        raise DeviceMemoryError(
-            f"{cause} ({'validation' if validating else 'a training step'} of {config.arch}-{config.encoder}, "
-            f"batch {config.val_batch_size if validating else config.batch_size}, size {config.size}): {fix}. "
-            f"`python -m competition.memory` with the same flags counts the memory per batch size"
-        ) from None
 
 
 def train_transform(config: TrainConfig) -> A.Compose | None:
@@ -81,24 +65,6 @@ def train_transform(config: TrainConfig) -> A.Compose | None:
             A.HueSaturationValue(8, 15, 10, p=0.3),
         ]
     return A.Compose(transforms, seed=config.seed) if transforms else None
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
-    if config.schedule != "cosine":
-        raise ValueError(f"schedule must be cosine or onecycle, got {config.schedule!r}")
-    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
 
 
 def accumulate_gradients(model, loss_fn, micro_batches, precision: str, scaler) -> torch.Tensor:
@@ -128,6 +94,19 @@ def optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def micro_batch_groups(batches, accum_steps: int):
+    """Lists of ``accum_steps`` consecutive batches, and the last, shorter list when the epoch does not
+    fill one: its images make a smaller optimizer step rather than being dropped."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -139,11 +118,6 @@ def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info.dataset.transform is not None:
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
-def _atomic_save(payload: dict, path: Path) -> None:
-    with atomic_output(path) as partial:
-        torch.save(payload, partial)
 
 
 def _write_log(rows: list[dict], run_dir: Path) -> None:
@@ -200,6 +174,11 @@ def evaluate(model, loader, loss_fn, precision: str) -> dict:
     }
 
 
+def fold_numbers(folds_csv: str | Path) -> list[int]:
+    """The folds a folds file defines, sorted."""
+    return sorted(read_folds(folds_csv)["fold"].unique().tolist())
+
+
 def _fold_ids(config: TrainConfig, data: CarvanaData) -> tuple[list[str], list[str]]:
     folds = read_folds(config.folds_csv)
     available = sorted(folds["fold"].unique().tolist())
@@ -217,6 +196,48 @@ def _fold_ids(config: TrainConfig, data: CarvanaData) -> tuple[list[str], list[s
     return ids[~held_out].tolist(), ids[held_out].tolist()
 
 
+def check_training_data(data: CarvanaData, image_ids: list[str], progress: bool = True) -> None:
+    """Every image header and mask of the run read once before the first step, so that a corrupt file
+    stops the run in seconds rather than hours into an epoch. One line names each broken file (up to 3)."""
+    problems = []
+    for image_id in tqdm(image_ids, desc="check data", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            data.check_sample(image_id)
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(
+            f"{len(problems)} of {len(image_ids)} training samples are broken: {' | '.join(problems[:3])}{more}; "
+            "fix them, or pass --no-check to meet them in the loader"
+        )
+    logger.info("checked %d images and their masks", len(image_ids))
+
+
+def inspect_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
+    """What the fold's run folder allows, decided before anything is written to it: the checkpoint to
+    resume from (``resume``), or None for a fresh start. A folder that already holds a run is never
+    overwritten without ``overwrite``; a resume with settings that change the run is refused."""
+    run_dir = config.run_dir()
+    last = run_dir / "last.pt"
+    if resume and overwrite:
+        raise CheckpointError("--resume continues a run and --overwrite starts it again: pass one of them")
+    if resume:
+        if not last.exists():
+            logger.info("--resume: no %s yet, starting from scratch", last)
+            return None
+        checkpoint = load_checkpoint(last)
+        check_resumable(checkpoint_config(checkpoint, last), config, last)
+        return checkpoint
+    existing = [name for name in ("best.pt", "last.pt") if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+            "--overwrite to train it again from scratch, or another --out"
+        )
+    return None
+
+
 @dataclass
 class _State:
     start_epoch: int = 0
@@ -224,184 +245,250 @@ class _State:
     rows: list = field(default_factory=list)
 
 
-def _resume(run_dir: Path, config: TrainConfig, model, optimizer, scheduler, scaler, ema) -> _State:
-    path = run_dir / "last.pt"
-    if not path.exists():
-        print(f"--resume: no {path} yet, starting from scratch")
-        return _State()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = config_from(checkpoint["config"], str(path))
-    for name in ("arch", "encoder", "fold", "epochs", "batch_size", "accum_steps", "size", "crop"):
-        if getattr(saved, name) != getattr(config, name):
-            raise ValueError(f"{path}: was trained with {name}={getattr(saved, name)!r}, now {getattr(config, name)!r}")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    if ema is not None:
-        ema.load_state_dict(checkpoint["ema"])
-    rows = [row for row in checkpoint["log"] if row["epoch"] <= checkpoint["epoch"]]
-    print(f"resumed from {path}: epoch {checkpoint['epoch']} done, best Dice {checkpoint['best_dice']:.5f}")
-    return _State(checkpoint["epoch"] + 1, checkpoint["best_dice"], rows)
+@dataclass
+class _Parts:
+    """Everything an optimizer step touches."""
+
+    model: torch.nn.Module
+    forward: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    precision: str
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+        }
+
+    def restore(self, checkpoint: dict, path: Path) -> _State:
+        """Weights and optimiser state from ``last.pt``; the log rows of the epochs it finished."""
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(checkpoint["ema"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{path}: cannot resume from it ({type(error).__name__}: {error})") from None
+        rows = [row for row in checkpoint["log"] if row["epoch"] <= checkpoint["epoch"]]
+        logger.info(
+            "resumed from %s: epoch %d done, best Dice %.5f", path, checkpoint["epoch"] + 1, checkpoint["best_dice"]
+        )
+        return _State(checkpoint["epoch"] + 1, checkpoint["best_dice"], rows)
 
 
-def train_fold(config: TrainConfig, device: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+def build_parts(config: TrainConfig, device: torch.device, precision: str, steps_per_epoch: int) -> _Parts:
+    model, forward = prepare_model(
+        build_model(config.arch, config.encoder, config.encoder_weights), device, config.channels_last, config.compile
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
+    return _Parts(
+        model=model,
+        forward=forward,
+        loss_fn=build_loss(config.loss, config.bce_weight, config.dice_weight),
+        optimizer=optimizer,
+        scheduler=build_scheduler(config, optimizer, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        ema=ema,
+        precision=precision,
+    )
+
+
+def build_loaders(config: TrainConfig, data: CarvanaData, train_ids, val_ids, device: torch.device):
+    """(training loader and its generator, validation loader). Training drops a last batch smaller than
+    ``batch_size`` (batch norm needs more than one image; the order changes each epoch)."""
+    input_size = config.input_size()
+    train_set = CarvanaDataset(data, train_ids, size=input_size, transform=train_transform(config))
+    val_set = CarvanaDataset(data, val_ids, size=input_size, full_size_masks=True)
+    if len(train_set) < config.batch_size:
+        raise DataError(
+            f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of {config.batch_size}; "
+            "lower --batch-size"
+        )
+    options = {
+        "num_workers": min(config.workers, os.cpu_count() or 1),
+        "pin_memory": device.type == "cuda",
+        "worker_init_fn": _seed_worker,
+    }
+    order = torch.Generator()
+    sampler = torch.utils.data.RandomSampler(train_set, generator=order)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options
+    )
+    return train_loader, order, torch.utils.data.DataLoader(val_set, config.val_batch_size, **options)
+
+
+def _out_of_memory_fix(config: TrainConfig, validating: bool) -> tuple[str, str]:
+    """(what ran out, which setting to lower) for an out-of-memory error in training or validation."""
+    model = f"{config.arch}-{config.encoder}, size {config.size}"
+    if validating:
+        context = f"validation of {model}, batch {config.val_batch_size}"
+        fix = f"lower --val-batch-size (now {config.val_batch_size}); it does not change training"
+    elif config.batch_size > 1:
+        context = f"a training step of {model}, batch {config.batch_size}"
+        fix = (
+            f"halve the batch and keep its effective size: --batch-size {config.batch_size // 2} "
+            f"--accum-steps {config.accum_steps * 2}; or lower --size"
+        )
+    else:
+        context = f"a training step of {model}, batch {config.batch_size}"
+        fix = "lower --size, or train on --crop 512"
+    return context, fix + ". `python -m competition.memory` with the same flags counts the memory per batch size"
+
+
+def train_one_epoch(parts: _Parts, loader, config: TrainConfig, epoch: int, run_dir: Path, progress: bool) -> float:
+    """One pass over the training images; returns the mean loss. Losses are read back from the device
+    every ``log_every`` steps (one sync), and a non-finite one stops the run."""
+    parts.model.train()
+    device = next(parts.model.parameters()).device
+    steps_per_epoch = math.ceil(len(loader) / config.accum_steps)
+    pending: list[tuple[int, torch.Tensor]] = []
+    losses: list[float] = []
+    bar = tqdm(
+        total=len(loader) * config.batch_size,
+        unit="img",
+        disable=not progress,
+        desc=f"fold {config.fold} epoch {epoch + 1}/{config.epochs}",
+        dynamic_ncols=True,
+    )
+    batches = (
+        (model_input(images.to(device, non_blocking=True), config.channels_last), masks.to(device, non_blocking=True))
+        for images, masks in loader
+    )
+    context, fix = _out_of_memory_fix(config, validating=False)
+    for step, micro_batches in enumerate(micro_batch_groups(batches, config.accum_steps)):
+        with explain_out_of_memory(context, fix):
+            loss = accumulate_gradients(parts.forward, parts.loss_fn, micro_batches, parts.precision, parts.scaler)
+            optimizer_step(parts.model, parts.optimizer, parts.scaler, config.clip_grad)
+        parts.scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update_parameters(parts.model)
+        pending.append((step, loss))
+        bar.update(sum(len(images) for images, _ in micro_batches))
+        if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
+            losses += _check_finite(pending, epoch, run_dir)
+            pending = []
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-config.log_every :]):.4f}", lr=f"{parts.scheduler.get_last_lr()[0]:.2e}"
+            )
+    bar.close()
+    losses += _check_finite(pending, epoch, run_dir)
+    return float(np.mean(losses))
+
+
+def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, run_dir: Path) -> None:
+    """best.pt when validation Dice improved, last.pt (with everything --resume needs), log.csv, curves.png."""
+    state.rows.append(row)
+    epoch_summary = summary(config, row["epoch"], row["val_dice"], image_shape)
+    if row["val_dice"] > state.best_dice:
+        state.best_dice = row["val_dice"]
+        save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
+    last = {"model": parts.model.state_dict(), **epoch_summary, "best_dice": state.best_dice, "log": state.rows}
+    save_checkpoint({**last, **parts.training_state()}, run_dir / "last.pt")
+    _write_log(state.rows, run_dir)
+
+
+@contextlib.contextmanager
+def _run_folder(config: TrainConfig, overwrite: bool):
+    """The fold's run folder, held by this process alone while it trains (a resumed run never races a
+    process still writing there) and begun with its config.json; ``overwrite`` clears an earlier run."""
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run_dir / LOCK_NAME) as locked:
+        if not locked:
+            raise CheckpointError(
+                f"{run_dir} is being trained by another process (pid {lock_holder(run_dir / LOCK_NAME)}); "
+                "wait for it or stop it first"
+            )
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                (run_dir / name).unlink(missing_ok=True)
+        with atomic_output(run_dir / "config.json") as partial:
+            partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        yield run_dir
+
+
+def train_fold(
+    config: TrainConfig, device: str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict:
     """Train ``config.fold``; keep ``best.pt`` by validation Dice and ``last.pt`` for ``--resume``.
 
     Returns the best epoch's log row.
     """
-    device = resolve_device(device)
-    precision = resolve_precision(config.precision, device)
-    tune_for(device)
+    resumed_from = inspect_run_dir(config, resume, overwrite)
+    device, precision = setup_device(device, config.precision)
     seed_everything(config.seed)
     data = CarvanaData(config.data_dir, config.mask_source)
     train_ids, val_ids = _fold_ids(config, data)
-    input_size = config.input_size()
-    train_set = CarvanaDataset(data, train_ids, size=input_size, transform=train_transform(config))
-    val_set = CarvanaDataset(data, val_ids, size=input_size, full_size_masks=True)
-    if len(train_set) < config.batch_size * config.accum_steps:
-        raise DataError(
-            f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of "
-            f"{config.batch_size} x {config.accum_steps}; lower --batch-size"
-        )
+    if config.check:
+        check_training_data(data, train_ids + val_ids, progress)
+    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
+    parts = build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps))
     image_shape = data.image_shape(val_ids[0])  # inference checks test images against it
-    workers = min(config.workers, os.cpu_count() or 1)
-    order = torch.Generator()
-    loader_options = {
-        "num_workers": workers,
-        "pin_memory": device.type == "cuda",
-        "worker_init_fn": _seed_worker,
-        "persistent_workers": False,
-    }
-    train_loader = torch.utils.data.DataLoader(
-        train_set,
-        config.batch_size,
-        sampler=torch.utils.data.RandomSampler(train_set, generator=order),
-        drop_last=True,
-        generator=order,
-        **loader_options,
-    )
-    val_loader = torch.utils.data.DataLoader(val_set, config.val_batch_size, **loader_options)
-
-    model = build_model(config.arch, config.encoder, config.encoder_weights).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward_model = torch.compile(model) if config.compile else model
-    loss_fn = build_loss(config.loss, config.bce_weight, config.dice_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = len(train_loader) // config.accum_steps
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
-
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(run_dir / "config.json") as partial:
-        partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
-    state = _resume(run_dir, config, model, optimizer, scheduler, scaler, ema) if resume else _State()
-    inputs = f"crops of {config.crop}" if config.crop else f"resized to {input_size}" if input_size else "full size"
-    print(
-        f"fold {config.fold}: {len(train_set)} train / {len(val_set)} validation images, {config.arch}-"
-        f"{config.encoder}, inputs {inputs}, "
-        f"{precision} on {device}, {steps_per_epoch} steps/epoch of {config.batch_size}x{config.accum_steps}"
-    )
-
-    for epoch in range(state.start_epoch, config.epochs):
-        order.manual_seed(config.seed * 100_003 + epoch)
-        if train_set.transform is not None:
-            train_set.transform.set_random_seed(config.seed + epoch)
-        model.train()
-        started = time.perf_counter()
-        pending: list[tuple[int, torch.Tensor]] = []
-        losses: list[float] = []
-        micro_batches = []
-        step = 0
-        bar = tqdm(
-            total=steps_per_epoch * config.batch_size * config.accum_steps,
-            unit="img",
-            disable=not progress,
-            desc=f"fold {config.fold} epoch {epoch + 1}/{config.epochs}",
-            dynamic_ncols=True,
+    with _run_folder(config, overwrite) as run_dir:
+        state = parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
+        logger.info(
+            "fold %d: %d train / %d validation images, %s-%s, inputs %s, %s on %s, batch %dx%d",
+            config.fold,
+            len(train_loader.dataset),
+            len(val_loader.dataset),
+            config.arch,
+            config.encoder,
+            f"crops of {config.crop}" if config.crop else config.size,
+            precision,
+            device,
+            config.batch_size,
+            config.accum_steps,
         )
-        for images, masks in train_loader:
-            images = images.to(device, non_blocking=True)
-            if config.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            micro_batches.append((images, masks.to(device, non_blocking=True)))
-            if len(micro_batches) < config.accum_steps:
-                continue
-            with _explain_out_of_memory(config):
-                loss = accumulate_gradients(forward_model, loss_fn, micro_batches, precision, scaler)
-                optimizer_step(model, optimizer, scaler, config.clip_grad)
-            micro_batches = []
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            pending.append((step, loss))
-            step += 1
-            bar.update(config.batch_size * config.accum_steps)
-            if step % config.log_every == 0 or step == steps_per_epoch:
-                losses += _check_finite(pending, epoch, run_dir)
-                pending = []
-                bar.set_postfix(
-                    loss=f"{np.mean(losses[-config.log_every :]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
-                )
-            if step == steps_per_epoch:
-                break
-        bar.close()
-        losses += _check_finite(pending, epoch, run_dir)
-        train_seconds = time.perf_counter() - started
-        evaluated = ema.module if ema is not None else model
-        with _explain_out_of_memory(config, validating=True):
-            metrics = evaluate(evaluated, val_loader, loss_fn, precision)
-        row = {
-            "epoch": epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": float(np.mean(losses)),
-            **metrics,
-            "train_img_per_s": steps_per_epoch * config.batch_size * config.accum_steps / train_seconds,
-            "seconds": time.perf_counter() - started,
-        }
-        state.rows.append(row)
-        weights = evaluated.state_dict()
-        summary = checkpoint_summary(config, epoch, metrics["val_dice"], image_shape)
-        if metrics["val_dice"] > state.best_dice:
-            state.best_dice = metrics["val_dice"]
-            _atomic_save({"model": weights, **summary}, run_dir / "best.pt")
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                **summary,
-                "best_dice": state.best_dice,
-                "log": state.rows,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else {},
-            },
-            run_dir / "last.pt",
-        )
-        _write_log(state.rows, run_dir)
-        print(
-            f"fold {config.fold} epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-            f"val loss {row['val_loss']:.4f}, val Dice {row['val_dice']:.5f}, {row['train_img_per_s']:.1f} img/s"
-        )
+        for epoch in range(state.start_epoch, config.epochs):
+            order.manual_seed(config.seed * 100_003 + epoch)
+            if train_loader.dataset.transform is not None:
+                train_loader.dataset.transform.set_random_seed(config.seed + epoch)
+            started = time.perf_counter()
+            train_loss = train_one_epoch(parts, train_loader, config, epoch, run_dir, progress)
+            train_seconds = time.perf_counter() - started
+            with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
+                metrics = evaluate(parts.evaluated, val_loader, parts.loss_fn, precision)
+            row = {
+                "epoch": epoch,
+                "lr": parts.scheduler.get_last_lr()[0],
+                "train_loss": train_loss,
+                **metrics,
+                "train_img_per_s": len(train_loader) * config.batch_size / train_seconds,
+                "seconds": time.perf_counter() - started,
+            }
+            _save_epoch(parts, state, config, row, image_shape, run_dir)
+            logger.info(
+                "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
+                config.fold,
+                epoch + 1,
+                config.epochs,
+                train_loss,
+                row["val_loss"],
+                row["val_dice"],
+                row["train_img_per_s"],
+            )
     best = max(state.rows, key=lambda r: r["val_dice"])
-    print(
-        f"fold {config.fold}: best val Dice {best['val_dice']:.5f} at epoch {best['epoch'] + 1} -> {run_dir / 'best.pt'}"
+    logger.info(
+        "fold %d: best val Dice %.5f at epoch %d -> %s",
+        config.fold,
+        best["val_dice"],
+        best["epoch"] + 1,
+        run_dir / "best.pt",
     )
     return best
-
-
-def checkpoint_summary(config: TrainConfig, epoch: int, score: float, image_shape: tuple[int, int]) -> dict:
-    """What every checkpoint carries besides weights: all infer.py needs to rebuild and check the model."""
-    return {
-        "config": asdict(config),
-        "fold": config.fold,
-        "epoch": epoch,
-        "score": score,
-        "image_shape": list(image_shape),
-    }
 
 
 def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: Path) -> list[float]:
@@ -412,9 +499,7 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: 
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
             last = run_dir / "last.pt"
-            good = (
-                f"{last} (end of epoch {torch.load(last, weights_only=True)['epoch'] + 1})" if last.exists() else "none"
-            )
+            good = f"{last} (end of epoch {load_checkpoint(last)['epoch'] + 1})" if last.exists() else "none"
             raise NonFiniteLossError(
                 f"loss is {value} at epoch {epoch + 1}, step {step + 1}; stopped without saving these weights. "
                 f"Last good checkpoint: {good}. Lower --lr, keep --clip-grad on, or use --precision bf16/fp32 "
@@ -431,34 +516,76 @@ class FoldOutcome:
     log: str
 
 
-def _run_one_fold(config_values: dict, fold: int, devices, resume: bool) -> FoldOutcome:
+_watchdog_started = False
+
+
+def _stop_when_orphaned(driver_pid: int, interval: float = 0.5) -> None:
+    """Exit this worker process as soon as the process that started it is gone.
+
+    Why: when ``train.py --folds`` is killed (kill -9, a notebook's kernel restart), joblib's
+    workers would go on training into the run folder, unseen, and race a resumed run.
+    Once per worker process (joblib reuses workers across folds).
+    """
+    global _watchdog_started
+    if _watchdog_started:
+        return
+    _watchdog_started = True
+
+    def watch():
+        while os.getppid() == driver_pid:
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _device_slot(slots_dir: str, slots: list[str]):
+    """A free device among ``slots`` (one entry per fold that may run on it at once), held until the block
+    ends. The slots are file locks: the OS frees the slot of a worker that dies, however it dies."""
+    while True:
+        for index, device in enumerate(slots):
+            with exclusive_lock(Path(slots_dir) / f"slot{index}.lock") as claimed:
+                if claimed:
+                    yield device
+                    return
+        time.sleep(0.2)
+
+
+def _run_one_fold(config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict):
+    _stop_when_orphaned(driver_pid)
     config = config_from({**config_values, "fold": fold})
     log_path = config.run_dir() / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    device = devices.get()
-    try:
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            try:
-                best = train_fold(config, device, resume=resume, progress=False)
-            except Exception as error:  # noqa: BLE001 - any failure is reported per fold, the others go on
+    with _device_slot(slots_dir, slots) as device, open(log_path, "a") as log, contextlib.redirect_stderr(log):
+        logs.configure(stream=log)
+        logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
+        try:
+            best = train_fold(config, device, progress=False, **flags)
+        except Exception as error:  # noqa: BLE001 - any failure is reported per fold, the others go on
+            if not isinstance(error, ProjectError):
                 traceback.print_exc()
-                return FoldOutcome(fold, False, f"{type(error).__name__}: {error}", str(log_path))
-        return FoldOutcome(fold, True, f"best val Dice {best['val_dice']:.5f} on {device}", str(log_path))
-    finally:
-        devices.put(device)
+            logger.error("%s: %s", type(error).__name__, error)
+            return FoldOutcome(fold, False, f"{type(error).__name__}: {error}", str(log_path))
+    return FoldOutcome(fold, True, f"best val Dice {best['val_dice']:.5f} on {device}", str(log_path))
 
 
-def train_folds(config: TrainConfig, folds: list[int], devices: list[str], jobs: int, resume: bool = False):
-    """Train several folds with joblib, ``jobs`` at a time, each on a device taken from ``devices``
-    and given back when done; each fold logs to its own ``train.log``. A failing fold is reported
-    and does not stop the others."""
-    import multiprocessing
-
+def train_folds(
+    config: TrainConfig,
+    folds: list[int],
+    devices: list[str],
+    jobs: int,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> list[FoldOutcome]:
+    """Train several folds with joblib, ``jobs`` at a time, each on a free device of ``devices``;
+    each fold logs to its own ``train.log``. A failing fold is reported and does not stop the others.
+    The workers exit within a second when this process dies."""
     from joblib import Parallel, delayed
 
-    manager = multiprocessing.Manager()
-    queue = manager.Queue()
-    for index in range(max(jobs, len(devices))):
-        queue.put(devices[index % len(devices)])
-    values = asdict(config)
-    return Parallel(n_jobs=jobs, backend="loky")(delayed(_run_one_fold)(values, fold, queue, resume) for fold in folds)
+    slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]
+    values, flags = asdict(config), {"resume": resume, "overwrite": overwrite}
+    with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir:
+        return Parallel(n_jobs=jobs, backend="loky")(
+            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags) for fold in folds
+        )

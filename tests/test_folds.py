@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from competition.data import DataError
+from competition.errors import ConfigError
 from competition.folds import assign_folds, read_folds
 
 
@@ -18,7 +19,7 @@ def image_ids(n_cars: int, views: int = 16) -> list[str]:
 @given(st.integers(2, 40), st.integers(2, 8), st.integers(0, 10_000))
 def test_no_car_crosses_folds_and_folds_differ_by_at_most_one_car(n_cars, n_folds, seed):
     if n_cars < n_folds:
-        with pytest.raises(ValueError, match="cannot fill"):
+        with pytest.raises(ConfigError, match="cannot fill"):
             assign_folds(image_ids(n_cars), n_folds, seed)
         return
     folds = assign_folds(image_ids(n_cars), n_folds, seed)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from competition.errors import DataError
 from competition.metrics import dice_per_image, dice_score, iou_per_image, iou_score, rle_dice, score_submission
 from competition.rle import rle_encode
 
@@ -71,10 +72,10 @@ def test_score_submission_and_cli(tmp_path):
         text=True,
     )
     assert result.returncode == 0 and f"mean Dice {2 / 3:.5f}" in result.stdout
-    with pytest.raises(ValueError, match="no row"):
+    with pytest.raises(DataError, match="no row"):
         score_submission(submission.iloc[1:], truth, 20)
     submission.loc[1, "rle_mask"] = "1 2 3"
-    with pytest.raises(ValueError, match="c_02.jpg: RLE has an odd count"):
+    with pytest.raises(DataError, match="c_02.jpg: RLE has an odd count"):
         score_submission(submission, truth, 20)
 
 

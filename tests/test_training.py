@@ -13,9 +13,12 @@ import torch
 import train
 from competition import training
 from competition.config import TrainConfig, add_config_arguments, config_from, resolve_config
+from competition.errors import ConfigError
 from competition.losses import build_loss, soft_dice_loss
 from competition.models import ModelError, build_model
-from competition.training import NonFiniteLossError, accumulate_gradients, lr_factor, train_fold, train_folds
+from competition.schedules import lr_factor
+from competition.training import NonFiniteLossError, accumulate_gradients, train_fold, train_folds
+from tests.conftest import HEIGHT, WIDTH
 
 
 def parse(argv):
@@ -31,11 +34,11 @@ def test_config_layers_defaults_then_file_then_flags(tmp_path):
     assert (config.encoder, config.epochs, config.lr, config.channels_last) == ("resnet18", 5, 1.0, False)
     assert config.arch == TrainConfig().arch
     path.write_text("epoch = 3\n")
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epoch'\]"):
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\] \(did you mean 'epochs'\?\)"):
         parse(["--config", str(path)])
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ConfigError, match="multiples of 32"):
         parse(["--size", "1000x1500"])
-    with pytest.raises(ValueError, match="epochs must be int"):
+    with pytest.raises(ConfigError, match="epochs must be int"):
         config_from({"epochs": "many"})
     assert config_from(json.loads(json.dumps(config.__dict__))) == config
 
@@ -160,7 +163,7 @@ def test_folds_in_parallel_report_a_failing_fold_without_hiding_the_others(tiny_
     by_fold = {outcome.fold: outcome for outcome in outcomes}
     assert by_fold[0].ok and "best val Dice" in by_fold[0].message
     assert not by_fold[7].ok and "fold 7 does not exist" in by_fold[7].message
-    assert "Traceback" in Path(by_fold[7].log).read_text()
+    assert "ERROR DataError: " in Path(by_fold[7].log).read_text(), "the fold's own log says why"
     assert (tiny_config.run_dir() / "best.pt").exists()
 
 
@@ -191,15 +194,50 @@ def run_train(argv, capsys):
     [
         (["--folds-csv", "missing.csv"], "folds file not found"),
         (["--fold", "9"], "fold 9 does not exist"),
-        (["--encoder", "resnet_nope"], "unknown encoder 'resnet_nope'"),
-        (["--arch", "Unet3000"], "unknown architecture 'Unet3000'"),
+        (["--encoder", "resnet_nope"], "--encoder 'resnet_nope' (did you mean 'resnet50'?)"),
+        (["--encoder", "tu-resnet_nope"], "--encoder 'tu-resnet_nope'"),
+        (["--arch", "Unet3000"], "--arch 'Unet3000' (did you mean 'Unet'?): choose one of Unet, UnetPlusPlus"),
+        (["--loss", "dicee"], "--loss 'dicee' (did you mean 'dice'?): choose one of bce_dice"),
+        (["--schedule", "linear"], "--schedule 'linear': choose one of cosine, onecycle"),
+        (["--precision", "fp8"], "--precision 'fp8': choose one of auto, bf16, fp16, fp32"),
+        (["--mask-source", "png"], "--mask-source 'png': choose one of auto, gif, csv"),
         (["--encoder-weights", "weights_nowhere.pth"], "encoder weights file not found"),
         (["--size", "100x100"], "multiples of 32"),
+        (["--size", "big"], "--size 'big' must be HEIGHTxWIDTH"),
+        (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--accum-steps", "0"], "--accum-steps must be at least 1"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr", "nan"], "--lr must be positive, got nan"),
+        (["--ema", "1.5"], "--ema must be in [0, 1)"),
+        (["--crop", "100"], "--crop must be 0 (off) or a positive multiple of 32"),
+        (["--workers", "-2"], "--workers must be 0 or more"),
+        (["--folds", "0,x"], "--folds '0,x': comma-separated whole numbers"),
+        (["--folds", "0,1,0"], "--folds '0,1,0': [0] given more than once"),
+        (["--folds", "0,9"], "has no fold [9]; its folds are [0, 1, 2, 3, 4]"),
+        (["--folds", "0,1", "--gpus", "0,1"], "--device cuda:0: no CUDA device here"),
+        (["--folds", "0,1", "--jobs", "0"], "--jobs must be at least 1"),
+        (["--device", "cuda"], "no CUDA device here"),
     ],
 )
-def test_bad_input_gives_one_clear_error(tiny_config, capsys, flags, message):
+def test_bad_input_gives_one_clear_line_and_writes_nothing(tiny_config, capsys, flags, message):
     code, error = run_train(cli_flags(tiny_config) + flags, capsys)
     assert code == 2 and message in error
+    assert len([line for line in error.splitlines() if "\r" not in line]) == 1, "one line (besides progress bars)"
+    assert not Path(tiny_config.out).exists(), "nothing written"
+
+
+def test_invalid_toml_and_a_missing_data_folder(tiny_config, tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("epochs = = 3\n")
+    code, error = run_train([*cli_flags(tiny_config), "--config", str(tmp_path / "bad.toml")], capsys)
+    assert code == 2 and "bad.toml: not valid TOML" in error
+    code, error = run_train([*cli_flags(tiny_config), "--data-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere: data folder not found" in error
+
+
+def test_debug_shows_the_traceback(tiny_config):
+    with pytest.raises(ConfigError, match="--epochs must be at least 1"):
+        train.main([*cli_flags(tiny_config), "--epochs", "0", "--debug"])
 
 
 def test_data_folder_without_masks(tiny_config, tmp_path, capsys):
@@ -265,21 +303,35 @@ def test_model_takes_uint8_images_of_any_size():
     assert np.isfinite(model(images).detach().numpy()).all()
 
 
-def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config):
+def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config, monkeypatch):
     tiny_config.crop, tiny_config.epochs, tiny_config.arch = 64, 1, "FPN"
     assert tiny_config.input_size() is None
+    shapes = {"train": set(), "validation": set()}
+    real_accumulate, real_evaluate = training.accumulate_gradients, training.evaluate
+
+    def accumulate(model, loss_fn, micro_batches, *args):
+        shapes["train"] |= {tuple(images.shape[-2:]) for images, _ in micro_batches}
+        return real_accumulate(model, loss_fn, micro_batches, *args)
+
+    def evaluate(model, loader, *args):
+        shapes["validation"] |= {tuple(masks.shape[-2:]) for _, masks in loader}
+        return real_evaluate(model, loader, *args)
+
+    monkeypatch.setattr(training, "accumulate_gradients", accumulate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     best = train_fold(tiny_config, "cpu", progress=False)
+    assert shapes == {"train": {(64, 64)}, "validation": {(HEIGHT, WIDTH)}}
     assert 0.0 <= best["val_dice"] <= 1.0 and math.isfinite(best["val_loss"])
     assert torch.load(tiny_config.run_dir() / "best.pt", weights_only=True)["config"]["crop"] == 64
 
 
 def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
-    argv = [*cli_flags(tiny_config), "--epochs", "1", "--folds", "1,8"]
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
+    train.main([*cli_flags(tiny_config), "--epochs", "1", "--folds", "1,2", "--jobs", "2"])  # returns: exit 0
     printed = capsys.readouterr().out
-    assert exit_info.value.code == 1
-    assert "fold 1: ok: best val Dice" in printed and "fold 8: FAILED: DataError" in printed
+    assert "fold 1: ok: best val Dice" in printed and "fold 2: ok: best val Dice" in printed
+    for fold in (1, 2):
+        log = (Path(tiny_config.out) / f"fold{fold}" / "train.log").read_text()
+        assert f"fold {fold} on cpu (worker process" in log and "best val Dice" in log
 
 
 def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_config):
@@ -310,3 +362,178 @@ def test_out_of_device_memory_names_the_settings_to_lower(tiny_config, capsys, m
     assert "CUDA out of memory. Tried to allocate 2.00 GiB." in error and "allocator report" not in error
     assert advice in error and "python -m competition.memory" in error
     assert not (tiny_config.run_dir() / "best.pt").exists()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_finished_run_survives_a_rerun_without_resume_byte_for_byte(tiny_config, capsys):
+    tiny_config.epochs = 1
+    flags = [*cli_flags(tiny_config), "--epochs", "1", "--log-every", "2"]
+    train.main(flags)
+    before = folder_bytes(Path(tiny_config.out))
+    code, error = run_train([*flags, "--lr", "0.5"], capsys)
+    assert code == 2 and "already holds a run (best.pt, last.pt); pass --resume" in error and "--overwrite" in error
+    assert folder_bytes(Path(tiny_config.out)) == before
+    train.main([*flags, "--overwrite", "--lr", "0.5"])  # asked for: trained again
+    assert torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)["config"]["lr"] == 0.5
+    code, error = run_train([*flags, "--resume", "--overwrite"], capsys)
+    assert code == 2 and "not allowed with argument" in error
+
+
+def test_a_refused_resume_writes_nothing(tiny_config, capsys):
+    flags = [*cli_flags(tiny_config), "--epochs", "1", "--log-every", "2"]
+    train.main(flags)
+    before = folder_bytes(Path(tiny_config.out))
+    code, error = run_train([*cli_flags(tiny_config), "--epochs", "4", "--resume"], capsys)
+    assert code == 2 and "was trained with epochs=1, now 4" in error and "--overwrite" in error
+    assert folder_bytes(Path(tiny_config.out)) == before
+    train.main([*flags, "--resume", "--workers", "1"])  # where and how fast may change: nothing left to train
+    assert json.loads((tiny_config.run_dir() / "config.json").read_text())["workers"] == 1
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickle_with_code_as_last_pt_is_refused_unread(tiny_config, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_config.run_dir().mkdir(parents=True)
+    torch.save({"model": Evil(), "config": {}}, tiny_config.run_dir() / "last.pt")
+    code, error = run_train([*cli_flags(tiny_config), "--resume"], capsys)
+    assert code == 2 and error.count("\n") == 1
+    assert "last.pt: not a weights file of this project: it holds pickled Python objects, refused unread" in error
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
+    from competition.checkpoints import load_checkpoint
+
+    tiny_config.run_dir().mkdir(parents=True)
+    torch.save({"format": 99, "model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")
+    with pytest.raises(training.CheckpointError, match="format 99, and this code reads format 1"):
+        load_checkpoint(tiny_config.run_dir() / "last.pt")
+
+
+@pytest.mark.parametrize("broken", ["jpeg", "gif", "rle"])
+def test_broken_training_data_stops_the_run_before_the_first_step(tiny_config, data_copy, monkeypatch, broken):
+    from competition.data import CarvanaData, DataError
+
+    data = CarvanaData(data_copy)
+    victim = data.train_ids()[-1]  # reached last by the loader
+    if broken == "jpeg":
+        (data_copy / "train" / f"{victim}.jpg").write_bytes(b"not a jpeg")
+    elif broken == "gif":
+        (data_copy / "train_masks" / f"{victim}_mask.gif").write_bytes(b"GIF89a broken")
+    else:
+        frame = pd.read_csv(data_copy / "train_masks.csv")
+        frame.loc[frame["img"] == f"{victim}.jpg", "rle_mask"] = "1 2 3"
+        frame.to_csv(data_copy / "train_masks.csv", index=False)
+        tiny_config.mask_source = "csv"
+    tiny_config.data_dir = str(data_copy)
+    steps = []
+    real = training.accumulate_gradients
+    monkeypatch.setattr(training, "accumulate_gradients", lambda *args: steps.append(1) or real(*args))
+    with pytest.raises(DataError, match=rf"1 of 80 training samples are broken: .*{victim}"):
+        train_fold(tiny_config, "cpu", progress=False)
+    assert steps == [] and not tiny_config.run_dir().exists()
+    tiny_config.check = False  # --no-check: the loader meets it mid-epoch
+    with pytest.raises(DataError, match=victim):
+        train_fold(tiny_config, "cpu", progress=False)
+
+
+def test_the_last_micro_batches_of_an_epoch_make_a_smaller_step(tiny_config, monkeypatch):
+    assert [len(group) for group in training.micro_batch_groups(range(8), 3)] == [3, 3, 2]
+    assert [len(group) for group in training.micro_batch_groups(range(6), 3)] == [3, 3]
+    tiny_config.epochs, tiny_config.accum_steps = 1, 3
+    steps = []
+    real = training.accumulate_gradients
+
+    def recorded(model, loss_fn, micro_batches, *args):
+        steps.append(sum(len(images) for images, _ in micro_batches))
+        return real(model, loss_fn, micro_batches, *args)
+
+    monkeypatch.setattr(training, "accumulate_gradients", recorded)
+    train_fold(tiny_config, "cpu", progress=False)
+    assert steps == [24, 24, 16], "64 images, batches of 8, 3 per step: the last 2 batches are one step"
+
+
+def test_a_smaller_last_step_has_the_gradients_of_its_own_images():
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18").eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    masks = (torch.rand(4, 1, 64, 64) > 0.5).float()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss_fn = build_loss("bce_dice")
+
+    def gradients(micro_batches):
+        model.zero_grad()
+        accumulate_gradients(model, loss_fn, micro_batches, "fp32", scaler)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    leftover = gradients([(images[:2], masks[:2]), (images[2:], masks[2:])])  # 2 of accum_steps=3
+    assert torch.allclose(leftover, gradients([(images, masks)]), rtol=1e-4, atol=1e-7)
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tiny_config):
+    from competition.files import exclusive_lock
+
+    tiny_config.run_dir().mkdir(parents=True)
+    with exclusive_lock(tiny_config.run_dir() / training.LOCK_NAME) as locked:
+        assert locked
+        with pytest.raises(training.CheckpointError, match=r"being trained by another process \(pid \d+\)"):
+            train_fold(tiny_config, "cpu", progress=False)
+    assert not (tiny_config.run_dir() / "last.pt").exists()
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of a session, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_killing_the_folds_process_leaves_no_process_behind(tiny_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "train.py", *cli_flags(tiny_config), "--epochs", "50", "--folds", "0,1", "--jobs", "2"]
+    driver = subprocess.Popen(
+        command,
+        cwd=Path(train.__file__).parent,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        logs = [Path(tiny_config.out) / f"fold{fold}" / "log.csv" for fold in (0, 1)]
+        while not all(log.exists() for log in logs):  # both folds well into training
+            assert driver.poll() is None and time.monotonic() < deadline, "the folds did not start"
+            time.sleep(0.5)
+        assert len(session_processes(driver.pid)) >= 3, "the driver and two workers"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while session_processes(driver.pid) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert session_processes(driver.pid) == [], "workers outlived their parent"
+        epochs = [len(pd.read_csv(log)) for log in logs]
+        time.sleep(2)
+        assert [len(pd.read_csv(log)) for log in logs] == epochs, "nothing trains on"
+    finally:
+        for pid in session_processes(driver.pid):
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""Checkpoints: saved atomically, loaded without running code (``weights_only``), checked, and resumed from."""
+
+import pickle
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from competition.config import TrainConfig, config_from
+from competition.errors import CheckpointError, ConfigError
+from competition.files import atomic_output
+
+# Bumped when the layout of a checkpoint changes; files without the key predate it and have this layout.
+FORMAT_VERSION = 1
+# Settings a resumed run may change: where things are and how fast they go, not what is learned.
+RESUMABLE_CHANGES = {"out", "data_dir", "folds_csv", "workers", "log_every", "val_batch_size", "compile", "check"}
+
+
+def summary(config: TrainConfig, epoch: int, score: float, image_shape: tuple[int, int]) -> dict:
+    """What every checkpoint carries besides weights: all infer.py needs to rebuild and check the model."""
+    return {
+        "format": FORMAT_VERSION,
+        "config": asdict(config),
+        "fold": config.fold,
+        "epoch": epoch,
+        "score": score,
+        "image_shape": list(image_shape),
+    }
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> None:
+    """Write ``payload`` under a temporary name and rename it: a kill never leaves half a checkpoint."""
+    with atomic_output(path) as partial:
+        torch.save({"format": FORMAT_VERSION, **payload}, partial)
+
+
+def _refusal(path: Path, error: Exception) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused, instead of PyTorch's paragraphs."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
+        return (
+            f"{path}: not a weights file of this project: it holds pickled Python objects, refused unread "
+            "(nothing in it was run)"
+        )
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        first_line = "not a PyTorch file of tensors"
+    return f"{path}: not a readable checkpoint ({first_line}); it is corrupt or incomplete, copy or train it again"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of this project, checked: readable, tensors only, with weights, config and a known format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: each gets one line
+        raise CheckpointError(_refusal(path, error)) from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise CheckpointError(f"{path}: not a checkpoint of this repository (no model weights and config inside)")
+    version = checkpoint.get("format", 1)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written in checkpoint format {version}, and this code reads format {FORMAT_VERSION}; "
+            "use the version of the repository that trained it, or train again"
+        )
+    return checkpoint
+
+
+def checkpoint_config(checkpoint: dict, path: str | Path) -> TrainConfig:
+    """The training settings saved in a checkpoint."""
+    try:
+        return config_from(checkpoint["config"], str(path))
+    except ConfigError as error:
+        raise CheckpointError(f"{error}; the file was altered or comes from another code version") from None
+
+
+def check_resumable(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
+    """Refuse to resume a run with settings that change what it learns (epochs, sizes, model, ...)."""
+    changed = [
+        f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path}: was trained with {'; '.join(changed)}. Resume with its settings, or start over with --overwrite"
+        )

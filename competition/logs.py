@@ -1,0 +1,71 @@
+"""Messages users read: one logging format, the verbosity flags, and the one-line exit on a ProjectError."""
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from competition.errors import ProjectError
+
+LOGGER_NAME = "competition"
+FORMAT = "%(asctime)s %(message)s"
+WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("messages")
+    loudness = group.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    loudness.add_argument("--verbose", action="store_true", help="also debugging detail")
+    group.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+
+
+class _LevelFormatter(logging.Formatter):
+    """Information as ``time message``; warnings and errors say their level."""
+
+    def __init__(self):
+        super().__init__(FORMAT, DATE_FORMAT)
+        self.loud = logging.Formatter(WARNING_FORMAT, DATE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.loud.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
+def configure(level: int = logging.INFO, stream=None) -> logging.Logger:
+    """Route the project's messages: information to stdout (or ``stream``), warnings and errors to stderr.
+
+    Replaces the handlers of an earlier call, so each entry point called from a notebook or a test
+    writes to the streams of the moment.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    formatter = _LevelFormatter()
+    information = logging.StreamHandler(stream or sys.stdout)
+    information.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(stream or sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (information, problems):
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    return logger
+
+
+def configure_from(args: argparse.Namespace) -> None:
+    configure(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def exit_on_project_error(program: str, debug: bool = False) -> Iterator[None]:
+    """A ProjectError ends the program with its one-line message and exit code 2 (its traceback with
+    ``--debug``); any other exception is a bug and propagates with its traceback."""
+    try:
+        yield
+    except ProjectError as error:
+        if debug:
+            raise
+        sys.stderr.write(f"{program}: error: {error}\n")
+        raise SystemExit(2) from None
