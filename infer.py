@@ -1,38 +1,49 @@
 """Predict with the fold ensemble: python infer.py --tta writes submissions/submission.csv.
 
 python infer.py --tta [--checkpoints runs/unet_resnet34 [more ...]]   the test set -> submission.csv
+python infer.py --tta --overwrite                                      ... replacing a finished submission.csv
+python infer.py --tta --resume                                         ... keeping the rows an interrupted run wrote
 python infer.py --oof --tta                                            out-of-fold Dice, best threshold, worst overlays
 python infer.py --image path/to/car.jpg                                one image -> mask PNG and overlay
+python infer.py --export-onnx unet.onnx --checkpoints runs/x/fold0/best.pt   one model -> ONNX
 """
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 from competition.config import TrainConfig
-from competition.data import CarvanaData, DataError, decode_image, image_id_of
-from competition.environment import DeviceError, default_data_dir, default_work_dir, resolve_device
-from competition.files import atomic_output
+from competition.data import CarvanaData
+from competition.environment import default_data_dir, default_work_dir
+from competition.errors import ConfigError
 from competition.inference import (
-    CheckpointError,
     Ensemble,
     export_onnx,
     find_checkpoints,
     load_member,
-    out_of_fold,
-    overlay,
-    predict_image,
+    oof_report,
+    predict_image_file,
     write_submission,
 )
-from competition.models import ModelError
-from competition.prediction import TTA, resolve_precision, tune_for
+from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.prediction import TTA, check_tta, setup_device
+from competition.submission import keep_finished
+
+logger = logging.getLogger("competition.infer")
+
+MODE_NAMES = {"submission": "the test submission", "oof": "--oof", "image": "--image", "export_onnx": "--export-onnx"}
+# Flags of one mode or two: flag -> (its attribute, the modes it belongs to, its default when not given)
+MODE_FLAGS = {
+    "--out": ("out", ("submission",), lambda: default_work_dir() / "submissions" / "submission.csv"),
+    "--resume": ("resume", ("submission",), lambda: False),
+    "--overwrite": ("overwrite", ("submission",), lambda: False),
+    "--worst": ("worst", ("oof",), lambda: 8),
+    "--folds-csv": ("folds_csv", ("oof",), lambda: None),
+    "--out-dir": ("out_dir", ("oof", "image"), lambda: default_work_dir() / "predictions"),
+}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -46,134 +57,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="(default: %(default)s)")
     parser.add_argument("--tta", action="store_true", help="average with test-time augmented views (hflip by default)")
-    parser.add_argument("--tta-transforms", default="hflip", help=f"comma-separated, from {sorted(TTA)}")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--tta-transforms", help=f"comma-separated, from {', '.join(sorted(TTA))}; implies --tta")
+    parser.add_argument("--threshold", type=float, default=0.5, help="car above this probability, in (0, 1)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes and RLE threads")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on a GPU that has it), bf16, fp16, fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--out", type=Path, default=default_work_dir() / "submissions" / "submission.csv")
-    parser.add_argument("--resume", action="store_true", help="keep the rows an interrupted run already wrote")
-    parser.add_argument("--oof", action="store_true", help="score each fold model on its held-out fold instead")
-    parser.add_argument("--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)")
-    parser.add_argument("--worst", type=int, default=8, help="for --oof: overlays of this many worst images")
-    parser.add_argument("--image", type=Path, help="predict this one image instead")
-    parser.add_argument(
+    modes = parser.add_argument_group("modes (default: the test submission)").add_mutually_exclusive_group()
+    modes.add_argument("--oof", action="store_true", help="score each fold's models on their held-out fold instead")
+    modes.add_argument("--image", type=Path, help="predict this one image instead")
+    modes.add_argument(
         "--export-onnx",
         type=Path,
         metavar="PATH.onnx",
         help="export the first checkpoint to ONNX, checked against onnxruntime, instead",
     )
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        default=default_work_dir() / "predictions",
-        help="for --oof and --image: where PNGs and tables go (default: %(default)s)",
+    submission = parser.add_argument_group("the test submission")
+    submission.add_argument("--out", type=Path, help="(default: <work dir>/submissions/submission.csv)")
+    submission.add_argument("--resume", action="store_true", default=None, help="keep the rows already written")
+    submission.add_argument("--overwrite", action="store_true", default=None, help="replace a finished --out")
+    scoring = parser.add_argument_group("--oof and --image")
+    scoring.add_argument(
+        "--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)"
     )
-    return parser.parse_args(argv)
+    scoring.add_argument("--worst", type=int, help="for --oof: overlays of this many worst images (default: 8)")
+    scoring.add_argument("--out-dir", type=Path, help="where PNGs and tables go (default: <work dir>/predictions)")
+    add_logging_arguments(parser)
+    return parser
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
-    with atomic_output(path) as partial:
-        Image.fromarray(array).save(partial, format="PNG")
+def check_arguments(args: argparse.Namespace) -> str:
+    """The mode asked for, after refusing the flags of other modes and values out of range (one line each);
+    fills in the defaults of the mode's flags."""
+    mode = "oof" if args.oof else "image" if args.image else "export_onnx" if args.export_onnx else "submission"
+    for flag, (name, modes, default) in MODE_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default())
+        elif mode not in modes:
+            owners = " and ".join(MODE_NAMES[owner] for owner in modes)
+            raise ConfigError(f"{flag} belongs to {owners}, not to {MODE_NAMES[mode]}")
+    if not 0 < args.threshold < 1:
+        raise ConfigError(f"--threshold {args.threshold}: a probability strictly between 0 and 1, e.g. 0.5")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: must be at least {least}")
+    if args.worst is not None and args.worst < 0:
+        raise ConfigError(f"--worst {args.worst}: must be at least 0")
+    return mode
 
 
-def run_oof(args, members, tta, precision) -> None:
-    data = CarvanaData(args.data_dir)
+def tta_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The TTA views asked for, checked: --tta-transforms alone implies --tta."""
+    if args.tta_transforms is not None and not args.tta:
+        logger.info("--tta-transforms %s implies --tta: test-time augmentation on", args.tta_transforms)
+        args.tta = True
+    names = args.tta_transforms if args.tta_transforms is not None else "hflip"
+    return check_tta(tuple(name for name in names.split(",") if name)) if args.tta else ()
+
+
+def export(args, members, tta, precision) -> None:
+    difference = export_onnx(members[0], args.export_onnx)
+    logger.info(
+        "%s -> %s: onnxruntime matches PyTorch (max |diff| %.1e)", members[0].path, args.export_onnx, difference
+    )
+
+
+def score_out_of_fold(args, members, tta, precision) -> None:
     folds_csv = args.folds_csv or members[0].config.folds_csv
-    scores = out_of_fold(members, data, folds_csv, tta, precision, args.batch_size, args.workers)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    scores.to_csv(args.out_dir / "oof.csv", index=False)
-    label = "TTA " + "+".join(tta) if tta else "no TTA"
-    table = scores.groupby("fold").agg(
-        images=("img", "size"), dice_plain=("dice_plain", "mean"), dice=("dice_0.50", "mean")
-    )
-    table.loc["all"] = [len(scores), scores["dice_plain"].mean(), scores["dice_0.50"].mean()]
-    table.columns = ["images", "Dice (no TTA)", f"Dice ({label})"]
-    print(table.to_string(float_format=lambda value: f"{value:.5f}"))
-    by_threshold = scores.filter(like="dice_0").mean()
-    best = by_threshold.idxmax()
-    print(
-        f"best threshold ({label}): {best.removeprefix('dice_')} -> Dice {by_threshold[best]:.5f} "
-        f"(0.50 -> {by_threshold['dice_0.50']:.5f})"
-    )
-    member_of_fold = {member.config.fold: member for member in members}
-    worst = scores.nsmallest(args.worst, "dice_0.50")
-    for rank, (_, row) in enumerate(worst.iterrows(), start=1):
-        image_id = image_id_of(row["img"])
-        image = data.read_image(image_id)
-        predicted = predict_image(Ensemble([member_of_fold[row["fold"]]], tta, precision), image, 0.5)
-        path = args.out_dir / f"worst{rank:02d}_{image_id}_dice{row['dice_0.50']:.4f}.png"
-        save_png(overlay(image, predicted, data.read_mask(image_id)), path)
-    print(
-        f"per-image scores: {args.out_dir / 'oof.csv'}; {len(worst)} worst overlays (red: predicted, green: "
-        f"truth) in {args.out_dir}/"
-    )
+    data = CarvanaData(args.data_dir)
+    settings = {
+        "threshold": args.threshold,
+        "worst": args.worst,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+    }
+    oof_report(members, data, folds_csv, tta, precision, args.out_dir, **settings)
 
 
-def run_image(args, ensemble, threshold) -> None:
-    try:
-        payload = args.image.read_bytes()
-    except OSError as error:
-        raise DataError(f"{args.image}: cannot read the image ({error.strerror})") from None
-    image = decode_image(payload, str(args.image))
-    mask = predict_image(ensemble, image, threshold)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.image.stem
-    save_png(mask * 255, args.out_dir / f"{stem}_mask.png")
-    save_png(overlay(image, mask), args.out_dir / f"{stem}_overlay.png")
-    print(
-        f"{args.image}: car covers {mask.mean():.1%} -> {args.out_dir / (stem + '_mask.png')}, "
-        f"{args.out_dir / (stem + '_overlay.png')}"
-    )
+def predict_one_image(args, members, tta, precision) -> None:
+    predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold)
+
+
+def predict_test_set(args, members, tta, precision) -> None:
+    ensemble, data = Ensemble(members, tta, precision), CarvanaData(args.data_dir)
+    settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
+    write_submission(ensemble, data, args.out, args.threshold, overwrite=args.overwrite, **settings)
+
+
+RUN = {"submission": predict_test_set, "oof": score_out_of_fold, "image": predict_one_image, "export_onnx": export}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        precision = resolve_precision(args.precision, device)
-        tune_for(device)
-        tta = tuple(name for name in args.tta_transforms.split(",") if name) if args.tta else ()
-        unknown = [name for name in tta if name not in TTA]
-        if unknown:
-            raise ValueError(f"unknown TTA transform(s) {unknown}; choose from {sorted(TTA)}")
-        members = [load_member(path, device) for path in find_checkpoints(args.checkpoints)]
-        if args.compile:
-            for member in members:
-                member.model = torch.compile(member.model)
-        print(
-            f"{len(members)} model(s): {', '.join(str(member.path) for member in members)}; "
-            f"TTA {'+'.join(tta) or 'off'}, {precision} on {device}"
-        )
-        if args.export_onnx:
-            difference = export_onnx(members[0], args.export_onnx)
-            print(f"{members[0].path} -> {args.export_onnx}: onnxruntime matches PyTorch (max |diff| {difference:.1e})")
-        elif args.oof:
-            run_oof(args, members, tta, precision)
-        elif args.image:
-            run_image(args, Ensemble(members, tta, precision), args.threshold)
-        else:
-            write_submission(
-                Ensemble(members, tta, precision),
-                CarvanaData(args.data_dir),
-                args.out,
-                args.threshold,
-                args.batch_size,
-                args.workers,
-                args.resume,
-            )
-    except (CheckpointError, DataError, DeviceError, ModelError, ValueError) as error:
-        sys.stderr.write(f"infer.py: error: {error}\n")
-        raise SystemExit(2) from None
-    except torch.OutOfMemoryError as error:
-        cause = str(error).splitlines()[0] if str(error) else "out of memory"
-        sys.stderr.write(
-            f"infer.py: error: {cause} (batch {args.batch_size}): lower --batch-size; rows already written "
-            "are kept, and --resume continues from them\n"
-        )
-        raise SystemExit(2) from None
+    args = build_parser().parse_args(argv)
+    configure_from(args)
+    with exit_on_project_error("infer.py", args.debug):
+        mode = check_arguments(args)
+        tta = tta_of(args)
+        if mode == "submission" and keep_finished(args.out, args.resume, args.overwrite):
+            logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
+            return
+        paths = find_checkpoints(args.checkpoints)
+        device, precision = setup_device(args.device, args.precision)
+        members = [load_member(path, device, args.compile) for path in paths]
+        names = ", ".join(str(member.path) for member in members)
+        logger.info("%d model(s): %s; TTA %s, %s on %s", len(members), names, "+".join(tta) or "off", precision, device)
+        RUN[mode](args, members, tta, precision)
 
 
 if __name__ == "__main__":

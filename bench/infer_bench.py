@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from bench.device import describe, speed_bench_parser, synchronize
+from competition.checkpoints import save_checkpoint, summary
 from competition.config import TrainConfig
 from competition.data import CarvanaData
-from competition.environment import resolve_device
 from competition.inference import Ensemble, load_member, write_submission
 from competition.models import build_model
-from competition.prediction import resolve_precision, tune_for
-from competition.training import checkpoint_summary
+from competition.prediction import setup_device
 
 
 def main() -> None:
@@ -29,25 +28,17 @@ def main() -> None:
     parser.add_argument("--tta", default="hflip", help="comma-separated TTA views, or empty")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    device = resolve_device()
-    precision = resolve_precision("auto", device)
-    tune_for(device)
+    device, precision = setup_device(None, "auto")
     tta = tuple(name for name in args.tta.split(",") if name)
     data = CarvanaData(args.data_dir)
     shape = data.image_shape(data.test_ids()[0], "test")
     config = TrainConfig(encoder=args.encoder, size=args.size, encoder_weights="none")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "best.pt"
-        torch.save(
-            {
-                "model": build_model(config.arch, config.encoder).state_dict(),
-                **checkpoint_summary(config, 0, 0.0, shape),
-            },
-            path,
+        save_checkpoint(
+            {"model": build_model(config.arch, config.encoder).state_dict(), **summary(config, 0, 0.0, shape)}, path
         )
-        member = load_member(path, device)
-        if args.compile:
-            member.model = torch.compile(member.model)
+        member = load_member(path, device, compile=args.compile)
         ensemble = Ensemble([member], tta, precision)
         size = config.input_size() or shape
         images = {member.size_key: torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8, device=device)}

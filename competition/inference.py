@@ -1,5 +1,6 @@
 """Prediction with fold ensembles: checkpoints, a streaming test-set pipeline to submission.csv, out-of-fold scoring."""
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,21 +11,27 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from competition.config import TrainConfig, config_from
-from competition.data import CarvanaData, DataError, image_id_of, resize_image
+from competition.checkpoints import checkpoint_config, load_checkpoint
+from competition.config import TrainConfig
+from competition.data import CarvanaData, decode_image, image_id_of, resize_image, to_chw
+from competition.environment import explain_out_of_memory
+from competition.errors import CheckpointError, DataError
 from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.metrics import dice_per_image
 from competition.models import build_model
-from competition.prediction import average_views, predict_probabilities, view_probabilities
+from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.rle import rle_encode
-from competition.submission import SubmissionWriter, validate_submission
+from competition.submission import SubmissionWriter, keep_finished, submission_order, validate_submission
 
+__all__ = ["CheckpointError", "Ensemble", "Member", "find_checkpoints", "load_member", "write_submission"]
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file."""
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 @dataclass
@@ -35,6 +42,11 @@ class Member:
     model: torch.nn.Module
     config: TrainConfig
     image_shape: tuple[int, int] | None
+    forward: torch.nn.Module | None = None  # what predicts: the compiled model, or the model itself
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
 
     @property
     def size_key(self) -> str:
@@ -43,8 +55,7 @@ class Member:
 
     def model_input(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
         """This member's batch from a loader's images at every size, in its memory format."""
-        batch = images[self.size_key]
-        return batch.contiguous(memory_format=torch.channels_last) if self.config.channels_last else batch
+        return model_input(images[self.size_key], self.config.channels_last)
 
 
 def find_checkpoints(paths: list[str | Path]) -> list[Path]:
@@ -63,21 +74,11 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def load_member(path: Path, device: torch.device) -> Member:
-    """A model rebuilt from its checkpoint alone (``weights_only``: an untrusted file cannot run code)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, not a zip, not a pickle: all mean "unreadable"
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
-            "it is corrupt or incomplete, copy or train it again"
-        ) from None
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
-        raise CheckpointError(f"{path}: not a checkpoint of this repository (no model weights and config inside)")
-    try:
-        config = config_from(checkpoint["config"], str(path))
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
+def load_member(path: str | Path, device: torch.device, compile: bool = False) -> Member:
+    """A model rebuilt from its checkpoint alone (``weights_only``: an untrusted file cannot run code),
+    on ``device`` in the memory format it was trained in, compiled with ``compile``."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint_config(checkpoint, path)
     model = build_model(config.arch, config.encoder, "none")
     try:
         model.load_state_dict(checkpoint["model"])
@@ -86,11 +87,9 @@ def load_member(path: Path, device: torch.device) -> Member:
             f"{path}: its weights do not fit {config.arch}-{config.encoder}, the model its config names "
             f"({str(error).splitlines()[0]}); the file was altered or comes from another code version"
         ) from None
-    model = model.to(device).eval()
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, forward = prepare_model(model.eval(), device, config.channels_last, compile)
     shape = checkpoint.get("image_shape")
-    return Member(path, model, config, tuple(shape) if shape else None)
+    return Member(Path(path), model, config, tuple(shape) if shape else None, forward)
 
 
 class Ensemble:
@@ -102,6 +101,10 @@ class Ensemble:
         self.members, self.tta, self.precision = members, tta, precision
 
     @property
+    def device(self) -> torch.device:
+        return next(self.members[0].model.parameters()).device
+
+    @property
     def input_sizes(self) -> dict[str, tuple[int, int] | None]:
         return {member.size_key: member.config.input_size() for member in self.members}
 
@@ -109,10 +112,31 @@ class Ensemble:
         total = None
         for member in self.members:
             probabilities = predict_probabilities(
-                member.model, member.model_input(images), output_size, self.tta, self.precision
+                member.forward, member.model_input(images), output_size, self.tta, self.precision
             )
             total = probabilities if total is None else total + probabilities
         return total / len(self.members)
+
+    def plain_and_augmented(
+        self, images: dict[str, torch.Tensor], output_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the identity view alone, the identity and every TTA view), each averaged over the members:
+        one pass over the views serves both."""
+        plain = augmented = 0
+        for member in self.members:
+            views = view_probabilities(member.forward, member.model_input(images), self.tta, self.precision)
+            identity = average_views(views[:1], output_size)
+            plain = plain + identity
+            augmented = augmented + (average_views(views, output_size) if self.tta else identity)
+        return plain / len(self.members), augmented / len(self.members)
+
+
+def fold_ensembles(members: list[Member], tta: tuple[str, ...], precision: str) -> dict[int, Ensemble]:
+    """The members grouped by the fold they held out (several run folders may share folds), by fold."""
+    folds = sorted({member.config.fold for member in members})
+    return {
+        fold: Ensemble([member for member in members if member.config.fold == fold], tta, precision) for fold in folds
+    }
 
 
 class PredictionImages(torch.utils.data.Dataset):
@@ -153,7 +177,7 @@ class PredictionImages(torch.utils.data.Dataset):
             sample = {"index": index, "shape": torch.tensor(shape), "images": {}}
             for key, size in self.sizes.items():
                 resized = image if size is None else resize_image(image, size)
-                sample["images"][key] = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+                sample["images"][key] = to_chw(resized)
             if self.with_masks:
                 sample["mask"] = torch.from_numpy(self.data.read_mask(image_id, shape)).unsqueeze(0)
             return sample
@@ -204,31 +228,41 @@ def write_submission(
     workers: int = 4,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Predict every test image and write ``img,rle_mask`` rows in sample_submission order.
-
-    A streaming pipeline with bounded memory: loader workers decode and resize, the device
-    predicts a batch and thresholds it, and a thread pool RLE-encodes (numba releases the GIL)
-    while the next batch is on the device. Returns the validated rows.
+    """Predict every test image and write ``img,rle_mask`` rows in sample_submission order; returns the
+    validated rows. A finished ``out`` is replaced only with ``overwrite``; with ``resume`` it is kept
+    (nothing to predict), and the rows of an interrupted run are kept and not predicted again.
     """
-    device = next(ensemble.members[0].model.parameters()).device
-    test_ids = data.test_ids()
-    if not test_ids:
-        raise DataError(f"{data.root}: no test images (test/ or test.zip is empty or missing)")
-    try:
-        order = [image_id_of(img) for img in data.read_csv("sample_submission.csv", ["img"])["img"]]
-    except DataError:
-        order = test_ids  # no sample_submission.csv: every test image, sorted
-    absent = sorted(set(order) - set(test_ids))
-    if absent:
-        raise DataError(
-            f"{data.root}: sample_submission.csv lists {len(absent)} image(s) with no file in test/, e.g. {absent[:3]}"
-        )
+    order = submission_order(data)
+    expected = _expected_shape(ensemble)
+    if keep_finished(out, resume, overwrite):
+        logger.info("%s: already complete (--resume); nothing to predict, --overwrite predicts it again", out)
+        predicted, seconds = 0, 0.0
+    else:
+        predicted, seconds = _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, resume, progress)
+    shape = expected or data.image_shape(order[0], "test")
+    rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], shape)
+    logger.info(
+        "%s: %d rows, mean mask area %.1f%%, %d predicted in %.1f s (%.1f img/s), validated",
+        out,
+        len(rows),
+        100 * rows["area"].mean(),
+        predicted,
+        seconds,
+        predicted / max(seconds, 1e-9),
+    )
+    return rows
+
+
+def _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, resume, progress) -> tuple[int, float]:
+    """A streaming pipeline with bounded memory: loader workers decode and resize, the device predicts a
+    batch and thresholds it, and a thread pool RLE-encodes (numba releases the GIL) while the next batch
+    is on the device. Returns (images predicted, seconds)."""
     writer = SubmissionWriter(out, resume)
     done = set(writer.done)
     todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
-    expected = _expected_shape(ensemble)
-    dataset = PredictionImages(data, todo, "test", ensemble.input_sizes, expected)
+    dataset = PredictionImages(data, todo, "test", ensemble.input_sizes, _expected_shape(ensemble))
     started = time.perf_counter()
     bar = tqdm(
         total=len(order),
@@ -238,14 +272,15 @@ def write_submission(
         disable=not progress,
         dynamic_ncols=True,
     )
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as encoders:
+    fix = f"lower --batch-size (now {batch_size}); rows already written are kept and --resume continues from them"
+    with explain_out_of_memory(f"a batch of {batch_size} test images", fix), ThreadPoolExecutor(max(1, workers)) as rle:
         pending = []
         try:
-            for batch, images in _batches(_loader(dataset, batch_size, workers, device), device):
+            for batch, images in _batches(_loader(dataset, batch_size, workers, ensemble.device), ensemble.device):
                 shape = tuple(batch["shape"][0].tolist())
                 masks = (ensemble.probabilities(images, shape) > threshold).squeeze(1).to(torch.uint8).cpu().numpy()
                 names = [f"{todo[i]}.jpg" for i in batch["index"].tolist()]
-                pending.append((names, [encoders.submit(rle_encode, mask) for mask in masks]))
+                pending.append((names, [rle.submit(rle_encode, mask) for mask in masks]))
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
                     _write_done(writer, pending.pop(0), bar)
         finally:
@@ -253,21 +288,19 @@ def write_submission(
                 _write_done(writer, pending.pop(0), bar)
             bar.close()
             writer.handle.flush()
-    path = writer.close()
-    seconds = time.perf_counter() - started
-    shape = expected or data.image_shape(order[0], "test")
-    rows = validate_submission(path, [f"{image_id}.jpg" for image_id in order], shape)
-    print(
-        f"{path}: {len(rows)} rows, mean mask area {rows['area'].mean():.1%}, {seconds:.1f} s "
-        f"({len(todo) / max(seconds, 1e-9):.1f} img/s), validated"
-    )
-    return rows
+    writer.close()
+    return len(todo), time.perf_counter() - started
 
 
 def _write_done(writer: SubmissionWriter, item, bar) -> None:
     names, futures = item
     writer.write([(name, future.result()) for name, future in zip(names, futures)])
     bar.update(len(names))
+
+
+def dice_column(threshold: float) -> str:
+    """``dice_0.50``: the out-of-fold column of the Dice at ``threshold``."""
+    return f"dice_{threshold:.2f}" if round(threshold, 2) == threshold else f"dice_{threshold:g}"
 
 
 @torch.no_grad()
@@ -279,38 +312,89 @@ def out_of_fold(
     precision: str,
     batch_size: int = 4,
     workers: int = 4,
-    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
+    thresholds: tuple[float, ...] = THRESHOLDS,
 ) -> pd.DataFrame:
-    """Each fold model scored on its own held-out fold at full resolution: one row per image with
-    its Dice without TTA at 0.5 (``dice_plain``) and with TTA at each threshold (``dice_0.50``...)."""
+    """The models of each fold (one per run folder) scored together on their held-out fold at full
+    resolution: one row per image with its Dice without TTA at 0.5 (``dice_plain``) and with TTA at
+    each threshold (``dice_0.50``...)."""
     folds = read_folds(folds_csv)
     rows = []
-    for member in members:
-        fold = member.config.fold
+    for fold, ensemble in fold_ensembles(members, tta, precision).items():
         image_ids = [image_id_of(img) for img in folds.loc[folds["fold"] == fold, "img"]]
         if not image_ids:
-            raise DataError(f"{folds_csv}: fold {fold} of {member.path} has no images")
-        dataset = PredictionImages(data, image_ids, "train", Ensemble([member]).input_sizes, with_masks=True)
-        device = next(member.model.parameters()).device
-        for batch, images in _batches(_loader(dataset, batch_size, workers, device), device):
-            masks = batch["mask"].to(device)
-            shape = tuple(masks.shape[-2:])
-            # One pass over the views serves both scores: the identity alone, and all views averaged.
-            views = view_probabilities(member.model, member.model_input(images), tta, precision)
-            plain_probabilities = average_views(views[:1], shape)
-            probabilities = average_views(views, shape) if tta else plain_probabilities
-            scores = {"dice_plain": dice_per_image(plain_probabilities > 0.5, masks).tolist()}
-            for threshold in thresholds:
-                scores[f"dice_{threshold:.2f}"] = dice_per_image(probabilities > threshold, masks).tolist()
-            for position, index in enumerate(batch["index"].tolist()):
-                rows.append(
-                    {
-                        "img": f"{image_ids[index]}.jpg",
-                        "fold": fold,
-                        **{key: values[position] for key, values in scores.items()},
-                    }
-                )
+            raise DataError(f"{folds_csv}: fold {fold} of {ensemble.members[0].path} has no images")
+        dataset = PredictionImages(data, image_ids, "train", ensemble.input_sizes, with_masks=True)
+        with explain_out_of_memory(
+            f"a batch of {batch_size} validation images", f"lower --batch-size (now {batch_size})"
+        ):
+            for batch, images in _batches(_loader(dataset, batch_size, workers, ensemble.device), ensemble.device):
+                masks = batch["mask"].to(ensemble.device)
+                plain, probabilities = ensemble.plain_and_augmented(images, tuple(masks.shape[-2:]))
+                scores = {"dice_plain": dice_per_image(plain > 0.5, masks).tolist()}
+                for threshold in thresholds:
+                    scores[dice_column(threshold)] = dice_per_image(probabilities > threshold, masks).tolist()
+                for position, index in enumerate(batch["index"].tolist()):
+                    row = {"img": f"{image_ids[index]}.jpg", "fold": fold}
+                    rows.append(row | {key: values[position] for key, values in scores.items()})
     return pd.DataFrame(rows)
+
+
+def oof_report(
+    members: list[Member],
+    data: CarvanaData,
+    folds_csv: str | Path,
+    tta: tuple[str, ...],
+    precision: str,
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    worst: int = 8,
+    batch_size: int = 4,
+    workers: int = 4,
+) -> pd.DataFrame:
+    """Out-of-fold scores to ``out_dir/oof.csv``, a table per fold and the best threshold logged, and
+    overlays of the ``worst`` images at ``threshold`` (red: predicted, green: truth)."""
+    out_dir = Path(out_dir)
+    thresholds = tuple(sorted({*THRESHOLDS, threshold}))
+    scores = out_of_fold(members, data, folds_csv, tta, precision, batch_size, workers, thresholds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out_dir / "oof.csv") as partial:
+        scores.to_csv(partial, index=False)
+    _log_oof_scores(scores, tta, threshold, thresholds)
+    ensembles = fold_ensembles(members, tta, precision)
+    column = dice_column(threshold)
+    for rank, (_, row) in enumerate(scores.nsmallest(worst, column).iterrows(), start=1):
+        image_id = image_id_of(row["img"])
+        image = data.read_image(image_id)
+        predicted = predict_image(ensembles[row["fold"]], image, threshold)
+        path = out_dir / f"worst{rank:02d}_{image_id}_dice{row[column]:.4f}.png"
+        save_png(overlay(image, predicted, data.read_mask(image_id)), path)
+    logger.info(
+        "per-image scores: %s; %d worst overlays at threshold %g (red: predicted, green: truth) in %s/",
+        out_dir / "oof.csv",
+        min(worst, len(scores)),
+        threshold,
+        out_dir,
+    )
+    return scores
+
+
+def _log_oof_scores(scores: pd.DataFrame, tta: tuple[str, ...], threshold: float, thresholds) -> None:
+    label = "TTA " + "+".join(tta) if tta else "no TTA"
+    column = dice_column(threshold)
+    table = scores.groupby("fold").agg(images=("img", "size"), plain=("dice_plain", "mean"), dice=(column, "mean"))
+    table.loc["all"] = [len(scores), scores["dice_plain"].mean(), scores[column].mean()]
+    table.columns = ["images", "Dice (no TTA)", f"Dice ({label}) at {threshold:g}"]
+    logger.info("out-of-fold Dice:\n%s", table.to_string(float_format=lambda value: f"{value:.5f}"))
+    by_threshold = scores[[dice_column(t) for t in thresholds]].mean()
+    best = by_threshold.idxmax()
+    logger.info(
+        "best threshold (%s): %s -> Dice %.5f (%g -> %.5f)",
+        label,
+        best.removeprefix("dice_"),
+        by_threshold[best],
+        threshold,
+        by_threshold[column],
+    )
 
 
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
@@ -324,16 +408,37 @@ def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None =
     return canvas
 
 
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    with atomic_output(path) as partial:
+        Image.fromarray(array).save(partial, format="PNG")
+
+
 @torch.no_grad()
 def predict_image(ensemble: Ensemble, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """uint8 0/1 mask of one RGB image."""
-    device = next(ensemble.members[0].model.parameters()).device
     images = {}
     for key, size in ensemble.input_sizes.items():
         resized = image if size is None else resize_image(image, size)
-        images[key] = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None].to(device)
+        images[key] = to_chw(resized)[None].to(ensemble.device)
     probabilities = ensemble.probabilities(images, image.shape[:2])
     return (probabilities[0, 0] > threshold).to(torch.uint8).cpu().numpy()
+
+
+def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:
+    """One JPEG -> ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` in ``out_dir``; returns the 0/1 mask."""
+    path, out_dir = Path(path), Path(out_dir)
+    try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the image ({error.strerror})") from None
+    image = decode_image(payload, str(path))
+    mask = predict_image(ensemble, image, threshold)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
+    save_png(mask * 255, mask_path)
+    save_png(overlay(image, mask), overlay_path)
+    logger.info("%s: car covers %.1f%% -> %s, %s", path, 100 * mask.mean(), mask_path, overlay_path)
+    return mask
 
 
 def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> float:

@@ -1,16 +1,74 @@
-"""Submission files: rows written to a temporary file and renamed when complete, resumable, validated."""
+"""Submission files: rows in sample_submission order, written to a temporary file and renamed when complete,
+resumable, never replacing a finished file unasked, and validated."""
 
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from competition.data import DataError
+from competition.data import CarvanaData, image_id_of
+from competition.errors import ConfigError, DataError
 from competition.files import partial_path
 from competition.rle import RLEError, rle_runs
 
+logger = logging.getLogger(__name__)
+
 HEADER = "img,rle_mask\n"
+SAMPLE = "sample_submission.csv"
+RESTORE_SAMPLE = f"restore the competition's full {SAMPLE}, or remove it to predict every test image in sorted order"
+
+
+def submission_order(data: CarvanaData) -> list[str]:
+    """The test image ids in the order of ``sample_submission.csv`` (or its .zip), which must list every
+    test image once and nothing else; without the file, every test image in sorted order."""
+    test_ids = data.test_ids()
+    if not test_ids:
+        raise DataError(f"{data.root}: no test images (test/ or test.zip is empty or missing)")
+    path = next((p for p in (data.root / SAMPLE, data.root / f"{SAMPLE}.zip") if p.is_file()), None)
+    if path is None:
+        logger.info("%s: no %s: predicting all %d test images in sorted order", data.root, SAMPLE, len(test_ids))
+        return test_ids
+    try:
+        frame = data.read_csv(SAMPLE, [])  # a file that is there but unreadable is an error, never skipped
+    except DataError as error:  # pandas' parser messages end in a line break: kept to one line
+        raise DataError(f"{' '.join(str(error).split()).replace(' )', ')')}; {RESTORE_SAMPLE}") from None
+    if list(frame.columns) != HEADER.strip().split(","):
+        raise DataError(
+            f"{path}: the header is {','.join(map(str, frame.columns))!r}, not {HEADER.strip()!r}; {RESTORE_SAMPLE}"
+        )
+    order = [image_id_of(img) for img in frame["img"]]
+    problems = {
+        "empty img value(s)": [f"row {row}" for row, image_id in enumerate(order, start=2) if not image_id],
+        "image(s) listed twice": sorted(image_id for image_id, n in Counter(order).items() if n > 1 and image_id),
+    }
+    for what, examples in problems.items():
+        if examples:
+            raise DataError(f"{path}: {len(examples)} {what}, e.g. {examples[:3]}; {RESTORE_SAMPLE}")
+    absent = sorted(set(order) - set(test_ids))
+    if absent:
+        raise DataError(f"{path}: lists {len(absent)} image(s) with no file in test/, e.g. {absent[:3]}")
+    unlisted = sorted(set(test_ids) - set(order))
+    if unlisted:
+        raise DataError(
+            f"{path}: {len(unlisted)} of the {len(test_ids)} test images are not listed in it, e.g. "
+            f"{unlisted[:3]}; {RESTORE_SAMPLE}"
+        )
+    return order
+
+
+def keep_finished(path: str | Path, resume: bool, overwrite: bool) -> bool:
+    """Whether ``path`` is a finished submission to keep as it is (with ``resume``: nothing left to predict).
+    A finished file is never replaced unless ``overwrite`` says so."""
+    if resume and overwrite:
+        raise ConfigError("--resume keeps the rows already written and --overwrite starts again: pass one of them")
+    if overwrite or not Path(path).exists():
+        return False
+    if resume:
+        return True
+    raise ConfigError(f"{path} exists; pass --overwrite to replace it")
 
 
 class SubmissionWriter:

@@ -63,5 +63,5 @@ def test_a_gpu_without_kernels_fails_at_once_with_what_to_pick(monkeypatch, caps
         train.main(["--fold", "0"])
     assert exit_info.value.code == 2 and "Tesla P100-PCIE-16GB" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        infer.main(["--checkpoints", "nowhere"])
+        infer.main(["--checkpoints", __file__])  # a file that exists: the device is checked before it is read
     assert exit_info.value.code == 2 and "T4 x2" in capsys.readouterr().err

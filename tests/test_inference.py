@@ -1,4 +1,7 @@
+import logging
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,12 +12,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import infer
+from competition import errors, inference
 from competition.data import CarvanaData, DataError
+from competition.errors import ConfigError, ProjectError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
 from competition.metrics import score_submission
 from competition.models import build_model
 from competition.prediction import TTA, predict_probabilities
-from competition.submission import validate_submission
+from competition.submission import submission_order, validate_submission
 from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH
 
@@ -55,6 +60,7 @@ def test_averaging_two_identical_checkpoints_equals_one(trained_run):
     assert not torch.allclose(one, Ensemble([member, other]).probabilities(images, (HEIGHT, WIDTH)))
 
 
+@pytest.mark.slow
 def test_submission_is_valid_ordered_and_scores_well(trained_run, data_dir, tmp_path):
     members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([trained_run])]
     assert [m.config.fold for m in members] == [0, 1]
@@ -68,6 +74,7 @@ def test_submission_is_valid_ordered_and_scores_well(trained_run, data_dir, tmp_
     assert score_submission(submission, truth, HEIGHT * WIDTH).mean() > 0.8
 
 
+@pytest.mark.slow
 def test_resume_keeps_written_rows_and_gives_the_same_file(trained_run, data_dir, tmp_path, capsys):
     common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--tta"]
     infer.main([*common, "--out", str(tmp_path / "full.csv")])
@@ -133,7 +140,8 @@ def test_out_of_device_memory_keeps_the_written_rows_for_resume(trained_run, dat
     out = tmp_path / "submission.csv"
     common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--out", str(out)]
     error = run_infer([*common, "--batch-size", "2"], capsys)
-    assert "Tried to allocate 8.00 GiB. (batch 2): lower --batch-size" in error and "allocator report" not in error
+    assert "Tried to allocate 8.00 GiB. (a batch of 2 test images): lower --batch-size (now 2)" in error
+    assert "allocator report" not in error and "lower --batch-size" in error.splitlines()[-1]  # after the bar
     assert not out.exists() and len((tmp_path / "submission.csv.partial").read_text().splitlines()) == 1 + 2 * 2
     monkeypatch.setattr(Ensemble, "probabilities", real)
     infer.main([*common, "--resume"])
@@ -222,6 +230,7 @@ def test_every_tta_view_maps_back_onto_the_input_pixels(name, tolerance):
     assert (shifted - plain).abs().max() > 10 * tolerance, "the test must be able to fail"
 
 
+@pytest.mark.slow
 def test_export_onnx_matches_pytorch(trained_run, tmp_path, capsys):
     import onnxruntime
 
@@ -237,11 +246,229 @@ def test_export_onnx_matches_pytorch(trained_run, tmp_path, capsys):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(1, 3), st.integers(8, 40), st.integers(8, 40), st.sampled_from(sorted(TTA)))
-def test_each_tta_inverse_undoes_its_view(batch, height, width, name):
+@given(st.integers(8, 64), st.integers(8, 64), st.floats(0, 1), st.sampled_from(sorted(TTA)), st.sampled_from([-1, -2]))
+def test_each_tta_view_and_its_inverse_keep_pixel_values(height, width, value, name, axis):
+    """Flips: the view is the flipped image and the inverse restores it exactly. Scales: the view is
+    floor(side x scale) pixels; a constant comes back as the same constant, and a linear ramp comes back
+    within 1.25 of its per-pixel step, while the ramp shifted by 3 pixels is further off than that."""
     forward, inverse = TTA[name]
-    images = torch.rand(batch, 1, height, width)
-    restored = inverse(forward(images), (height, width))
-    assert restored.shape == images.shape
+    constant = torch.full((2, 1, height, width), value)
+    along = width if axis == -1 else height
+    ramp = torch.linspace(0, 1, along).reshape((1, along) if axis == -1 else (along, 1)).expand(1, 1, height, width)
+    step = 1 / (along - 1)
     if "flip" in name:
-        assert torch.equal(restored, images)
+        flipped_axis = -1 if name == "hflip" else -2
+        assert torch.equal(forward(ramp), ramp.flip(flipped_axis))
+        for image in (constant, ramp):
+            assert torch.equal(inverse(forward(image), (height, width)), image)
+        return
+    scale = float(name.removeprefix("scale"))
+    assert forward(ramp).shape[-2:] == (int(height * scale), int(width * scale))
+    assert torch.allclose(inverse(forward(constant), (height, width)), constant, atol=1e-6)
+    restored = inverse(forward(ramp), (height, width))
+    assert restored.shape == ramp.shape
+    assert (restored - ramp).abs().max() <= 1.25 * step
+    assert (restored - (ramp - 3 * step)).abs().max() > 1.25 * step, "the tolerance must catch a misaligned inverse"
+
+
+class RunsCode:
+    """A pickle that runs a shell command when unpickled, as a malicious checkpoint would."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, capsys):
+    witness = tmp_path / "PWNED"
+    torch.save({"model": RunsCode(f"touch {witness}"), "config": {}}, tmp_path / "evil.pt")
+    error = run_infer(["--checkpoints", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "s.csv")], capsys)
+    assert "evil.pt: not a weights file of this project" in error and "refused unread" in error
+    assert error.count("\n") == 1 and "Weights only load failed" not in error and "WeightsUnpickler" not in error
+    assert not witness.exists()
+
+
+@pytest.mark.slow
+def test_load_member_prepares_the_model_as_trained(trained_run):
+    assert issubclass(CheckpointError, ProjectError) and CheckpointError is errors.CheckpointError
+    member = load_member(trained_run / "fold0" / "best.pt", torch.device("cpu"))
+    weights = next(p for p in member.model.parameters() if p.dim() == 4)
+    assert member.config.channels_last and weights.is_contiguous(memory_format=torch.channels_last)
+    assert member.forward is member.model
+    batch = member.model_input({"64x96": torch.zeros(2, 3, 64, 96, dtype=torch.uint8)})
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    compiled = load_member(trained_run / "fold0" / "best.pt", torch.device("cpu"), compile=True)
+    assert compiled.forward is not compiled.model and isinstance(compiled.forward, torch._dynamo.OptimizedModule)
+    assert compiled.forward._orig_mod is compiled.model
+
+
+def one_line(error: str) -> str:
+    assert error.count("\n") == 1, error
+    return error
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2", "nan"])
+def test_threshold_outside_zero_one_is_refused(value, tmp_path, capsys):
+    error = one_line(run_infer(["--threshold", value, "--checkpoints", str(tmp_path / "nowhere")], capsys))
+    assert f"--threshold {float(value)}: a probability strictly between 0 and 1" in error
+
+
+def test_batch_size_and_workers_are_checked(tmp_path, capsys):
+    nowhere = ["--checkpoints", str(tmp_path / "nowhere")]
+    assert "--batch-size 0: must be at least 1" in one_line(run_infer(["--batch-size", "0", *nowhere], capsys))
+    assert "--workers -1: must be at least 0" in one_line(run_infer(["--workers", "-1", *nowhere], capsys))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--worst", "3"], "--worst belongs to --oof, not to the test submission"),
+        (["--folds-csv", "f.csv"], "--folds-csv belongs to --oof, not to the test submission"),
+        (["--out-dir", "d"], "--out-dir belongs to --oof and --image, not to the test submission"),
+        (["--oof", "--resume"], "--resume belongs to the test submission, not to --oof"),
+        (["--oof", "--out", "s.csv"], "--out belongs to the test submission, not to --oof"),
+        (["--image", "a.jpg", "--overwrite"], "--overwrite belongs to the test submission, not to --image"),
+        (["--image", "a.jpg", "--worst", "2"], "--worst belongs to --oof, not to --image"),
+        (["--export-onnx", "m.onnx", "--out-dir", "d"], "--out-dir belongs to --oof and --image, not to --export-onnx"),
+        (["--resume", "--overwrite"], "--resume keeps the rows already written and --overwrite starts again"),
+    ],
+)
+def test_each_mode_refuses_the_flags_of_another(argv, message, tmp_path, capsys):
+    error = one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))
+    assert message in error
+
+
+@pytest.mark.parametrize("argv", [["--oof", "--image", "a.jpg"], ["--image", "a.jpg", "--export-onnx", "m.onnx"]])
+def test_modes_are_mutually_exclusive(argv, tmp_path, capsys):
+    assert "not allowed with argument" in run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys)
+
+
+def test_tta_transforms_are_checked_at_the_door_and_imply_tta(trained_run, data_dir, tmp_path, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(infer, "load_member", lambda *args: loaded.append(args))
+    error = one_line(run_infer(["--tta-transforms", "hflip,bogus", "--checkpoints", str(trained_run)], capsys))
+    assert "--tta-transforms: unknown ['bogus']; choose from hflip" in error and not loaded
+    monkeypatch.undo()
+    image = min((data_dir / "test").iterdir())
+    argv = ["--image", str(image), "--checkpoints", str(trained_run), "--out-dir", str(tmp_path)]
+    infer.main([*argv, "--tta-transforms", "hflip,vflip"])
+    printed = capsys.readouterr().out
+    assert "--tta-transforms hflip,vflip implies --tta" in printed and "TTA hflip+vflip" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "--device cuda: no CUDA device here"), ("cuda:x", "--device 'cuda:x' is not a device name")],
+)
+def test_unusable_device_is_one_line(device, message, trained_run, capsys):
+    assert message in one_line(run_infer(["--device", device, "--checkpoints", str(trained_run)], capsys))
+
+
+def test_sample_submission_is_followed_or_refused_never_skipped(trained_run, data_copy, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    member = load_member(trained_run / "fold0" / "best.pt", torch.device("cpu"))
+    sample = data_copy / "sample_submission.csv"
+    lines = sample.read_text().splitlines(keepends=True)
+    test_ids = sorted(path.stem for path in (data_copy / "test").iterdir())
+    for text, problem in [
+        ("image,mask\n" + "".join(lines[1:]), "sample_submission.csv: the header is 'image,mask', not 'img,rle_mask'"),
+        ("".join(lines[:5]) + "a,b,c,d\n" + "".join(lines[5:]), "sample_submission.csv: not a readable CSV"),
+        ("".join(lines) + lines[3], rf"1 image\(s\) listed twice, e.g. \['{lines[3].split('.')[0]}'\]"),
+        (
+            "".join(lines[:-3]),
+            (
+                rf"3 of the {len(test_ids)} test images are not listed in it, e.g. \[.*\]; restore the "
+                "competition's full sample_submission.csv, or remove it to predict every test image in sorted order"
+            ),
+        ),
+        ("".join(lines) + "nowhere_01.jpg,1 1\n", r"lists 1 image\(s\) with no file in test/"),
+    ]:
+        sample.write_text(text)
+        with pytest.raises(DataError, match=problem) as raised:
+            write_submission(Ensemble([member]), CarvanaData(data_copy), tmp_path / "s.csv", workers=0, progress=False)
+        assert "\n" not in str(raised.value)
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial").exists()
+    sample.unlink()
+    assert submission_order(CarvanaData(data_copy)) == test_ids
+    assert f"no sample_submission.csv: predicting all {len(test_ids)} test images in sorted order" in caplog.text
+
+
+def test_a_finished_submission_is_never_overwritten_unasked(trained_run, data_dir, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    out.write_text("finished\n")
+    common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--out", str(out)]
+    assert f"{out} exists; pass --overwrite to replace it" in one_line(run_infer(common, capsys))
+    infer.main([*common, "--resume"])
+    assert "is complete; nothing to predict" in capsys.readouterr().out and out.read_text() == "finished\n"
+    infer.main([*common, "--overwrite"])
+    assert "validated" in capsys.readouterr().out
+    validate_submission(out, pd.read_csv(data_dir / "sample_submission.csv")["img"].tolist(), (HEIGHT, WIDTH))
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        write_submission(Ensemble([load_member(trained_run / "fold0" / "best.pt", "cpu")]), CarvanaData(data_dir), out)
+
+
+def oof(run_dirs, data_dir, out_dir, *more):
+    checkpoints = [str(run_dir) for run_dir in run_dirs]
+    infer.main(["--oof", "--checkpoints", *checkpoints, "--data-dir", str(data_dir), "--workers", "0", "--out-dir"]
+               + [str(out_dir), *more])  # fmt: skip
+    return pd.read_csv(out_dir / "oof.csv")
+
+
+@pytest.mark.slow
+def test_out_of_fold_scores_each_image_once_when_run_folders_share_folds(trained_run, data_dir, tmp_path):
+    once = oof([trained_run], data_dir, tmp_path / "once", "--worst", "0")
+    twice = oof([trained_run, trained_run], data_dir, tmp_path / "twice", "--worst", "0")
+    assert len(once) == len(twice) == 32 and twice["img"].is_unique
+    pd.testing.assert_frame_equal(once, twice, atol=1e-6)
+
+
+def test_out_of_fold_ranks_and_draws_at_the_chosen_threshold_and_writes_atomically(
+    trained_run, data_dir, tmp_path, monkeypatch
+):
+    drawn = []
+    real = inference.predict_image
+
+    def recording(ensemble, image, threshold=0.5):
+        drawn.append(threshold)
+        return real(ensemble, image, threshold)
+
+    monkeypatch.setattr(inference, "predict_image", recording)
+    scores = oof([trained_run], data_dir, tmp_path, "--threshold", "0.55", "--worst", "2")
+    assert drawn == [0.55, 0.55] and {"dice_0.50", "dice_0.55"} <= set(scores.columns)
+    worst = scores.nsmallest(2, "dice_0.55")
+    expected = [f"worst{rank:02d}_{img[:-4]}_dice{dice:.4f}.png" for rank, (img, dice) in
+                enumerate(zip(worst["img"], worst["dice_0.55"]), start=1)]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.glob("worst*.png")) == expected
+    written = (tmp_path / "oof.csv").read_text()
+
+    def torn_write(frame, path, **options):
+        Path(path).write_text("img,fold\n")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", torn_write)
+    with pytest.raises(OSError, match="No space left"):
+        oof([trained_run], data_dir, tmp_path, "--worst", "0")
+    assert (tmp_path / "oof.csv").read_text() == written and not list(tmp_path.glob("*.partial"))
+
+
+def test_project_errors_are_one_line_and_anything_else_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    nowhere = ["--checkpoints", str(tmp_path / "nowhere")]
+    assert "nowhere: no such checkpoint file or run folder" in one_line(run_infer(nowhere, capsys))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        infer.main([*nowhere, "--debug"])
+
+    def bug(*args):
+        raise ValueError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(infer, "find_checkpoints", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        infer.main(nowhere)
+
+
+def test_quiet_silences_information(trained_run, data_dir, tmp_path, capsys):
+    image = min((data_dir / "test").iterdir())
+    infer.main(["--image", str(image), "--checkpoints", str(trained_run), "--out-dir", str(tmp_path), "--quiet"])
+    assert capsys.readouterr().out == "" and (tmp_path / f"{image.stem}_mask.png").exists()
