@@ -18,13 +18,17 @@ from torch.profiler._memory_profiler import Action
 from bench.device import describe
 from bench.train_bench import trainer_step_factory
 from competition.config import TrainConfig, parse_size
-from competition.environment import resolve_device
 from competition.memory import GIB, estimate_training_memory
-from competition.prediction import resolve_precision, tune_for
+from competition.prediction import model_input, setup_device
 
 
 def cpu_peak_bytes(step) -> int:
-    """Peak bytes of live CPU tensors while ``step`` runs, those alive before it included."""
+    """Peak bytes of live CPU tensors while ``step`` runs, those alive before it included.
+
+    Why private APIs (``prof._memory_profile()``, ``torch.profiler._memory_profiler.Action``): PyTorch's
+    public profiler exports this timeline only as an HTML plot; the CPU has no max_memory_allocated.
+    Used by this benchmark alone; a PyTorch upgrade that moves them breaks the CPU variant here, loudly.
+    """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     live = peak = 0
@@ -41,7 +45,7 @@ def measured_peak_bytes(config: TrainConfig, batch_size: int, precision: str, de
     height, width = config.input_size()
     step = trainer_step_factory(config, device, precision)
     images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = model_input(images, config.channels_last)
     masks = (torch.rand(batch_size, 1, height, width, device=device) > 0.5).float()
     step(images, masks)
     if device.type != "cuda":
@@ -63,10 +67,8 @@ def main() -> None:
         "--precision", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on a CPU), bf16, fp16, fp32"
     )
     args = parser.parse_args()
-    device = resolve_device()
     parse_size(args.size)
-    precision = resolve_precision(args.precision, device)
-    tune_for(device)
+    device, precision = setup_device(None, args.precision)
     config = TrainConfig(arch=args.arch, encoder=args.encoder, size=args.size, encoder_weights="none")
     estimate = estimate_training_memory(config, precision)
     print(f"{describe(device)}: {args.arch}-{args.encoder} at {args.size}, {precision}, AdamW, one step")

@@ -18,7 +18,7 @@ from competition.data import CarvanaData, CarvanaDataset
 from competition.environment import resolve_device
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from competition.prediction import resolve_precision, tune_for
+from competition.prediction import model_input, prepare_model, resolve_precision, tune_for
 from competition.training import accumulate_gradients, optimizer_step, train_transform
 
 
@@ -56,18 +56,16 @@ def plain_step_factory(encoder: str, device: torch.device):
 
 def trainer_step_factory(config: TrainConfig, device: torch.device, precision: str):
     """The trainer's own step: uint8 input normalised on the device, channels_last, autocast, compile."""
-    model = build_model(config.arch, config.encoder).to(device).train()
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if config.compile else model
+    model, forward = prepare_model(
+        build_model(config.arch, config.encoder), device, config.channels_last, config.compile
+    )
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = build_loss("bce_dice")
 
     def step(images, masks):
-        images = images.to(device, non_blocking=True)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(images.to(device, non_blocking=True), config.channels_last)
         accumulate_gradients(forward, loss_fn, [(images, masks.to(device, non_blocking=True))], precision, scaler)
         optimizer_step(model, optimizer, scaler, config.clip_grad)
 
@@ -79,6 +77,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
+    # Not setup_device: cuDNN autotuning is switched on only after the plain loop, which tutorials run without it.
     device = resolve_device()
     height, width = parse_size(args.size)
     precision = resolve_precision("auto", device)

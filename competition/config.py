@@ -89,6 +89,8 @@ CHOICES = {
     "precision": PRECISIONS,
     "mask_source": ("auto", "gif", "csv"),
 }
+# Architectures whose image-level pooling feeds a batch norm: training fails on a batch of one image.
+ONE_IMAGE_BATCH_NORM = ("DeepLabV3Plus",)
 # name -> (test, what it must be)
 BOUNDS = {
     "fold": (lambda v: v >= 0, "0 or more"),
@@ -132,6 +134,11 @@ def check_config(config: "TrainConfig") -> None:
         raise ConfigError(
             f"--encoder {config.encoder!r}{_suggest(config.encoder, encoder_names())}: not an smp encoder; "
             "see smp.encoders.get_encoder_names(), or any timm model as tu-NAME"
+        )
+    if config.arch in ONE_IMAGE_BATCH_NORM and config.batch_size < 2:
+        raise ConfigError(
+            f"--batch-size 1: {config.arch} pools each image to one value per channel before a batch norm, which "
+            "needs at least 2 images a batch; use --batch-size 2 (with --accum-steps for a larger effective batch)"
         )
     weights = config.encoder_weights.strip()
     if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from competition.errors import DataError
-from competition.rle import RLEError, rle_decode
+from competition.rle import RLEError, rle_decode, rle_runs
 
 LAYOUT_HELP = (
     "Expected the Carvana layout: train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif, "
@@ -172,7 +172,7 @@ class CarvanaData:
         try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, zipfile.BadZipFile) as error:
-            raise DataError(f"{path}: not a readable CSV ({error})") from None
+            raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from None
         missing = [column for column in columns if column not in frame.columns]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; expected {columns}, found {list(frame.columns)}")
@@ -261,7 +261,14 @@ class CarvanaData:
                 raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
             mask_shape = _image_shape(self.train_masks.read(name), self.train_masks.describe(name), "mask")
         else:
-            mask_shape = self.read_mask(image_id, shape).shape
+            masks = self._masks_from_csv()
+            if image_id not in masks:
+                raise DataError(f"{self.root}: image {image_id}.jpg has no row in train_masks.csv")
+            try:
+                rle_runs(masks[image_id], shape[0] * shape[1])  # parsed and checked, not drawn
+            except RLEError as error:
+                raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
+            return
         if mask_shape != shape:
             raise DataError(
                 f"{self.image_path(image_id)}: image is {shape[1]}x{shape[0]} but its mask is "

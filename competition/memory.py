@@ -13,17 +13,42 @@ the transient gradients of the backward pass and the allocator's slack;
 """
 
 import argparse
+import logging
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from competition.config import TrainConfig, add_config_arguments, resolve_config
+from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 from competition.losses import build_loss
 from competition.models import build_model
 from competition.prediction import autocast
 
 GIB = 2**30
+logger = logging.getLogger(__name__)
+
+
+def fake_tensor_mode():
+    """A mode in which tensors carry shapes and dtypes but no memory, and nothing is computed.
+
+    Why a private API: PyTorch exposes FakeTensorMode only under ``torch._subclasses`` (it is what
+    torch.compile traces with), and no public call propagates shapes through autograd and autocast.
+    tests/test_memory.py::test_fake_count_equals_what_a_real_forward_saves fails loudly if an upgrade
+    changes what it counts.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """One key per storage, shared by every view of it, for real and fake tensors alike.
+
+    Why a private attribute: ``untyped_storage()`` returns a new Python object on each call and fake
+    storages have no data pointer, so the address of the C++ storage (``_cdata``) is the only
+    identity they share. tests/test_memory.py::test_storage_key_identifies_storages pins it.
+    """
+    return tensor.untyped_storage()._cdata
 
 
 @dataclass(frozen=True)
@@ -55,16 +80,16 @@ def saved_activation_bytes(model, loss_fn, batch_size: int, size: tuple[int, int
     Each storage counts once, however many saved tensors view it (a ReLU output saved by the
     ReLU and by the next convolution is one tensor in memory).
     """
-    weights = {tensor.untyped_storage()._cdata for tensor in [*model.parameters(), *model.buffers()]}
+    weights = {storage_key(tensor) for tensor in [*model.parameters(), *model.buffers()]}
     saved: dict[int, tuple[int, torch.Tensor]] = {}
 
     def count(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
-            saved[storage._cdata] = (storage.nbytes(), tensor)  # held, so that no storage id is reused
+        key = storage_key(tensor)
+        if key not in weights:
+            saved[key] = (tensor.untyped_storage().nbytes(), tensor)  # held, so that no storage id is reused
         return tensor
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with fake_tensor_mode():
         images = torch.zeros((batch_size, 3, *size), dtype=torch.uint8)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -101,28 +126,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="batch sizes to print, e.g. 2,4,8")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+    configure_from(args)
+    with exit_on_project_error("competition.memory", args.debug):
         config = resolve_config(args)
+    try:
         batch_sizes = [int(batch) for batch in args.batch_sizes.split(",")]
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError:
+        parser.exit(2, f"competition.memory: error: --batch-sizes {args.batch_sizes!r}: e.g. 2,4,8\n")
     size = config.input_size()
     shape = f"{size[0]}x{size[1]}" if size else f"crops of {config.crop}" if config.crop else "full size"
-    print(f"{config.arch}-{config.encoder} at {shape}, AdamW{' + EMA' if config.ema else ''}; GiB counted per step")
     estimates = {precision: estimate_training_memory(config, precision) for precision in ("bf16", "fp32")}
-    print(f"{'batch':>6}{'fp16/bf16':>11}{'fp32':>8}")
+    sixteen = estimates["bf16"]
+    rows = [f"{'batch':>6}{'fp16/bf16':>11}{'fp32':>8}"]
     for batch in batch_sizes:
         sixteen_bit, full = (estimates[precision].total_bytes(batch) / GIB for precision in ("bf16", "fp32"))
-        print(f"{batch:6}{sixteen_bit:11.2f}{full:8.2f}")
-    sixteen = estimates["bf16"]
-    print(
-        f"state {sixteen.state_bytes / GIB:.2f} GiB; activations per image {sixteen.per_image_bytes / GIB:.2f} GiB "
-        f"in 16 bits, {estimates['fp32'].per_image_bytes / GIB:.2f} in fp32"
+        rows.append(f"{batch:6}{sixteen_bit:11.2f}{full:8.2f}")
+    logger.info(
+        "%s-%s at %s, AdamW%s; GiB counted per step\n%s\nstate %.2f GiB; activations per image %.2f GiB in 16 bits, "
+        "%.2f in fp32",
+        config.arch,
+        config.encoder,
+        shape,
+        " + EMA" if config.ema else "",
+        "\n".join(rows),
+        sixteen.state_bytes / GIB,
+        sixteen.per_image_bytes / GIB,
+        estimates["fp32"].per_image_bytes / GIB,
     )
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        print(f"{torch.cuda.get_device_name()}: {total / GIB:.1f} GiB, of which {free / GIB:.1f} GiB free now")
+        logger.info("%s: %.1f GiB, of which %.1f GiB free now", torch.cuda.get_device_name(), total / GIB, free / GIB)
 
 
 if __name__ == "__main__":

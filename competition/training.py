@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from competition import logs
 from competition.checkpoints import check_resumable, checkpoint_config, load_checkpoint, save_checkpoint, summary
-from competition.config import TrainConfig, config_from
+from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig, config_from
 from competition.data import CarvanaData, CarvanaDataset, image_id_of
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError, ProjectError, TrainingError
@@ -336,7 +336,7 @@ def _out_of_memory_fix(config: TrainConfig, validating: bool) -> tuple[str, str]
     if validating:
         context = f"validation of {model}, batch {config.val_batch_size}"
         fix = f"lower --val-batch-size (now {config.val_batch_size}); it does not change training"
-    elif config.batch_size > 1:
+    elif config.batch_size > (2 if config.arch in ONE_IMAGE_BATCH_NORM else 1):
         context = f"a training step of {model}, batch {config.batch_size}"
         fix = (
             f"halve the batch and keep its effective size: --batch-size {config.batch_size // 2} "

@@ -49,6 +49,7 @@ def run_make_folds(*args):
     return subprocess.run([sys.executable, "make_folds.py", *args], check=False, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_make_folds_writes_the_same_file_on_rerun(data_dir, tmp_path):
     outputs = []
     for name in ("a.csv", "b.csv"):
@@ -63,14 +64,47 @@ def test_make_folds_writes_the_same_file_on_rerun(data_dir, tmp_path):
     assert len(folds) == 80 and folds.groupby("fold")["car_id"].nunique().tolist() == [1] * 5
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")  # 5 cars, most makes only once
+@pytest.mark.slow
 def test_make_folds_stratified_by_make(data_dir, tmp_path):
-    result = run_make_folds(
-        "--data-dir", str(data_dir), "--n-folds", "2", "--stratify", "make", "--out", str(tmp_path / "f.csv")
-    )
-    assert result.returncode == 0, result.stderr
-    assert "makes" in result.stdout
+    """The folds are StratifiedGroupKFold's over the cars' makes (sorted car ids, the seed), written
+    byte-identically on a rerun."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from competition.data import CarvanaData, car_id_of
+
+    flags = ("--data-dir", str(data_dir), "--n-folds", "2", "--stratify", "make", "--seed", "42")
+    outputs = []
+    for name in ("a.csv", "b.csv"):
+        result = run_make_folds(*flags, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+    folds = read_folds(tmp_path / "a.csv")
+    assert list(folds.columns) == ["img", "car_id", "fold"]
+    fold_of_car = folds.groupby("car_id")["fold"].unique()
+    assert (fold_of_car.map(len) == 1).all()  # every car in exactly one fold
+    fold_of_car = fold_of_car.map(lambda values: int(values[0])).to_dict()
+    metadata = pd.read_csv(data_dir / "metadata.csv", dtype={"id": str})  # training and test cars
+    make_of_car = dict(zip(metadata["id"], metadata["make"]))
+    car_ids = sorted({car_id_of(image_id) for image_id in CarvanaData(data_dir).train_ids()})
+    assert sorted(fold_of_car) == car_ids and len(car_ids) == 5
+    assert len(folds) == 16 * len(car_ids)
+    assert set(fold_of_car.values()) == {0, 1}  # both folds hold cars
+    splitter = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=42)
+    labels = [make_of_car[car_id] for car_id in car_ids]
+    expected = {}
+    for fold, (_, held_out) in enumerate(splitter.split(car_ids, labels, groups=car_ids)):
+        expected.update({car_ids[index]: fold for index in held_out})
+    assert fold_of_car == expected
+    for make in set(labels):  # a make with two or more cars (here Ford) is split across both folds
+        cars = [car_id for car_id in car_ids if make_of_car[car_id] == make]
+        if len(cars) >= 2:
+            assert {fold_of_car[car_id] for car_id in cars} == {0, 1}, make
+    assert labels.count("Ford") == 2  # the fixture's data: the check above is not vacuous
 
 
+@pytest.mark.slow
 def test_make_folds_reports_bad_input(tmp_path):
     result = run_make_folds("--data-dir", str(tmp_path / "missing"))
     assert result.returncode == 2 and "data folder not found" in result.stderr and "Traceback" not in result.stderr
@@ -83,3 +117,17 @@ def test_read_folds_rejects_a_car_in_two_folds(tmp_path):
         read_folds(path)
     with pytest.raises(DataError, match="not found"):
         read_folds(tmp_path / "none.csv")
+
+
+@pytest.mark.slow
+def test_make_folds_never_replaces_other_folds_unasked(data_dir, tmp_path):
+    out = tmp_path / "folds.csv"
+    common = ["--data-dir", str(data_dir), "--n-folds", "5", "--out", str(out)]
+    assert run_make_folds(*common, "--seed", "42").returncode == 0
+    first = out.read_bytes()
+    assert run_make_folds(*common, "--seed", "42").returncode == 0, "the same folds again: nothing to refuse"
+    result = run_make_folds(*common, "--seed", "7")
+    assert result.returncode == 2 and "holds other folds" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr and out.read_bytes() == first
+    assert run_make_folds(*common, "--seed", "7", "--overwrite").returncode == 0
+    assert out.read_bytes() != first

@@ -43,6 +43,7 @@ def test_fake_count_equals_what_a_real_forward_saves(precision, tolerance):
     assert counted == pytest.approx(real_saved_bytes(model, 2, precision), rel=tolerance, abs=0)
 
 
+@pytest.mark.slow
 def test_activations_grow_linearly_and_take_half_the_bytes_in_16_bits():
     config = TrainConfig(encoder="resnet18", size="64x96", encoder_weights="none")
     sixteen, full = memory.estimate_training_memory(config, "bf16"), memory.estimate_training_memory(config, "fp32")
@@ -67,6 +68,7 @@ def test_state_is_four_float32_copies_of_the_weights_and_five_with_ema():
     assert memory.state_bytes(model, ema=True) == 5 * weights + 2 * buffers
 
 
+@pytest.mark.slow
 def test_cli_prints_a_row_per_batch_size_growing_with_it(capsys):
     memory.main(["--encoder", "resnet18", "--size", "256x384", "--batch-sizes", "1,4,16"])
     lines = capsys.readouterr().out.splitlines()
@@ -77,3 +79,15 @@ def test_cli_prints_a_row_per_batch_size_growing_with_it(capsys):
     assert all(low < high for low, high in zip(sixteen_bit, full))
     with pytest.raises(SystemExit):
         memory.main(["--size", "100x100"])
+
+
+def test_storage_key_identifies_storages():
+    from competition.memory import fake_tensor_mode, storage_key
+
+    base = torch.zeros(4, 4)
+    assert storage_key(base) == storage_key(base[1:]) == storage_key(base.t())
+    assert storage_key(base) != storage_key(base.clone())
+    with fake_tensor_mode():
+        fake = torch.zeros(8, 8)
+        assert storage_key(fake) == storage_key(fake.view(64)) != storage_key(torch.zeros(8, 8))
+        assert fake.untyped_storage().nbytes() == 8 * 8 * 4

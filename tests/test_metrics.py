@@ -46,6 +46,7 @@ def test_dice_on_runs_equals_dice_on_decoded_masks():
         assert rle_dice(rle_encode(a), rle_encode(b), a.size) == pytest.approx(dice_score(a, b))
 
 
+@pytest.mark.slow
 def test_score_submission_and_cli(tmp_path):
     masks = {f"c_{i:02d}.jpg": (np.random.default_rng(i).random((4, 5)) < 0.5) for i in range(1, 4)}
     truth = pd.DataFrame({"img": list(masks), "rle_mask": [rle_encode(m) for m in masks.values()]})
