@@ -1,12 +1,13 @@
 # make demo: set up, make the synthetic data set (unless input/ holds data), split folds, train fold 0
 #            with the CPU demo schedule, predict the test set with TTA, score it (synthetic truth only)
-# make test: set up and run the tests (this is what CI runs)
+#            (run again, it keeps what is done: training resumes, a finished run is not trained again)
+# make test: set up and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup demo data folds train infer test bench
+.PHONY: setup demo data folds train infer test test-fast bench
 
 setup: $(VENV)/.installed
 
@@ -24,10 +25,10 @@ folds: data
 	$(BIN)/python make_folds.py --data-dir input/ --n-folds 5 --seed 42 --out folds/folds.csv
 
 train: folds
-	$(BIN)/python train.py --config configs/cpu_demo.toml --fold 0
+	$(BIN)/python train.py --config configs/cpu_demo.toml --fold 0 --resume
 
 infer: train
-	$(BIN)/python infer.py --tta --checkpoints $(DEMO_RUN) --out submissions/submission.csv
+	$(BIN)/python infer.py --tta --checkpoints $(DEMO_RUN) --out submissions/submission.csv --overwrite
 	$(BIN)/python infer.py --oof --tta --checkpoints $(DEMO_RUN)
 	@if [ -e input/test_masks.csv ]; then \
 	$(BIN)/python -m competition.metrics submissions/submission.csv input/test_masks.csv; fi
@@ -37,6 +38,10 @@ demo: infer
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench.rle_bench

@@ -80,3 +80,10 @@ def trained_run(data_dir, folds_csv, tmp_path_factory):
     for fold in (0, 1):
         train_fold(small_config(data_dir, folds_csv, out, fold=fold, epochs=3), "cpu", progress=False)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need the trained run (tens of seconds to make, once) belong to the slow tier."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

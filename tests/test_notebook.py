@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
+import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
 
@@ -18,6 +19,7 @@ EXTRA_TRAIN_FLAGS = ["--epochs", "1", "--size", "64x96", "--encoder", "resnet18"
 """
 
 
+@pytest.mark.slow
 def test_notebook_runs_offline_from_the_competition_zips(zip_dir, tmp_path, monkeypatch):
     work = tmp_path / "working"
     work.mkdir()

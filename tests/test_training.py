@@ -61,6 +61,7 @@ def test_soft_dice_is_per_image_in_float32():
     assert math.isfinite(build_loss("bce_dice")(big, torch.ones_like(big)).item())
 
 
+@pytest.mark.slow
 def test_accumulating_four_batches_of_two_gives_the_gradients_of_one_batch_of_eight():
     torch.manual_seed(0)
     model = build_model("Unet", "resnet18").eval()  # eval: batch norm uses fixed statistics
@@ -82,6 +83,7 @@ def test_accumulating_four_batches_of_two_gives_the_gradients_of_one_batch_of_ei
     assert not torch.allclose(halves, big, rtol=1e-2), "the test must be able to fail"
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_its_run_folder(tiny_config):
     tiny_config.epochs = 4
     best = train_fold(tiny_config, "cpu", progress=False)
@@ -98,8 +100,9 @@ def test_training_learns_and_writes_its_run_folder(tiny_config):
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_bf16_autocast_on_cpu(tiny_config, tmp_path):
-    tiny_config.epochs = 1
+    tiny_config.epochs, tiny_config.workers = 1, 2  # loader processes, as the demo has
     logs = []
     for name in ("a", "b"):
         tiny_config.out = str(tmp_path / name)
@@ -115,6 +118,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_mid_epoch(tiny_config, monkeypatch):
     tiny_config.epochs = 3
     real = training.accumulate_gradients
@@ -138,8 +142,14 @@ def test_resume_after_an_interruption_mid_epoch(tiny_config, monkeypatch):
     assert log["epoch"].tolist() == [0, 1, 2]
     assert log.iloc[0]["train_loss"] == first_epoch["train_loss"]
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
+    tiny_config.out = str(Path(tiny_config.out).parent / "uninterrupted")
+    train_fold(tiny_config, "cpu", progress=False)
+    uninterrupted = pd.read_csv(tiny_config.run_dir() / "log.csv")
+    for column in ("train_loss", "val_loss", "val_dice", "lr"):
+        assert log[column].tolist() == uninterrupted[column].tolist(), column
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
     real = training.accumulate_gradients
     calls = {"n": 0}
@@ -157,6 +167,14 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_one_line(tiny_config, capsys):
+    code, error = run_train([*cli_flags(tiny_config), "--lr", "1e6", "--epochs", "3", "--log-every", "1"], capsys)
+    assert code == 2 and ("loss is nan" in error or "loss is inf" in error)
+    assert "Lower --lr" in error
+
+
+@pytest.mark.slow
 def test_folds_in_parallel_report_a_failing_fold_without_hiding_the_others(tiny_config):
     tiny_config.epochs = 1
     outcomes = train_folds(tiny_config, [0, 7], ["cpu"], jobs=2)
@@ -212,6 +230,7 @@ def run_train(argv, capsys):
         (["--ema", "1.5"], "--ema must be in [0, 1)"),
         (["--crop", "100"], "--crop must be 0 (off) or a positive multiple of 32"),
         (["--workers", "-2"], "--workers must be 0 or more"),
+        (["--arch", "DeepLabV3Plus", "--batch-size", "1"], "needs at least 2 images a batch"),
         (["--folds", "0,x"], "--folds '0,x': comma-separated whole numbers"),
         (["--folds", "0,1,0"], "--folds '0,1,0': [0] given more than once"),
         (["--folds", "0,9"], "has no fold [9]; its folds are [0, 1, 2, 3, 4]"),
@@ -303,6 +322,7 @@ def test_model_takes_uint8_images_of_any_size():
     assert np.isfinite(model(images).detach().numpy()).all()
 
 
+@pytest.mark.slow
 def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config, monkeypatch):
     tiny_config.crop, tiny_config.epochs, tiny_config.arch = 64, 1, "FPN"
     assert tiny_config.input_size() is None
@@ -325,6 +345,7 @@ def test_training_on_full_resolution_crops_validates_at_full_size(tiny_config, m
     assert torch.load(tiny_config.run_dir() / "best.pt", weights_only=True)["config"]["crop"] == 64
 
 
+@pytest.mark.slow
 def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
     train.main([*cli_flags(tiny_config), "--epochs", "1", "--folds", "1,2", "--jobs", "2"])  # returns: exit 0
     printed = capsys.readouterr().out
@@ -334,6 +355,7 @@ def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
         assert f"fold {fold} on cpu (worker process" in log and "best val Dice" in log
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_config):
     tiny_config.precision, tiny_config.epochs = "fp16", 1
     best = train_fold(tiny_config, "cpu", progress=False)
@@ -348,9 +370,11 @@ def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_confi
     [
         ("accumulate_gradients", {}, "--batch-size 4 --accum-steps 2"),
         ("accumulate_gradients", {"batch-size": "1"}, "lower --size"),
+        ("accumulate_gradients", {"arch": "DeepLabV3Plus", "batch-size": "2"}, "lower --size"),
         ("evaluate", {}, "lower --val-batch-size (now 2)"),
     ],
 )
+@pytest.mark.slow
 def test_out_of_device_memory_names_the_settings_to_lower(tiny_config, capsys, monkeypatch, fails_in, settings, advice):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nlong allocator report")
@@ -368,6 +392,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_a_finished_run_survives_a_rerun_without_resume_byte_for_byte(tiny_config, capsys):
     tiny_config.epochs = 1
     flags = [*cli_flags(tiny_config), "--epochs", "1", "--log-every", "2"]
@@ -382,6 +407,7 @@ def test_a_finished_run_survives_a_rerun_without_resume_byte_for_byte(tiny_confi
     assert code == 2 and "not allowed with argument" in error
 
 
+@pytest.mark.slow
 def test_a_refused_resume_writes_nothing(tiny_config, capsys):
     flags = [*cli_flags(tiny_config), "--epochs", "1", "--log-every", "2"]
     train.main(flags)
@@ -420,6 +446,7 @@ def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
 
 
 @pytest.mark.parametrize("broken", ["jpeg", "gif", "rle"])
+@pytest.mark.slow
 def test_broken_training_data_stops_the_run_before_the_first_step(tiny_config, data_copy, monkeypatch, broken):
     from competition.data import CarvanaData, DataError
 
@@ -446,6 +473,7 @@ def test_broken_training_data_stops_the_run_before_the_first_step(tiny_config, d
         train_fold(tiny_config, "cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_the_last_micro_batches_of_an_epoch_make_a_smaller_step(tiny_config, monkeypatch):
     assert [len(group) for group in training.micro_batch_groups(range(8), 3)] == [3, 3, 2]
     assert [len(group) for group in training.micro_batch_groups(range(6), 3)] == [3, 3]
@@ -537,3 +565,17 @@ def test_killing_the_folds_process_leaves_no_process_behind(tiny_config, tmp_pat
     finally:
         for pid in session_processes(driver.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_hub_offline_switch_still_exists(monkeypatch, tmp_path):
+    """competition.models patches this constant (see _offline_hub_when_unreachable): fail loudly if it moves."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    assert isinstance(hub.HF_HUB_OFFLINE, bool)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="(?i)offline|cannot find|local"):
+        huggingface_hub.hf_hub_download("timm/resnet18.a1_in1k", "model.safetensors", cache_dir=str(tmp_path))
+    assert time.perf_counter() - started < 5, "offline mode fails at once"
