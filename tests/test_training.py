@@ -579,3 +579,33 @@ def test_the_hub_offline_switch_still_exists(monkeypatch, tmp_path):
     with pytest.raises(Exception, match="(?i)offline|cannot find|local"):
         huggingface_hub.hf_hub_download("timm/resnet18.a1_in1k", "model.safetensors", cache_dir=str(tmp_path))
     assert time.perf_counter() - started < 5, "offline mode fails at once"
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_resume_gives_the_log_of_an_uninterrupted_run(tiny_config):
+    import signal
+    import subprocess
+    import sys
+
+    flags = [*cli_flags(tiny_config), "--epochs", "3", "--log-every", "2"]
+    trainer = subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        cwd=Path(train.__file__).parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tiny_config.run_dir() / "log.csv"
+    deadline = time.monotonic() + 120
+    while not log.exists():  # epoch 1 is done: the kill lands in epoch 2
+        assert trainer.poll() is None and time.monotonic() < deadline, "epoch 1 did not finish"
+        time.sleep(0.2)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    assert len(pd.read_csv(log)) < 3, "killed before the end"
+    train.main([*flags, "--resume"])
+    resumed = pd.read_csv(log)
+    tiny_config.out = str(Path(tiny_config.out).parent / "uninterrupted")
+    train.main([*cli_flags(tiny_config), "--epochs", "3", "--log-every", "2"])
+    uninterrupted = pd.read_csv(tiny_config.run_dir() / "log.csv")
+    for column in ("epoch", "train_loss", "val_loss", "val_dice", "lr"):
+        assert resumed[column].tolist() == uninterrupted[column].tolist(), column
