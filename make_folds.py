@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.stratify:
             metadata = data.read_csv("metadata.csv", ["id", args.stratify])
             strata = dict(zip(metadata["id"], metadata[args.stratify]))
+        if args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a folder; name the folds file, e.g. {args.out / 'folds.csv'}")
         folds = assign_folds(image_ids, args.n_folds, args.seed, strata)
         text = folds[["img", "car_id", "fold"]].to_csv(index=False)
         if args.out.exists() and args.out.read_text() != text and not args.overwrite:

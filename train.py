@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_from(args)
     with exit_on_project_error("train.py", args.debug):
         config = resolve_config(args)
+        progress = not args.quiet
         if not args.folds:
-            train_fold(config, args.device, resume=args.resume, overwrite=args.overwrite)
+            if args.gpus or args.jobs:
+                raise ConfigError("--gpus and --jobs are for several folds (--folds 0,1,...); one fold takes --device")
+            train_fold(config, args.device, resume=args.resume, overwrite=args.overwrite, progress=progress)
             return
         if args.device:
             raise ConfigError("--device is for one fold; several folds take --gpus")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(
             "training folds %s on %s, %d at a time; logs in %s/fold<N>/train.log", folds, devices, jobs, config.out
         )
-        outcomes = train_folds(config, folds, devices, jobs, resume=args.resume, overwrite=args.overwrite)
+        level = logging.getLogger("competition").level
+        outcomes = train_folds(config, folds, devices, jobs, args.resume, args.overwrite, level)
     for outcome in outcomes:
         report = logger.info if outcome.ok else logger.error
         report(

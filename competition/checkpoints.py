@@ -1,5 +1,6 @@
 """Checkpoints: saved atomically, loaded without running code (``weights_only``), checked, and resumed from."""
 
+import hashlib
 import pickle
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -10,10 +11,19 @@ from competition.config import TrainConfig, config_from
 from competition.errors import CheckpointError, ConfigError
 from competition.files import atomic_output
 
-# Bumped when the layout of a checkpoint changes; files without the key predate it and have this layout.
-FORMAT_VERSION = 1
+# Bumped when what a checkpoint means changes; files without the key are format 1.
+# 2: an epoch's last micro-batches that do not fill --accum-steps make a step (format 1 dropped them), and
+#    last.pt records the validation split.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # the weights and config of format 1 load as they are
 # Settings a resumed run may change: where things are and how fast they go, not what is learned.
 RESUMABLE_CHANGES = {"out", "data_dir", "folds_csv", "workers", "log_every", "val_batch_size", "compile", "check"}
+
+
+def split_digest(validation_ids: list[str]) -> str:
+    """A short fingerprint of a fold's validation images, kept in last.pt: a resumed run must not meet
+    another split (a different folds file would mix validation images into training)."""
+    return hashlib.sha1("\n".join(sorted(validation_ids)).encode()).hexdigest()[:16]
 
 
 def summary(config: TrainConfig, epoch: int, score: float, image_shape: tuple[int, int]) -> dict:
@@ -34,7 +44,7 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         torch.save({"format": FORMAT_VERSION, **payload}, partial)
 
 
-def _refusal(path: Path, error: Exception) -> str:
+def refusal(path: Path, error: Exception, what: str = "checkpoint") -> str:
     """One line for a file ``torch.load(weights_only=True)`` refused, instead of PyTorch's paragraphs."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
@@ -45,7 +55,7 @@ def _refusal(path: Path, error: Exception) -> str:
     first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     if isinstance(error, pickle.UnpicklingError):
         first_line = "not a PyTorch file of tensors"
-    return f"{path}: not a readable checkpoint ({first_line}); it is corrupt or incomplete, copy or train it again"
+    return f"{path}: not a readable {what} ({first_line}); it is corrupt or incomplete"
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -56,14 +66,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: each gets one line
-        raise CheckpointError(_refusal(path, error)) from None
+        raise CheckpointError(f"{refusal(path, error)}, copy or train it again") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
         raise CheckpointError(f"{path}: not a checkpoint of this repository (no model weights and config inside)")
     version = checkpoint.get("format", 1)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{path}: written in checkpoint format {version}, and this code reads format {FORMAT_VERSION}; "
-            "use the version of the repository that trained it, or train again"
+            f"{path}: written in checkpoint format {version}, and this code reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; use the version of the repository that trained it, or train again"
         )
     return checkpoint
 
@@ -76,8 +86,15 @@ def checkpoint_config(checkpoint: dict, path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{error}; the file was altered or comes from another code version") from None
 
 
-def check_resumable(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
-    """Refuse to resume a run with settings that change what it learns (epochs, sizes, model, ...)."""
+def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
+    """Refuse to resume a run with settings that change what it learns (epochs, sizes, model, ...), or
+    from a last.pt written before the current format."""
+    if checkpoint.get("format", 1) != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by an earlier version of this code (checkpoint format {checkpoint.get('format', 1)}), "
+            "whose schedule counted steps differently; start again with --overwrite (best.pt still predicts)"
+        )
+    saved = checkpoint_config(checkpoint, path)
     changed = [
         f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)

@@ -140,9 +140,6 @@ def check_config(config: "TrainConfig") -> None:
             f"--batch-size 1: {config.arch} pools each image to one value per channel before a batch norm, which "
             "needs at least 2 images a batch; use --batch-size 2 (with --accum-steps for a larger effective batch)"
         )
-    weights = config.encoder_weights.strip()
-    if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():
-        raise ConfigError(f"--encoder-weights {weights}: encoder weights file not found; pass a file, imagenet or none")
     config.input_size()
 
 
@@ -205,4 +202,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    return config_from(values, str(args.config or "flags"))
+    config = config_from(values, str(args.config or "flags"))
+    # Here and not in config_from: a checkpoint's config names the weights file it started from, which
+    # need not exist where the checkpoint is used.
+    weights = config.encoder_weights.strip()
+    if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ConfigError(f"--encoder-weights {weights}: encoder weights file not found; pass a file, imagenet or none")
+    return config

@@ -24,6 +24,16 @@ LAYOUT_HELP = (
 )
 
 
+def read_csv_file(path: str | Path, **options) -> pd.DataFrame:
+    """``pd.read_csv`` with every way a file can fail to be a CSV said in one line naming it."""
+    try:
+        return pd.read_csv(path, **options)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from None
+
+
 def car_id_of(image_id: str) -> str:
     """``0cdf5b5d0ce1_05`` -> ``0cdf5b5d0ce1``: the 16 views of a car share everything before ``_NN``."""
     return image_id.rsplit("_", 1)[0]
@@ -108,11 +118,12 @@ def _decoding(source: str, what: str = "image"):
 
 
 def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
-    with _decoding(source), Image.open(io.BytesIO(data)) as image:
+    with _decoding(source), Image.open(io.BytesIO(data)) as image:  # Pillow's reading alone is guarded
         full_shape = (image.height, image.width)
         if reduce_to is not None:
             image.draft("RGB", tuple(math.floor(side * (1 - DRAFT_SHORTFALL)) for side in reduce_to[::-1]))
-        return np.asarray(image.convert("RGB")), full_shape
+        rgb = image.convert("RGB")
+    return np.asarray(rgb), full_shape
 
 
 def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
@@ -124,7 +135,8 @@ def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = N
 def decode_mask(data: bytes, source: str) -> np.ndarray:
     """GIF bytes -> uint8 0/1 (H, W). Any non-black pixel is car, whatever the palette."""
     with _decoding(source, "mask"), Image.open(io.BytesIO(data)) as image:
-        return (np.asarray(image.convert("L")) > 0).astype(np.uint8)
+        grey = image.convert("L")
+    return (np.asarray(grey) > 0).astype(np.uint8)
 
 
 def _image_shape(data: bytes, source: str, what: str = "image") -> tuple[int, int]:
@@ -169,10 +181,7 @@ class CarvanaData:
     def read_csv(self, name: str, columns: list[str]) -> pd.DataFrame:
         """A competition CSV (``name`` or ``name.zip``) as strings, checked to have ``columns``."""
         path = self._csv_path(name)
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, zipfile.BadZipFile) as error:
-            raise DataError(f"{path}: not a readable CSV ({' '.join(str(error).split())})") from None
+        frame = read_csv_file(path, dtype=str, keep_default_na=False)
         missing = [column for column in columns if column not in frame.columns]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; expected {columns}, found {list(frame.columns)}")

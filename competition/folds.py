@@ -1,10 +1,12 @@
 """Car-grouped cross-validation folds: all 16 views of a car fall in one fold."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from competition.data import car_id_of
+from competition.data import car_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
 
 FOLD_COLUMNS = ["img", "car_id", "fold"]
@@ -32,7 +34,7 @@ def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str
     else:
         missing = [car_id for car_id in car_ids if car_id not in strata]
         if missing:
-            raise DataError(f"{len(missing)} cars have no stratification label, e.g. {missing[:3]}")
+            raise DataError(f"metadata.csv: {len(missing)} cars have no stratification label, e.g. {missing[:3]}")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         labels = [strata[car_id] for car_id in car_ids]
         fold_of_car = {}
@@ -58,12 +60,12 @@ def fold_summary(folds: pd.DataFrame, strata_column: str | None = None) -> pd.Da
 
 def read_folds(path) -> pd.DataFrame:
     """A folds CSV written by make_folds.py, checked for its columns and for cars crossing folds."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: folds file not found; make it with `python make_folds.py`")
     try:
-        folds = pd.read_csv(path, dtype={"img": str, "car_id": str})
-    except FileNotFoundError:
-        raise DataError(f"{path}: folds file not found; make it with `python make_folds.py`") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error}); make it again with `python make_folds.py`") from None
+        folds = read_csv_file(path, dtype={"img": str, "car_id": str})
+    except DataError as error:
+        raise DataError(f"{error}; make it again with `python make_folds.py`") from None
     missing = [column for column in FOLD_COLUMNS if column not in folds.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; make it again with `python make_folds.py`")

@@ -54,6 +54,22 @@ def configure(level: int = logging.INFO, stream=None) -> logging.Logger:
     return logger
 
 
+@contextlib.contextmanager
+def redirected(stream, level: int | None = None) -> Iterator[None]:
+    """Every message of the project to ``stream`` while the block runs (a fold's train.log), then back."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handlers, previous_level = list(logger.handlers), logger.level
+    configure(previous_level if level is None else level, stream)
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(previous_level)
+
+
 def configure_from(args: argparse.Namespace) -> None:
     configure(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
 

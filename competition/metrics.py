@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from competition.data import read_csv_file
 from competition.errors import DataError
 from competition.rle import RLEError, rle_runs
 
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         parser.exit(2, f"metrics: error: --size {args.size!r} must be HEIGHTxWIDTH, e.g. 1280x1918\n")
     try:
-        frames = [pd.read_csv(path, dtype=str, keep_default_na=False) for path in (args.submission, args.truth)]
+        frames = [read_csv_file(path, dtype=str, keep_default_na=False) for path in (args.submission, args.truth)]
         scores = score_submission(*frames, n_pixels=width * height)
-    except (OSError, DataError, pd.errors.ParserError) as error:
+    except DataError as error:
         parser.exit(2, f"metrics: error: {error}\n")
     print(f"mean Dice {scores.mean():.5f} over {len(scores)} images (worst {scores.min():.5f}: {scores.idxmin()})")
 

@@ -104,9 +104,10 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
     except FileNotFoundError:
         raise ModelError(f"{path}: encoder weights file not found") from None
     except Exception as error:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "unreadable"
+        from competition.checkpoints import refusal  # imported here: checkpoints imports this module
+
         raise ModelError(
-            f"{path}: not a readable weights file ({type(error).__name__}: {error}); "
-            "pass a state dict saved with torch.save or a .safetensors file"
+            f"{refusal(path, error, 'weights file')}; pass a state dict saved with torch.save or a .safetensors file"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

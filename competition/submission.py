@@ -64,6 +64,12 @@ def keep_finished(path: str | Path, resume: bool, overwrite: bool) -> bool:
     A finished file is never replaced unless ``overwrite`` says so."""
     if resume and overwrite:
         raise ConfigError("--resume keeps the rows already written and --overwrite starts again: pass one of them")
+    partial = partial_path(path)
+    if not (resume or overwrite) and partial.exists() and len(partial.read_text().splitlines()) > 1:
+        raise ConfigError(
+            f"{partial}: an interrupted run left {len(partial.read_text().splitlines()) - 1} predicted rows; "
+            "pass --resume to keep them, or --overwrite to start again"
+        )
     if overwrite or not Path(path).exists():
         return False
     if resume:

@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from competition import logs
-from competition.checkpoints import check_resumable, checkpoint_config, load_checkpoint, save_checkpoint, summary
+from competition.checkpoints import check_resumable, load_checkpoint, save_checkpoint, split_digest, summary
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig, config_from
 from competition.data import CarvanaData, CarvanaDataset, image_id_of
 from competition.environment import explain_out_of_memory
@@ -224,10 +224,9 @@ def inspect_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> dict 
         raise CheckpointError("--resume continues a run and --overwrite starts it again: pass one of them")
     if resume:
         if not last.exists():
-            logger.info("--resume: no %s yet, starting from scratch", last)
             return None
         checkpoint = load_checkpoint(last)
-        check_resumable(checkpoint_config(checkpoint, last), config, last)
+        check_resumable(checkpoint, config, last)
         return checkpoint
     existing = [name for name in ("best.pt", "last.pt") if (run_dir / name).exists()]
     if existing and not overwrite:
@@ -279,6 +278,8 @@ class _Parts:
             self.scaler.load_state_dict(checkpoint["scaler"])
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
+        except torch.OutOfMemoryError:
+            raise
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{path}: cannot resume from it ({type(error).__name__}: {error})") from None
         rows = [row for row in checkpoint["log"] if row["epoch"] <= checkpoint["epoch"]]
@@ -388,22 +389,25 @@ def train_one_epoch(parts: _Parts, loader, config: TrainConfig, epoch: int, run_
     return float(np.mean(losses))
 
 
-def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, run_dir: Path) -> None:
+def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
     """best.pt when validation Dice improved, last.pt (with everything --resume needs), log.csv, curves.png."""
     state.rows.append(row)
     epoch_summary = summary(config, row["epoch"], row["val_dice"], image_shape)
     if row["val_dice"] > state.best_dice:
         state.best_dice = row["val_dice"]
         save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
-    last = {"model": parts.model.state_dict(), **epoch_summary, "best_dice": state.best_dice, "log": state.rows}
-    save_checkpoint({**last, **parts.training_state()}, run_dir / "last.pt")
+        logger.debug("saved %s (val Dice %.5f)", run_dir / "best.pt", state.best_dice)
+    last = {**epoch_summary, "best_dice": state.best_dice, "log": state.rows, "split": split}
+    save_checkpoint({"model": parts.model.state_dict(), **last, **parts.training_state()}, run_dir / "last.pt")
     _write_log(state.rows, run_dir)
 
 
 @contextlib.contextmanager
-def _run_folder(config: TrainConfig, overwrite: bool):
-    """The fold's run folder, held by this process alone while it trains (a resumed run never races a
-    process still writing there) and begun with its config.json; ``overwrite`` clears an earlier run."""
+def _run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: str):
+    """(the fold's run folder, the checkpoint to resume from or None), the folder held by this process
+    alone while it trains, so that a resumed run never races a process still writing there. The folder
+    is inspected again under the lock (another run may have finished since the first look) and begun
+    with its config.json; ``overwrite`` clears an earlier run."""
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(run_dir / LOCK_NAME) as locked:
@@ -412,12 +416,18 @@ def _run_folder(config: TrainConfig, overwrite: bool):
                 f"{run_dir} is being trained by another process (pid {lock_holder(run_dir / LOCK_NAME)}); "
                 "wait for it or stop it first"
             )
+        resumed_from = inspect_run_dir(config, resume, overwrite)
+        if resumed_from is not None and resumed_from.get("split") != split:
+            raise CheckpointError(
+                f"{run_dir / 'last.pt'}: fold {config.fold} of {config.folds_csv} holds other validation images than "
+                "the run was trained on; resume with its folds file, or start again with --overwrite"
+            )
         if overwrite:
             for name in RUN_OUTPUTS:
                 (run_dir / name).unlink(missing_ok=True)
         with atomic_output(run_dir / "config.json") as partial:
             partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
-        yield run_dir
+        yield run_dir, resumed_from
 
 
 def train_fold(
@@ -427,7 +437,7 @@ def train_fold(
 
     Returns the best epoch's log row.
     """
-    resumed_from = inspect_run_dir(config, resume, overwrite)
+    inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock below
     device, precision = setup_device(device, config.precision)
     seed_everything(config.seed)
     data = CarvanaData(config.data_dir, config.mask_source)
@@ -437,8 +447,10 @@ def train_fold(
     train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
     parts = build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps))
     image_shape = data.image_shape(val_ids[0])  # inference checks test images against it
-    with _run_folder(config, overwrite) as run_dir:
+    with _run_folder(config, resume, overwrite, split_digest(val_ids)) as (run_dir, resumed_from):
         state = parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
+        if resume and resumed_from is None:
+            logger.info("--resume: no %s yet, starting from scratch", run_dir / "last.pt")
         logger.info(
             "fold %d: %d train / %d validation images, %s-%s, inputs %s, %s on %s, batch %dx%d",
             config.fold,
@@ -469,7 +481,7 @@ def train_fold(
                 "train_img_per_s": len(train_loader) * config.batch_size / train_seconds,
                 "seconds": time.perf_counter() - started,
             }
-            _save_epoch(parts, state, config, row, image_shape, run_dir)
+            _save_epoch(parts, state, config, row, image_shape, split_digest(val_ids), run_dir)
             logger.info(
                 "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
                 config.fold,
@@ -553,12 +565,18 @@ def _device_slot(slots_dir: str, slots: list[str]):
 
 
 def _run_one_fold(config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict):
-    _stop_when_orphaned(driver_pid)
+    if os.getpid() != driver_pid:  # a worker process (with one job, joblib runs the folds in the driver itself)
+        _stop_when_orphaned(driver_pid)
     config = config_from({**config_values, "fold": fold})
     log_path = config.run_dir() / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with _device_slot(slots_dir, slots) as device, open(log_path, "a") as log, contextlib.redirect_stderr(log):
-        logs.configure(stream=log)
+    with (
+        _device_slot(slots_dir, slots) as device,
+        open(log_path, "a") as log,
+        contextlib.redirect_stderr(log),
+        logs.redirected(log, flags.pop("log_level")),
+    ):
+        logger.debug("device slots in %s", slots_dir)
         logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
         try:
             best = train_fold(config, device, progress=False, **flags)
@@ -577,6 +595,7 @@ def train_folds(
     jobs: int,
     resume: bool = False,
     overwrite: bool = False,
+    log_level: int = logging.INFO,
 ) -> list[FoldOutcome]:
     """Train several folds with joblib, ``jobs`` at a time, each on a free device of ``devices``;
     each fold logs to its own ``train.log``. A failing fold is reported and does not stop the others.
@@ -584,8 +603,9 @@ def train_folds(
     from joblib import Parallel, delayed
 
     slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]
-    values, flags = asdict(config), {"resume": resume, "overwrite": overwrite}
+    values = asdict(config)
+    flags = {"resume": resume, "overwrite": overwrite, "log_level": log_level}
     with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir:
         return Parallel(n_jobs=jobs, backend="loky")(
-            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags) for fold in folds
+            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), dict(flags)) for fold in folds
         )

@@ -131,3 +131,9 @@ def test_make_folds_never_replaces_other_folds_unasked(data_dir, tmp_path):
     assert "Traceback" not in result.stderr and out.read_bytes() == first
     assert run_make_folds(*common, "--seed", "7", "--overwrite").returncode == 0
     assert out.read_bytes() != first
+
+
+def test_make_folds_out_as_a_folder_is_one_line(data_dir, tmp_path):
+    result = run_make_folds("--data-dir", str(data_dir), "--out", str(tmp_path))
+    assert result.returncode == 2 and "is a folder; name the folds file" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -472,3 +472,15 @@ def test_quiet_silences_information(trained_run, data_dir, tmp_path, capsys):
     image = min((data_dir / "test").iterdir())
     infer.main(["--image", str(image), "--checkpoints", str(trained_run), "--out-dir", str(tmp_path), "--quiet"])
     assert capsys.readouterr().out == "" and (tmp_path / f"{image.stem}_mask.png").exists()
+
+
+def test_rows_left_by_an_interrupted_run_are_kept_unless_asked(tmp_path):
+    from competition.errors import ConfigError
+    from competition.submission import keep_finished
+
+    out = tmp_path / "submission.csv"
+    (tmp_path / "submission.csv.partial").write_text("img,rle_mask\na_01.jpg,1 2\n")
+    with pytest.raises(ConfigError, match="interrupted run left 1 predicted rows; pass --resume .* or --overwrite"):
+        keep_finished(out, resume=False, overwrite=False)
+    assert keep_finished(out, resume=True, overwrite=False) is False
+    assert keep_finished(out, resume=False, overwrite=True) is False

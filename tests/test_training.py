@@ -441,8 +441,11 @@ def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
 
     tiny_config.run_dir().mkdir(parents=True)
     torch.save({"format": 99, "model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")
-    with pytest.raises(training.CheckpointError, match="format 99, and this code reads format 1"):
+    with pytest.raises(training.CheckpointError, match="format 99, and this code reads formats 1, 2"):
         load_checkpoint(tiny_config.run_dir() / "last.pt")
+    torch.save({"model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")  # format 1: no key
+    with pytest.raises(training.CheckpointError, match="earlier version of this code .*--overwrite"):
+        training.inspect_run_dir(tiny_config, resume=True, overwrite=False)
 
 
 @pytest.mark.parametrize("broken", ["jpeg", "gif", "rle"])
@@ -609,3 +612,37 @@ def test_kill_9_mid_training_then_resume_gives_the_log_of_an_uninterrupted_run(t
     uninterrupted = pd.read_csv(tiny_config.run_dir() / "log.csv")
     for column in ("epoch", "train_loss", "val_loss", "val_dice", "lr"):
         assert resumed[column].tolist() == uninterrupted[column].tolist(), column
+
+
+@pytest.mark.slow
+def test_folds_one_at_a_time_run_in_the_driver_and_report_each(tiny_config, capsys):
+    train.main([*cli_flags(tiny_config), "--epochs", "1", "--folds", "0,1"])  # one device: one job, in-process
+    printed = capsys.readouterr().out
+    assert "fold 0: ok: best val Dice" in printed and "fold 1: ok: best val Dice" in printed
+    assert "fold 1 on cpu" in (Path(tiny_config.out) / "fold1" / "train.log").read_text()
+    assert "fold 0 on cpu" not in (Path(tiny_config.out) / "fold1" / "train.log").read_text()
+
+
+def test_a_checkpoint_names_its_weights_file_without_needing_it(tiny_config, capsys):
+    values = {**tiny_config.__dict__, "encoder_weights": "/nowhere/resnet18.pth"}
+    assert config_from(values).encoder_weights == "/nowhere/resnet18.pth", "read back from a checkpoint: accepted"
+    code, error = run_train([*cli_flags(tiny_config), "--encoder-weights", "/nowhere/resnet18.pth"], capsys)
+    assert code == 2 and "/nowhere/resnet18.pth: encoder weights file not found" in error
+
+
+@pytest.mark.slow
+def test_resume_with_another_split_is_refused(tiny_config, tmp_path):
+    from competition.folds import assign_folds, read_folds
+
+    tiny_config.epochs = 1
+    train_fold(tiny_config, "cpu", progress=False)
+    folds = read_folds(tiny_config.folds_csv)
+    other = assign_folds(folds["img"].str.removesuffix(".jpg").tolist(), 5, 7)
+    other.to_csv(tmp_path / "other.csv", index=False)
+    assert set(other.loc[other["fold"] == 0, "img"]) != set(folds.loc[folds["fold"] == 0, "img"])
+    before = folder_bytes(tiny_config.run_dir())
+    tiny_config.folds_csv = str(tmp_path / "other.csv")
+    with pytest.raises(training.CheckpointError, match="holds other validation images"):
+        train_fold(tiny_config, "cpu", resume=True, progress=False)
+    after = folder_bytes(tiny_config.run_dir())
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
