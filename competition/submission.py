@@ -33,8 +33,8 @@ def submission_order(data: CarvanaData) -> list[str]:
         return test_ids
     try:
         frame = data.read_csv(SAMPLE, [])  # a file that is there but unreadable is an error, never skipped
-    except DataError as error:  # pandas' parser messages end in a line break: kept to one line
-        raise DataError(f"{' '.join(str(error).split()).replace(' )', ')')}; {RESTORE_SAMPLE}") from None
+    except DataError as error:
+        raise DataError(f"{error}; {RESTORE_SAMPLE}") from None
     if list(frame.columns) != HEADER.strip().split(","):
         raise DataError(
             f"{path}: the header is {','.join(map(str, frame.columns))!r}, not {HEADER.strip()!r}; {RESTORE_SAMPLE}"

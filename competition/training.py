@@ -447,7 +447,8 @@ def train_fold(
     train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
     parts = build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps))
     image_shape = data.image_shape(val_ids[0])  # inference checks test images against it
-    with _run_folder(config, resume, overwrite, split_digest(val_ids)) as (run_dir, resumed_from):
+    split = split_digest(val_ids)
+    with _run_folder(config, resume, overwrite, split) as (run_dir, resumed_from):
         state = parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
         if resume and resumed_from is None:
             logger.info("--resume: no %s yet, starting from scratch", run_dir / "last.pt")
@@ -481,7 +482,7 @@ def train_fold(
                 "train_img_per_s": len(train_loader) * config.batch_size / train_seconds,
                 "seconds": time.perf_counter() - started,
             }
-            _save_epoch(parts, state, config, row, image_shape, split_digest(val_ids), run_dir)
+            _save_epoch(parts, state, config, row, image_shape, split, run_dir)
             logger.info(
                 "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
                 config.fold,
@@ -564,7 +565,9 @@ def _device_slot(slots_dir: str, slots: list[str]):
         time.sleep(0.2)
 
 
-def _run_one_fold(config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict):
+def _run_one_fold(
+    config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict, log_level: int
+):
     if os.getpid() != driver_pid:  # a worker process (with one job, joblib runs the folds in the driver itself)
         _stop_when_orphaned(driver_pid)
     config = config_from({**config_values, "fold": fold})
@@ -574,7 +577,7 @@ def _run_one_fold(config_values: dict, fold: int, slots_dir: str, slots: list[st
         _device_slot(slots_dir, slots) as device,
         open(log_path, "a") as log,
         contextlib.redirect_stderr(log),
-        logs.redirected(log, flags.pop("log_level")),
+        logs.redirected(log, log_level),
     ):
         logger.debug("device slots in %s", slots_dir)
         logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
@@ -604,8 +607,8 @@ def train_folds(
 
     slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]
     values = asdict(config)
-    flags = {"resume": resume, "overwrite": overwrite, "log_level": log_level}
+    flags = {"resume": resume, "overwrite": overwrite}
     with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir:
         return Parallel(n_jobs=jobs, backend="loky")(
-            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), dict(flags)) for fold in folds
+            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags, log_level) for fold in folds
         )
