@@ -8,7 +8,6 @@ import math
 import os
 import random
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from competition.metrics import dice_per_image, iou_per_image
 from competition.models import build_model
 from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
 from competition.schedules import build_scheduler
+from competition.workers import stop_when_orphaned
 
 logger = logging.getLogger(__name__)
 
@@ -529,29 +529,6 @@ class FoldOutcome:
     log: str
 
 
-_watchdog_started = False
-
-
-def _stop_when_orphaned(driver_pid: int, interval: float = 0.5) -> None:
-    """Exit this worker process as soon as the process that started it is gone.
-
-    Why: when ``train.py --folds`` is killed (kill -9, a notebook's kernel restart), joblib's
-    workers would go on training into the run folder, unseen, and race a resumed run.
-    Once per worker process (joblib reuses workers across folds).
-    """
-    global _watchdog_started
-    if _watchdog_started:
-        return
-    _watchdog_started = True
-
-    def watch():
-        while os.getppid() == driver_pid:
-            time.sleep(interval)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
-
-
 @contextlib.contextmanager
 def _device_slot(slots_dir: str, slots: list[str]):
     """A free device among ``slots`` (one entry per fold that may run on it at once), held until the block
@@ -568,8 +545,7 @@ def _device_slot(slots_dir: str, slots: list[str]):
 def _run_one_fold(
     config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict, log_level: int
 ):
-    if os.getpid() != driver_pid:  # a worker process (with one job, joblib runs the folds in the driver itself)
-        _stop_when_orphaned(driver_pid)
+    stop_when_orphaned(driver_pid)  # nothing to watch when one job runs the folds in the driver itself
     config = config_from({**config_values, "fold": fold})
     log_path = config.run_dir() / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

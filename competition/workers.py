@@ -1,0 +1,27 @@
+"""Worker processes that never outlive the run that started them."""
+
+import os
+import threading
+import time
+
+_watchdog_started = False
+
+
+def stop_when_orphaned(driver_pid: int, interval: float = 0.5) -> None:
+    """Exit this worker process as soon as the process that started it is gone.
+
+    Why: when ``train.py --folds`` or ``infer.py --devices`` is killed (kill -9, a notebook's kernel
+    restart), its workers would go on writing into the run folder or the submission, unseen, and
+    race a resumed run. Once per worker process (joblib reuses workers across tasks).
+    """
+    global _watchdog_started
+    if _watchdog_started or os.getpid() == driver_pid:
+        return
+    _watchdog_started = True
+
+    def watch():
+        while os.getppid() == driver_pid:
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
