@@ -1,13 +1,14 @@
 # make demo: set up, make the synthetic data set (unless input/ holds data), split folds, train fold 0
 #            with the CPU demo schedule, predict the test set with TTA, score it (synthetic truth only)
 #            (run again, it keeps what is done: training resumes, a finished run is not trained again)
+# make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (under 9 min on one H100)
 # make test: set up and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup demo data folds train infer test test-fast bench
+.PHONY: setup demo data folds train infer test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -49,3 +50,6 @@ bench: setup
 	$(BIN)/python -m bench.infer_bench --size 256x384 --batch-size 4 --workers 2 --steps 10
 	$(BIN)/python -m bench.memory_bench --size 640x960 --batch-sizes 1,2,4 --precision bf16
 	$(BIN)/python -m bench.loader_bench --size 640x960
+
+bench-gpu: setup
+	$(BIN)/python -m bench.gpu_report --out bench/results/gpu.md

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from bench.device import describe, speed_bench_parser, synchronize
+from bench.kaggle_plan import CARVANA_TEST_IMAGES
 from competition.checkpoints import save_checkpoint, summary
+from competition.clock import format_duration
 from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.inference import Ensemble, load_member, write_submission
@@ -68,6 +70,10 @@ def main() -> None:
     print(f"model only  {model_only:8.1f} img/s")
     print(f"end to end  {end_to_end:8.1f} img/s over {len(rows)} test images ({args.workers} workers)")
     print(f"end to end / model only: {end_to_end / model_only:.2f}")
+    print(
+        f"Carvana's {CARVANA_TEST_IMAGES:,} test images end to end at this rate: "
+        f"{format_duration(CARVANA_TEST_IMAGES / end_to_end)} (one model)"
+    )
 
 
 if __name__ == "__main__":

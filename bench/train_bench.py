@@ -76,11 +76,14 @@ def main() -> None:
     parser = speed_bench_parser(__doc__, "1024x1024", steps=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--precision", default="auto", help="of the trainer: auto (bf16/fp16 by the GPU), bf16, fp16, fp32"
+    )
     args = parser.parse_args()
     # Not setup_device: cuDNN autotuning is switched on only after the plain loop, which tutorials run without it.
     device = resolve_device()
     height, width = parse_size(args.size)
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(args.precision, device)
     config = TrainConfig(encoder=args.encoder, size=args.size, compile=device.type == "cuda" and not args.no_compile)
     torch.manual_seed(0)
     steps = args.warmup + args.steps
@@ -111,7 +114,7 @@ def main() -> None:
         drop_last=True,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=True,
+        persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers else None,
     )
     batches = (batch for _ in range(1000) for batch in loader)  # loaded as they are consumed, inside the timing

@@ -25,3 +25,13 @@ def stop_when_orphaned(driver_pid: int, interval: float = 0.5) -> None:
         os._exit(3)
 
     threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child process: the kernel kills it when the process that started it dies
+    (Linux's PR_SET_PDEATHSIG), so a benchmark or command run by another never outlives it."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
