@@ -37,7 +37,20 @@ from competition.workers import stop_when_orphaned
 
 logger = logging.getLogger(__name__)
 
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_iou", "train_img_per_s", "seconds"]
+# skipped_steps: fp16 optimizer steps skipped for overflowing gradients (empty in rows logged before it was counted).
+LOG_COLUMNS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_dice",
+    "val_iou",
+    "train_img_per_s",
+    "seconds",
+    "skipped_steps",
+]
+# More skipped steps than this in an epoch are more than the loss scale's calibration at the start.
+SKIPPED_STEPS_WARNING = 5
 RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
 LOCK_NAME = ".lock"
 
@@ -92,6 +105,19 @@ def optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+class OptimizerStepCount:
+    """How many times the optimizer really stepped. GradScaler skips ``optimizer.step()`` for a step whose fp16
+    gradients overflowed (and lowers the loss scale); it decides on the host, so counting costs no device sync.
+    (A fused optimizer would be handed the overflow flag rather than skipped; the AdamW built here is not fused.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.taken = 0
+        optimizer.register_step_post_hook(self._count)
+
+    def _count(self, optimizer, args, kwargs) -> None:
+        self.taken += 1
 
 
 def micro_batch_groups(batches, accum_steps: int):
@@ -256,6 +282,7 @@ class _Parts:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     precision: str
+    optimizer_steps: OptimizerStepCount
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -304,6 +331,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         ema=ema,
         precision=precision,
+        optimizer_steps=OptimizerStepCount(optimizer),
     )
 
 
@@ -349,10 +377,14 @@ def _out_of_memory_fix(config: TrainConfig, validating: bool) -> tuple[str, str]
     return context, fix + ". `python -m competition.memory` with the same flags counts the memory per batch size"
 
 
-def train_one_epoch(parts: _Parts, loader, config: TrainConfig, epoch: int, run_dir: Path, progress: bool) -> float:
-    """One pass over the training images; returns the mean loss. Losses are read back from the device
-    every ``log_every`` steps (one sync), and a non-finite one stops the run."""
+def train_one_epoch(
+    parts: _Parts, loader, config: TrainConfig, epoch: int, run_dir: Path, progress: bool
+) -> tuple[float, int]:
+    """One pass over the training images; returns the mean loss and the optimizer steps skipped for fp16
+    overflow. Losses are read back from the device every ``log_every`` steps (one sync), and a non-finite
+    one stops the run."""
     parts.model.train()
+    steps_taken_before = parts.optimizer_steps.taken
     device = next(parts.model.parameters()).device
     steps_per_epoch = math.ceil(len(loader) / config.accum_steps)
     pending: list[tuple[int, torch.Tensor]] = []
@@ -386,7 +418,18 @@ def train_one_epoch(parts: _Parts, loader, config: TrainConfig, epoch: int, run_
             )
     bar.close()
     losses += _check_finite(pending, epoch, run_dir)
-    return float(np.mean(losses))
+    skipped = steps_per_epoch - (parts.optimizer_steps.taken - steps_taken_before)
+    if skipped > SKIPPED_STEPS_WARNING:
+        logger.warning(
+            "fold %d epoch %d: %d of %d optimizer steps skipped: fp16 gradients overflowed and the loss scale was "
+            "lowered each time (a few at the start are its calibration); if it goes on, use --precision bf16 "
+            "where the GPU has it, or fp32, or lower --lr",
+            config.fold,
+            epoch + 1,
+            skipped,
+            steps_per_epoch,
+        )
+    return float(np.mean(losses)), skipped
 
 
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
@@ -470,7 +513,7 @@ def train_fold(
             if train_loader.dataset.transform is not None:
                 train_loader.dataset.transform.set_random_seed(config.seed + epoch)
             started = time.perf_counter()
-            train_loss = train_one_epoch(parts, train_loader, config, epoch, run_dir, progress)
+            train_loss, skipped_steps = train_one_epoch(parts, train_loader, config, epoch, run_dir, progress)
             train_seconds = time.perf_counter() - started
             with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
                 metrics = evaluate(parts.evaluated, val_loader, parts.loss_fn, precision)
@@ -481,6 +524,7 @@ def train_fold(
                 **metrics,
                 "train_img_per_s": len(train_loader) * config.batch_size / train_seconds,
                 "seconds": time.perf_counter() - started,
+                "skipped_steps": skipped_steps,
             }
             _save_epoch(parts, state, config, row, image_shape, split, run_dir)
             logger.info(

@@ -8,7 +8,7 @@ from competition.errors import ConfigError
 from competition.losses import build_loss
 from competition.models import build_model
 from competition.prediction import NATIVE_BF16, PRECISIONS, resolve_precision, setup_device
-from competition.training import accumulate_gradients, optimizer_step
+from competition.training import OptimizerStepCount, accumulate_gradients, optimizer_step
 
 GPU = torch.device("cuda", 0)  # constructing a device object needs no GPU
 # name, compute capability, what auto resolves to
@@ -113,3 +113,20 @@ def test_fp16_steps_with_loss_scaling_skip_nothing_when_the_loss_is_finite():
     assert all(int(state["step"]) == steps for state in optimizer.state.values())
     assert len(optimizer.state) == len(before)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(("init_scale", "skipped"), [(2.0**60, 3), (2.0**8, 0)], ids=["overflowing", "finite"])
+def test_fp16_steps_skipped_for_overflowing_gradients_are_counted(init_scale, skipped):
+    """A loss scale of 2**60 overflows fp16 gradients: GradScaler skips the step and halves the scale."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = OptimizerStepCount(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    images = torch.rand(2, 3, 32, 32)
+    masks = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    for _ in range(3):
+        accumulate_gradients(model, build_loss("bce_dice"), [(images, masks)], "fp16", scaler)
+        optimizer_step(model, optimizer, scaler, clip_grad=1.0)
+    assert 3 - steps.taken == skipped
+    assert scaler.get_scale() == init_scale / 2**skipped

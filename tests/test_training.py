@@ -1,4 +1,5 @@
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -363,6 +364,40 @@ def test_fp16_with_loss_scaling_trains_and_checkpoints_finite_weights(tiny_confi
     checkpoint = torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)
     assert checkpoint["scaler"]["scale"] > 0, "the GradScaler ran and its state is saved for --resume"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_fp16_steps_skipped_for_overflow_reach_the_log_with_a_warning(tiny_config, monkeypatch, caplog):
+    overflowing = functools.partial(torch.amp.GradScaler, init_scale=2.0**60)  # every step of one epoch overflows
+    monkeypatch.setattr(torch.amp, "GradScaler", overflowing)
+    tiny_config.precision, tiny_config.epochs = "fp16", 1
+    train_fold(tiny_config, "cpu", progress=False)
+    assert pd.read_csv(tiny_config.run_dir() / "log.csv")["skipped_steps"].tolist() == [8]  # 8 steps an epoch
+    assert "epoch 1: 8 of 8 optimizer steps skipped: fp16 gradients overflowed" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_from_a_last_pt_whose_log_has_no_skipped_steps_column(tiny_config, monkeypatch):
+    real = training.train_one_epoch
+
+    def stop_in_epoch_2(parts, loader, config, epoch, *args):
+        if epoch == 1:
+            raise Interrupt
+        return real(parts, loader, config, epoch, *args)
+
+    monkeypatch.setattr(training, "train_one_epoch", stop_in_epoch_2)
+    with pytest.raises(Interrupt):
+        train_fold(tiny_config, "cpu", progress=False)
+    last = tiny_config.run_dir() / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    for row in checkpoint["log"]:  # as written before the column was counted
+        del row["skipped_steps"]
+    torch.save(checkpoint, last)
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    train_fold(tiny_config, "cpu", resume=True, progress=False)
+    log = pd.read_csv(tiny_config.run_dir() / "log.csv")
+    assert log["epoch"].tolist() == [0, 1]
+    assert math.isnan(log["skipped_steps"][0]) and log["skipped_steps"][1] == 0
 
 
 @pytest.mark.parametrize(
