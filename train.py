@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import time
 
 from competition.config import add_config_arguments, resolve_config
 from competition.environment import resolve_device
@@ -40,6 +41,7 @@ def parse_numbers(text: str, flag: str, example: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()  # --time-limit counts from here, in every fold worker too
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_from(args)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.folds:
             if args.gpus or args.jobs:
                 raise ConfigError("--gpus and --jobs are for several folds (--folds 0,1,...); one fold takes --device")
-            train_fold(config, args.device, resume=args.resume, overwrite=args.overwrite, progress=progress)
+            train_fold(config, args.device, args.resume, args.overwrite, progress, started)
             return
         if args.device:
             raise ConfigError("--device is for one fold; several folds take --gpus")
@@ -72,14 +74,26 @@ def main(argv: list[str] | None = None) -> None:
             "training folds %s on %s, %d at a time; logs in %s/fold<N>/train.log", folds, devices, jobs, config.out
         )
         level = logging.getLogger("competition").level
-        outcomes = train_folds(config, folds, devices, jobs, args.resume, args.overwrite, level)
-    for outcome in outcomes:
-        report = logger.info if outcome.ok else logger.error
-        report(
-            "fold %d: %s: %s (log: %s)", outcome.fold, "ok" if outcome.ok else "FAILED", outcome.message, outcome.log
-        )
+        outcomes = train_folds(config, folds, devices, jobs, args.resume, args.overwrite, level, started)
+    report_outcomes(outcomes)
     if not all(outcome.ok for outcome in outcomes):
         sys.exit(1)
+
+
+def report_outcomes(outcomes) -> None:
+    """One line per fold; then which folds the time limit stopped, and how to continue them."""
+    for outcome in outcomes:
+        status = "FAILED" if not outcome.ok else "stopped by the time limit" if outcome.stopped else "ok"
+        report = logger.error if not outcome.ok else logger.warning if outcome.stopped else logger.info
+        report("fold %d: %s: %s (log: %s)", outcome.fold, status, outcome.message, outcome.log)
+    stopped = [outcome.fold for outcome in outcomes if outcome.stopped]
+    if stopped:
+        logger.warning(
+            "fold(s) %s stopped by --time-limit, their checkpoints saved: continue them in a new session with the "
+            "same command and --resume (e.g. --folds %s --resume)",
+            stopped,
+            ",".join(map(str, stopped)),
+        )
 
 
 if __name__ == "__main__":

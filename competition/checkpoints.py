@@ -16,8 +16,19 @@ from competition.files import atomic_output
 #    last.pt records the validation split.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # the weights and config of format 1 load as they are
-# Settings a resumed run may change: where things are and how fast they go, not what is learned.
-RESUMABLE_CHANGES = {"out", "data_dir", "folds_csv", "workers", "log_every", "val_batch_size", "compile", "check"}
+# Settings a resumed run may change: where things are and how fast they go, not what is learned; and the
+# time limit, since a new session resumes with the time it has.
+RESUMABLE_CHANGES = {
+    "out",
+    "data_dir",
+    "folds_csv",
+    "workers",
+    "log_every",
+    "val_batch_size",
+    "compile",
+    "check",
+    "time_limit",
+}
 
 
 def split_digest(validation_ids: list[str]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tomllib
 
+from competition.clock import parse_duration
 from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError
 from competition.losses import LOSSES
@@ -59,6 +60,11 @@ class TrainConfig:
     seed: int = setting(42, "seed of weights, data order and augmentation")
     log_every: int = setting(10, "optimizer steps between progress updates and non-finite-loss checks")
     check: bool = setting(True, "read every image header and mask before the first step (seconds), not mid-epoch")
+    time_limit: str = setting(
+        "",
+        "stop before an epoch that would end after this long, e.g. 11h30m; counted from the start of train.py; "
+        "empty: no limit",
+    )
 
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) the model sees in training and validation, or None for full resolution."""
@@ -141,6 +147,7 @@ def check_config(config: "TrainConfig") -> None:
             "needs at least 2 images a batch; use --batch-size 2 (with --accum-steps for a larger effective batch)"
         )
     config.input_size()
+    parse_duration(config.time_limit, flag("time_limit"))
 
 
 def _read_file(path: Path) -> dict:

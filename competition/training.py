@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from competition import logs
 from competition.checkpoints import check_resumable, load_checkpoint, save_checkpoint, split_digest, summary
+from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig, config_from
 from competition.data import CarvanaData, CarvanaDataset, image_id_of
 from competition.environment import explain_out_of_memory
@@ -378,17 +379,24 @@ def _out_of_memory_fix(config: TrainConfig, validating: bool) -> tuple[str, str]
 
 
 def train_one_epoch(
-    parts: _Parts, loader, config: TrainConfig, epoch: int, run_dir: Path, progress: bool
+    parts: _Parts,
+    loader,
+    config: TrainConfig,
+    epoch: int,
+    run_dir: Path,
+    progress: bool,
+    budget: "_EpochBudget | None" = None,
 ) -> tuple[float, int]:
     """One pass over the training images; returns the mean loss and the optimizer steps skipped for fp16
     overflow. Losses are read back from the device every ``log_every`` steps (one sync), and a non-finite
-    one stops the run."""
+    one stops the run; there the time ``budget`` (an _EpochBudget) may project the run's length."""
     parts.model.train()
     steps_taken_before = parts.optimizer_steps.taken
     device = next(parts.model.parameters()).device
     steps_per_epoch = math.ceil(len(loader) / config.accum_steps)
     pending: list[tuple[int, torch.Tensor]] = []
     losses: list[float] = []
+    images_done = 0
     bar = tqdm(
         total=len(loader) * config.batch_size,
         unit="img",
@@ -409,16 +417,25 @@ def train_one_epoch(
         if parts.ema is not None:
             parts.ema.update_parameters(parts.model)
         pending.append((step, loss))
-        bar.update(sum(len(images) for images, _ in micro_batches))
+        step_images = sum(len(images) for images, _ in micro_batches)
+        images_done += step_images
+        bar.update(step_images)
         if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
             losses += _check_finite(pending, epoch, run_dir)
             pending = []
+            if budget is not None:
+                budget.during(images_done)
             bar.set_postfix(
                 loss=f"{np.mean(losses[-config.log_every :]):.4f}", lr=f"{parts.scheduler.get_last_lr()[0]:.2e}"
             )
     bar.close()
     losses += _check_finite(pending, epoch, run_dir)
     skipped = steps_per_epoch - (parts.optimizer_steps.taken - steps_taken_before)
+    _warn_of_skipped_steps(config, epoch, skipped, steps_per_epoch)
+    return float(np.mean(losses)), skipped
+
+
+def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps: int) -> None:
     if skipped > SKIPPED_STEPS_WARNING:
         logger.warning(
             "fold %d epoch %d: %d of %d optimizer steps skipped: fp16 gradients overflowed and the loss scale was "
@@ -427,9 +444,8 @@ def train_one_epoch(
             config.fold,
             epoch + 1,
             skipped,
-            steps_per_epoch,
+            steps,
         )
-    return float(np.mean(losses)), skipped
 
 
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
@@ -473,33 +489,208 @@ def _run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: str):
         yield run_dir, resumed_from
 
 
-def train_fold(
-    config: TrainConfig, device: str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True
-) -> dict:
-    """Train ``config.fold``; keep ``best.pt`` by validation Dice and ``last.pt`` for ``--resume``.
+class _EpochBudget:
+    """The time limit seen from the epoch loop: one projection early in this process's first epoch, and
+    before each epoch whether it fits, judged by the longest epoch (training, validation, saving) measured
+    so far. Times are read from the deadline's clock."""
 
-    Returns the best epoch's log row.
-    """
-    inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock below
-    device, precision = setup_device(device, config.precision)
+    def __init__(self, deadline: Deadline, config: TrainConfig, first_epoch: int, images_per_epoch: int):
+        self.deadline, self.config = deadline, config
+        self.first_epoch, self.images_per_epoch = first_epoch, images_per_epoch
+        self.longest_epoch = 0.0
+        self.epoch_started = 0.0
+        self.projected = False
+
+    def begin(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (from 0) fits in the time left; when not, says so and how to go on."""
+        if not self.deadline.fits(self.longest_epoch):
+            if epoch > 0:  # else nothing was trained to resume from: the caller says so
+                self._warn_stop(epoch)
+            return False
+        self.epoch_started = self.deadline.elapsed()
+        return True
+
+    def during(self, images_done: int) -> None:
+        """At the loss sync points: the projection, once PROJECT_AFTER_SECONDS of the first epoch have passed."""
+        seconds = self.deadline.elapsed() - self.epoch_started
+        if not self.projected and seconds >= PROJECT_AFTER_SECONDS and images_done:
+            rate = images_done / seconds
+            self._project(self.images_per_epoch / rate, seconds, f"{rate:.1f} img/s over {format_duration(seconds)}")
+
+    def end(self) -> None:
+        seconds = self.deadline.elapsed() - self.epoch_started
+        self.longest_epoch = max(self.longest_epoch, seconds)
+        if not self.projected:  # the first epoch ended within PROJECT_AFTER_SECONDS
+            self._project(seconds, seconds, "the first epoch, measured")
+
+    def _project(self, epoch_seconds: float, into_epoch: float, measured: str) -> None:
+        self.projected = True
+        config, deadline = self.config, self.deadline
+        epochs_left = config.epochs - self.first_epoch
+        total = epochs_left * epoch_seconds
+        fits = deadline.fits(total - into_epoch)
+        verdict = (
+            ""
+            if deadline.limit is None
+            else f", {format_duration(deadline.remaining())} left: " + ("it fits" if fits else "it does not fit")
+        )
+        logger.info(
+            "fold %d: projected %s for the %d epoch(s) to train (%s an epoch, from %s); %s%s",
+            config.fold,
+            format_duration(total),
+            epochs_left,
+            format_duration(epoch_seconds),
+            measured,
+            deadline.describe(),
+            verdict,
+        )
+        if not fits:
+            fitting = max(1, min(epochs_left, int((deadline.remaining() + into_epoch) // epoch_seconds)))
+            logger.warning(
+                "fold %d: about %d of the %d epoch(s) to train fit in the %s; training will stop after them, with "
+                "last.pt saved: run the same command with --resume in a new session to train the rest",
+                config.fold,
+                fitting,
+                epochs_left,
+                deadline.describe(),
+            )
+
+    def _warn_stop(self, epoch: int) -> None:
+        left = max(0.0, self.deadline.remaining())
+        why = (
+            f"the next would take about {format_duration(self.longest_epoch)}, {format_duration(left)} are left"
+            if self.longest_epoch
+            else "it had passed before this session's first epoch"
+        )
+        logger.warning(
+            "fold %d: stopped by the %s with %d of %d epochs done (%s); last.pt, best.pt and log.csv are saved: "
+            "run the same command with --resume in a new session to train the other %d",
+            self.config.fold,
+            self.deadline.describe(),
+            epoch,
+            self.config.epochs,
+            why,
+            self.config.epochs - epoch,
+        )
+
+
+@dataclass
+class _Fold:
+    """A fold ready to train: its loaders, the data order's generator, the model and optimiser, and what
+    checkpoints record about the data."""
+
+    train_loader: torch.utils.data.DataLoader
+    order: torch.Generator
+    val_loader: torch.utils.data.DataLoader
+    parts: _Parts
+    image_shape: tuple[int, int]
+    split: str
+
+    @property
+    def images_per_epoch(self) -> int:
+        return len(self.train_loader) * self.train_loader.batch_size
+
+
+def _set_up_fold(config: TrainConfig, device: torch.device, precision: str, progress: bool) -> _Fold:
     seed_everything(config.seed)
     data = CarvanaData(config.data_dir, config.mask_source)
     train_ids, val_ids = _fold_ids(config, data)
     if config.check:
         check_training_data(data, train_ids + val_ids, progress)
     train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
-    parts = build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps))
-    image_shape = data.image_shape(val_ids[0])  # inference checks test images against it
-    split = split_digest(val_ids)
-    with _run_folder(config, resume, overwrite, split) as (run_dir, resumed_from):
-        state = parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
+    return _Fold(
+        train_loader=train_loader,
+        order=order,
+        val_loader=val_loader,
+        parts=build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps)),
+        image_shape=data.image_shape(val_ids[0]),  # inference checks test images against it
+        split=split_digest(val_ids),
+    )
+
+
+def _run_epoch(
+    fold: _Fold, config: TrainConfig, epoch: int, run_dir: Path, progress: bool, budget: _EpochBudget
+) -> dict:
+    """Train one epoch and validate; returns its log row."""
+    fold.order.manual_seed(config.seed * 100_003 + epoch)
+    if fold.train_loader.dataset.transform is not None:
+        fold.train_loader.dataset.transform.set_random_seed(config.seed + epoch)
+    parts = fold.parts
+    started = time.perf_counter()
+    train_loss, skipped_steps = train_one_epoch(parts, fold.train_loader, config, epoch, run_dir, progress, budget)
+    train_seconds = time.perf_counter() - started
+    with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
+        metrics = evaluate(parts.evaluated, fold.val_loader, parts.loss_fn, parts.precision)
+    return {
+        "epoch": epoch,
+        "lr": parts.scheduler.get_last_lr()[0],
+        "train_loss": train_loss,
+        **metrics,
+        "train_img_per_s": fold.images_per_epoch / train_seconds,
+        "seconds": time.perf_counter() - started,
+        "skipped_steps": skipped_steps,
+    }
+
+
+def _train_epochs(
+    fold: _Fold, state: _State, config: TrainConfig, run_dir: Path, progress: bool, deadline: Deadline
+) -> None:
+    """The epochs from ``state.start_epoch`` on, each saved as it ends; stops early at the time limit."""
+    budget = _EpochBudget(deadline, config, state.start_epoch, fold.images_per_epoch)
+    for epoch in range(state.start_epoch, config.epochs):
+        if not budget.begin(epoch):
+            return
+        row = _run_epoch(fold, config, epoch, run_dir, progress, budget)
+        _save_epoch(fold.parts, state, config, row, fold.image_shape, fold.split, run_dir)
+        budget.end()
+        logger.info(
+            "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
+            config.fold,
+            epoch + 1,
+            config.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_dice"],
+            row["train_img_per_s"],
+        )
+
+
+@dataclass
+class FoldResult:
+    """How far a fold's training got: the best epoch's log row (None when the time limit passed before its
+    first epoch), and the epochs done of ``epochs``."""
+
+    best: dict | None
+    epochs_done: int
+    epochs: int
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs_done == self.epochs
+
+
+def train_fold_within(
+    config: TrainConfig,
+    deadline: Deadline,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FoldResult:
+    """Train ``config.fold`` for the epochs that fit before ``deadline``; keep ``best.pt`` by validation Dice
+    and ``last.pt`` for ``--resume``."""
+    inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock below
+    device, precision = setup_device(device, config.precision)
+    fold = _set_up_fold(config, device, precision, progress)
+    with _run_folder(config, resume, overwrite, fold.split) as (run_dir, resumed_from):
+        state = fold.parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
         if resume and resumed_from is None:
             logger.info("--resume: no %s yet, starting from scratch", run_dir / "last.pt")
         logger.info(
-            "fold %d: %d train / %d validation images, %s-%s, inputs %s, %s on %s, batch %dx%d",
+            "fold %d: %d train / %d validation images, %s-%s, inputs %s, %s on %s, batch %dx%d, %s",
             config.fold,
-            len(train_loader.dataset),
-            len(val_loader.dataset),
+            len(fold.train_loader.dataset),
+            len(fold.val_loader.dataset),
             config.arch,
             config.encoder,
             f"crops of {config.crop}" if config.crop else config.size,
@@ -507,36 +698,11 @@ def train_fold(
             device,
             config.batch_size,
             config.accum_steps,
+            deadline.describe(),
         )
-        for epoch in range(state.start_epoch, config.epochs):
-            order.manual_seed(config.seed * 100_003 + epoch)
-            if train_loader.dataset.transform is not None:
-                train_loader.dataset.transform.set_random_seed(config.seed + epoch)
-            started = time.perf_counter()
-            train_loss, skipped_steps = train_one_epoch(parts, train_loader, config, epoch, run_dir, progress)
-            train_seconds = time.perf_counter() - started
-            with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
-                metrics = evaluate(parts.evaluated, val_loader, parts.loss_fn, precision)
-            row = {
-                "epoch": epoch,
-                "lr": parts.scheduler.get_last_lr()[0],
-                "train_loss": train_loss,
-                **metrics,
-                "train_img_per_s": len(train_loader) * config.batch_size / train_seconds,
-                "seconds": time.perf_counter() - started,
-                "skipped_steps": skipped_steps,
-            }
-            _save_epoch(parts, state, config, row, image_shape, split, run_dir)
-            logger.info(
-                "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
-                config.fold,
-                epoch + 1,
-                config.epochs,
-                train_loss,
-                row["val_loss"],
-                row["val_dice"],
-                row["train_img_per_s"],
-            )
+        _train_epochs(fold, state, config, run_dir, progress, deadline)
+    if not state.rows:
+        return FoldResult(None, 0, config.epochs)
     best = max(state.rows, key=lambda r: r["val_dice"])
     logger.info(
         "fold %d: best val Dice %.5f at epoch %d -> %s",
@@ -545,7 +711,30 @@ def train_fold(
         best["epoch"] + 1,
         run_dir / "best.pt",
     )
-    return best
+    return FoldResult(best, len(state.rows), config.epochs)
+
+
+def train_fold(
+    config: TrainConfig,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    started: float | None = None,
+) -> dict:
+    """Train ``config.fold``, stopping before an epoch that would end after ``config.time_limit``, counted
+    from ``started`` (a ``time.monotonic()`` reading: when the command began; None: now).
+
+    Returns the best epoch's log row (of the epochs done, when the time limit stopped the run).
+    """
+    deadline = Deadline(parse_duration(config.time_limit), time.monotonic() if started is None else started)
+    result = train_fold_within(config, deadline, device, resume, overwrite, progress)
+    if result.best is None:
+        raise TrainingError(
+            f"fold {config.fold}: the --time-limit {config.time_limit} had passed before the first epoch; "
+            "nothing was trained: give a longer one"
+        )
+    return result.best
 
 
 def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: Path) -> list[float]:
@@ -567,10 +756,25 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: 
 
 @dataclass
 class FoldOutcome:
+    """One fold of ``train_folds``: ``ok`` unless it failed; ``stopped`` when the time limit stopped it, or kept it
+    from starting (its checkpoints, if any, are good: ``--resume`` continues it)."""
+
     fold: int
     ok: bool
     message: str
     log: str
+    stopped: bool = False
+
+
+def _fold_outcome(result: FoldResult | None, fold: int, device: str, deadline: Deadline, log: str) -> FoldOutcome:
+    """The outcome of a fold that did not fail; ``result`` None: not started, the time limit had passed."""
+    if result is None or result.best is None:
+        return FoldOutcome(fold, True, f"not started: the {deadline.describe()} had passed", log, stopped=True)
+    best = f"best val Dice {result.best['val_dice']:.5f} on {device}"
+    if result.finished:
+        return FoldOutcome(fold, True, best, log)
+    done = f"stopped by the {deadline.describe()} after {result.epochs_done} of {result.epochs} epochs"
+    return FoldOutcome(fold, True, f"{done}, {best}", log, stopped=True)
 
 
 @contextlib.contextmanager
@@ -587,10 +791,18 @@ def _device_slot(slots_dir: str, slots: list[str]):
 
 
 def _run_one_fold(
-    config_values: dict, fold: int, slots_dir: str, slots: list[str], driver_pid: int, flags: dict, log_level: int
-):
+    config_values: dict,
+    fold: int,
+    slots_dir: str,
+    slots: list[str],
+    driver_pid: int,
+    flags: dict,
+    log_level: int,
+    started: float,
+) -> FoldOutcome:
     stop_when_orphaned(driver_pid)  # nothing to watch when one job runs the folds in the driver itself
     config = config_from({**config_values, "fold": fold})
+    deadline = Deadline(parse_duration(config.time_limit), started)  # the monotonic clock is system-wide
     log_path = config.run_dir() / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -601,14 +813,17 @@ def _run_one_fold(
     ):
         logger.debug("device slots in %s", slots_dir)
         logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
+        if deadline.remaining() <= 0:
+            logger.warning("fold %d: not started, the %s had passed", fold, deadline.describe())
+            return _fold_outcome(None, fold, device, deadline, str(log_path))
         try:
-            best = train_fold(config, device, progress=False, **flags)
+            result = train_fold_within(config, deadline, device, progress=False, **flags)
         except Exception as error:  # noqa: BLE001 - any failure is reported per fold, the others go on
             if not isinstance(error, ProjectError):
                 traceback.print_exc()
             logger.error("%s: %s", type(error).__name__, error)
             return FoldOutcome(fold, False, f"{type(error).__name__}: {error}", str(log_path))
-    return FoldOutcome(fold, True, f"best val Dice {best['val_dice']:.5f} on {device}", str(log_path))
+    return _fold_outcome(result, fold, device, deadline, str(log_path))
 
 
 def train_folds(
@@ -619,16 +834,20 @@ def train_folds(
     resume: bool = False,
     overwrite: bool = False,
     log_level: int = logging.INFO,
+    started: float | None = None,
 ) -> list[FoldOutcome]:
     """Train several folds with joblib, ``jobs`` at a time, each on a free device of ``devices``;
     each fold logs to its own ``train.log``. A failing fold is reported and does not stop the others.
-    The workers exit within a second when this process dies."""
+    ``config.time_limit`` counts from ``started`` (``time.monotonic()``; None: now) for every fold: a fold
+    not started by then is not started. The workers exit within a second when this process dies."""
     from joblib import Parallel, delayed
 
     slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]
     values = asdict(config)
     flags = {"resume": resume, "overwrite": overwrite}
+    started = time.monotonic() if started is None else started
     with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir:
         return Parallel(n_jobs=jobs, backend="loky")(
-            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags, log_level) for fold in folds
+            delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags, log_level, started)
+            for fold in folds
         )
