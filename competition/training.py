@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import random
+import re
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -826,6 +828,89 @@ def _run_one_fold(
     return _fold_outcome(result, fold, device, deadline, str(log_path))
 
 
+class _FoldProgress:
+    """A line in the driver as each fold of ``train_folds`` finishes an epoch, e.g. ``cuda:0 fold 0: epoch 3/30,
+    val Dice 0.99123, 41.2 img/s, best 0.99123``: each fold's log.csv (written atomically) read every
+    ``interval`` seconds by a thread, the device named by the fold's train.log. Lines go to the console
+    handlers of the moment it starts: a fold run in the driver redirects the project's logger to its train.log."""
+
+    def __init__(self, config: TrainConfig, folds: list[int], interval: float = 2.0):
+        self.run_dirs = {fold: Path(config.out) / f"fold{fold}" for fold in folds}
+        self.epochs, self.interval = config.epochs, interval
+        self.seen = {fold: {_row_key(row) for row in self._rows(fold)} for fold in folds}  # earlier runs' rows
+        self.devices: dict[int, str] = {}
+        self.handlers = list(logging.getLogger(logs.LOGGER_NAME).handlers)
+        self.enabled = logger.isEnabledFor(logging.INFO)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="fold-progress", daemon=True)
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.interval):
+            self._look()
+        self._look()  # the epochs that ended since the last look
+
+    def _rows(self, fold: int) -> list[dict]:
+        try:
+            with open(self.run_dirs[fold] / "log.csv", newline="") as handle:
+                return list(csv.DictReader(handle))
+        except (OSError, csv.Error):
+            return []
+
+    def _look(self) -> None:
+        for fold in self.run_dirs:
+            rows = self._rows(fold)
+            for row in rows:
+                if _row_key(row) not in self.seen[fold]:
+                    self.seen[fold].add(_row_key(row))
+                    self._say(self._line(fold, row, rows))
+
+    def _line(self, fold: int, row: dict, rows: list[dict]) -> str | None:
+        try:
+            best = max(float(other["val_dice"]) for other in rows)
+            return (
+                f"{self._device(fold)} fold {fold}: epoch {int(row['epoch']) + 1}/{self.epochs}, val Dice "
+                f"{float(row['val_dice']):.5f}, {float(row['train_img_per_s']):.1f} img/s, best {best:.5f}"
+            )
+        except (KeyError, TypeError, ValueError):  # a row that is not whole: not worth a line
+            return None
+
+    def _device(self, fold: int) -> str:
+        """The device from the fold's train.log (read once: the fold's line is there before its first epoch)."""
+        if fold not in self.devices:
+            try:
+                text = (self.run_dirs[fold] / "train.log").read_text(errors="replace")
+            except OSError:
+                return "?"
+            found = re.findall(rf"^\S+ fold {fold} on (\S+) \(worker process", text, re.MULTILINE)
+            if not found:
+                return "?"
+            self.devices[fold] = found[-1]  # the log is appended to by every run of the fold
+        return self.devices[fold]
+
+    def _say(self, message: str | None) -> None:
+        if message is None or not self.enabled:
+            return
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None)
+        for handler in self.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _row_key(row: dict) -> tuple:
+    return row.get("epoch"), row.get("seconds")
+
+
+@contextlib.contextmanager
+def _fold_progress(config: TrainConfig, folds: list[int]):
+    progress = _FoldProgress(config, folds)
+    progress.thread.start()
+    try:
+        yield
+    finally:
+        progress.done.set()
+        progress.thread.join()
+
+
 def train_folds(
     config: TrainConfig,
     folds: list[int],
@@ -837,7 +922,7 @@ def train_folds(
     started: float | None = None,
 ) -> list[FoldOutcome]:
     """Train several folds with joblib, ``jobs`` at a time, each on a free device of ``devices``;
-    each fold logs to its own ``train.log``. A failing fold is reported and does not stop the others.
+    each fold logs to its own ``train.log``, and this process says as each fold ends an epoch. A failing fold is reported and does not stop the others.
     ``config.time_limit`` counts from ``started`` (``time.monotonic()``; None: now) for every fold: a fold
     not started by then is not started. The workers exit within a second when this process dies."""
     from joblib import Parallel, delayed
@@ -846,7 +931,7 @@ def train_folds(
     values = asdict(config)
     flags = {"resume": resume, "overwrite": overwrite}
     started = time.monotonic() if started is None else started
-    with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir:
+    with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir, _fold_progress(config, folds):
         return Parallel(n_jobs=jobs, backend="loky")(
             delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags, log_level, started)
             for fold in folds

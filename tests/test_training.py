@@ -3,6 +3,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -352,8 +353,32 @@ def test_train_cli_runs_several_folds_and_reports_each(tiny_config, capsys):
     printed = capsys.readouterr().out
     assert "fold 1: ok: best val Dice" in printed and "fold 2: ok: best val Dice" in printed
     for fold in (1, 2):
+        # the driver's progress line, before the outcomes
+        progress = re.search(rf"cpu fold {fold}: epoch 1/1, val Dice (\S+), \d+\.\d img/s, best (\S+)\n", printed)
+        assert progress and progress[1] == progress[2] and progress.start() < printed.index("fold 1: ok")
         log = (Path(tiny_config.out) / f"fold{fold}" / "train.log").read_text()
         assert f"fold {fold} on cpu (worker process" in log and "best val Dice" in log
+        assert f"fold {fold}: projected" in log and "; no time limit" in log
+
+
+def test_fold_progress_reads_new_epochs_and_skips_rows_that_are_not_whole(tiny_config, capsys):
+    from competition.logs import configure
+
+    configure()
+    run_dir = tiny_config.run_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("12:00:00 fold 0 on cuda:3 (worker process 7)\n")
+    header = ",".join(training.LOG_COLUMNS)
+    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n")  # an earlier run's row
+    progress = training._FoldProgress(tiny_config, [0, 1])  # fold 1 has no folder yet
+    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n1,0.001,0.4,0.3,0.95\n")
+    progress._look()  # a row that is not whole (never written so: log.csv is renamed into place) is passed over
+    whole = "1,0.001,0.4,0.3,0.97,0.9,41.3,3.0,0"
+    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n{whole}\n")
+    progress._look()
+    progress._look()  # nothing new: nothing said
+    printed = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert printed == ["cuda:3 fold 0: epoch 2/2, val Dice 0.97000, 41.3 img/s, best 0.97000"]
 
 
 @pytest.mark.slow
