@@ -515,7 +515,7 @@ class _EpochBudget:
     def during(self, images_done: int) -> None:
         """At the loss sync points: the projection, once PROJECT_AFTER_SECONDS of the first epoch have passed."""
         seconds = self.deadline.elapsed() - self.epoch_started
-        if not self.projected and seconds >= PROJECT_AFTER_SECONDS and images_done:
+        if not self.projected and seconds >= PROJECT_AFTER_SECONDS:
             rate = images_done / seconds
             self._project(self.images_per_epoch / rate, seconds, f"{rate:.1f} img/s over {format_duration(seconds)}")
 
@@ -531,20 +531,17 @@ class _EpochBudget:
         epochs_left = config.epochs - self.first_epoch
         total = epochs_left * epoch_seconds
         fits = deadline.fits(total - into_epoch)
-        verdict = (
-            ""
-            if deadline.limit is None
-            else f", {format_duration(deadline.remaining())} left: " + ("it fits" if fits else "it does not fit")
-        )
+        limit = deadline.describe()
+        if deadline.limit is not None:
+            limit += f", {format_duration(deadline.remaining())} left: it {'fits' if fits else 'does not fit'}"
         logger.info(
-            "fold %d: projected %s for the %d epoch(s) to train (%s an epoch, from %s); %s%s",
+            "fold %d: projected %s for the %d epoch(s) to train (%s an epoch, from %s); %s",
             config.fold,
             format_duration(total),
             epochs_left,
             format_duration(epoch_seconds),
             measured,
-            deadline.describe(),
-            verdict,
+            limit,
         )
         if not fits:
             fitting = max(1, min(epochs_left, int((deadline.remaining() + into_epoch) // epoch_seconds)))
