@@ -641,7 +641,6 @@ def _train_epochs(
             return
         row = _run_epoch(fold, config, epoch, run_dir, progress, budget)
         _save_epoch(fold.parts, state, config, row, fold.image_shape, fold.split, run_dir)
-        budget.end()
         logger.info(
             "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
             config.fold,
@@ -652,6 +651,7 @@ def _train_epochs(
             row["val_dice"],
             row["train_img_per_s"],
         )
+        budget.end()
 
 
 @dataclass
