@@ -3,15 +3,31 @@
 python infer.py --tta [--checkpoints runs/unet_resnet34 [more ...]]   the test set -> submission.csv
 python infer.py --tta --overwrite                                      ... replacing a finished submission.csv
 python infer.py --tta --resume                                         ... keeping the rows an interrupted run wrote
+python infer.py --tta --devices cuda:0,cuda:1                          ... a shard of the test set on each device
+python infer.py --tta --time-limit 11h30m                              ... stopping in time; --resume finishes
 python infer.py --oof --tta                                            out-of-fold Dice, best threshold, worst overlays
 python infer.py --image path/to/car.jpg                                one image -> mask PNG and overlay
 python infer.py --export-onnx unet.onnx --checkpoints runs/x/fold0/best.pt   one model -> ONNX
+
+The test submission on several devices (--devices; by default every GPU when there are several): the test
+images are cut into contiguous shards in sample-submission order, one worker process per device, each writing
+<out>.shard<i>of<n> (<out>.shard<i>of<n>.partial until complete) beside --out; the shards are merged into --out,
+validated, and removed. --resume keeps every complete row of an interrupted run, whatever devices it ran on.
+
+Exit status: 0 done; 1 a shard failed (its line names the device and the error; every shard's rows are kept
+for --resume); 2 an error in the input, the settings or the machine (one line); 3 stopped by --time-limit
+at a batch boundary, no submission yet (the rows written are kept for --resume).
 """
 
 import argparse
 import logging
+import sys
+import time
 from pathlib import Path
 
+import torch
+
+from competition.clock import Deadline, parse_duration
 from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.environment import default_data_dir, default_work_dir
@@ -27,9 +43,12 @@ from competition.inference import (
 )
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 from competition.prediction import TTA, check_tta, setup_device
+from competition.shards import ShardSettings, ShardsFailed, write_submission_on_devices
 from competition.submission import keep_finished
 
 logger = logging.getLogger("competition.infer")
+
+EXIT_SHARD_FAILED, EXIT_STOPPED_BY_TIME_LIMIT = 1, 3
 
 MODE_NAMES = {"submission": "the test submission", "oof": "--oof", "image": "--image", "export_onnx": "--export-onnx"}
 # Flags of one mode or two: flag -> (its attribute, the modes it belongs to, its default when not given)
@@ -37,6 +56,8 @@ MODE_FLAGS = {
     "--out": ("out", ("submission",), lambda: default_work_dir() / "submissions" / "submission.csv"),
     "--resume": ("resume", ("submission",), lambda: False),
     "--overwrite": ("overwrite", ("submission",), lambda: False),
+    "--devices": ("devices", ("submission",), lambda: None),
+    "--time-limit": ("time_limit", ("submission",), lambda: None),
     "--worst": ("worst", ("oof",), lambda: 8),
     "--folds-csv": ("folds_csv", ("oof",), lambda: None),
     "--out-dir": ("out_dir", ("oof", "image"), lambda: default_work_dir() / "predictions"),
@@ -77,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     submission.add_argument("--out", type=Path, help="(default: <work dir>/submissions/submission.csv)")
     submission.add_argument("--resume", action="store_true", default=None, help="keep the rows already written")
     submission.add_argument("--overwrite", action="store_true", default=None, help="replace a finished --out")
+    submission.add_argument(
+        "--devices",
+        help="e.g. cuda:0,cuda:1: a shard of the test set on each, in its own process (default: every GPU when "
+        "there are several; cpu,cpu runs the same on the CPU)",
+    )
+    submission.add_argument(
+        "--time-limit",
+        help="e.g. 11h30m, counted from the start: stop at a batch boundary before it passes, the rows kept for "
+        "--resume (exit status 3)",
+    )
     scoring = parser.add_argument_group("--oof and --image")
     scoring.add_argument(
         "--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)"
@@ -102,6 +133,8 @@ def check_arguments(args: argparse.Namespace) -> str:
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value < least:
             raise ConfigError(f"{flag} {value}: must be at least {least}")
+    if args.device and args.devices:
+        raise ConfigError("--device and --devices: pass one of them (--devices cuda:0,cuda:1 runs a shard on each)")
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
     return mode
@@ -139,30 +172,83 @@ def predict_one_image(args, members, tta, precision) -> None:
     predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold)
 
 
-def predict_test_set(args, members, tta, precision) -> None:
-    ensemble, data = Ensemble(members, tta, precision), CarvanaData(args.data_dir)
-    settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
-    write_submission(ensemble, data, args.out, args.threshold, overwrite=args.overwrite, **settings)
+def submission_devices(args: argparse.Namespace) -> list[str | None]:
+    """The devices of the test submission, each checked: --devices, else --device, else every GPU when there
+    are several, else the one default device (None)."""
+    if args.devices:
+        names = args.devices.split(",")
+        if not all(names):
+            raise ConfigError(f"--devices {args.devices!r}: comma-separated devices, e.g. cuda:0,cuda:1 or cpu,cpu")
+        return [str(setup_device(name, args.precision)[0]) for name in names]
+    if args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return [args.device]
 
 
-RUN = {"submission": predict_test_set, "oof": score_out_of_fold, "image": predict_one_image, "export_onnx": export}
+def load_members(args, paths, device_name, tta):
+    device, precision = setup_device(device_name, args.precision)
+    members = [load_member(path, device, args.compile) for path in paths]
+    names = ", ".join(str(member.path) for member in members)
+    logger.info("%d model(s): %s; TTA %s, %s on %s", len(members), names, "+".join(tta) or "off", precision, device)
+    return members, precision
+
+
+def predict_test_set(args, paths, tta, deadline: Deadline) -> int:
+    """The submission on one device in this process, or on several in worker processes; the exit status."""
+    devices = submission_devices(args)
+    data = CarvanaData(args.data_dir)
+    if len(devices) > 1:
+        names = ", ".join(map(str, paths))
+        logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", ", ".join(devices))
+        settings = ShardSettings(
+            checkpoints=[str(path) for path in paths],
+            data_dir=str(args.data_dir),
+            tta=tta,
+            precision=args.precision,
+            compile=args.compile,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            time_limit=deadline.limit,
+            started=deadline.started,
+            log_level=logging.getLogger("competition").level,
+        )
+        try:
+            rows = write_submission_on_devices(data, args.out, devices, settings, args.resume)
+        except ShardsFailed:
+            return EXIT_SHARD_FAILED
+    else:
+        members, precision = load_members(args, paths, devices[0], tta)
+        settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
+        ensemble = Ensemble(members, tta, precision)
+        rows = write_submission(
+            ensemble, data, args.out, args.threshold, overwrite=args.overwrite, deadline=deadline, **settings
+        )
+    return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
+
+
+RUN = {"oof": score_out_of_fold, "image": predict_one_image, "export_onnx": export}
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()  # --time-limit counts from here, in every shard worker too
     args = build_parser().parse_args(argv)
     configure_from(args)
     with exit_on_project_error("infer.py", args.debug):
         mode = check_arguments(args)
         tta = tta_of(args)
+        deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
         if mode == "submission" and keep_finished(args.out, args.resume, args.overwrite):
             logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
             return
         paths = find_checkpoints(args.checkpoints)
-        device, precision = setup_device(args.device, args.precision)
-        members = [load_member(path, device, args.compile) for path in paths]
-        names = ", ".join(str(member.path) for member in members)
-        logger.info("%d model(s): %s; TTA %s, %s on %s", len(members), names, "+".join(tta) or "off", precision, device)
-        RUN[mode](args, members, tta, precision)
+        if mode == "submission":
+            status = predict_test_set(args, paths, tta, deadline)
+        else:
+            members, precision = load_members(args, paths, args.device, tta)
+            status = RUN[mode](args, members, tta, precision)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from competition.checkpoints import checkpoint_config, load_checkpoint
+from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
 from competition.config import TrainConfig
 from competition.data import CarvanaData, decode_image, image_id_of, resize_image, to_chw
 from competition.environment import explain_out_of_memory
@@ -25,7 +26,16 @@ from competition.metrics import dice_per_image
 from competition.models import build_model
 from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.rle import rle_encode
-from competition.submission import SubmissionWriter, keep_finished, submission_order, validate_submission
+from competition.submission import (
+    SubmissionWriter,
+    discard_interrupted,
+    gather_rows,
+    interrupted_rows,
+    keep_finished,
+    shard_files,
+    submission_order,
+    validate_submission,
+)
 
 __all__ = ["CheckpointError", "Ensemble", "Member", "find_checkpoints", "load_member", "write_submission"]
 
@@ -229,10 +239,13 @@ def write_submission(
     resume: bool = False,
     progress: bool = True,
     overwrite: bool = False,
-) -> pd.DataFrame:
+    deadline: Deadline | None = None,
+) -> pd.DataFrame | None:
     """Predict every test image and write ``img,rle_mask`` rows in sample_submission order; returns the
     validated rows. A finished ``out`` is replaced only with ``overwrite``; with ``resume`` it is kept
-    (nothing to predict), and the rows of an interrupted run are kept and not predicted again.
+    (nothing to predict), and the rows of an interrupted run (one device's or several's) are kept and not
+    predicted again. When ``deadline`` leaves no time for the next batch, it stops there: the rows written
+    stay in ``<out>.partial`` for ``--resume``, and it returns None.
     """
     order = submission_order(data)
     expected = _expected_shape(ensemble)
@@ -240,9 +253,23 @@ def write_submission(
         logger.info("%s: already complete (--resume); nothing to predict, --overwrite predicts it again", out)
         predicted, seconds = 0, 0.0
     else:
-        predicted, seconds = _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, resume, progress)
+        if resume and shard_files(out):
+            gather_rows(out, order)  # the shards of a run on several devices: their rows are kept too
+        elif not resume:
+            discard_interrupted(out)
+        predicted, seconds, finished = _predict_rows(
+            ensemble, data, order, out, threshold, batch_size, workers, resume, progress, deadline=deadline
+        )
+        if not finished:
+            log_stopped(out, interrupted_rows(out), len(order), deadline)
+            return None
     shape = expected or data.image_shape(order[0], "test")
     rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], shape)
+    log_validated(out, rows, predicted, seconds)
+    return rows
+
+
+def log_validated(out: str | Path, rows: pd.DataFrame, predicted: int, seconds: float) -> None:
     logger.info(
         "%s: %d rows, mean mask area %.1f%%, %d predicted in %.1f s (%.1f img/s), validated",
         out,
@@ -252,23 +279,92 @@ def write_submission(
         seconds,
         predicted / max(seconds, 1e-9),
     )
-    return rows
 
 
-def _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, resume, progress) -> tuple[int, float]:
+def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline) -> None:
+    logger.warning(
+        "%s: stopped by the %s at a batch boundary: %d of the %d test images are written and kept, no submission "
+        "yet; run the same command with --resume to finish",
+        out,
+        deadline.describe(),
+        written,
+        total,
+    )
+
+
+class PredictionPace:
+    """The pace of a prediction on the deadline's clock: whether the next batch fits in the time left (the
+    longest batch so far taken as its length), and one projection of the time the rest takes, made after
+    PROJECT_AFTER_SECONDS of predicting or at the end if sooner (a WARNING when it does not fit)."""
+
+    def __init__(self, deadline: Deadline, label: str, images: int, models: int, views: int):
+        self.deadline, self.label, self.images, self.models, self.views = deadline, label, images, models, views
+        self.started = self.batch_started = deadline.elapsed()
+        self.longest_batch, self.done, self.projected = 0.0, 0, False
+
+    def next_batch_fits(self) -> bool:
+        now = self.deadline.elapsed()
+        if self.done:
+            self.longest_batch = max(self.longest_batch, now - self.batch_started)
+        self.batch_started = now
+        return self.deadline.fits(self.longest_batch)
+
+    def batch_done(self, images: int) -> None:
+        self.done += images
+        if not self.projected and self.deadline.elapsed() - self.started >= PROJECT_AFTER_SECONDS:
+            self.project()
+
+    def finish(self) -> None:
+        if not self.projected and self.done:
+            self.project()
+
+    def project(self) -> None:
+        self.projected = True
+        measured = self.deadline.elapsed() - self.started
+        rate, left = self.done / max(measured, 1e-9), self.images - self.done
+        needed, remaining = left / rate, self.deadline.remaining()
+        if self.deadline.limit is None:
+            verdict, fits = "no time limit", True
+        else:
+            fits = needed <= remaining
+            verdict = f"{self.deadline.describe()}, {format_duration(remaining)} left: " + (
+                "it fits" if fits else f"it does not fit, about {int(rate * max(remaining, 0))} of them do"
+            )
+        (logger.info if fits else logger.warning)(
+            "%s: projected %s for the %d image(s) left x %d model(s) x %d view(s) (from %.1f img/s over %s); %s",
+            self.label,
+            format_duration(needed),
+            left,
+            self.models,
+            self.views,
+            rate,
+            format_duration(measured),
+            verdict,
+        )
+
+
+def _predict_rows(
+    ensemble, data, order, out, threshold, batch_size, workers, resume, progress, label="predict", position=None,
+    deadline=None,
+) -> tuple[int, float, bool]:  # fmt: skip
     """A streaming pipeline with bounded memory: loader workers decode and resize, the device predicts a
     batch and thresholds it, and a thread pool RLE-encodes (numba releases the GIL) while the next batch
-    is on the device. Returns (images predicted, seconds)."""
+    is on the device. Stops before a batch that ``deadline`` leaves no time for, the rows written kept
+    in ``<out>.partial``. Returns (images predicted, seconds, whether every image is written and
+    ``out`` complete)."""
     writer = SubmissionWriter(out, resume)
     done = set(writer.done)
     todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
     dataset = PredictionImages(data, todo, "test", ensemble.input_sizes, _expected_shape(ensemble))
-    started = time.perf_counter()
+    views = 1 + len(ensemble.tta)
+    pace = PredictionPace(deadline or Deadline(None), label, len(todo), len(ensemble.members), views)
+    started, predicted = time.perf_counter(), 0
     bar = tqdm(
         total=len(order),
         initial=len(order) - len(todo),
         unit="img",
-        desc="predict",
+        desc=label,
+        position=position,
         disable=not progress,
         dynamic_ncols=True,
     )
@@ -277,10 +373,14 @@ def _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, re
         pending = []
         try:
             for batch, images in _batches(_loader(dataset, batch_size, workers, ensemble.device), ensemble.device):
+                if not pace.next_batch_fits():
+                    break
                 shape = tuple(batch["shape"][0].tolist())
                 masks = (ensemble.probabilities(images, shape) > threshold).squeeze(1).to(torch.uint8).cpu().numpy()
                 names = [f"{todo[i]}.jpg" for i in batch["index"].tolist()]
                 pending.append((names, [rle.submit(rle_encode, mask) for mask in masks]))
+                predicted += len(names)
+                pace.batch_done(len(names))
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
                     _write_done(writer, pending.pop(0), bar)
         finally:
@@ -288,8 +388,13 @@ def _predict_rows(ensemble, data, order, out, threshold, batch_size, workers, re
                 _write_done(writer, pending.pop(0), bar)
             bar.close()
             writer.handle.flush()
-    writer.close()
-    return len(todo), time.perf_counter() - started
+    pace.finish()
+    finished = predicted == len(todo)
+    if finished:
+        writer.close()
+    else:
+        writer.handle.close()
+    return predicted, time.perf_counter() - started, finished
 
 
 def _write_done(writer: SubmissionWriter, item, bar) -> None:

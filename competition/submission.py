@@ -1,9 +1,18 @@
 """Submission files: rows in sample_submission order, written to a temporary file and renamed when complete,
-resumable, never replacing a finished file unasked, and validated."""
+resumable (from one file or from the shard files of several devices), never replacing a finished file unasked,
+and validated.
 
+Files beside ``--out`` (``submission.csv``):
+``submission.csv.partial``              the rows of a run in progress or interrupted, renamed when complete;
+``submission.csv.shard2of3[.partial]``  the rows one device of ``infer.py --devices`` writes (shard 2 of 3),
+                                        gathered into ``submission.csv.partial`` by the merge or by ``--resume``.
+"""
+
+import glob
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +20,7 @@ import pandas as pd
 
 from competition.data import CarvanaData, image_id_of
 from competition.errors import ConfigError, DataError
-from competition.files import partial_path
+from competition.files import atomic_output, partial_path
 from competition.rle import RLEError, rle_runs
 
 logger = logging.getLogger(__name__)
@@ -59,17 +68,92 @@ def submission_order(data: CarvanaData) -> list[str]:
     return order
 
 
+def shard_path(path: str | Path, index: int, count: int) -> Path:
+    """``submission.csv`` -> ``submission.csv.shard2of3``: the file shard ``index`` of ``count`` writes
+    (as ``<it>.partial`` until the shard is complete), beside ``path`` so that ``--resume`` finds it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.shard{index}of{count}")
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The shard files of any earlier run into ``path``, complete or not, whatever its device count."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.shard*"))
+
+
+def interrupted_files(path: str | Path) -> list[Path]:
+    """The files that may hold rows of an unfinished run into ``path``: ``<path>.partial`` and the shard files."""
+    return [file for file in (partial_path(path), *shard_files(path)) if file.is_file()]
+
+
+def complete_rows(path: str | Path) -> Iterator[tuple[str, int, int]]:
+    """(image name, byte offset, byte length) of each complete row of a submission file; nothing when the
+    header is not ours, and a torn last line (a run killed mid-write) is not a row."""
+    with open(path, "rb") as handle:
+        if handle.readline() != HEADER.encode():
+            return
+        offset = handle.tell()
+        for line in handle:
+            if not line.endswith(b"\n"):
+                return
+            yield line.split(b",", 1)[0].decode(), offset, len(line)
+            offset += len(line)
+
+
+def interrupted_rows(path: str | Path) -> int:
+    """How many complete rows the unfinished runs into ``path`` left, in all its files."""
+    return sum(1 for file in interrupted_files(path) for _ in complete_rows(file))
+
+
+def discard_interrupted(path: str | Path) -> None:
+    """Start again: the rows of unfinished runs into ``path`` removed (``--overwrite``)."""
+    for file in interrupted_files(path):
+        file.unlink()
+
+
+def gather_rows(path: str | Path, order: list[str]) -> int:
+    """Every complete row that unfinished runs left (``<path>.partial`` and every shard file) written into
+    ``<path>.partial`` in ``order`` (image ids), each image once, rows of other images dropped; then the shard
+    files removed. Returns the number of rows kept. Rows are copied by byte offset, never held all in memory
+    (a full Carvana submission is hundreds of megabytes)."""
+    sources = interrupted_files(path)
+    where: dict[str, tuple[Path, int, int]] = {}
+    for source in sources:
+        for name, offset, length in complete_rows(source):
+            where.setdefault(name, (source, offset, length))
+    handles = {source: open(source, "rb") for source in sources}  # noqa: SIM115 - closed below
+    kept = 0
+    try:
+        with atomic_output(partial_path(path)) as temporary, open(temporary, "wb") as out:
+            out.write(HEADER.encode())
+            for name in (f"{image_id}.jpg" for image_id in order):
+                if name in where:
+                    source, offset, length = where[name]
+                    handles[source].seek(offset)
+                    out.write(handles[source].read(length))
+                    kept += 1
+    finally:
+        for handle in handles.values():
+            handle.close()
+    for shard in shard_files(path):
+        shard.unlink()
+    return kept
+
+
 def keep_finished(path: str | Path, resume: bool, overwrite: bool) -> bool:
     """Whether ``path`` is a finished submission to keep as it is (with ``resume``: nothing left to predict).
-    A finished file is never replaced unless ``overwrite`` says so."""
+    A finished file is never replaced unless ``overwrite`` says so, nor the rows of an interrupted run
+    (``<path>.partial`` or shard files) dropped unless ``overwrite`` says so."""
     if resume and overwrite:
         raise ConfigError("--resume keeps the rows already written and --overwrite starts again: pass one of them")
-    partial = partial_path(path)
-    if not (resume or overwrite) and partial.exists() and len(partial.read_text().splitlines()) > 1:
-        raise ConfigError(
-            f"{partial}: an interrupted run left {len(partial.read_text().splitlines()) - 1} predicted rows; "
-            "pass --resume to keep them, or --overwrite to start again"
-        )
+    if not (resume or overwrite):
+        rows = {file: sum(1 for _ in complete_rows(file)) for file in interrupted_files(path)}
+        left = [str(file) for file, count in rows.items() if count]
+        if left:
+            raise ConfigError(
+                f"{', '.join(left)}: an interrupted run left {sum(rows.values())} predicted rows; "
+                "pass --resume to keep them, or --overwrite to start again"
+            )
     if overwrite or not Path(path).exists():
         return False
     if resume:
@@ -101,6 +185,7 @@ class SubmissionWriter:
 
     def write(self, rows: list[tuple[str, str]]) -> None:
         self.handle.write("".join(f"{img},{rle}\n" for img, rle in rows))
+        self.handle.flush()  # on disk at once: a killed run keeps every row written before the kill
 
     def close(self) -> Path:
         self.handle.close()

@@ -1,0 +1,216 @@
+"""The test set on several devices at once: shards cut at batch boundaries, a worker process per device, one merge."""
+
+import itertools
+import logging
+import multiprocessing
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from competition import logs
+from competition.clock import Deadline
+from competition.data import CarvanaData
+from competition.errors import ProjectError
+from competition.files import partial_path
+from competition.inference import Ensemble, _predict_rows, load_member, log_stopped, log_validated
+from competition.prediction import setup_device
+from competition.submission import (
+    complete_rows,
+    discard_interrupted,
+    gather_rows,
+    interrupted_rows,
+    shard_path,
+    submission_order,
+    validate_submission,
+)
+from competition.workers import stop_when_orphaned
+
+logger = logging.getLogger(__name__)
+
+
+class ShardsFailed(Exception):
+    """Some shards failed (each reported in a line of its own); the rows of every shard are kept for --resume."""
+
+
+def shard_bounds(n_images: int, n_shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """``n_shards`` contiguous (start, end) ranges covering ``n_images`` in order, as equal as whole batches allow.
+
+    Every cut falls on a multiple of ``batch_size``, so each batch holds the same images as in a run on one
+    device: CPU convolutions may differ in the last bits with the composition of a batch, and the files
+    are compared byte for byte. A shard is empty only when there are fewer batches than shards.
+    """
+    n_batches = -(-n_images // batch_size)
+    cuts = [min(index * n_batches // n_shards * batch_size, n_images) for index in range(n_shards + 1)]
+    return list(itertools.pairwise(cuts))
+
+
+@dataclass
+class ShardSettings:
+    """What every shard worker predicts with: the same for all of them."""
+
+    checkpoints: list[str]
+    data_dir: str
+    tta: tuple[str, ...]
+    precision: str
+    compile: bool
+    threshold: float
+    batch_size: int
+    workers: int
+    time_limit: float | None
+    started: float  # time.monotonic() at the command's start: the clock is system-wide, so workers share it
+    log_level: int = logging.INFO
+    progress: bool = True
+
+
+@dataclass
+class ShardJob:
+    """Shard ``index`` of ``count``: its images, in sample-submission order, predicted on ``device`` into ``path``."""
+
+    index: int
+    count: int
+    device: str
+    image_ids: list[str]
+    path: str
+    threads: int | None  # torch threads on a CPU shared by several shards
+
+    @property
+    def label(self) -> str:
+        return f"{self.device} shard {self.index}/{self.count}"
+
+
+def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connection) -> None:
+    """A worker process: predicts its shard and sends {"finished": bool, "error": str | None} to the driver."""
+    stop_when_orphaned(driver_pid)
+    logs.configure(settings.log_level)
+    outcome = {"finished": False, "error": None}
+    try:
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        device, precision = setup_device(job.device, settings.precision)
+        members = [load_member(path, device, settings.compile) for path in settings.checkpoints]
+        logger.info("%s: %d test images on %s (worker process %d)", job.label, len(job.image_ids), device, os.getpid())
+        _, _, outcome["finished"] = _predict_rows(
+            Ensemble(members, settings.tta, precision),
+            CarvanaData(settings.data_dir),
+            job.image_ids,
+            job.path,
+            settings.threshold,
+            settings.batch_size,
+            settings.workers,
+            False,
+            settings.progress,
+            label=job.label,
+            position=job.index - 1,
+            deadline=Deadline(settings.time_limit, settings.started),
+        )
+    except Exception as error:  # noqa: BLE001 - reported to the driver; the other shards go on
+        if not isinstance(error, ProjectError):
+            traceback.print_exc()
+        outcome["error"] = f"{type(error).__name__}: {error}"
+    connection.send(outcome)
+
+
+def run_shards(jobs: list[ShardJob], settings: ShardSettings) -> list[dict]:
+    """Each job in a worker process of its own, all at once; their outcomes in the order of ``jobs``. A worker
+    that dies without a word (killed, out of host memory) is an outcome with an error too."""
+    context = multiprocessing.get_context("spawn")  # a forked process cannot use CUDA
+    running = []
+    try:
+        for job in jobs:
+            receiver, sender = context.Pipe(duplex=False)
+            worker = context.Process(target=_run_shard, args=(job, settings, os.getpid(), sender), name=job.label)
+            worker.start()
+            sender.close()  # the worker holds the only sending end: its death ends the wait below
+            running.append((worker, receiver))
+        outcomes = []
+        for worker, receiver in running:
+            try:
+                outcomes.append(receiver.recv())
+            except EOFError:
+                worker.join()
+                outcomes.append({"finished": False, "error": f"its worker process died (exit code {worker.exitcode})"})
+            worker.join()
+        return outcomes
+    finally:  # the driver interrupted: its workers stop with it
+        for worker, _ in running:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+
+
+def rows_in(path: str | Path) -> int:
+    """The complete rows of a shard file, finished (``path``) or not (``path.partial``)."""
+    files = [file for file in (Path(path), partial_path(path)) if file.is_file()]
+    return sum(1 for file in files for _ in complete_rows(file))
+
+
+def write_submission_on_devices(
+    data: CarvanaData,
+    out: str | Path,
+    devices: list[str],
+    settings: ShardSettings,
+    resume: bool = False,
+) -> pd.DataFrame | None:
+    """The test images still to predict cut into one shard per device (see ``shard_bounds``), each predicted by
+    its own worker process into its shard file, then every row merged into ``out`` in sample-submission order
+    and validated; returns the rows. With ``resume`` the rows of an interrupted run (its ``.partial`` and shard
+    files, whatever devices it ran on) are kept. Returns None when ``--time-limit`` stopped the shards, their
+    rows kept; raises ShardsFailed, each failure logged, when a shard failed."""
+    out, order = Path(out), submission_order(data)
+    if resume:
+        gather_rows(out, order)
+    else:
+        discard_interrupted(out)
+    partial = partial_path(out)
+    done = {name for name, _, _ in complete_rows(partial)} if partial.is_file() else set()
+    todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
+    count = min(len(devices), -(-len(todo) // settings.batch_size))
+    jobs = _jobs(out, todo, devices[:count], settings.batch_size)
+    logger.info(
+        "%d test images to predict (%d kept from an interrupted run) in %d shard(s) on %s",
+        len(todo),
+        len(order) - len(todo),
+        count,
+        ", ".join(devices[:count]),
+    )
+    outcomes = run_shards(jobs, settings)
+    failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
+    for job, outcome in failed:
+        logger.error(
+            "%s: FAILED: %s; its %d row(s) and the other shards' rows are kept: run the same command with --resume "
+            "to continue",
+            job.label,
+            outcome["error"],
+            rows_in(job.path),
+        )
+    if failed:
+        raise ShardsFailed(f"{len(failed)} of {len(jobs)} shard(s) failed")
+    if not all(outcome["finished"] for outcome in outcomes):
+        log_stopped(out, interrupted_rows(out), len(order), Deadline(settings.time_limit, settings.started))
+        return None
+    gather_rows(out, order)
+    os.replace(partial, out)
+    rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], data.image_shape(order[0], "test"))
+    log_validated(out, rows, len(todo), Deadline(None, settings.started).elapsed())
+    return rows
+
+
+def _jobs(out: Path, todo: list[str], devices: list[str], batch_size: int) -> list[ShardJob]:
+    cpu_shards = sum(device.startswith("cpu") for device in devices)
+    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_shards))  # CPU shards share the cores, not oversubscribe
+    bounds = shard_bounds(len(todo), len(devices), batch_size)
+    return [
+        ShardJob(
+            index,
+            len(devices),
+            device,
+            todo[start:end],
+            str(shard_path(out, index, len(devices))),
+            threads if device.startswith("cpu") else None,
+        )
+        for index, (device, (start, end)) in enumerate(zip(devices, bounds), start=1)
+    ]
