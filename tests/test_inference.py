@@ -1,6 +1,7 @@
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 import infer
 from competition import errors, inference
+from competition.clock import Deadline
 from competition.data import CarvanaData, DataError
 from competition.errors import ConfigError, ProjectError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
@@ -484,3 +486,69 @@ def test_rows_left_by_an_interrupted_run_are_kept_unless_asked(tmp_path):
         keep_finished(out, resume=False, overwrite=False)
     assert keep_finished(out, resume=True, overwrite=False) is False
     assert keep_finished(out, resume=False, overwrite=True) is False
+
+
+@dataclass
+class ManualDeadline(Deadline):
+    """A deadline on a clock that moves only when the test moves it."""
+
+    now: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.now
+
+
+def test_time_limit_stops_at_a_batch_boundary_and_resume_finishes_the_same_file(
+    trained_run, data_dir, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="competition")
+    deadline = ManualDeadline(95.0, started=0.0)
+    real = Ensemble.probabilities
+
+    def thirty_seconds_a_batch(self, images, output_size):
+        deadline.now += 30.0
+        return real(self, images, output_size)
+
+    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([trained_run])]
+    out = tmp_path / "submission.csv"
+    settings = {"workers": 0, "progress": False, "deadline": deadline}
+    assert write_submission(Ensemble(members, ("hflip",)), CarvanaData(data_dir), out, **settings) is None
+    # batches at 0, 30 and 60 s; the next, 30 s long, would end past 95 s
+    assert not out.exists() and len((tmp_path / "submission.csv.partial").read_text().splitlines()) == 1 + 3 * 4
+    assert caplog.text.count("projected") == 1, "once, after a minute"
+    assert (
+        "predict: projected 3m00s for the 24 image(s) left x 2 model(s) x 2 view(s) (from 0.1 img/s over 1m00s); "
+        "time limit 1m35s, 35s left: it does not fit, about 4 of them do" in caplog.text
+    )
+    assert (
+        f"{out}: stopped by the time limit 1m35s at a batch boundary: 12 of the 32 test images are written and kept, "
+        "no submission yet; run the same command with --resume to finish" in caplog.text
+    )
+    monkeypatch.setattr(Ensemble, "probabilities", real)
+    common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--tta"]
+    infer.main([*common, "--out", str(out), "--resume"])
+    infer.main([*common, "--out", str(tmp_path / "uninterrupted.csv")])
+    assert out.read_bytes() == (tmp_path / "uninterrupted.csv").read_bytes()
+
+
+def test_a_time_limit_already_spent_exits_3_with_the_rows_kept(trained_run, data_dir, tmp_path, capsys):
+    common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0"]
+    out = tmp_path / "submission.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*common, "--out", str(out), "--time-limit", "0.001s"])  # spent while the models load
+    assert exit_info.value.code == 3 and not out.exists()
+    assert "0 of the 32 test images are written and kept" in capsys.readouterr().err
+    infer.main([*common, "--out", str(out), "--resume", "--time-limit", "1h"])
+    assert "validated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--time-limit", "soon"], "--time-limit 'soon': a duration such as 11h30m"),
+        (["--oof", "--time-limit", "1h"], "--time-limit belongs to the test submission, not to --oof"),
+    ],
+)
+def test_a_bad_time_limit_is_one_line(argv, message, tmp_path, capsys):
+    assert message in one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))

@@ -116,6 +116,19 @@ def test_a_failing_shard_keeps_every_row_and_resume_finishes(trained_run, data_c
     assert out.read_bytes() == one_device_submission and shard_files(out) == []
 
 
+def test_shards_stopped_by_the_time_limit_exit_3_and_resume_finishes(
+    trained_run, data_dir, one_device_submission, tmp_path, capfd
+):
+    out = tmp_path / "submission.csv"
+    flags = [*common_flags(trained_run, data_dir, out), "--tta", "--devices", "cpu,cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*flags, "--time-limit", "0.001s"])  # spent before the workers start
+    assert exit_info.value.code == 3 and not out.exists()
+    assert "0 of the 32 test images are written and kept" in capfd.readouterr().err
+    infer.main([*flags, "--resume", "--time-limit", "1h"])
+    assert out.read_bytes() == one_device_submission and shard_files(out) == []
+
+
 def session_processes(session: int) -> list[int]:
     """Live (not zombie) processes of a session, read from /proc."""
     found = []
