@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import Deadline, parse_duration
 from competition.config import TrainConfig
 from competition.data import CarvanaData
@@ -196,34 +197,39 @@ def load_members(args, paths, device_name, tta):
 def predict_test_set(args, paths, tta, deadline: Deadline) -> int:
     """The submission on one device in this process, or on several in worker processes; the exit status."""
     devices = submission_devices(args)
-    data = CarvanaData(args.data_dir)
     if len(devices) > 1:
-        names = ", ".join(map(str, paths))
-        logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", ", ".join(devices))
-        settings = ShardSettings(
-            checkpoints=[str(path) for path in paths],
-            data_dir=str(args.data_dir),
-            tta=tta,
-            precision=args.precision,
-            compile=args.compile,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            time_limit=deadline.limit,
-            started=deadline.started,
-            log_level=logging.getLogger("competition").level,
-        )
-        try:
-            rows = write_submission_on_devices(data, args.out, devices, settings, args.resume)
-        except ShardsFailed:
-            return EXIT_SHARD_FAILED
-    else:
-        members, precision = load_members(args, paths, devices[0], tta)
-        settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
-        ensemble = Ensemble(members, tta, precision)
-        rows = write_submission(
-            ensemble, data, args.out, args.threshold, overwrite=args.overwrite, deadline=deadline, **settings
-        )
+        return predict_on_devices(args, paths, tta, devices, deadline)
+    members, precision = load_members(args, paths, devices[0], tta)
+    settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
+    ensemble, data = Ensemble(members, tta, precision), CarvanaData(args.data_dir)
+    rows = write_submission(
+        ensemble, data, args.out, args.threshold, overwrite=args.overwrite, deadline=deadline, **settings
+    )
+    return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
+
+
+def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline) -> int:
+    for path in paths:  # an unreadable checkpoint is one line here, not a failure in every shard
+        checkpoint_config(load_checkpoint(path), path)
+    names = ", ".join(map(str, paths))
+    logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", ", ".join(devices))
+    settings = ShardSettings(
+        checkpoints=[str(path) for path in paths],
+        data_dir=str(args.data_dir),
+        tta=tta,
+        precision=args.precision,
+        compile=args.compile,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        time_limit=deadline.limit,
+        started=deadline.started,
+        log_level=logging.getLogger("competition").level,
+    )
+    try:
+        rows = write_submission_on_devices(CarvanaData(args.data_dir), args.out, devices, settings, args.resume)
+    except ShardsFailed:
+        return EXIT_SHARD_FAILED
     return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
 
 

@@ -322,6 +322,18 @@ class PredictionPace:
         self.projected = True
         measured = self.deadline.elapsed() - self.started
         rate, left = self.done / max(measured, 1e-9), self.images - self.done
+        if not left:  # done within the first minute: the pace alone
+            logger.info(
+                "%s: %d image(s) x %d model(s) x %d view(s) in %s (%.1f img/s); %s",
+                self.label,
+                self.done,
+                self.models,
+                self.views,
+                format_duration(measured),
+                rate,
+                self.deadline.describe(),
+            )
+            return
         needed, remaining = left / rate, self.deadline.remaining()
         if self.deadline.limit is None:
             verdict, fits = "no time limit", True

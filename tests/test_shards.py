@@ -192,3 +192,46 @@ def test_kill_9_of_the_driver_stops_every_shard_and_resume_finishes_the_same_fil
     resumed = out.read_bytes()
     infer.main([*common_flags(trained_run, data, tmp_path / "uninterrupted.csv"), "--batch-size", "2"])
     assert resumed == (tmp_path / "uninterrupted.csv").read_bytes()
+
+
+def writer_of(path: Path) -> int:
+    """The process that holds ``path`` open, read from /proc."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if Path(os.readlink(fd)) == path:
+                return int(fd.parent.parent.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no process holds {path} open")
+
+
+@pytest.mark.slow
+def test_a_shard_whose_process_dies_is_reported_and_the_other_finishes(trained_run, data_dir, tmp_path):
+    data = many_test_images(data_dir, tmp_path / "data", copies=12)  # 384 images
+    out = tmp_path / "submission.csv"
+    flags = [*common_flags(trained_run, data, out), "--batch-size", "2"]
+    driver = subprocess.Popen(
+        [sys.executable, "infer.py", *flags, "--devices", "cpu,cpu"],
+        cwd=Path(infer.__file__).parent,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = tmp_path / "submission.csv.shard2of2.partial"
+    try:
+        deadline = time.monotonic() + 120
+        while not (second.exists() and second.stat().st_size > 200):  # shard 2 is writing rows
+            assert driver.poll() is None and time.monotonic() < deadline, "shard 2 did not start"
+            time.sleep(0.05)
+        os.kill(writer_of(second), signal.SIGKILL)
+        _, error = driver.communicate(timeout=300)
+    finally:
+        for pid in session_processes(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert driver.returncode == 1 and not out.exists()
+    assert "cpu shard 2/2: FAILED: its worker process died (exit code -9); its " in error
+    assert len((tmp_path / "submission.csv.shard1of2").read_text().splitlines()) == 1 + 192, "shard 1 finished"
+    infer.main([*flags, "--devices", "cpu,cpu", "--resume"])
+    infer.main([*common_flags(trained_run, data, tmp_path / "uninterrupted.csv"), "--batch-size", "2"])
+    assert out.read_bytes() == (tmp_path / "uninterrupted.csv").read_bytes()
