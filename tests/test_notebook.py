@@ -14,6 +14,7 @@ from tests.conftest import HEIGHT, WIDTH
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = """# injected by the test, as papermill would: a schedule that runs in seconds on a CPU
 ENCODER_WEIGHTS = "none"
+FOLDS = [0, 1]  # two folds, as the full schedule on a T4 x2 (here one after the other on the CPU)
 TRAIN_CONFIG = "configs/cpu_demo.toml"
 EXTRA_TRAIN_FLAGS = ["--epochs", "1", "--size", "64x96", "--encoder", "resnet18", "--workers", "0"]
 """
