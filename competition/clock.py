@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from competition.errors import ConfigError
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+# Every number carries its unit, except a number alone (seconds): "11h30" would read as 11 h 30 s.
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")
 # After this long the first projection is made: long enough to be past start-up and warm-up.
 PROJECT_AFTER_SECONDS = 60.0
 
@@ -17,7 +19,7 @@ def parse_duration(text: str, flag: str = "--time-limit") -> float | None:
     cleaned = str(text).strip().lower().replace(" ", "")
     if cleaned in ("", "0", "none", "off"):
         return None
-    match = _DURATION.match(cleaned)
+    match = _DURATION.match(cleaned + "s" if _SECONDS.match(cleaned) else cleaned)
     if not match or not any(match.groups()):
         raise ConfigError(f"{flag} {text!r}: a duration such as 11h30m, 90m, 45s or 1.5h (0 or none: no limit)")
     hours, minutes, seconds = (float(group or 0) for group in match.groups())
@@ -43,10 +45,6 @@ class Deadline:
 
     limit: float | None
     started: float = field(default_factory=time.monotonic)
-
-    @classmethod
-    def from_text(cls, text: str, flag: str = "--time-limit") -> "Deadline":
-        return cls(parse_duration(text, flag))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -77,6 +77,11 @@ def setup_device(requested_device: str | None, requested_precision: str) -> tupl
     entry point and benchmark makes."""
     device = resolve_device(requested_device)
     precision = resolve_precision(requested_precision, device)
+    if device.type == "cuda" and device.index is not None:
+        # The current device, not only where the model lives: PyTorch puts pinned-memory threads and
+        # other implicit work on it, and left at cuda:0 a process working on cuda:1 would open a
+        # second CUDA context there (half a GB of cuda:0's memory, per fold or shard on another GPU).
+        torch.cuda.set_device(device)
     tune_for(device)
     return device, precision
 

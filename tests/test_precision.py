@@ -31,6 +31,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
 
     return install
 
@@ -130,3 +131,17 @@ def test_fp16_steps_skipped_for_overflowing_gradients_are_counted(init_scale, sk
         optimizer_step(model, optimizer, scaler, clip_grad=1.0)
     assert 3 - steps.taken == skipped
     assert scaler.get_scale() == init_scale / 2**skipped
+
+
+def test_a_process_on_the_second_gpu_makes_it_its_current_device(fake_gpu, monkeypatch):
+    """Else PyTorch's implicit work (pinned-memory threads) opens a second CUDA context on cuda:0."""
+    fake_gpu("Tesla T4", (7, 5))
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80"])
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(prediction, "tune_for", lambda device: None)  # cuDNN and matmul settings: not this test's
+    device, precision = setup_device("cuda:1", "auto")
+    assert (device, precision) == (torch.device("cuda", 1), "fp16")
+    assert current == [torch.device("cuda", 1)]
