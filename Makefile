@@ -1,7 +1,7 @@
 # make demo: set up, make the synthetic data set (unless input/ holds data), split folds, train fold 0
 #            with the CPU demo schedule, predict the test set with TTA, score it (synthetic truth only)
 #            (run again, it keeps what is done: training resumes, a finished run is not trained again)
-# make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (under 9 min on one H100)
+# make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
 # make test: set up and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv

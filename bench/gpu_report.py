@@ -6,8 +6,8 @@
 Training step (this trainer against a plain fp32 loop, then the T4's fp16 + GradScaler path), inference
 (end to end against model only), training memory (measured against counted) and the Kaggle session
 plan, each run as its own process so that one benchmark's compiled graphs and cached memory do not
-touch the next. Without --data-dir holding a data set, a synthetic one is made first. Under 9
-minutes on one H100.
+touch the next. Without --data-dir holding a data set, a synthetic one is made first. Sized to take
+under 9 minutes on one H100 (not yet measured: no GPU was lent to the sessions that wrote it).
 """
 
 import argparse
@@ -85,7 +85,8 @@ def run_bench(title: str, module: str, flags: list[str], data: Path) -> str:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         logger.error("%s failed (exit %d):\n%s", module, result.returncode, result.stderr[-3000:])
-        body = f"FAILED (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}"
+        last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        body = f"FAILED (exit {result.returncode}): {last_line}"
     else:
         body = result.stdout.strip().replace(str(data), "<data>")
     shown = " ".join(["python", *command[1:]]).replace(str(data), "<data>")

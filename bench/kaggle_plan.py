@@ -31,7 +31,9 @@ from competition.checkpoints import save_checkpoint, summary
 from competition.clock import format_duration, parse_duration
 from competition.config import config_from
 from competition.data import CarvanaData, CarvanaDataset
+from competition.errors import ConfigError
 from competition.inference import Ensemble, PredictionImages, load_member
+from competition.logs import configure, exit_on_project_error
 from competition.models import build_model
 from competition.prediction import check_tta, setup_device
 from competition.rle import rle_encode
@@ -50,6 +52,7 @@ class Rates:
     train: float  # training steps, end to end from JPEG files, one fold on one device
     loader: float  # the training loaders alone, all their workers: the CPU's decoding rate
     predict: float  # test images through the whole ensemble and every TTA view, one device
+    predict_loader: float  # the test images' loaders alone: decoding and resizing on the CPU
     validate: float  # validation images: one model, no TTA, full-resolution masks
 
 
@@ -72,7 +75,9 @@ def plan(rates: Rates, work: Workload) -> dict:
     epoch = (work.train_images - validation_images) / fold_rate + validation_images / rates.validate
     fold = work.epochs * epoch
     training = math.ceil(work.folds / concurrent) * fold
-    inference = work.test_images / (rates.predict * work.devices)
+    # Shards on several devices share the CPU that decodes the test images, as folds share it in training.
+    predict_rate = min(rates.predict * work.devices, rates.predict_loader)
+    inference = work.test_images / predict_rate
     return {
         "fold_rate": fold_rate,
         "loader_bound": fold_rate < rates.train,
@@ -80,10 +85,12 @@ def plan(rates: Rates, work: Workload) -> dict:
         "fold": fold,
         "folds_per_session": math.floor(work.session / fold) * concurrent,
         "training": training,
+        "predict_rate": predict_rate,
         "inference": inference,
         "total": training + inference,
         "fits": training + inference <= work.session,
-        "gpu_hours": (work.folds * fold + inference * work.devices) / 3600,
+        # Kaggle meters a session's time, whatever number of its GPUs are busy.
+        "quota_hours": (training + inference) / 3600,
     }
 
 
@@ -123,9 +130,12 @@ def measure_training(config, data: CarvanaData, device, precision: str, seconds:
     return timed_rate(step, batches, seconds, device), loader_rate
 
 
-def measure_prediction(config, data: CarvanaData, device, precision, members: int, tta, seconds: float) -> float:
-    """Test images per second through an ensemble of ``members`` models of ``config`` with ``tta`` views,
-    from JPEG files to RLE strings (the models are randomly initialised: speed does not depend on weights)."""
+def measure_prediction(
+    config, data: CarvanaData, device, precision, members: int, tta, seconds: float
+) -> tuple[float, float]:
+    """(test images per second through an ensemble of ``members`` models of ``config`` with ``tta`` views, from
+    JPEG files to RLE strings; the loaders' rate alone). The models are randomly initialised: speed does not
+    depend on the weights."""
     shape = data.image_shape(data.test_ids()[0], "test")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "best.pt"
@@ -134,7 +144,11 @@ def measure_prediction(config, data: CarvanaData, device, precision, members: in
         ensemble = Ensemble([load_member(path, device, config.compile) for _ in range(members)], tta, precision)
     dataset = PredictionImages(data, data.test_ids(), "test", ensemble.input_sizes, shape)
     loader = torch.utils.data.DataLoader(
-        dataset, config.val_batch_size * 2, num_workers=config.workers, pin_memory=device.type == "cuda"
+        dataset,
+        config.val_batch_size * 2,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.workers > 0,
     )
 
     @torch.no_grad()
@@ -145,7 +159,9 @@ def measure_prediction(config, data: CarvanaData, device, precision, members: in
             rle_encode(mask)
         return len(masks)
 
-    return timed_rate(step, itertools.chain.from_iterable(itertools.repeat(loader)), seconds, device)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    loader_rate = timed_rate(lambda batch: len(batch["index"]), batches, seconds / 3, torch.device("cpu"))
+    return timed_rate(step, batches, seconds, device), loader_rate
 
 
 def report(rates: Rates, work: Workload, result: dict, heading: str) -> str:
@@ -171,11 +187,12 @@ def report(rates: Rates, work: Workload, result: dict, heading: str) -> str:
         (f"folds per {format_duration(work.session)} session", str(result["folds_per_session"])),
         (
             f"test inference, {work.test_images:,} images on {work.devices} device(s)",
-            f"{rates.predict:.1f} img/s per device: {format_duration(result['inference'])}",
+            f"{result['predict_rate']:.1f} img/s ({rates.predict:.1f} a device, loaders alone "
+            + f"{rates.predict_loader:.1f}): {format_duration(result['inference'])}",
         ),
         ("every fold and the submission", format_duration(result["total"])),
         (f"fits one {format_duration(work.session)} session", verdict),
-        (f"GPU hours (Kaggle's weekly quota: {work.weekly_gpu_hours:g})", f"{result['gpu_hours']:.1f}"),
+        (f"quota hours (Kaggle's weekly GPU quota: {work.weekly_gpu_hours:g})", f"{result['quota_hours']:.1f}"),
     ]
     lines = [heading, "", "| | |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)]
     return "\n".join(lines) + "\n"
@@ -206,18 +223,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    values = tomllib.loads(args.config.read_text())
-    overrides = {"size": args.size, "encoder": args.encoder, "batch_size": args.batch_size, "workers": args.workers}
+    configure()
+    with exit_on_project_error("bench.kaggle_plan"):
+        plan_session(args)
+
+
+def read_config(path: Path, overrides: dict):
+    """The run's settings from its config file with ``overrides``, checked (one line for a bad file)."""
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"--config {path}: cannot read it as TOML ({error})") from None
     values |= {name: value for name, value in overrides.items() if value is not None}
-    config = config_from(values | {"encoder_weights": "none"}, str(args.config))
+    return config_from(values | {"encoder_weights": "none"}, str(path))
+
+
+def plan_session(args: argparse.Namespace) -> None:
+    overrides = {"size": args.size, "encoder": args.encoder, "batch_size": args.batch_size, "workers": args.workers}
+    config = read_config(args.config, overrides)
     device, precision = setup_device(None, config.precision)
     data = CarvanaData(args.data_dir)
     tta = check_tta(tuple(name for name in args.tta.split(",") if name))
     devices = args.devices or max(1, torch.cuda.device_count())
     train_rate, loader_rate = measure_training(config, data, device, precision, args.seconds)
-    predict_rate = measure_prediction(config, data, device, precision, args.folds, tta, args.seconds)
-    validate_rate = measure_prediction(config, data, device, precision, 1, (), args.seconds / 3)
-    rates = Rates(train_rate, loader_rate, predict_rate, validate_rate)
+    predict_rate, predict_loader_rate = measure_prediction(
+        config, data, device, precision, args.folds, tta, args.seconds
+    )
+    validate_rate, _ = measure_prediction(config, data, device, precision, 1, (), args.seconds / 3)
+    rates = Rates(train_rate, loader_rate, predict_rate, predict_loader_rate, validate_rate)
     session = parse_duration(args.session, "--session")
     work = Workload(
         args.folds, config.epochs, args.train_images, args.test_images, devices, session, KAGGLE_WEEKLY_GPU_HOURS

@@ -14,7 +14,7 @@ TINY = ["--size", "64x96", "--encoder", "resnet18", "--batch-size", "2", "--work
 
 
 def test_the_plan_is_the_arithmetic_of_its_rates():
-    rates = Rates(train=40.0, loader=60.0, predict=10.0, validate=50.0)
+    rates = Rates(train=40.0, loader=60.0, predict=10.0, predict_loader=100.0, validate=50.0)
     work = Workload(
         folds=5, epochs=30, train_images=5000, test_images=100_000, devices=2, session=43_200, weekly_gpu_hours=30
     )
@@ -24,14 +24,14 @@ def test_the_plan_is_the_arithmetic_of_its_rates():
     assert result["epoch"] == pytest.approx(4000 / 30 + 1000 / 50)  # 153.3 s
     assert result["fold"] == pytest.approx(30 * 153.333, rel=1e-4)  # 4600 s
     assert result["training"] == pytest.approx(3 * 4600)  # 5 folds, 2 at a time: 3 rounds
-    assert result["inference"] == pytest.approx(100_000 / 20)  # both devices predict
+    assert result["inference"] == pytest.approx(100_000 / 20)  # both devices predict, the loaders keep up
     assert result["folds_per_session"] == 9 * 2
     assert result["fits"] and result["total"] == pytest.approx(18_800)
-    assert result["gpu_hours"] == pytest.approx((5 * 4600 + 2 * 5000) / 3600)
+    assert result["quota_hours"] == pytest.approx(18_800 / 3600)  # Kaggle meters the session's time
 
 
 def test_one_device_bound_by_itself_and_a_plan_that_does_not_fit():
-    rates = Rates(train=10.0, loader=100.0, predict=5.0, validate=20.0)
+    rates = Rates(train=10.0, loader=100.0, predict=5.0, predict_loader=3.0, validate=20.0)
     work = Workload(
         folds=5, epochs=30, train_images=5000, test_images=100_000, devices=1, session=43_200, weekly_gpu_hours=30
     )
@@ -39,6 +39,7 @@ def test_one_device_bound_by_itself_and_a_plan_that_does_not_fit():
     assert result["fold_rate"] == 10.0 and not result["loader_bound"]
     assert result["training"] == pytest.approx(5 * 30 * (4000 / 10 + 1000 / 20))
     assert not result["fits"] and result["folds_per_session"] == math.floor(43_200 / (30 * 450))
+    assert result["inference"] == pytest.approx(100_000 / 3)  # bound by the test images' decoding, not the device
 
 
 def test_the_plan_runs_on_the_cpu(data_dir, tmp_path, capsys):
