@@ -31,7 +31,7 @@ from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import Deadline, parse_duration
 from competition.config import TrainConfig
 from competition.data import CarvanaData
-from competition.environment import default_data_dir, default_work_dir
+from competition.environment import default_data_dir, default_work_dir, resolve_device
 from competition.errors import ConfigError
 from competition.inference import (
     Ensemble,
@@ -43,7 +43,7 @@ from competition.inference import (
     write_submission,
 )
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
-from competition.prediction import TTA, check_tta, setup_device
+from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.shards import ShardSettings, ShardsFailed, write_submission_on_devices
 from competition.submission import keep_finished
 
@@ -180,10 +180,20 @@ def submission_devices(args: argparse.Namespace) -> list[str | None]:
         names = args.devices.split(",")
         if not all(names):
             raise ConfigError(f"--devices {args.devices!r}: comma-separated devices, e.g. cuda:0,cuda:1 or cpu,cpu")
-        return [str(setup_device(name, args.precision)[0]) for name in names]
-    if args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
-    return [args.device]
+    elif args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        names = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    else:
+        return [args.device]  # checked as the models load, in this process
+    return [check_device(name, args.precision) for name in names]
+
+
+def check_device(name: str, precision: str) -> str:
+    """A device of --devices (or of the default GPU list), checked with --precision here, so that an unusable
+    one is one line before any shard starts. Not set up (setup_device): that would open a CUDA context on
+    every GPU in this process, which only waits for the shard workers."""
+    device = resolve_device(name)
+    resolve_precision(precision, device)
+    return str(device)
 
 
 def load_members(args, paths, device_name, tta):

@@ -28,11 +28,13 @@ from competition.prediction import average_views, model_input, predict_probabili
 from competition.rle import rle_encode
 from competition.submission import (
     SubmissionWriter,
-    discard_interrupted,
+    finish_rows,
     gather_rows,
     interrupted_rows,
     keep_finished,
+    predicted_by,
     shard_files,
+    start_rows,
     submission_order,
     validate_submission,
 )
@@ -253,11 +255,11 @@ def write_submission(
         logger.info("%s: already complete (--resume); nothing to predict, --overwrite predicts it again", out)
         predicted, seconds = 0, 0.0
     else:
+        paths = [member.path for member in ensemble.members]
+        start_rows(out, predicted_by(paths, ensemble.tta, threshold), resume)
         if resume and shard_files(out):
             gather_rows(out, order)  # the shards of a run on several devices: their rows are kept too
-        elif not resume:
-            discard_interrupted(out)
-        predicted, seconds, finished = _predict_rows(
+        predicted, seconds, finished = predict_rows(
             ensemble, data, order, out, threshold, batch_size, workers, resume, progress, deadline=deadline
         )
         if not finished:
@@ -265,6 +267,7 @@ def write_submission(
             return None
     shape = expected or data.image_shape(order[0], "test")
     rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], shape)
+    finish_rows(out)
     log_validated(out, rows, predicted, seconds)
     return rows
 
@@ -355,7 +358,7 @@ class PredictionPace:
         )
 
 
-def _predict_rows(
+def predict_rows(
     ensemble, data, order, out, threshold, batch_size, workers, resume, progress, label="predict", position=None,
     deadline=None,
 ) -> tuple[int, float, bool]:  # fmt: skip

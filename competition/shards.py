@@ -16,14 +16,16 @@ from competition.clock import Deadline
 from competition.data import CarvanaData
 from competition.errors import ProjectError
 from competition.files import partial_path
-from competition.inference import Ensemble, _predict_rows, load_member, log_stopped, log_validated
+from competition.inference import Ensemble, load_member, log_stopped, log_validated, predict_rows
 from competition.prediction import setup_device
 from competition.submission import (
     complete_rows,
-    discard_interrupted,
+    finish_rows,
     gather_rows,
     interrupted_rows,
+    predicted_by,
     shard_path,
+    start_rows,
     submission_order,
     validate_submission,
 )
@@ -76,6 +78,7 @@ class ShardJob:
     image_ids: list[str]
     path: str
     threads: int | None  # torch threads on a CPU shared by several shards
+    workers: int  # its part of --workers (image decoding processes and RLE threads): the shards share the CPU
 
     @property
     def label(self) -> str:
@@ -83,24 +86,34 @@ class ShardJob:
 
 
 def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connection) -> None:
-    """A worker process: predicts its shard and sends {"finished": bool, "error": str | None} to the driver."""
+    """A worker process: predicts its shard and sends {"finished": bool, "error": str | None, "seconds": float
+    (predicting)} to the driver."""
     stop_when_orphaned(driver_pid)
     logs.configure(settings.log_level)
-    outcome = {"finished": False, "error": None}
+    outcome = {"finished": False, "error": None, "seconds": 0.0}
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
         device, precision = setup_device(job.device, settings.precision)
         members = [load_member(path, device, settings.compile) for path in settings.checkpoints]
-        logger.info("%s: %d test images on %s (worker process %d)", job.label, len(job.image_ids), device, os.getpid())
-        _, _, outcome["finished"] = _predict_rows(
+        logger.info(
+            "%s: %d test images on %s (worker process %d; --workers %d split across %d shards: %d here)",
+            job.label,
+            len(job.image_ids),
+            device,
+            os.getpid(),
+            settings.workers,
+            job.count,
+            job.workers,
+        )
+        _, outcome["seconds"], outcome["finished"] = predict_rows(
             Ensemble(members, settings.tta, precision),
             CarvanaData(settings.data_dir),
             job.image_ids,
             job.path,
             settings.threshold,
             settings.batch_size,
-            settings.workers,
+            job.workers,
             False,
             settings.progress,
             label=job.label,
@@ -161,22 +174,24 @@ def write_submission_on_devices(
     files, whatever devices it ran on) are kept. Returns None when ``--time-limit`` stopped the shards, their
     rows kept; raises ShardsFailed, each failure logged, when a shard failed."""
     out, order = Path(out), submission_order(data)
+    start_rows(out, predicted_by(settings.checkpoints, settings.tta, settings.threshold), resume)
     if resume:
         gather_rows(out, order)
-    else:
-        discard_interrupted(out)
     partial = partial_path(out)
     done = {name for name, _, _ in complete_rows(partial)} if partial.is_file() else set()
     todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
     count = min(len(devices), -(-len(todo) // settings.batch_size))
-    jobs = _jobs(out, todo, devices[:count], settings.batch_size)
-    logger.info(
-        "%d test images to predict (%d kept from an interrupted run) in %d shard(s) on %s",
-        len(todo),
-        len(order) - len(todo),
-        count,
-        ", ".join(devices[:count]),
-    )
+    jobs = _jobs(out, todo, devices[:count], settings)
+    if jobs:
+        logger.info(
+            "%d test images to predict (%d kept from an interrupted run) in %d shard(s) on %s",
+            len(todo),
+            len(order) - len(todo),
+            count,
+            ", ".join(devices[:count]),
+        )
+    else:
+        logger.info("nothing left to predict: all %d test images kept from an interrupted run", len(order))
     outcomes = run_shards(jobs, settings)
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
     for job, outcome in failed:
@@ -195,14 +210,20 @@ def write_submission_on_devices(
     gather_rows(out, order)
     os.replace(partial, out)
     rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], data.image_shape(order[0], "test"))
-    log_validated(out, rows, len(todo), Deadline(None, settings.started).elapsed())
+    finish_rows(out)
+    # The shards predict at once: the longest one's prediction time (without spawning and model loading)
+    # is the time the images took, as in the one-device run's line.
+    log_validated(out, rows, len(todo), max((outcome["seconds"] for outcome in outcomes), default=0.0))
     return rows
 
 
-def _jobs(out: Path, todo: list[str], devices: list[str], batch_size: int) -> list[ShardJob]:
+def _jobs(out: Path, todo: list[str], devices: list[str], settings: ShardSettings) -> list[ShardJob]:
     cpu_shards = sum(device.startswith("cpu") for device in devices)
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_shards))  # CPU shards share the cores, not oversubscribe
-    bounds = shard_bounds(len(todo), len(devices), batch_size)
+    # Likewise the decoders of every shard share the cores: --workers in all, not per shard (0 stays 0: each
+    # shard decodes in its own process)
+    workers = max(1, settings.workers // max(1, len(devices))) if settings.workers else 0
+    bounds = shard_bounds(len(todo), len(devices), settings.batch_size)
     return [
         ShardJob(
             index,
@@ -211,6 +232,7 @@ def _jobs(out: Path, todo: list[str], devices: list[str], batch_size: int) -> li
             todo[start:end],
             str(shard_path(out, index, len(devices))),
             threads if device.startswith("cpu") else None,
+            workers,
         )
         for index, (device, (start, end)) in enumerate(zip(devices, bounds), start=1)
     ]

@@ -5,10 +5,14 @@ and validated.
 Files beside ``--out`` (``submission.csv``):
 ``submission.csv.partial``              the rows of a run in progress or interrupted, renamed when complete;
 ``submission.csv.shard2of3[.partial]``  the rows one device of ``infer.py --devices`` writes (shard 2 of 3),
-                                        gathered into ``submission.csv.partial`` by the merge or by ``--resume``.
+                                        gathered into ``submission.csv.partial`` by the merge or by ``--resume``;
+``submission.csv.predicted-by.json``    what those rows are predicted with (checkpoints, TTA, threshold), so that
+                                        ``--resume`` never mixes them with rows of other models; removed when the
+                                        submission is finished.
 """
 
 import glob
+import json
 import logging
 import os
 from collections import Counter
@@ -106,9 +110,79 @@ def interrupted_rows(path: str | Path) -> int:
 
 
 def discard_interrupted(path: str | Path) -> None:
-    """Start again: the rows of unfinished runs into ``path`` removed (``--overwrite``)."""
+    """Start again: the rows of unfinished runs into ``path`` removed (``--overwrite``), with their record."""
     for file in interrupted_files(path):
         file.unlink()
+    predicted_by_path(path).unlink(missing_ok=True)
+
+
+def predicted_by_path(path: str | Path) -> Path:
+    """``submission.csv`` -> ``submission.csv.predicted-by.json``: what the unfinished rows are predicted with."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.predicted-by.json")
+
+
+def predicted_by(checkpoints: list[str | Path], tta: tuple[str, ...], threshold: float) -> dict:
+    """What the rows are predicted with, as JSON: each checkpoint file by its resolved path, size and
+    modification time (a fold trained longer rewrites its best.pt), the TTA views and the threshold."""
+    files = [Path(checkpoint).resolve() for checkpoint in checkpoints]
+    stats = [(file, file.stat()) for file in files]
+    return {
+        "checkpoints": [
+            {"path": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} for file, stat in stats
+        ],
+        "tta": list(tta),
+        "threshold": threshold,
+    }
+
+
+def _views(tta) -> str:
+    return ("+".join(map(str, tta)) or "off") if isinstance(tta, list) else "unknown"
+
+
+def _changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between two records of ``predicted_by``, in words."""
+    changes = []
+    if recorded.get("checkpoints") != current["checkpoints"]:
+        changes.append("checkpoints changed")
+    if recorded.get("tta") != current["tta"]:
+        changes.append(f"TTA {_views(recorded.get('tta'))} -> {_views(current['tta'])}")
+    if recorded.get("threshold") != current["threshold"]:
+        changes.append(f"threshold {recorded.get('threshold')} -> {current['threshold']}")
+    return changes
+
+
+def start_rows(path: str | Path, predicted_with: dict, resume: bool) -> None:
+    """Before predicting into ``path``: the rows of unfinished runs kept with ``resume`` only when they were
+    predicted with the same checkpoints and settings (``predicted_with``, from ``predicted_by``) or with no
+    record of it (rows of a version that wrote none), else discarded with a warning; removed without
+    ``resume``. Then ``predicted_with`` is recorded beside ``path`` for the next ``--resume``."""
+    record = predicted_by_path(path)
+    current = json.loads(json.dumps(predicted_with))  # as it reads back: tuples are lists
+    if not resume:
+        discard_interrupted(path)
+    elif record.is_file() and interrupted_files(path):
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError):
+            recorded = {}  # torn or unreadable: nothing says the rows match
+        changes = _changes(recorded if isinstance(recorded, dict) else {}, current)
+        if changes:
+            if interrupted_rows(path):
+                logger.warning(
+                    "the rows of %s were predicted by other models or settings (%s): predicting every test image again",
+                    ", ".join(str(file) for file in interrupted_files(path)),
+                    ", ".join(changes),
+                )
+            discard_interrupted(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(record) as temporary:
+        temporary.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def finish_rows(path: str | Path) -> None:
+    """The submission ``path`` is complete: the record of what its unfinished rows were predicted with goes."""
+    predicted_by_path(path).unlink(missing_ok=True)
 
 
 def gather_rows(path: str | Path, order: list[str]) -> int:

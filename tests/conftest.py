@@ -1,12 +1,24 @@
 """Shared fixtures: one small synthetic Carvana data set, as folders and as the competition's zips."""
 
 import shutil
+from dataclasses import dataclass
 
 import pytest
 
+from competition.clock import Deadline
 from competition.synthetic import generate
 
 WIDTH, HEIGHT = 192, 128
+
+
+@dataclass
+class ManualDeadline(Deadline):
+    """A deadline on a clock that moves only when the test moves it."""
+
+    now: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.now
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
+import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +14,15 @@ from PIL import Image
 
 import infer
 from competition import errors, inference
-from competition.clock import Deadline
 from competition.data import CarvanaData, DataError
 from competition.errors import ConfigError, ProjectError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
 from competition.metrics import score_submission
 from competition.models import build_model
 from competition.prediction import TTA, predict_probabilities
-from competition.submission import submission_order, validate_submission
+from competition.submission import HEADER, predicted_by, start_rows, submission_order, validate_submission
 from competition.synthetic import encode_jpeg
-from tests.conftest import HEIGHT, WIDTH
+from tests.conftest import HEIGHT, WIDTH, ManualDeadline
 
 
 def random_model(seed: int = 0):
@@ -488,16 +487,6 @@ def test_rows_left_by_an_interrupted_run_are_kept_unless_asked(tmp_path):
     assert keep_finished(out, resume=False, overwrite=True) is False
 
 
-@dataclass
-class ManualDeadline(Deadline):
-    """A deadline on a clock that moves only when the test moves it."""
-
-    now: float = 0.0
-
-    def elapsed(self) -> float:
-        return self.now
-
-
 def test_time_limit_stops_at_a_batch_boundary_and_resume_finishes_the_same_file(
     trained_run, data_dir, tmp_path, monkeypatch, caplog
 ):
@@ -552,3 +541,76 @@ def test_a_time_limit_already_spent_exits_3_with_the_rows_kept(trained_run, data
 )
 def test_a_bad_time_limit_is_one_line(argv, message, tmp_path, capsys):
     assert message in one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))
+
+
+def run_stopped_after_three_batches(checkpoints, data_dir, out, monkeypatch) -> None:
+    """A submission with TTA stopped by a time limit after three batches of 4: 12 rows in ``<out>.partial``."""
+    deadline = ManualDeadline(95.0, started=0.0)
+    real = Ensemble.probabilities
+
+    def thirty_seconds_a_batch(self, images, output_size):
+        deadline.now += 30.0
+        return real(self, images, output_size)
+
+    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints(checkpoints)]
+    settings = {"workers": 0, "progress": False, "deadline": deadline}
+    assert write_submission(Ensemble(members, ("hflip",)), CarvanaData(data_dir), out, **settings) is None
+    monkeypatch.setattr(Ensemble, "probabilities", real)
+
+
+def best_checkpoints(trained_run: Path, folder: Path) -> Path:
+    """A run folder holding a copy of the trained run's best checkpoints, for a test to change."""
+    for fold in ("fold0", "fold1"):
+        (folder / fold).mkdir(parents=True)
+        shutil.copyfile(trained_run / fold / "best.pt", folder / fold / "best.pt")
+    return folder
+
+
+def train_fold_0_on(run: Path) -> None:
+    """As if fold 0 trained on and saved a new best.pt: fold 1's weights, so that the ensemble predicts other masks."""
+    shutil.copyfile(run / "fold1" / "best.pt", run / "fold0" / "best.pt")
+
+
+@pytest.mark.slow
+def test_resume_after_the_checkpoints_changed_predicts_every_image_again(
+    trained_run, data_dir, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="competition")
+    run = best_checkpoints(trained_run, tmp_path / "run")
+    out = tmp_path / "submission.csv"
+    run_stopped_after_three_batches([run], data_dir, out, monkeypatch)
+    record = tmp_path / "submission.csv.predicted-by.json"
+    assert [checkpoint["path"] for checkpoint in json.loads(record.read_text())["checkpoints"]] == [
+        str((run / fold / "best.pt").resolve()) for fold in ("fold0", "fold1")
+    ]
+    old_rows = (tmp_path / "submission.csv.partial").read_text().splitlines()[1:]
+    train_fold_0_on(run)
+    common = ["--checkpoints", str(run), "--data-dir", str(data_dir), "--workers", "0", "--tta"]
+    infer.main([*common, "--out", str(out), "--resume"])
+    assert (
+        f"the rows of {tmp_path / 'submission.csv.partial'} were predicted by other models or settings (checkpoints "
+        "changed): predicting every test image again" in caplog.text
+    )
+    infer.main([*common, "--out", str(tmp_path / "fresh.csv")])
+    assert out.read_bytes() == (tmp_path / "fresh.csv").read_bytes()
+    assert out.read_text().splitlines()[1:13] != old_rows, "the new models predict other masks"
+    assert not record.exists() and not (tmp_path / "fresh.csv.predicted-by.json").exists(), "removed when finished"
+
+
+def test_rows_are_kept_by_resume_only_when_predicted_alike(tmp_path, caplog):
+    out = tmp_path / "submission.csv"
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    rows = HEADER + "a_01.jpg,1 2\n"
+    (tmp_path / "submission.csv.partial").write_text(rows)
+    start_rows(out, predicted_by([checkpoint], ("hflip",), 0.5), resume=True)  # no record: rows of an older version
+    assert (tmp_path / "submission.csv.partial").read_text() == rows and not caplog.text
+    start_rows(out, predicted_by([checkpoint], ("hflip",), 0.5), resume=True)
+    assert (tmp_path / "submission.csv.partial").read_text() == rows and not caplog.text
+    start_rows(out, predicted_by([checkpoint], (), 0.6), resume=True)
+    assert "(TTA hflip -> off, threshold 0.5 -> 0.6): predicting every test image again" in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "submission.csv.predicted-by.json"]
+    (tmp_path / "submission.csv.partial").write_text(rows)
+    start_rows(out, predicted_by([checkpoint], (), 0.6), resume=False)  # --overwrite
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "submission.csv.predicted-by.json"]
