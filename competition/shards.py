@@ -218,6 +218,8 @@ def write_submission_on_devices(
 
 
 def _jobs(out: Path, todo: list[str], devices: list[str], settings: ShardSettings) -> list[ShardJob]:
+    if not devices:  # nothing left to predict
+        return []
     cpu_shards = sum(device.startswith("cpu") for device in devices)
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_shards))  # CPU shards share the cores, not oversubscribe
     # Likewise the decoders of every shard share the cores: --workers in all, not per shard (0 stays 0: each

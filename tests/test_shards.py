@@ -1,6 +1,7 @@
 """infer.py --devices: shards cut at batch boundaries, one worker process each, merged byte for byte; failures,
 kills and --resume."""
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -19,7 +20,13 @@ import infer
 from competition.errors import ConfigError
 from competition.shards import shard_bounds
 from competition.submission import HEADER, gather_rows, keep_finished, shard_files
-from tests.test_inference import one_line, run_infer
+from tests.test_inference import (
+    best_checkpoints,
+    one_line,
+    run_infer,
+    run_stopped_after_three_batches,
+    train_fold_0_on,
+)
 
 
 @given(st.integers(0, 500), st.integers(1, 9), st.integers(1, 17))
@@ -70,6 +77,20 @@ def test_unusable_or_conflicting_devices_are_one_line(tmp_path, capsys):
     )
 
 
+def test_the_default_gpus_are_checked_before_any_shard_starts(tmp_path, capsys, monkeypatch):
+    """Two T4s (faked) and --precision bf16: one line and exit 2, not a FAILED line per shard."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    (tmp_path / "unread.pt").touch()  # devices are checked before a checkpoint is read
+    flags = ["--checkpoints", str(tmp_path / "unread.pt"), "--out", str(tmp_path / "s.csv"), "--precision", "bf16"]
+    error = one_line(run_infer(flags, capsys))
+    assert "--precision bf16: Tesla T4 (compute capability 7.5) has no native bf16" in error
+    assert "FAILED" not in error and sorted(path.name for path in tmp_path.iterdir()) == ["unread.pt"]
+
+
 def common_flags(trained_run, data_dir, out):
     return ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--out", str(out)]
 
@@ -91,6 +112,7 @@ def test_two_cpu_shards_write_the_file_of_one_device(trained_run, data_dir, one_
     assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s) on cpu, cpu" in printed.out
     assert "cpu shard 1/2: 16 test images on cpu" in printed.out
     assert "cpu shard 2/2: 16 test images on cpu" in printed.out
+    assert "; --workers 0 split across 2 shards: 0 here)" in printed.out
     assert "validated" in printed.out and "cpu shard 2/2" in printed.err, "a progress bar per shard"
 
 
@@ -127,6 +149,36 @@ def test_shards_stopped_by_the_time_limit_exit_3_and_resume_finishes(
     assert "0 of the 32 test images are written and kept" in capfd.readouterr().err
     infer.main([*flags, "--resume", "--time-limit", "1h"])
     assert out.read_bytes() == one_device_submission and shard_files(out) == []
+
+
+def test_nothing_left_to_predict_on_devices_merges_the_rows_kept(
+    trained_run, data_dir, one_device_submission, tmp_path, capfd
+):
+    out = tmp_path / "submission.csv"
+    (tmp_path / "submission.csv.shard1of2.partial").write_bytes(one_device_submission)  # every row, not renamed
+    infer.main([*common_flags(trained_run, data_dir, out), "--tta", "--devices", "cpu,cpu", "--resume"])
+    assert "nothing left to predict: all 32 test images kept from an interrupted run" in capfd.readouterr().out
+    assert out.read_bytes() == one_device_submission
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["submission.csv"]
+
+
+@pytest.mark.slow
+def test_resume_on_devices_after_the_checkpoints_changed_predicts_every_image_again(
+    trained_run, data_dir, tmp_path, monkeypatch, capfd
+):
+    run = best_checkpoints(trained_run, tmp_path / "run")
+    out = tmp_path / "submission.csv"
+    run_stopped_after_three_batches([run], data_dir, out, monkeypatch)  # on one device: 12 rows
+    train_fold_0_on(run)
+    infer.main([*common_flags(run, data_dir, out), "--tta", "--devices", "cpu,cpu", "--resume"])
+    printed = capfd.readouterr()
+    assert "predicted by other models or settings (checkpoints changed): predicting every test image again" in (
+        printed.err
+    )
+    assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s)" in printed.out
+    infer.main([*common_flags(run, data_dir, tmp_path / "fresh.csv"), "--tta"])
+    assert out.read_bytes() == (tmp_path / "fresh.csv").read_bytes()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fresh.csv", "run", "submission.csv"]
 
 
 def session_processes(session: int) -> list[int]:
@@ -174,7 +226,8 @@ def test_kill_9_of_the_driver_stops_every_shard_and_resume_finishes_the_same_fil
         while not all(shard.exists() and shard.stat().st_size > 200 for shard in shards):  # rows in both shards
             assert driver.poll() is None and time.monotonic() < deadline, "the shards did not start"
             time.sleep(0.05)
-        assert len(session_processes(driver.pid)) >= 3, "the driver and two workers"
+        writers = {writer_of(shard, session_processes(driver.pid)) for shard in shards}
+        assert len(writers) == 2 and driver.pid not in writers, "a worker process of its own writes each shard"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         deadline = time.monotonic() + 10
@@ -194,14 +247,15 @@ def test_kill_9_of_the_driver_stops_every_shard_and_resume_finishes_the_same_fil
     assert resumed == (tmp_path / "uninterrupted.csv").read_bytes()
 
 
-def writer_of(path: Path) -> int:
-    """The process that holds ``path`` open, read from /proc."""
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
-        try:
-            if Path(os.readlink(fd)) == path:
-                return int(fd.parent.parent.name)
-        except OSError:
-            continue
+def writer_of(path: Path, pids: list[int]) -> int:
+    """The process among ``pids`` that holds ``path`` open, read from /proc."""
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                if Path(os.readlink(fd)) == path:
+                    return pid
+            except OSError:
+                continue
     raise AssertionError(f"no process holds {path} open")
 
 
@@ -224,7 +278,18 @@ def test_a_shard_whose_process_dies_is_reported_and_the_other_finishes(trained_r
         while not (second.exists() and second.stat().st_size > 200):  # shard 2 is writing rows
             assert driver.poll() is None and time.monotonic() < deadline, "shard 2 did not start"
             time.sleep(0.05)
-        os.kill(writer_of(second), signal.SIGKILL)
+        # Every worker paused first: shard 2 cannot finish and rename its file while its writer is looked for
+        workers = [pid for pid in session_processes(driver.pid) if pid != driver.pid]
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):  # gone since it was listed
+                os.kill(pid, signal.SIGSTOP)
+        assert second.exists(), "shard 2 finished before it was paused: give it more images"
+        victim = writer_of(second, workers)
+        os.kill(victim, signal.SIGKILL)
+        for pid in workers:
+            if pid != victim:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         _, error = driver.communicate(timeout=300)
     finally:
         for pid in session_processes(driver.pid):
