@@ -3,7 +3,6 @@
 import logging
 import time
 import types
-from dataclasses import dataclass
 
 import pandas as pd
 import pytest
@@ -11,19 +10,9 @@ import torch
 
 import train
 from competition import training
-from competition.clock import Deadline
 from competition.training import train_fold, train_fold_within
+from tests.conftest import ManualDeadline
 from tests.test_training import cli_flags, run_train
-
-
-@dataclass
-class ManualDeadline(Deadline):
-    """A deadline on a clock that moves only when the test moves it."""
-
-    now: float = 0.0
-
-    def elapsed(self) -> float:
-        return self.now
 
 
 @pytest.mark.slow
