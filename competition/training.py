@@ -312,11 +312,18 @@ class _Parts:
             raise
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{path}: cannot resume from it ({type(error).__name__}: {error})") from None
-        rows = [row for row in checkpoint["log"] if row["epoch"] <= checkpoint["epoch"]]
+        rows = _epochs_done(checkpoint)
         logger.info(
             "resumed from %s: epoch %d done, best Dice %.5f", path, checkpoint["epoch"] + 1, checkpoint["best_dice"]
         )
         return _State(checkpoint["epoch"] + 1, checkpoint["best_dice"], rows)
+
+
+def _epochs_done(checkpoint: dict | None) -> list[dict]:
+    """The log rows of the epochs a ``last.pt`` finished; none without one."""
+    if checkpoint is None:
+        return []
+    return [row for row in checkpoint["log"] if row["epoch"] <= checkpoint["epoch"]]
 
 
 def build_parts(config: TrainConfig, device: torch.device, precision: str, steps_per_epoch: int) -> _Parts:
@@ -491,46 +498,94 @@ def _run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: str):
         yield run_dir, resumed_from
 
 
+# Settings that leave an epoch's length as it is: which fold, where the files are, the time limit, the set-up check.
+_SAME_EPOCH_LENGTH = {"fold", "out", "data_dir", "folds_csv", "time_limit", "check"}
+
+
+def known_epoch_seconds(config: TrainConfig) -> float:
+    """The longest epoch (training, validation, saving) in the log.csv of the folds in ``config.out`` whose
+    config.json has settings that give epochs of this length; 0.0 when none is known. The folds of a run differ
+    only in their images: a sibling fold's epochs, or this fold's own before a --resume, foretell the next."""
+
+    def epoch_settings(values: dict) -> dict:
+        return {name: value for name, value in values.items() if name not in _SAME_EPOCH_LENGTH}
+
+    wanted = epoch_settings(asdict(config))
+    longest = 0.0
+    for run_dir in Path(config.out).glob("fold*"):
+        try:
+            if epoch_settings(json.loads((run_dir / "config.json").read_text())) != wanted:
+                continue
+            with open(run_dir / "log.csv", newline="") as handle:
+                longest = max([longest, *(float(row["seconds"]) for row in csv.DictReader(handle))])
+        except (OSError, ValueError, KeyError, TypeError, csv.Error):  # no whole log there: nothing known from it
+            continue
+    return longest
+
+
+def _no_time_for_an_epoch(deadline: Deadline, epoch_seconds: float) -> str:
+    """Why an epoch does not start, e.g. ``the time limit 6m40s leaves 1m20s, an epoch takes about 2m40s``."""
+    left = deadline.remaining()
+    if left <= 0 or not epoch_seconds:
+        return f"the {deadline.describe()} had passed"
+    epoch = format_duration(epoch_seconds)
+    return f"the {deadline.describe()} leaves {format_duration(left)}, an epoch takes about {epoch}"
+
+
 class _EpochBudget:
     """The time limit seen from the epoch loop: one projection early in this process's first epoch, and
-    before each epoch whether it fits, judged by the longest epoch (training, validation, saving) measured
-    so far. Times are read from the deadline's clock."""
+    before each epoch whether it fits, judged by the longest epoch (training, validation, saving) known:
+    measured so far, or ``known_epoch`` from this run's logs (so that a fold started late does not run its
+    first epoch past the limit). Times are read from the deadline's clock."""
 
-    def __init__(self, deadline: Deadline, config: TrainConfig, first_epoch: int, images_per_epoch: int):
+    def __init__(
+        self, deadline: Deadline, config: TrainConfig, first_epoch: int, images_per_epoch: int, known_epoch: float
+    ):
         self.deadline, self.config = deadline, config
         self.first_epoch, self.images_per_epoch = first_epoch, images_per_epoch
-        self.longest_epoch = 0.0
+        self.longest_epoch = known_epoch
         self.epoch_started = 0.0
-        self.projected = False
+        self.epochs_ended = 0
+        self.projected_fit: bool | None = None  # the projection's verdict; None before it is made
+        self.not_started = ""  # why this process's first epoch did not start, when it did not
 
     def begin(self, epoch: int) -> bool:
-        """Whether epoch ``epoch`` (from 0) fits in the time left; when not, says so and how to go on."""
+        """Whether epoch ``epoch`` (from 0) fits in the time left; when not, says so and how to go on.
+        With nothing known of an epoch's length, only a limit already passed stops it."""
         if not self.deadline.fits(self.longest_epoch):
-            if epoch > 0:  # else nothing was trained to resume from: the caller says so
+            if epoch > 0:
                 self._warn_stop(epoch)
+            else:  # nothing was trained to resume from: the caller says so
+                self.not_started = _no_time_for_an_epoch(self.deadline, self.longest_epoch)
             return False
         self.epoch_started = self.deadline.elapsed()
         return True
 
     def during(self, images_done: int) -> None:
-        """At the loss sync points: the projection, once PROJECT_AFTER_SECONDS of the first epoch have passed."""
+        """At the loss sync points: the projection, once PROJECT_AFTER_SECONDS of the first epoch have passed.
+        It knows the training rate only; the first epoch's end checks it with validation included."""
         seconds = self.deadline.elapsed() - self.epoch_started
-        if not self.projected and seconds >= PROJECT_AFTER_SECONDS:
+        if self.projected_fit is None and seconds >= PROJECT_AFTER_SECONDS:
             rate = images_done / seconds
-            self._project(self.images_per_epoch / rate, seconds, f"{rate:.1f} img/s over {format_duration(seconds)}")
+            measured = f"{rate:.1f} img/s over {format_duration(seconds)}: training only, validation adds to each epoch"
+            self._project(self.images_per_epoch / rate, seconds, measured)
 
     def end(self) -> None:
         seconds = self.deadline.elapsed() - self.epoch_started
         self.longest_epoch = max(self.longest_epoch, seconds)
-        if not self.projected:  # the first epoch ended within PROJECT_AFTER_SECONDS
-            self._project(seconds, seconds, "the first epoch, measured")
+        self.epochs_ended += 1
+        if self.epochs_ended > 1 or self.projected_fit is False:  # a warning already given is not repeated
+            return
+        epochs_after = self.config.epochs - self.first_epoch - 1
+        if self.projected_fit is None or not self.deadline.fits(epochs_after * seconds):
+            # no projection yet (a first epoch under PROJECT_AFTER_SECONDS), or validation changed its verdict
+            self._project(seconds, seconds, "the first epoch, validation included")
 
     def _project(self, epoch_seconds: float, into_epoch: float, measured: str) -> None:
-        self.projected = True
         config, deadline = self.config, self.deadline
         epochs_left = config.epochs - self.first_epoch
         total = epochs_left * epoch_seconds
-        fits = deadline.fits(total - into_epoch)
+        fits = self.projected_fit = deadline.fits(total - into_epoch)
         limit = deadline.describe()
         if deadline.limit is not None:
             limit += f", {format_duration(deadline.remaining())} left: it {'fits' if fits else 'does not fit'}"
@@ -615,9 +670,10 @@ def _run_epoch(
     if fold.train_loader.dataset.transform is not None:
         fold.train_loader.dataset.transform.set_random_seed(config.seed + epoch)
     parts = fold.parts
-    started = time.perf_counter()
+    clock = budget.deadline.elapsed  # the limit's clock: later runs judge by the epoch lengths logged here
+    started = clock()
     train_loss, skipped_steps = train_one_epoch(parts, fold.train_loader, config, epoch, run_dir, progress, budget)
-    train_seconds = time.perf_counter() - started
+    train_seconds = clock() - started
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
         metrics = evaluate(parts.evaluated, fold.val_loader, parts.loss_fn, parts.precision)
     return {
@@ -626,19 +682,21 @@ def _run_epoch(
         "train_loss": train_loss,
         **metrics,
         "train_img_per_s": fold.images_per_epoch / train_seconds,
-        "seconds": time.perf_counter() - started,
+        "seconds": clock() - started,
         "skipped_steps": skipped_steps,
     }
 
 
 def _train_epochs(
     fold: _Fold, state: _State, config: TrainConfig, run_dir: Path, progress: bool, deadline: Deadline
-) -> None:
-    """The epochs from ``state.start_epoch`` on, each saved as it ends; stops early at the time limit."""
-    budget = _EpochBudget(deadline, config, state.start_epoch, fold.images_per_epoch)
+) -> str:
+    """The epochs from ``state.start_epoch`` on, each saved as it ends; stops early at the time limit.
+    Returns why the fold's first epoch did not start, when it did not ("" otherwise)."""
+    known_epoch = known_epoch_seconds(config)  # read again: the set-up took time, a sibling may have ended one
+    budget = _EpochBudget(deadline, config, state.start_epoch, fold.images_per_epoch, known_epoch)
     for epoch in range(state.start_epoch, config.epochs):
         if not budget.begin(epoch):
-            return
+            return budget.not_started
         row = _run_epoch(fold, config, epoch, run_dir, progress, budget)
         _save_epoch(fold.parts, state, config, row, fold.image_shape, fold.split, run_dir)
         logger.info(
@@ -652,16 +710,18 @@ def _train_epochs(
             row["train_img_per_s"],
         )
         budget.end()
+    return ""
 
 
 @dataclass
 class FoldResult:
-    """How far a fold's training got: the best epoch's log row (None when the time limit passed before its
-    first epoch), and the epochs done of ``epochs``."""
+    """How far a fold's training got: the best epoch's log row (None when no epoch was ever done), the epochs
+    done of ``epochs``, and why the time limit let no epoch start in this session, when it did not."""
 
     best: dict | None
     epochs_done: int
     epochs: int
+    not_started: str = ""
 
     @property
     def finished(self) -> bool:
@@ -678,7 +738,10 @@ def train_fold_within(
 ) -> FoldResult:
     """Train ``config.fold`` for the epochs that fit before ``deadline``; keep ``best.pt`` by validation Dice
     and ``last.pt`` for ``--resume``."""
-    inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock below
+    resumable = inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock
+    known_epoch = known_epoch_seconds(config)
+    if not deadline.fits(known_epoch):  # a fold started late: no set-up, nothing written
+        return _result(config, _epochs_done(resumable), _no_time_for_an_epoch(deadline, known_epoch))
     device, precision = setup_device(device, config.precision)
     fold = _set_up_fold(config, device, precision, progress)
     with _run_folder(config, resume, overwrite, fold.split) as (run_dir, resumed_from):
@@ -699,18 +762,22 @@ def train_fold_within(
             config.accum_steps,
             deadline.describe(),
         )
-        _train_epochs(fold, state, config, run_dir, progress, deadline)
-    if not state.rows:
-        return FoldResult(None, 0, config.epochs)
-    best = max(state.rows, key=lambda r: r["val_dice"])
-    logger.info(
-        "fold %d: best val Dice %.5f at epoch %d -> %s",
-        config.fold,
-        best["val_dice"],
-        best["epoch"] + 1,
-        run_dir / "best.pt",
-    )
-    return FoldResult(best, len(state.rows), config.epochs)
+        not_started = _train_epochs(fold, state, config, run_dir, progress, deadline)
+    result = _result(config, state.rows, not_started)
+    if result.best is not None and not not_started:
+        logger.info(
+            "fold %d: best val Dice %.5f at epoch %d -> %s",
+            config.fold,
+            result.best["val_dice"],
+            result.best["epoch"] + 1,
+            run_dir / "best.pt",
+        )
+    return result
+
+
+def _result(config: TrainConfig, rows: list[dict], not_started: str) -> FoldResult:
+    best = max(rows, key=lambda r: r["val_dice"]) if rows else None
+    return FoldResult(best, len(rows), config.epochs, not_started)
 
 
 def train_fold(
@@ -730,8 +797,17 @@ def train_fold(
     result = train_fold_within(config, deadline, device, resume, overwrite, progress)
     if result.best is None:
         raise TrainingError(
-            f"fold {config.fold}: the --time-limit {config.time_limit} had passed before the first epoch; "
+            f"fold {config.fold}: not started: {result.not_started} (--time-limit {config.time_limit}); "
             "nothing was trained: give a longer one"
+        )
+    if result.not_started:
+        logger.warning(
+            "fold %d: not started: %s; %d of %d epochs are done: run the same command with --resume in a new "
+            "session to train the rest",
+            config.fold,
+            result.not_started,
+            result.epochs_done,
+            result.epochs,
         )
     return result.best
 
@@ -765,10 +841,10 @@ class FoldOutcome:
     stopped: bool = False
 
 
-def _fold_outcome(result: FoldResult | None, fold: int, device: str, deadline: Deadline, log: str) -> FoldOutcome:
-    """The outcome of a fold that did not fail; ``result`` None: not started, the time limit had passed."""
-    if result is None or result.best is None:
-        return FoldOutcome(fold, True, f"not started: the {deadline.describe()} had passed", log, stopped=True)
+def _fold_outcome(result: FoldResult, fold: int, device: str, deadline: Deadline, log: str) -> FoldOutcome:
+    """The outcome of a fold that did not fail."""
+    if result.not_started:
+        return FoldOutcome(fold, True, f"not started: {result.not_started}", log, stopped=True)
     best = f"best val Dice {result.best['val_dice']:.5f} on {device}"
     if result.finished:
         return FoldOutcome(fold, True, best, log)
@@ -812,9 +888,6 @@ def _run_one_fold(
     ):
         logger.debug("device slots in %s", slots_dir)
         logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
-        if deadline.remaining() <= 0:
-            logger.warning("fold %d: not started, the %s had passed", fold, deadline.describe())
-            return _fold_outcome(None, fold, device, deadline, str(log_path))
         try:
             result = train_fold_within(config, deadline, device, progress=False, **flags)
         except Exception as error:  # noqa: BLE001 - any failure is reported per fold, the others go on
@@ -822,6 +895,8 @@ def _run_one_fold(
                 traceback.print_exc()
             logger.error("%s: %s", type(error).__name__, error)
             return FoldOutcome(fold, False, f"{type(error).__name__}: {error}", str(log_path))
+        if result.not_started:  # the driver says how to go on
+            logger.warning("fold %d: not started: %s", fold, result.not_started)
     return _fold_outcome(result, fold, device, deadline, str(log_path))
 
 
@@ -919,9 +994,10 @@ def train_folds(
     started: float | None = None,
 ) -> list[FoldOutcome]:
     """Train several folds with joblib, ``jobs`` at a time, each on a free device of ``devices``;
-    each fold logs to its own ``train.log``, and this process says as each fold ends an epoch. A failing fold is reported and does not stop the others.
-    ``config.time_limit`` counts from ``started`` (``time.monotonic()``; None: now) for every fold: a fold
-    not started by then is not started. The workers exit within a second when this process dies."""
+    each fold logs to its own ``train.log``, and this process says as each fold ends an epoch. A failing fold
+    is reported and does not stop the others. ``config.time_limit`` counts from ``started`` (``time.monotonic()``;
+    None: now) for every fold: a fold whose turn comes when less is left than the longest epoch of this run's
+    folds is not started. The workers exit within a second when this process dies."""
     from joblib import Parallel, delayed
 
     slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]

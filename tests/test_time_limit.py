@@ -1,8 +1,11 @@
 """--time-limit in training: the projection, the stop after the last epoch that fits, and --resume after it."""
 
+import json
 import logging
+import re
 import time
 import types
+from dataclasses import asdict, replace
 
 import pandas as pd
 import pytest
@@ -10,7 +13,8 @@ import torch
 
 import train
 from competition import training
-from competition.training import train_fold, train_fold_within
+from competition.config import resolve_config
+from competition.training import FoldResult, known_epoch_seconds, train_fold, train_fold_within
 from tests.conftest import ManualDeadline
 from tests.test_training import cli_flags, run_train
 
@@ -31,9 +35,10 @@ def test_training_stops_after_the_last_epoch_that_fits_and_resume_trains_the_res
     assert (result.epochs_done, result.epochs, result.finished) == (2, 4, False)
     # projected at the log sync point past a minute (step 4, 80 s): 32 images in 80 s, 64 an epoch
     assert (
-        "fold 0: projected 10m40s for the 4 epoch(s) to train (2m40s an epoch, from 0.4 img/s over 1m20s); "
-        "time limit 6m40s, 5m20s left: it does not fit" in caplog.text
+        "fold 0: projected 10m40s for the 4 epoch(s) to train (2m40s an epoch, from 0.4 img/s over 1m20s: training "
+        "only, validation adds to each epoch); time limit 6m40s, 5m20s left: it does not fit" in caplog.text
     )
+    assert caplog.text.count("projected") == 1, "the measured first epoch agrees: not said again"
     assert "fold 0: about 2 of the 4 epoch(s) to train fit in the time limit 6m40s; training will stop" in caplog.text
     assert (
         "fold 0: stopped by the time limit 6m40s with 2 of 4 epochs done (the next would take about 2m40s, 1m20s are "
@@ -44,6 +49,18 @@ def test_training_stops_after_the_last_epoch_that_fits_and_resume_trains_the_res
     assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0, 1]
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1 and (run_dir / "best.pt").exists()
 
+    # fold 1's turn comes now, 1m20s left: fold 0's 2m40s epochs say that none of its epochs fits
+    sibling = replace(tiny_config, fold=1)
+    not_started = "the time limit 6m40s leaves 1m20s, an epoch takes about 2m40s"
+    assert train_fold_within(sibling, deadline, "cpu", progress=False) == FoldResult(None, 0, 4, not_started)
+    assert not sibling.run_dir().exists()
+
+    # fold 0 resumed in a new session with 1m20s left: not started, its files as they were
+    written = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
+    result = train_fold_within(tiny_config, ManualDeadline(400.0, 0.0, now=320.0), "cpu", resume=True, progress=False)
+    assert (result.best["epoch"], result.epochs_done, result.not_started) == (1, 2, not_started)
+    assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == written
+
     monkeypatch.setattr(training, "accumulate_gradients", real)
     caplog.clear()
     tiny_config.time_limit = "1h"  # a new session, a new limit: not a change that refuses the resume
@@ -51,6 +68,70 @@ def test_training_stops_after_the_last_epoch_that_fits_and_resume_trains_the_res
     assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0, 1, 2, 3]
     assert "for the 2 epoch(s) to train" in caplog.text and "it fits" in caplog.text
     assert "stopped by the time limit" not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_first_epoch_longer_with_validation_than_projected_is_warned_of_when_it_ends(
+    tiny_config, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="competition")
+    tiny_config.epochs, tiny_config.time_limit = 3, "700s"
+    deadline = ManualDeadline(700.0, started=0.0)
+    real_step, real_evaluate = training.accumulate_gradients, training.evaluate
+
+    def twenty_seconds_a_step(*args, **kwargs):  # 8 steps: 2m40s of training an epoch
+        deadline.now += 20.0
+        return real_step(*args, **kwargs)
+
+    def validation_of_200_seconds(*args, **kwargs):  # 6m00s an epoch in all
+        deadline.now += 200.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "accumulate_gradients", twenty_seconds_a_step)
+    monkeypatch.setattr(training, "evaluate", validation_of_200_seconds)
+    result = train_fold_within(tiny_config, deadline, "cpu", progress=False)
+    assert (result.epochs_done, result.not_started) == (1, "")
+    assert "(2m40s an epoch, from 0.4 img/s over 1m20s: training only, validation adds to each epoch)" in caplog.text
+    assert "fold 0: projected 8m00s for the 3 epoch(s)" in caplog.text and "10m20s left: it fits" in caplog.text
+    assert (
+        "fold 0: projected 18m00s for the 3 epoch(s) to train (6m00s an epoch, from the first epoch, validation "
+        "included); time limit 11m40s, 5m40s left: it does not fit" in caplog.text
+    )
+    assert "fold 0: about 1 of the 3 epoch(s) to train fit in the time limit 11m40s" in caplog.text
+    assert "with 1 of 3 epochs done (the next would take about 6m00s, 5m40s are left)" in caplog.text
+
+
+def settings_of(config, fold: int) -> str:
+    """The config.json train.py writes for ``fold`` of the tiny run."""
+    args = train.build_parser().parse_args([*cli_flags(config), "--fold", str(fold)])
+    return json.dumps(asdict(resolve_config(args)))
+
+
+def test_the_epoch_length_is_read_from_the_logs_of_folds_with_the_same_settings(tiny_config):
+    out = tiny_config.run_dir().parent
+    same = settings_of(tiny_config, 0)
+    for fold, seconds, settings in [(0, 90.5, same), (1, 300.0, "{}"), (2, "", same)]:
+        (out / f"fold{fold}").mkdir(parents=True)
+        (out / f"fold{fold}" / "config.json").write_text(settings)
+        (out / f"fold{fold}" / "log.csv").write_text(f"epoch,seconds\n0,{seconds}\n")
+    (out / "fold3").mkdir()  # begun, no epoch logged yet
+    config = resolve_config(train.build_parser().parse_args([*cli_flags(tiny_config), "--fold", "4"]))
+    assert known_epoch_seconds(config) == 90.5  # fold 1's other settings and fold 2's broken log left out
+    assert known_epoch_seconds(replace(config, batch_size=2)) == 0.0
+
+
+def test_a_fold_whose_turn_comes_with_less_than_an_epoch_left_is_not_started(tiny_config, capsys):
+    fold0 = tiny_config.run_dir()
+    fold0.mkdir(parents=True)
+    (fold0 / "config.json").write_text(settings_of(tiny_config, 0))
+    (fold0 / "log.csv").write_text("epoch,seconds\n0,3000.0\n1,3600.0\n")  # an epoch of an hour
+    train.main([*cli_flags(tiny_config), "--folds", "1", "--time-limit", "30m"])  # returns: exit 0
+    printed = capsys.readouterr().err
+    left = r"(29m5\ds|30m00s)"  # the worker's start takes a moment of the 30 minutes
+    stopped = rf"fold 1: stopped by the time limit: not started: the time limit 30m00s leaves {left}, an epoch takes"
+    assert re.search(stopped + " about 1h00m", printed)
+    assert "--folds 1 --resume" in printed
+    assert sorted(path.name for path in (fold0.parent / "fold1").iterdir()) == ["train.log"]
 
 
 @pytest.mark.parametrize("value", ["11:30", "1d", "0s"])
@@ -89,5 +170,7 @@ def test_folds_not_started_by_the_time_limit_are_reported_for_resume(tiny_config
 def test_one_fold_past_its_limit_before_the_first_epoch_stops_with_one_line(tiny_config, capsys, monkeypatch):
     started_an_hour_ago(monkeypatch)
     code, error = run_train([*cli_flags(tiny_config), "--time-limit", "30m"], capsys)
-    assert code == 2 and "the --time-limit 30m had passed before the first epoch; nothing was trained" in error
+    assert (
+        code == 2 and "fold 0: not started: the time limit 30m00s had passed (--time-limit 30m); nothing was " in error
+    )
     assert not (tiny_config.run_dir() / "last.pt").exists()
