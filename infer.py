@@ -8,6 +8,12 @@ python infer.py --tta --time-limit 11h30m                              ... stopp
 python infer.py --oof --tta                                            out-of-fold Dice, best threshold, worst overlays
 python infer.py --image path/to/car.jpg                                one image -> mask PNG and overlay
 python infer.py --export-onnx unet.onnx --checkpoints runs/x/fold0/best.pt   one model -> ONNX
+python infer.py --tta --checkpoints runs/parts --out submissions/parts/   any other data set: a PNG mask per image
+python infer.py --tta --checkpoints runs/parts --format rle-csv --out parts.csv   ... or per-class RLE rows
+
+Models trained on any layout but Carvana's write one palette PNG of class indices per test image (the data
+folder's test/, or --images DIR) into the --out folder (default: <work dir>/submissions/masks), --overlays
+adding colour overlays; --format rle-csv writes Kaggle's ImageId_ClassId,EncodedPixels rows instead.
 
 The test submission on several devices (--devices; by default every GPU when there are several): the test
 images are cut into contiguous shards in sample-submission order, one worker process per device, each writing
@@ -42,7 +48,9 @@ from competition.inference import (
     predict_image_file,
     write_submission,
 )
+from competition.layouts import open_data
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.masks_out import FORMATS, RLE_ORDERS, class_out_of_fold, write_masks, write_rle_csv
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.shards import ShardSettings, ShardsFailed, write_submission_on_devices
 from competition.submission import keep_finished
@@ -59,6 +67,10 @@ MODE_FLAGS = {
     "--overwrite": ("overwrite", ("submission",), lambda: False),
     "--devices": ("devices", ("submission",), lambda: None),
     "--time-limit": ("time_limit", ("submission",), lambda: None),
+    "--images": ("images", ("submission",), lambda: None),
+    "--format": ("format", ("submission",), lambda: None),
+    "--rle-order": ("rle_order", ("submission",), lambda: "row"),
+    "--overlays": ("overlays", ("submission",), lambda: False),
     "--worst": ("worst", ("oof",), lambda: 8),
     "--folds-csv": ("folds_csv", ("oof",), lambda: None),
     "--out-dir": ("out_dir", ("oof", "image"), lambda: default_work_dir() / "predictions"),
@@ -77,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[TrainConfig().out],
         help="run folders (every fold*/best.pt inside) or checkpoint files (default: %(default)s)",
     )
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="(default: %(default)s)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="(default: the checkpoints' data folder when it is here, else the default's)"
+    )
     parser.add_argument("--tta", action="store_true", help="average with test-time augmented views (hflip by default)")
     parser.add_argument("--tta-transforms", help=f"comma-separated, from {', '.join(sorted(TTA))}; implies --tta")
     parser.add_argument("--threshold", type=float, default=0.5, help="car above this probability, in (0, 1)")
@@ -103,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         help="e.g. cuda:0,cuda:1: a shard of the test set on each, in its own process (default: every GPU when "
         "there are several; cpu,cpu runs the same on the CPU)",
+    )
+    submission.add_argument("--images", type=Path, help="a folder of images to predict instead of the data's test/")
+    submission.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="models of any data set but Carvana: png (a palette PNG of class indices per image, the default) or "
+        "rle-csv (Kaggle's ImageId_ClassId,EncodedPixels rows)",
+    )
+    submission.add_argument("--rle-order", choices=RLE_ORDERS, help="rle-csv: flatten row-major (default) or column")
+    submission.add_argument(
+        "--overlays", action="store_true", default=None, help="png: colour overlays in <out>/overlays"
     )
     submission.add_argument(
         "--time-limit",
@@ -157,9 +182,33 @@ def export(args, members, tta, precision) -> None:
     )
 
 
+def data_dir_of(args, config) -> Path:
+    """--data-dir, else the folder the checkpoints were trained on when it is here, else the default one."""
+    if args.data_dir is not None:
+        return args.data_dir
+    trained_on = Path(config.data_dir)
+    return trained_on if trained_on.is_dir() else default_data_dir()
+
+
+def open_test_data(args, config):
+    """The data as the checkpoints' settings read it (layout, classes, ignore index), --images for test/."""
+    return open_data(
+        data_dir_of(args, config),
+        config.layout,
+        config.classes,
+        config.ignore_index,
+        config.pet_border,
+        mask_source=config.mask_source,
+        test_images=args.images,
+    )
+
+
 def score_out_of_fold(args, members, tta, precision) -> None:
     folds_csv = args.folds_csv or members[0].config.folds_csv
-    data = CarvanaData(args.data_dir)
+    data = open_test_data(args, members[0].config)
+    if data.layout != "carvana":
+        class_out_of_fold(members, data, folds_csv, tta, precision, args.out_dir, args.workers)
+        return
     settings = {
         "threshold": args.threshold,
         "worst": args.worst,
@@ -211,7 +260,7 @@ def predict_test_set(args, paths, tta, deadline: Deadline) -> int:
         return predict_on_devices(args, paths, tta, devices, deadline)
     members, precision = load_members(args, paths, devices[0], tta)
     settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
-    ensemble, data = Ensemble(members, tta, precision), CarvanaData(args.data_dir)
+    ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
     rows = write_submission(
         ensemble, data, args.out, args.threshold, overwrite=args.overwrite, deadline=deadline, **settings
     )
@@ -225,7 +274,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
     logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", ", ".join(devices))
     settings = ShardSettings(
         checkpoints=[str(path) for path in paths],
-        data_dir=str(args.data_dir),
+        data_dir=str(data_dir_of(args, checkpoint_config(load_checkpoint(paths[0]), paths[0]))),
         tta=tta,
         precision=args.precision,
         compile=args.compile,
@@ -237,10 +286,33 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
         log_level=logging.getLogger("competition").level,
     )
     try:
-        rows = write_submission_on_devices(CarvanaData(args.data_dir), args.out, devices, settings, args.resume)
+        data = CarvanaData(settings.data_dir, test_images=args.images)
+        rows = write_submission_on_devices(data, args.out, devices, settings, args.resume)
     except ShardsFailed:
         return EXIT_SHARD_FAILED
     return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
+
+
+def predict_masks(args, paths, tta, out_given: bool) -> int:
+    """Models of any other data set: a PNG mask per test image, or the per-class RLE CSV."""
+    if args.devices or args.time_limit:
+        raise ConfigError("--devices and --time-limit are for Carvana's submission; masks are predicted on --device")
+    members, precision = load_members(args, paths, args.device, tta)
+    ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
+    settings = {"threshold": args.threshold, "overwrite": args.overwrite, "workers": args.workers}
+    if args.format == "rle-csv":
+        if args.overlays:
+            raise ConfigError("--overlays belongs to --format png")
+        write_rle_csv(ensemble, data, args.out, order=args.rle_order, **settings)
+        return 0
+    out = args.out if out_given else default_work_dir() / "submissions" / "masks"
+    write_masks(ensemble, data, paths, out, overlays=args.overlays, resume=args.resume, **settings)
+    return 0
+
+
+def trained_on_carvana(paths: list[Path]) -> bool:
+    """Whether the checkpoints are Carvana models (no class names saved), read from the first one."""
+    return not checkpoint_config(load_checkpoint(paths[0]), paths[0]).class_names()
 
 
 RUN = {"oof": score_out_of_fold, "image": predict_one_image, "export_onnx": export}
@@ -251,14 +323,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_from(args)
     with exit_on_project_error("infer.py", args.debug):
+        out_given = args.out is not None
         mode = check_arguments(args)
         tta = tta_of(args)
         deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
-        if mode == "submission" and keep_finished(args.out, args.resume, args.overwrite):
+        paths = find_checkpoints(args.checkpoints)
+        if mode == "submission" and not trained_on_carvana(paths):
+            status = predict_masks(args, paths, tta, out_given)
+        elif mode == "submission" and (args.format or args.overlays or args.rle_order != "row"):
+            raise ConfigError("--format, --rle-order and --overlays are for models of other data sets than Carvana")
+        elif mode == "submission" and keep_finished(args.out, args.resume, args.overwrite):
             logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
             return
-        paths = find_checkpoints(args.checkpoints)
-        if mode == "submission":
+        elif mode == "submission":
             status = predict_test_set(args, paths, tta, deadline)
         else:
             members, precision = load_members(args, paths, args.device, tta)

@@ -1,57 +1,109 @@
-"""Split the training images into car-grouped folds: python make_folds.py --n-folds 5 --seed 42."""
+"""Split the training images into grouped folds: python make_folds.py --n-folds 5 --seed 42."""
 
 import argparse
 import logging
 from pathlib import Path
 
-from competition.data import CarvanaData
+import numpy as np
+from tqdm.auto import tqdm
+
 from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
-from competition.folds import assign_folds, fold_summary
+from competition.folds import assign_folds, assign_group_folds, fold_summary, groups_of
+from competition.layouts import LAYOUTS, open_data
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 
 logger = logging.getLogger("competition.make_folds")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--data-dir", type=Path, default=default_data_dir(), help="Carvana data folder (default: %(default)s)"
-    )
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="data folder (default: %(default)s)")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="data layout (default: recognised)")
+    parser.add_argument("--classes", default="", help="class names a,b,c, background first (default: classes.txt)")
+    parser.add_argument("--ignore-index", type=int, default=255, help="mask value of unlabelled pixels")
+    parser.add_argument("--pet-border", default="ignore", choices=("ignore", "class"), help="Oxford-IIIT Pet's border")
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--stratify", metavar="COLUMN", help="a metadata.csv column to balance across folds, e.g. make")
+    parser.add_argument(
+        "--group-regex",
+        help="images of one group share a fold: the regex's first capture group, searched in the image id, is the "
+        "group, e.g. '^(.+)_\\d+$' for <car>_<NN> or Oxford Pet's <breed>_<N> (default: Carvana's car; elsewhere "
+        "each image alone)",
+    )
+    parser.add_argument("--stratify", metavar="COLUMN", help="Carvana: a metadata.csv column to balance, e.g. make")
+    parser.add_argument(
+        "--stratify-classes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="other layouts: balance the classes the images hold across folds (default: on)",
+    )
     parser.add_argument("--out", type=Path, default=default_work_dir() / "folds" / "folds.csv")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folds file that differs")
     add_logging_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def carvana_folds(data, args):
+    """Carvana's car-grouped folds (``img,car_id,fold``), stratified by a metadata column when asked."""
+    if args.group_regex:
+        raise ConfigError("--group-regex is for other layouts; Carvana's folds are grouped by car")
+    strata = None
+    if args.stratify:
+        metadata = data.read_csv("metadata.csv", ["id", args.stratify])
+        strata = dict(zip(metadata["id"], metadata[args.stratify]))
+    folds = assign_folds(data.train_ids(), args.n_folds, args.seed, strata)
+    text = folds[["img", "car_id", "fold"]].to_csv(index=False)
+    if strata is not None:
+        folds[args.stratify] = [strata[car_id] for car_id in folds["car_id"]]
+    return folds, text
+
+
+def class_presence(data, image_ids: list[str], progress: bool) -> dict[str, np.ndarray]:
+    """image id -> which classes its mask holds (every mask read once)."""
+    bar = tqdm(image_ids, desc="read masks", unit="img", disable=not progress, dynamic_ncols=True)
+    return {image_id: data.class_pixel_counts(image_id) > 0 for image_id in bar}
+
+
+def group_folds(data, args):
+    """Folds of any other layout (``img,group,fold``): grouped by --group-regex, stratified by class."""
+    if args.stratify:
+        raise ConfigError("--stratify names a Carvana metadata column; other layouts stratify by class")
+    image_ids = data.train_ids()
+    groups = groups_of(image_ids, args.group_regex)
+    presence = class_presence(data, image_ids, not args.quiet) if args.stratify_classes else None
+    folds = assign_group_folds(groups, args.n_folds, args.seed, presence)
+    if presence is not None:
+        for index, name in enumerate(data.classes):
+            folds[f"with {name}"] = [bool(presence[image_id][index]) for image_id in folds["img"]]
+    return folds, folds[["img", "group", "fold"]].to_csv(index=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     configure_from(args)
     with exit_on_project_error("make_folds.py", args.debug):
-        data = CarvanaData(args.data_dir)
-        image_ids = data.train_ids()
-        if not image_ids:
+        data = open_data(args.data_dir, args.layout, args.classes, args.ignore_index, args.pet_border)
+        if not data.train_ids():
             raise DataError(f"{args.data_dir}: no training images to split")
-        strata = None
-        if args.stratify:
-            metadata = data.read_csv("metadata.csv", ["id", args.stratify])
-            strata = dict(zip(metadata["id"], metadata[args.stratify]))
         if args.out.is_dir():
             raise ConfigError(f"--out {args.out} is a folder; name the folds file, e.g. {args.out / 'folds.csv'}")
-        folds = assign_folds(image_ids, args.n_folds, args.seed, strata)
-        text = folds[["img", "car_id", "fold"]].to_csv(index=False)
+        folds, text = carvana_folds(data, args) if data.layout == "carvana" else group_folds(data, args)
         if args.out.exists() and args.out.read_text() != text and not args.overwrite:
             raise ConfigError(
                 f"{args.out} exists and holds other folds (runs trained on it would no longer match); "
                 "pass --overwrite to replace it, or another --out"
             )
-    if strata is not None:
-        folds[args.stratify] = [strata[car_id] for car_id in folds["car_id"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as partial:
         partial.write_text(text)
-    logger.info("%s", fold_summary(folds, args.stratify).to_string())
-    logger.info("%d images of %d cars in %d folds -> %s", len(folds), folds["car_id"].nunique(), args.n_folds, args.out)
+    summary = fold_summary(folds, args.stratify)
+    for column in [column for column in folds.columns if column.startswith("with ")]:
+        summary[f"images {column}"] = folds.groupby("fold")[column].sum()
+    logger.info("%s", summary.to_string())
+    groups = folds["car_id" if "car_id" in folds.columns else "group"].nunique()
+    logger.info("%d images of %d groups in %d folds -> %s", len(folds), groups, args.n_folds, args.out)
 
 
 if __name__ == "__main__":

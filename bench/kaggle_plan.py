@@ -30,7 +30,7 @@ from bench.train_bench import trainer_step_factory
 from competition.checkpoints import save_checkpoint, summary
 from competition.clock import format_duration, parse_duration
 from competition.config import config_from
-from competition.data import CarvanaData, CarvanaDataset
+from competition.data import CarvanaData, SegmentationDataset
 from competition.errors import ConfigError
 from competition.inference import Ensemble, PredictionImages, load_member
 from competition.logs import configure, exit_on_project_error
@@ -109,7 +109,7 @@ def timed_rate(step, batches, seconds: float, device: torch.device, warmup: int 
 
 def measure_training(config, data: CarvanaData, device, precision: str, seconds: float) -> tuple[float, float]:
     """(trainer img/s end to end, loader img/s alone) on the training images of ``data``."""
-    dataset = CarvanaDataset(data, data.train_ids(), size=config.input_size(), transform=train_transform(config))
+    dataset = SegmentationDataset(data, data.train_ids(), size=config.input_size(), transform=train_transform(config))
     loader = torch.utils.data.DataLoader(
         dataset,
         config.batch_size,

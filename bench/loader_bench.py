@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from competition.config import TrainConfig, parse_size
-from competition.data import CarvanaData, CarvanaDataset, decode_image, resize_image
+from competition.data import CarvanaData, SegmentationDataset, decode_image, resize_image
 from competition.training import train_transform
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     ]
     transform = train_transform(TrainConfig(size=args.size))
     for label, data in (("GIF masks", gifs), ("CSV masks", csv)):
-        dataset = CarvanaDataset(data, image_ids, size=size, transform=transform)
+        dataset = SegmentationDataset(data, image_ids, size=size, transform=transform)
         rows.append((f"augmented sample, {label}", milliseconds(dataset.__getitem__, range(len(dataset)), 1)))
     difference = np.mean([np.abs(full(p).astype(int) - reduced(p)).mean() for p in payloads])
     print(f"{len(image_ids)} images of {shape[1]}x{shape[0]} from {args.data_dir} -> {size[0]}x{size[1]}, one core")

@@ -14,7 +14,7 @@ import torch
 
 from bench.device import describe, speed_bench_parser, synchronize
 from competition.config import TrainConfig, parse_size
-from competition.data import CarvanaData, CarvanaDataset
+from competition.data import CarvanaData, SegmentationDataset
 from competition.environment import resolve_device
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -106,7 +106,7 @@ def main() -> None:
     rows.append((f"{label}, model only", timed(trainer, resident, args.warmup, device)))
     trainer_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     data = CarvanaData(args.data_dir)
-    dataset = CarvanaDataset(data, data.train_ids(), size=(height, width), transform=train_transform(config))
+    dataset = SegmentationDataset(data, data.train_ids(), size=(height, width), transform=train_transform(config))
     loader = torch.utils.data.DataLoader(
         dataset,
         args.batch_size,

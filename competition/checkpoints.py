@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {
     "compile",
     "check",
     "time_limit",
+    "class_weight_values",  # derived from the fold's masks at set-up: the same fold gives the same values
 }
 
 

@@ -12,10 +12,15 @@ import tomllib
 from competition.clock import parse_duration
 from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError
-from competition.losses import LOSSES
+from competition.layouts import LAYOUTS
+from competition.losses import CLASS_WEIGHTINGS, LOSSES
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
 from competition.prediction import PRECISIONS
+from competition.sampling import SAMPLERS
 from competition.schedules import SCHEDULES
+
+MONITORS = ("auto", "dice", "miou", "macro_f1", "pixel_accuracy")
+PET_BORDERS = ("ignore", "class")
 
 
 def setting(default, description: str):
@@ -29,7 +34,16 @@ def setting(default, description: str):
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint so infer.py needs nothing else."""
 
-    data_dir: str = setting(lambda: str(default_data_dir()), "Carvana data folder (folders or the competition's zips)")
+    data_dir: str = setting(
+        lambda: str(default_data_dir()),
+        "data folder: Carvana (folders or the competition's zips), images/+masks/, VOC, labelme or Oxford-IIIT Pet",
+    )
+    layout: str = setting("auto", "auto (recognised by what the data folder holds), " + ", ".join(LAYOUTS[1:]))
+    classes: str = setting(
+        "", "class names a,b,c, background first; empty: classes.txt, labelme's labels.txt or the layout's rule"
+    )
+    ignore_index: int = setting(255, "mask value left out of losses and metrics (VOC's border)")
+    pet_border: str = setting("ignore", "Oxford-IIIT Pet trimap border: ignore, or class (a class of its own)")
     folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
     out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
     fold: int = setting(0, "the held-out fold")
@@ -44,10 +58,23 @@ class TrainConfig:
     lr: float = setting(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = setting(1e-4, "AdamW weight decay")
     warmup_epochs: float = setting(1.0, "linear warm-up length, in epochs (cosine schedule)")
-    schedule: str = setting("cosine", "cosine (warm-up, then cosine decay) or onecycle")
+    schedule: str = setting("cosine", "cosine (warm-up, then cosine decay), onecycle or step")
+    step_epochs: int = setting(10, "step schedule: epochs between learning-rate decays")
+    step_factor: float = setting(0.1, "step schedule: the factor the learning rate is multiplied by at each decay")
     loss: str = setting("bce_dice", ", ".join(LOSSES))
     bce_weight: float = setting(1.0, "weight of BCE in bce_dice")
     dice_weight: float = setting(1.0, "weight of soft Dice in bce_dice")
+    class_weights: str = setting(
+        "none",
+        "cross-entropy class weights from the training fold's pixel frequencies: "
+        "none, inverse, median (median frequency) or effective (effective number of samples)",
+    )
+    class_weight_values: str = field(default="", metadata={"help": "", "derived": True})  # class_weights' result
+    sampler: str = setting("random", "random, or class-balanced (images holding rare classes drawn more often)")
+    monitor: str = setting(
+        "auto",
+        "validation score that picks best.pt: auto (dice when binary, miou otherwise), " + ", ".join(MONITORS[1:]),
+    )
     precision: str = setting("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32")
     channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the model")
@@ -72,6 +99,20 @@ class TrainConfig:
             return None
         return parse_size(self.size)
 
+    def class_names(self) -> list[str]:
+        """The class names, background first; empty for Carvana, and until set up (``classes`` given, or
+        resolved from the data by training.open_training_data)."""
+        return [name.strip() for name in self.classes.split(",") if name.strip()]
+
+    def num_classes(self) -> int:
+        """Classes, background included: Carvana's two (background, car) when none are named."""
+        return len(self.class_names()) or 2
+
+    def output_channels(self) -> int:
+        """The model's channels: one sigmoid channel for binary data (background and one class), else one
+        softmax channel per class."""
+        return 1 if self.num_classes() == 2 else self.num_classes()
+
     def run_dir(self) -> Path:
         return Path(self.out) / f"fold{self.fold}"
 
@@ -94,6 +135,11 @@ CHOICES = {
     "schedule": tuple(SCHEDULES),
     "precision": PRECISIONS,
     "mask_source": ("auto", "gif", "csv"),
+    "layout": LAYOUTS,
+    "pet_border": PET_BORDERS,
+    "class_weights": CLASS_WEIGHTINGS,
+    "sampler": SAMPLERS,
+    "monitor": MONITORS,
 }
 # Architectures whose image-level pooling feeds a batch norm: training fails on a batch of one image.
 ONE_IMAGE_BATCH_NORM = ("DeepLabV3Plus",)
@@ -114,6 +160,9 @@ BOUNDS = {
     "dice_weight": (lambda v: v >= 0, "0 or more"),
     "clip_grad": (lambda v: v >= 0, "0 (off) or more"),
     "ema": (lambda v: 0 <= v < 1, "in [0, 1): 0 is off, e.g. 0.999"),
+    "ignore_index": (lambda v: 0 <= v <= 255, "in 0..255 (masks are 8-bit)"),
+    "step_epochs": (lambda v: v >= 1, "at least 1"),
+    "step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 
 
@@ -192,6 +241,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per TrainConfig field, defaulting to None so that only given flags override."""
     parser.add_argument("--config", type=Path, help="a TOML or JSON file of settings; flags override it")
     for f in fields(TrainConfig):
+        if f.metadata.get("derived"):  # computed at set-up and saved in checkpoints, never given
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         text = f"{f.metadata['help']} (default: {default})"

@@ -117,7 +117,10 @@ def _decoding(source: str, what: str = "image"):
         raise DataError(f"{source}: the {what} does not decode ({error}); the file is corrupt, replace it") from None
 
 
-def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_image_and_shape(
+    data: bytes, source: str, reduce_to: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes (any format Pillow reads) -> (RGB uint8 (H, W, 3), (height, width) before any reduction)."""
     with _decoding(source), Image.open(io.BytesIO(data)) as image:  # Pillow's reading alone is guarded
         full_shape = (image.height, image.width)
         if reduce_to is not None:
@@ -129,7 +132,7 @@ def _decode_jpeg(data: bytes, source: str, reduce_to: tuple[int, int] | None) ->
 def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
     """JPEG bytes -> RGB uint8 (H, W, 3). ``reduce_to`` (height, width) lets libjpeg decode at
     1/2, 1/4 or 1/8 scale when that is at least as large, or short by at most 1%: several times faster."""
-    return _decode_jpeg(data, source, reduce_to)[0]
+    return decode_image_and_shape(data, source, reduce_to)[0]
 
 
 def decode_mask(data: bytes, source: str) -> np.ndarray:
@@ -156,13 +159,20 @@ class CarvanaData:
     ``mask_source``: ``gif`` (train_masks/), ``csv`` (train_masks.csv) or ``auto`` (GIFs when present).
     """
 
-    def __init__(self, root: str | Path, mask_source: str = "auto"):
+    layout = "carvana"
+    classes = ("background", "car")
+    num_classes = 2
+    ignore_index = None  # every pixel is labelled
+
+    def __init__(self, root: str | Path, mask_source: str = "auto", test_images: Path | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data folder not found. {LAYOUT_HELP}")
         self.train_images = _open_files(self.root, "train", ".jpg")
         self.train_masks = _open_files(self.root, "train_masks", ".gif")
-        self.test_images = _open_files(self.root, "test", ".jpg")
+        if test_images is not None and not test_images.is_dir():
+            raise DataError(f"--images {test_images}: not a folder of test images")
+        self.test_images = _Folder(test_images, ".jpg") if test_images else _open_files(self.root, "test", ".jpg")
         if not any(files and files.names for files in (self.train_images, self.test_images)):
             raise DataError(f"{self.root}: no train or test images. {LAYOUT_HELP}")
         if mask_source not in ("auto", "gif", "csv"):
@@ -212,7 +222,7 @@ class CarvanaData:
         """(image, (height, width) before any reduction) of one image."""
         files = self._image_files(split)
         name = f"{image_id}.jpg"
-        return _decode_jpeg(files.read(name), files.describe(name), reduce_to)
+        return decode_image_and_shape(files.read(name), files.describe(name), reduce_to)
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
         """(height, width) of one image, read from its header alone."""
@@ -284,6 +294,10 @@ class CarvanaData:
                 f"{mask_shape[1]}x{mask_shape[0]}; the mask belongs to another image, replace it"
             )
 
+    def class_pixel_counts(self, image_id: str) -> np.ndarray:
+        """Background and car pixels of the image's mask (int64)."""
+        return np.bincount(self.read_mask(image_id).ravel(), minlength=2).astype(np.int64)
+
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
         image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
@@ -301,9 +315,17 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-class CarvanaDataset(torch.utils.data.Dataset):
-    """(image uint8 (3, H, W), mask float32 (1, H, W)) for a list of training ids.
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a class-index mask to (height, width): averaging would invent classes
+    between two others and smear the ignore index into its neighbours."""
+    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
 
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """(image uint8 (3, H, W), mask) for a list of training ids of any data layout.
+
+    The mask is float32 (1, H, W) when the data is binary (Carvana: 0/1; other layouts may also hold
+    the ignore index), the model's one sigmoid channel; int64 (H, W) class indices for multi-class data.
     ``size`` (height, width) resizes both (JPEG decoded at reduced scale where it can), or the
     image alone with ``full_size_masks`` (validation scores at full resolution);
     ``transform`` is an albumentations transform applied to image and mask together.
@@ -312,7 +334,7 @@ class CarvanaDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        data: CarvanaData,
+        data,
         image_ids: list[str],
         size: tuple[int, int] | None = None,
         transform=None,
@@ -324,6 +346,10 @@ class CarvanaDataset(torch.utils.data.Dataset):
         self.size = size
         self.transform = transform
         self.full_size_masks = full_size_masks
+        self.binary = data.num_classes == 2
+        # Carvana's masks are 0/1 only: an area-averaged resize thresholded at half keeps edges smooth.
+        # Masks that may hold several classes or the ignore index take the nearest pixel instead.
+        self.smooth_resize = data.layout == "carvana"
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -334,10 +360,13 @@ class CarvanaDataset(torch.utils.data.Dataset):
         if self.size is not None:
             image = resize_image(image, self.size)
             if not self.full_size_masks:
-                mask = (resize_image(mask * 255, self.size) > 127).astype(np.uint8)
+                if self.smooth_resize:
+                    mask = (resize_image(mask * 255, self.size) > 127).astype(np.uint8)
+                else:
+                    mask = resize_mask(mask, self.size)
         if self.transform is not None:
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]
         image = to_chw(image)
-        mask = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float()
-        return image, mask
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        return image, mask.unsqueeze(0).float() if self.binary else mask.long()

@@ -1,5 +1,7 @@
-"""Car-grouped cross-validation folds: all 16 views of a car fall in one fold."""
+"""Grouped cross-validation folds: all 16 views of a car (or all frames of a room, all photos of a pet) in one fold."""
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from competition.data import car_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
 
-FOLD_COLUMNS = ["img", "car_id", "fold"]
+FOLD_COLUMNS = ["img", "car_id", "fold"]  # Carvana's folds file
+GROUP_FOLD_COLUMNS = ["img", "group", "fold"]  # any other layout's: img is the image id (the file's stem)
 
 
 def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str, str] | None = None) -> pd.DataFrame:
@@ -49,28 +52,109 @@ def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str
     )
 
 
+def groups_of(image_ids: list[str], pattern: str | None) -> dict[str, str]:
+    """image id -> its group: the first capture group of ``pattern`` (``--group-regex``), searched in the id;
+    without a pattern every image is a group of its own."""
+    if not pattern:
+        return {image_id: image_id for image_id in image_ids}
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"--group-regex {pattern!r}: not a regular expression ({error})") from None
+    if regex.groups < 1:
+        raise ConfigError(f"--group-regex {pattern!r}: needs a capture group, the group key, e.g. '^(.+)_\\d+$'")
+    groups = {}
+    for image_id in image_ids:
+        found = regex.search(image_id)
+        if found is None or found.group(1) is None:
+            raise ConfigError(f"--group-regex {pattern!r} does not match image {image_id!r}; every image needs a group")
+        groups[image_id] = found.group(1)
+    return groups
+
+
+def rarest_class_labels(groups: dict[str, str], presence: dict[str, np.ndarray], n_folds: int) -> dict[str, str]:
+    """group -> its stratification label: the rarest class (by images holding it) that any of its images holds,
+    background aside; ``none`` for groups of background only. Labels held by fewer groups than folds cannot be
+    spread over every fold: they are merged into one label, ``few``."""
+    images_holding = np.sum([held for held in presence.values()], axis=0)
+    group_classes: dict[str, set[int]] = {}
+    for image_id, group in groups.items():
+        group_classes.setdefault(group, set()).update(np.flatnonzero(presence[image_id][1:]) + 1)
+    labels = {
+        group: str(min(classes, key=lambda c: (images_holding[c], c))) if classes else "none"
+        for group, classes in group_classes.items()
+    }
+    counts = pd.Series(labels).value_counts()
+    return {group: label if counts[label] >= n_folds else "few" for group, label in labels.items()}
+
+
+def assign_group_folds(
+    groups: dict[str, str], n_folds: int, seed: int, presence: dict[str, np.ndarray] | None = None
+) -> pd.DataFrame:
+    """One row per image (``img``: its id, ``group``, ``fold``), sorted by ``img``; a group never crosses folds.
+
+    ``presence`` (image id -> bool per class: which classes its mask holds) stratifies: scikit-learn's
+    StratifiedGroupKFold balances each group's rarest class over the folds, so every fold validates on the rare
+    classes where there are groups enough. Without it the groups are shuffled and dealt round-robin. The result
+    depends on the set of images, their groups and the seed only."""
+    image_ids = sorted(groups)
+    group_names = sorted(set(groups.values()))
+    if n_folds < 2:
+        raise ConfigError(f"--n-folds must be at least 2, got {n_folds}")
+    if len(group_names) < n_folds:
+        raise ConfigError(
+            f"{len(group_names)} groups cannot fill {n_folds} folds; use --n-folds {max(2, len(group_names))} or "
+            "fewer, or a --group-regex that makes more groups"
+        )
+    if presence is None:
+        order = np.random.default_rng(seed).permutation(len(group_names))
+        fold_of_group = {group_names[index]: position % n_folds for position, index in enumerate(order)}
+    else:
+        labels = rarest_class_labels(groups, presence, n_folds)
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold_of_group = {}
+        with warnings.catch_warnings():  # a label merged into "few" may still be short of n_folds groups
+            warnings.simplefilter("ignore", UserWarning)
+            splits = splitter.split(group_names, [labels[group] for group in group_names], groups=group_names)
+            for fold, (_, held_out) in enumerate(splits):
+                fold_of_group.update({group_names[index]: fold for index in held_out})
+    return pd.DataFrame(
+        {
+            "img": image_ids,
+            "group": [groups[image_id] for image_id in image_ids],
+            "fold": [fold_of_group[groups[image_id]] for image_id in image_ids],
+        }
+    )
+
+
 def fold_summary(folds: pd.DataFrame, strata_column: str | None = None) -> pd.DataFrame:
     """Cars and images per fold (and distinct strata labels, when given)."""
     grouped = folds.groupby("fold")
-    summary = pd.DataFrame({"cars": grouped["car_id"].nunique(), "images": grouped["img"].size()})
+    if "car_id" in folds.columns:
+        summary = pd.DataFrame({"cars": grouped["car_id"].nunique(), "images": grouped["img"].size()})
+    else:
+        summary = pd.DataFrame({"groups": grouped["group"].nunique(), "images": grouped["img"].size()})
     if strata_column:
         summary[f"{strata_column}s"] = grouped[strata_column].nunique()
     return summary
 
 
 def read_folds(path) -> pd.DataFrame:
-    """A folds CSV written by make_folds.py, checked for its columns and for cars crossing folds."""
+    """A folds CSV written by make_folds.py (Carvana's ``img,car_id,fold`` or ``img,group,fold``), checked for
+    its columns and for groups crossing folds; ``group`` is always there (Carvana's: the car)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: folds file not found; make it with `python make_folds.py`")
     try:
-        folds = read_csv_file(path, dtype={"img": str, "car_id": str})
+        folds = read_csv_file(path, dtype={"img": str, "car_id": str, "group": str}, keep_default_na=False)
     except DataError as error:
         raise DataError(f"{error}; make it again with `python make_folds.py`") from None
-    missing = [column for column in FOLD_COLUMNS if column not in folds.columns]
+    if "car_id" in folds.columns and "group" not in folds.columns:
+        folds["group"] = folds["car_id"]
+    missing = [column for column in GROUP_FOLD_COLUMNS if column not in folds.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; make it again with `python make_folds.py`")
     if not pd.api.types.is_integer_dtype(folds["fold"]):
         raise DataError(f"{path}: column fold must hold integers; make it again with `python make_folds.py`")
-    if (folds.groupby("car_id")["fold"].nunique() > 1).any():
-        raise DataError(f"{path}: a car appears in more than one fold; make it again with `python make_folds.py`")
+    if (folds.groupby("group")["fold"].nunique() > 1).any():
+        raise DataError(f"{path}: a group appears in more than one fold; make it again with `python make_folds.py`")
     return folds

@@ -91,7 +91,7 @@ def load_member(path: str | Path, device: torch.device, compile: bool = False) -
     on ``device`` in the memory format it was trained in, compiled with ``compile``."""
     checkpoint = load_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
-    model = build_model(config.arch, config.encoder, "none")
+    model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -110,6 +110,12 @@ class Ensemble:
     def __init__(self, members: list[Member], tta: tuple[str, ...] = (), precision: str = "fp32"):
         if not members:
             raise CheckpointError("no checkpoints to predict with")
+        classes = {tuple(member.config.class_names()) for member in members}
+        if len(classes) > 1:
+            raise CheckpointError(
+                f"the checkpoints were trained on different classes ({' | '.join(map(','.join, sorted(classes)))}): "
+                "an ensemble averages one set of classes"
+            )
         self.members, self.tta, self.precision = members, tta, precision
 
     @property

@@ -1,10 +1,13 @@
-"""The competition's metric: mean over images of Dice (1.0 when both masks are empty), and IoU.
+"""Scores: Carvana's mean Dice per image and IoU; for any data set the confusion matrix and its mIoU, macro F1,
+pixel accuracy and per-class IoU/F1.
 
-Batched torch versions for training, numpy versions for scoring, and a scorer for
-submission files: ``python -m competition.metrics submission.csv truth.csv``.
+Batched torch versions for training, numpy versions for scoring, and a scorer for submission files
+(``python -m competition.metrics submission.csv truth.csv``) or folders of PNG masks
+(``python -m competition.metrics predicted/ truth/``).
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +34,58 @@ def iou_per_image(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     intersection = (predicted * truth).sum(1)
     union = predicted.sum(1) + truth.sum(1) - intersection
     return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+
+
+def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int, ignore_index: int | None = 255):
+    """(classes, classes) int64 counts of pixels, rows the true class and columns the predicted one, over every
+    pixel whose truth is not ``ignore_index``: sum it over batches for the data set's matrix."""
+    truth = truth.reshape(-1).long()
+    predicted = predicted.reshape(-1).long()
+    if ignore_index is not None:
+        labelled = truth != ignore_index
+        truth, predicted = truth[labelled], predicted[labelled]
+    if truth.numel() and (truth.min() < 0 or truth.max() >= num_classes):
+        raise ValueError(f"truth holds class {int(truth.max())}, outside 0..{num_classes - 1}")
+    counts = torch.bincount(truth * num_classes + predicted.clamp(0, num_classes - 1), minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion, classes) -> dict:
+    """mIoU, macro F1 and pixel accuracy of a confusion matrix, and IoU, F1 and truth share per class.
+
+    A class in neither the truth nor the predictions has no IoU (NaN) and stays out of the means, as in
+    mmsegmentation and torchmetrics; a class in the truth never predicted (or the reverse) scores 0.
+    """
+    confusion = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
+    hits = np.diag(confusion)
+    truth_pixels, predicted_pixels = confusion.sum(1), confusion.sum(0)
+    union = truth_pixels + predicted_pixels - hits
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, hits / union, np.nan)
+        f1 = np.where(union > 0, 2 * hits / (truth_pixels + predicted_pixels), np.nan)
+    total = confusion.sum()
+    per_class = pd.DataFrame(
+        {"iou": iou, "f1": f1, "truth_share": truth_pixels / total if total else np.zeros_like(iou)},
+        index=pd.Index(list(classes), name="class"),
+    )
+    return {
+        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "macro_f1": float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan"),
+        "pixel_accuracy": float(hits.sum() / total) if total else float("nan"),
+        "per_class": per_class,
+        "confusion": confusion.astype(np.int64),
+    }
+
+
+def format_class_table(scores: dict) -> str:
+    """The per-class table (IoU, F1, share of the true pixels), then the means: a rare class stays in sight."""
+    table = scores["per_class"].copy()
+    table["truth_share"] = (table["truth_share"] * 100).map(lambda share: f"{share:.2f}%")
+    table.columns = ["IoU", "F1", "share"]
+    means = (
+        f"mIoU {scores['miou']:.4f}, macro F1 {scores['macro_f1']:.4f}, pixel accuracy {scores['pixel_accuracy']:.4f}"
+    )
+    return table.to_string(float_format=lambda value: f"{value:.4f}") + "\n" + means
 
 
 def dice_score(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -92,12 +147,77 @@ def score_submission(submission: pd.DataFrame, truth: pd.DataFrame, n_pixels: in
     return pd.Series(scores, name="dice")
 
 
+def read_mask_png(path: Path) -> np.ndarray:
+    """A mask PNG's class indices, read as stored (palette or greyscale), never through RGB."""
+    from competition.layouts import read_index_mask  # imported here: layouts imports data, which this module needs
+
+    return read_index_mask(path.read_bytes(), str(path))
+
+
+def score_mask_folders(predicted_dir: Path, truth_dir: Path, classes: list[str] | None, ignore_index: int) -> dict:
+    """segmentation_scores of every truth mask in ``truth_dir`` against the prediction of the same stem."""
+    from competition.layouts import MASK_EXTENSIONS, files_by_stem, read_class_names
+
+    truth_files, predicted_files = (
+        files_by_stem(truth_dir, MASK_EXTENSIONS),
+        files_by_stem(predicted_dir, MASK_EXTENSIONS),
+    )
+    if not truth_files:
+        raise DataError(f"{truth_dir}: no mask files ({', '.join(MASK_EXTENSIONS)})")
+    missing = sorted(set(truth_files) - set(predicted_files))
+    if missing:
+        raise DataError(f"{predicted_dir}: no prediction for {len(missing)} truth mask(s), e.g. {missing[:3]}")
+    if classes is None:
+        found = next(
+            (folder / "classes.txt" for folder in (truth_dir, truth_dir.parent) if (folder / "classes.txt").is_file()),
+            None,
+        )
+        classes = read_class_names(found) if found else None
+    pairs = [(read_mask_png(predicted_files[stem]), read_mask_png(path), path) for stem, path in truth_files.items()]
+    if classes is None:
+        largest = max(int(np.max(np.where(truth == ignore_index, 0, truth))) for _, truth, _ in pairs)
+        largest = max([largest, *(int(predicted.max()) for predicted, _, _ in pairs)])
+        classes = [f"class_{index}" for index in range(largest + 1)]
+    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.int64)
+    for predicted, truth, path in pairs:
+        if predicted.shape != truth.shape:
+            raise DataError(
+                f"{predicted_files[path.stem]}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth {path} is "
+                f"{truth.shape[1]}x{truth.shape[0]}"
+            )
+        if predicted.max() >= len(classes):
+            raise DataError(f"{predicted_files[path.stem]}: class {int(predicted.max())} beyond {len(classes)} classes")
+        try:
+            confusion += confusion_matrix(
+                torch.from_numpy(predicted), torch.from_numpy(truth), len(classes), ignore_index
+            )
+        except ValueError as error:
+            raise DataError(f"{path}: {error}") from None
+    return {**segmentation_scores(confusion, classes), "images": len(pairs)}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Score a submission CSV against a truth CSV (both img,rle_mask).")
-    parser.add_argument("submission")
-    parser.add_argument("truth", help="e.g. input/test_masks.csv from the synthetic data set")
-    parser.add_argument("--size", default="1280x1918", help="image HEIGHTxWIDTH (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description="Score a submission CSV against a truth CSV (both img,rle_mask), or a folder of predicted PNG "
+        "masks against a folder of truth masks (class indices, matched by name)."
+    )
+    parser.add_argument("submission", help="a submission CSV, or a folder of predicted masks")
+    parser.add_argument("truth", help="e.g. input/test_masks.csv, or input-parts/test_masks/")
+    parser.add_argument("--size", default="1280x1918", help="CSV: image HEIGHTxWIDTH (default: %(default)s)")
+    parser.add_argument("--classes", help="folders: class names a,b,c (default: classes.txt beside the truth masks)")
+    parser.add_argument(
+        "--ignore-index", type=int, default=255, help="folders: truth value scored nowhere (default: 255)"
+    )
     args = parser.parse_args(argv)
+    if Path(args.submission).is_dir() or Path(args.truth).is_dir():
+        classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+        try:
+            scores = score_mask_folders(Path(args.submission), Path(args.truth), classes, args.ignore_index)
+        except DataError as error:
+            parser.exit(2, f"metrics: error: {error}\n")
+        print(f"{scores['images']} masks")
+        print(format_class_table(scores))
+        return
     try:
         height, width = (int(side) for side in args.size.lower().split("x"))
     except ValueError:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from competition.classic_models import OriginalUnet, SegNet
 from competition.errors import ConfigError
 
 ARCHITECTURES = {
@@ -17,7 +18,10 @@ ARCHITECTURES = {
     "FPN": smp.FPN,
     "Linknet": smp.Linknet,
     "DeepLabV3Plus": smp.DeepLabV3Plus,
+    "SegNet": SegNet,
+    "OriginalUnet": OriginalUnet,
 }
+OWN_ENCODER = ("SegNet", "OriginalUnet")  # architectures that build their own encoder, without pretrained weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STRIDE = 32
@@ -28,7 +32,7 @@ class ModelError(ConfigError):
 
 
 class SegmentationModel(nn.Module):
-    """uint8 (N, 3, H, W) images -> (N, 1, H, W) logits for any H, W.
+    """uint8 (N, 3, H, W) images -> (N, C, H, W) logits for any H, W (C: 1 for binary data, else the classes).
 
     Normalisation happens here, on the device, so loaders ship uint8 (a quarter of the bytes);
     the input is padded to a multiple of 32 (1918 -> 1920) and the logits cropped back.
@@ -129,8 +133,8 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
     encoder.load_state_dict(state)
 
 
-def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -> SegmentationModel:
-    """An smp ``arch`` on ``encoder`` with one output channel (logits).
+def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", classes: int = 1) -> SegmentationModel:
+    """An smp ``arch`` on ``encoder`` (or one of OWN_ENCODER's) with ``classes`` output channels of logits.
 
     ``encoder_weights``: ``imagenet`` (downloaded, or taken from the local cache), ``none``, or
     the path of a local encoder weights file.
@@ -138,14 +142,16 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -
     if arch not in ARCHITECTURES:
         raise ModelError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     weights = (encoder_weights or "none").strip()
-    local_file = weights.lower() not in ("imagenet", "none")
+    local_file = weights.lower() not in ("imagenet", "none") and arch not in OWN_ENCODER
     try:
-        if weights.lower() == "imagenet":
+        if arch in OWN_ENCODER:  # no hub to ask: they say themselves that there are no weights for them
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=weights, classes=classes)
+        elif weights.lower() == "imagenet":
             with _offline_hub_when_unreachable():
                 hub_weights = True if encoder.startswith("tu-") else "imagenet"
-                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=1)
+                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=classes)
         else:
-            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, classes=1)
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, classes=classes)
     except (KeyError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
             raise

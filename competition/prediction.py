@@ -112,15 +112,17 @@ def autocast(precision: str, device: torch.device):
 def view_probabilities(
     model: torch.nn.Module, images: torch.Tensor, tta: tuple[str, ...] = (), precision: str = "fp32"
 ) -> list[torch.Tensor]:
-    """float32 probabilities (N, 1, h, w) of uint8 images at the model's input size, one per view:
-    the identity first, then each of ``tta``, each mapped back onto the input's pixels."""
+    """float32 probabilities (N, C, h, w) of uint8 images at the model's input size, one per view: the identity
+    first, then each of ``tta``, each mapped back onto the input's pixels. One channel: the sigmoid (binary);
+    several: the softmax over the classes."""
     check_tta(tta)
     views = []
     for name in ("identity", *tta):
         forward, inverse = TTA.get(name, _IDENTITY)
         with autocast(precision, images.device):
             logits = model(forward(images))
-        views.append(torch.sigmoid(inverse(logits, images.shape[-2:]).float()))
+        logits = inverse(logits, images.shape[-2:]).float()
+        views.append(torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1))
     return views
 
 
@@ -140,6 +142,6 @@ def predict_probabilities(
     tta: tuple[str, ...] = (),
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """float32 probabilities (N, 1, H, W) of uint8 images, averaged over the identity and ``tta`` views,
+    """float32 probabilities (N, C, H, W) of uint8 images, averaged over the identity and ``tta`` views,
     at ``output_size`` when given."""
     return average_views(view_probabilities(model, images, tta, precision), output_size)

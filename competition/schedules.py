@@ -22,7 +22,22 @@ def _onecycle(config, optimizer, total: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
 
 
-SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle}
+def step_factor(step: int, steps_per_epoch: int, step_epochs: int, factor: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up over ``warmup_steps``, then ``factor`` ** (epochs done // ``step_epochs``): the step
+    decay of the classic papers (e.g. x0.1 every 30 epochs)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return factor ** ((step // steps_per_epoch) // step_epochs)
+
+
+def _step(config, optimizer, total: int, steps_per_epoch: int):
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step_factor(step, steps_per_epoch, config.step_epochs, config.step_factor, warmup)
+    )
+
+
+SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle, "step": _step}
 
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

@@ -27,6 +27,11 @@ from competition.files import atomic_output, partial_path
 from competition.rle import rle_encode
 
 VIEWS = 16
+# The classes of the multi-class (``--parts``) data set, background first; a part's index is its mask value.
+PARTS = ("background", "body", "glass", "wheels", "lights")
+BODY, GLASS, WHEELS, LIGHTS = range(1, 5)
+# Mask colours of the parts' palette PNGs (any viewer shows them; the values are the class indices).
+PART_COLOURS = ((0, 0, 0), (200, 60, 60), (60, 140, 220), (70, 70, 70), (250, 210, 40))
 _SUBPIXEL = 4  # cv2 polygon coordinates carry 4 fractional bits
 _COLOURS = {  # name -> RGB; white, silver and black, and a grey close to the studio wall
     "white": (236, 236, 234),
@@ -169,21 +174,21 @@ def _fixed(points: np.ndarray) -> np.ndarray:
 
 
 class _Canvas:
-    """Draws each car part into the image and the same pixels into the mask."""
+    """Draws each car part into the image and its part's class into the same pixels of the mask: the
+    visible part wins, as in the photo. Carvana's mask is every pixel of any part."""
 
     def __init__(self, image: np.ndarray, mask: np.ndarray):
         self.image, self.mask = image, mask
 
-    def polygon(self, points: np.ndarray, colour, in_mask: bool = True) -> None:
+    def polygon(self, points: np.ndarray, colour, part: int) -> None:
         fixed = [_fixed(points)]
         cv2.fillPoly(self.image, fixed, tuple(float(c) for c in colour), cv2.LINE_8, _SUBPIXEL)
-        if in_mask:
-            cv2.fillPoly(self.mask, fixed, 1, cv2.LINE_8, _SUBPIXEL)
+        cv2.fillPoly(self.mask, fixed, part, cv2.LINE_8, _SUBPIXEL)
 
-    def line(self, start: np.ndarray, end: np.ndarray, colour, thickness: int) -> None:
+    def line(self, start: np.ndarray, end: np.ndarray, colour, thickness: int, part: int) -> None:
         a, b = tuple(int(v) for v in _fixed(start)), tuple(int(v) for v in _fixed(end))
         cv2.line(self.image, a, b, tuple(float(c) for c in colour), thickness, cv2.LINE_8, _SUBPIXEL)
-        cv2.line(self.mask, a, b, 1, thickness, cv2.LINE_8, _SUBPIXEL)
+        cv2.line(self.mask, a, b, part, thickness, cv2.LINE_8, _SUBPIXEL)
 
 
 def _studio(width: int, height: int, rng: np.random.Generator, camera: _Camera) -> np.ndarray:
@@ -224,7 +229,7 @@ def _shaded(colour: np.ndarray, normal: np.ndarray, light: np.ndarray, gloss: fl
 def render(
     car: Car, yaw: float, width: int, height: int, rng: np.random.Generator, studio_seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One studio photo (RGB uint8) of ``car`` turned by ``yaw``, and its exact 0/1 mask.
+    """One studio photo (RGB uint8) of ``car`` turned by ``yaw``, and its exact mask of PARTS indices.
 
     ``studio_seed`` fixes the studio and camera, the same for all views of a car; ``rng``
     draws what changes from shot to shot (exposure, noise).
@@ -253,7 +258,7 @@ def render(
                         car.wheel_radius + radius * np.sin(angles),
                     ]
                 )
-                canvas.polygon(camera.project(circle), colour)
+                canvas.polygon(camera.project(circle), colour, WHEELS)
 
     near_side = 1 if camera.turn(np.array([0.0, 1.0, 0.0]))[1] < 0 else -1
     wheels(-near_side)
@@ -275,7 +280,11 @@ def render(
         if normal @ view <= 0:
             continue
         colour = glass_colour if kind == "glass" else car.colour
-        canvas.polygon(camera.project(points), _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25))
+        canvas.polygon(
+            camera.project(points),
+            _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25),
+            GLASS if kind == "glass" else BODY,
+        )
         if kind in ("front", "rear"):
             _lamps(canvas, camera, car, detail, (236, 236, 226) if kind == "front" else (175, 22, 24))
         if kind == "side":
@@ -284,9 +293,9 @@ def render(
                 [car.window[:, 0], np.full(len(car.window), side * 0.99 * car.half_width.min()), car.window[:, 1]]
             )
             window_2d = camera.project(window)
-            canvas.polygon(window_2d, _shaded(glass_colour, normal, light, 0.6))
+            canvas.polygon(window_2d, _shaded(glass_colour, normal, light, 0.6), GLASS)
             streak = window_2d[[0, 1]] * 0.5 + window_2d[[3, 2]] * 0.5
-            canvas.line(streak[0], streak[1], np.minimum(glass_colour + 90, 255), max(1, width // 600))
+            canvas.line(streak[0], streak[1], np.minimum(glass_colour + 90, 255), max(1, width // 600), GLASS)
     wheels(near_side)
     if car.mirror:
         base_x, base_z = car.window[0]
@@ -300,12 +309,12 @@ def render(
                     [base_x - 0.02, y + side * 0.2, base_z + 0.12],
                 ]
             )
-            canvas.polygon(camera.project(mirror), _shaded(car.colour, camera.turn(np.array([1.0, 0, 0])), light))
+            canvas.polygon(camera.project(mirror), _shaded(car.colour, camera.turn(np.array([1.0, 0, 0])), light), BODY)
     if car.antenna:
         roof = car.profile[np.argmax(car.profile[:, 1])]
         base = np.array([roof[0] - 0.3, 0.0, roof[1]])
         tip = base + np.array([-0.15, 0.0, car.antenna])
-        canvas.line(camera.project(base), camera.project(tip), (30, 30, 30), int(rng.integers(1, 4)))
+        canvas.line(camera.project(base), camera.project(tip), (30, 30, 30), int(rng.integers(1, 4)), BODY)
     return _photograph(image, rng), mask
 
 
@@ -319,7 +328,7 @@ def _lamps(canvas: _Canvas, camera: _Camera, car: Car, edge: int, colour) -> Non
         lamp = np.array(
             [[x, inner, top - 0.05], [x, outer, top - 0.05], [x, outer, top - 0.17], [x, inner, top - 0.17]]
         )
-        canvas.polygon(camera.project(lamp), colour)
+        canvas.polygon(camera.project(lamp), colour, LIGHTS)
 
 
 def _photograph(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -345,8 +354,9 @@ def encode_gif(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def render_car(car_seed: int, width: int, height: int) -> list[tuple[bytes, np.ndarray]]:
-    """The 16 views of one car: (JPEG bytes, mask) each. Deterministic for ``car_seed``."""
+def render_car(car_seed: int, width: int, height: int, parts: bool = False) -> list[tuple[bytes, np.ndarray]]:
+    """The 16 views of one car: (JPEG bytes, mask) each, the mask 0/1 (car) or, with ``parts``, PARTS
+    indices. Deterministic for ``car_seed``."""
     rng = np.random.default_rng(car_seed)
     car = make_car(rng)
     start = rng.uniform(0, 2 * np.pi / VIEWS)
@@ -354,7 +364,7 @@ def render_car(car_seed: int, width: int, height: int) -> list[tuple[bytes, np.n
     views = []
     for view in range(VIEWS):
         image, mask = render(car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed)
-        views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask))
+        views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask if parts else (mask > 0).astype(np.uint8)))
     return views
 
 
@@ -454,19 +464,87 @@ def generate(
     return out
 
 
+def encode_part_png(mask: np.ndarray) -> bytes:
+    """A parts mask as a palette PNG: the pixel values are the class indices, the palette shows them in colour."""
+    png = Image.fromarray(mask.astype(np.uint8), mode="P")
+    png.putpalette([value for colour in PART_COLOURS for value in colour] + [0, 0, 0] * (256 - len(PART_COLOURS)))
+    buffer = io.BytesIO()
+    png.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate_parts(
+    out: str | Path,
+    cars: int = 8,
+    test_cars: int = 2,
+    width: int = 240,
+    height: int = 160,
+    seed: int = 0,
+    jobs: int = -1,
+) -> Path:
+    """Write the multi-class data set under ``out`` in the image/mask-folder layout: the same studio cars,
+    each pixel labelled by part (PARTS); ``test_masks/`` holds the test truth for scoring. Returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("images", "masks", "test", "test_masks"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    seeds = np.random.SeedSequence(seed).generate_state(cars + test_cars + 1)
+    naming = np.random.default_rng(seeds[-1])
+    car_ids: list[str] = []
+    while len(car_ids) < cars + test_cars:
+        car_id = naming.bytes(6).hex()
+        if car_id not in car_ids:
+            car_ids.append(car_id)
+    writer = _Writer(out, as_zip=False)
+    renders = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(render_car)(int(car_seed), width, height, parts=True) for car_seed in seeds[:-1]
+    )
+    for index, (car_id, views) in enumerate(zip(car_ids, renders)):
+        images, masks = ("test", "test_masks") if index >= cars else ("images", "masks")
+        for view, (jpeg, mask) in enumerate(views, start=1):
+            writer.file(images, f"{car_id}_{view:02d}.jpg", jpeg)
+            writer.file(masks, f"{car_id}_{view:02d}.png", encode_part_png(mask))
+    with atomic_output(out / "classes.txt") as partial:
+        partial.write_text("\n".join(PARTS) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
-    parser.add_argument("--cars", type=int, default=24, help="training cars, 16 images each")
-    parser.add_argument("--test-cars", type=int, default=8, help="test cars, 16 images each")
-    parser.add_argument("--width", type=int, default=1918)
-    parser.add_argument("--height", type=int, default=1280)
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="the multi-class set instead: each pixel labelled background, body, glass, wheels or lights, in "
+        "images/ + masks/ (palette PNGs) + classes.txt, test/ + test_masks/; smaller defaults: 8 + 2 cars, 240x160",
+    )
+    parser.add_argument("--cars", type=int, help="training cars, 16 images each (default: 24; --parts: 8)")
+    parser.add_argument("--test-cars", type=int, help="test cars, 16 images each (default: 8; --parts: 2)")
+    parser.add_argument("--width", type=int, help="default: 1918; --parts: 240")
+    parser.add_argument("--height", type=int, help="default: 1280; --parts: 160")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zip", action="store_true", help="write the competition's zip archives instead of folders")
     parser.add_argument("--jobs", type=int, default=-1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    defaults = (
+        {"cars": 8, "test_cars": 2, "width": 240, "height": 160}
+        if args.parts
+        else {"cars": 24, "test_cars": 8, "width": 1918, "height": 1280}
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.parts and args.zip:
+        parser.error("--zip is for the Carvana format; --parts writes folders")
     if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
         parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
+    if args.parts:
+        out = generate_parts(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.jobs)
+        print(
+            f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images ({args.width}x{args.height}) "
+            f"labelled by part ({', '.join(PARTS)}) to {out}/"
+        )
+        return
     out = generate(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.zip, args.jobs)
     print(
         f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images "

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import albumentations as A
@@ -26,15 +26,17 @@ from competition import logs
 from competition.checkpoints import check_resumable, load_checkpoint, save_checkpoint, split_digest, summary
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig, config_from
-from competition.data import CarvanaData, CarvanaDataset, image_id_of
+from competition.data import SegmentationDataset, image_id_of
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError, ProjectError, TrainingError
 from competition.files import atomic_output, exclusive_lock, lock_holder
 from competition.folds import read_folds
-from competition.losses import build_loss
-from competition.metrics import dice_per_image, iou_per_image
+from competition.layouts import open_data
+from competition.losses import build_loss, class_weights
+from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
 from competition.models import build_model
 from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
+from competition.sampling import class_balanced_weights
 from competition.schedules import build_scheduler
 from competition.workers import stop_when_orphaned
 
@@ -51,7 +53,17 @@ LOG_COLUMNS = [
     "train_img_per_s",
     "seconds",
     "skipped_steps",
+    "val_miou",
+    "val_macro_f1",
+    "val_pixel_accuracy",
 ]
+# --monitor -> the log column that picks best.pt, and how lines name it.
+MONITOR_COLUMNS = {
+    "dice": ("val_dice", "val Dice"),
+    "miou": ("val_miou", "val mIoU"),
+    "macro_f1": ("val_macro_f1", "val macro F1"),
+    "pixel_accuracy": ("val_pixel_accuracy", "val pixel accuracy"),
+}
 # More skipped steps than this in an epoch are more than the loss scale's calibration at the start.
 SKIPPED_STEPS_WARNING = 5
 RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
@@ -149,16 +161,26 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def _write_log(rows: list[dict], run_dir: Path) -> None:
+def monitored(config: TrainConfig) -> tuple[str, str]:
+    """(log column, its name in messages) of the validation score that picks best.pt: ``--monitor``, where
+    auto is Dice on binary data and mIoU on multi-class data."""
+    monitor = config.monitor
+    if monitor == "auto":
+        monitor = "dice" if config.num_classes() == 2 else "miou"
+    return MONITOR_COLUMNS[monitor]
+
+
+def _write_log(rows: list[dict], run_dir: Path, config: TrainConfig) -> None:
+    per_class = [name for name in rows[-1] if name not in LOG_COLUMNS]  # iou_<class> of multi-class data
     with atomic_output(run_dir / "log.csv") as partial, open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS + per_class, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot_curves(rows, run_dir / "curves.png")
+    plot_curves(rows, run_dir / "curves.png", *monitored(config))
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """Training and validation loss, and validation Dice, per epoch."""
+def plot_curves(rows: list[dict], path: Path, column: str = "val_dice", name: str = "val Dice") -> None:
+    """Training and validation loss, and the validation score ``column`` (named ``name``), per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,8 +193,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     loss_axis.plot(epochs, [row["val_loss"] for row in rows], label="validation")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axis.legend()
-    dice_axis.plot(epochs, [row["val_dice"] for row in rows], color="tab:green")
-    dice_axis.set(xlabel="epoch", ylabel="Dice", title="validation Dice (full resolution)")
+    dice_axis.plot(epochs, [row[column] for row in rows], color="tab:green")
+    dice_axis.set(xlabel="epoch", ylabel=name.removeprefix("val "), title=f"{name} (full resolution)")
     for axis in (loss_axis, dice_axis):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
@@ -182,25 +204,53 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, precision: str) -> dict:
-    """Loss, Dice and IoU at full resolution (probabilities resized back to the masks' size)."""
+def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None = None, ignore_index: int = 255) -> dict:
+    """Loss at full resolution (probabilities resized back to the masks' size); for a one-channel (binary) model
+    Dice and IoU per image, averaged. With ``classes``, also the confusion matrix summed over the whole set, not
+    averaged per batch, and its scores: mIoU, macro F1, pixel accuracy and ``iou_<class>`` for each class.
+    Pixels of ``ignore_index`` count nowhere."""
     model.eval()
     device = next(model.parameters()).device
     losses, dice, iou = [], [], []
+    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.int64, device=device) if classes else None
     for images, masks in loader:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         probabilities = predict_probabilities(model, images, tuple(masks.shape[-2:]), precision=precision)
-        logits = torch.logit(probabilities.clamp(1e-6, 1 - 1e-6))
+        if probabilities.shape[1] == 1:
+            logits = torch.logit(probabilities.clamp(1e-6, 1 - 1e-6))
+            predicted = probabilities > 0.5
+            if classes is not None:  # masks may hold the ignore index: those pixels are neither hit nor miss
+                predicted = predicted & (masks != ignore_index)
+            dice.append(dice_per_image(predicted, masks == 1))
+            iou.append(iou_per_image(predicted, masks == 1))
+            class_map = predicted.squeeze(1).long()
+        else:  # the log of softmax probabilities: logits whose softmax gives them back
+            logits = torch.log(probabilities.clamp_min(1e-6))
+            class_map = probabilities.argmax(1)
         losses.append(loss_fn(logits, masks) * len(images))
-        predicted = probabilities > 0.5
-        dice.append(dice_per_image(predicted, masks))
-        iou.append(iou_per_image(predicted, masks))
-    count = sum(len(d) for d in dice)
-    return {
-        "val_loss": (torch.stack(losses).sum() / count).item(),
-        "val_dice": torch.cat(dice).mean().item(),
-        "val_iou": torch.cat(iou).mean().item(),
-    }
+        if confusion is not None:
+            truth = masks.squeeze(1).long() if masks.dim() == 4 else masks
+            confusion += confusion_matrix(class_map, truth, len(classes), ignore_index)
+    metrics = {"val_loss": (torch.stack(losses).sum() / len(loader.dataset)).item()}
+    if dice:
+        metrics.update(val_dice=torch.cat(dice).mean().item(), val_iou=torch.cat(iou).mean().item())
+    if confusion is not None:
+        scores = segmentation_scores(confusion.cpu(), classes)
+        metrics.update(
+            val_miou=float(scores["miou"]),
+            val_macro_f1=float(scores["macro_f1"]),
+            val_pixel_accuracy=float(scores["pixel_accuracy"]),
+            **{f"iou_{name}": float(value) for name, value in scores["per_class"]["iou"].items()},
+        )
+    return metrics
+
+
+def class_iou_line(row: dict) -> str:
+    """``background 0.991, body 0.934, lights 0.412``: each class's validation IoU from a log row, so that a
+    rare class is not hidden by the mean (nan: the class is in neither the masks nor the predictions)."""
+    return ", ".join(
+        f"{name.removeprefix('iou_')} {value:.3f}" for name, value in row.items() if name.startswith("iou_")
+    )
 
 
 def fold_numbers(folds_csv: str | Path) -> list[int]:
@@ -208,7 +258,24 @@ def fold_numbers(folds_csv: str | Path) -> list[int]:
     return sorted(read_folds(folds_csv)["fold"].unique().tolist())
 
 
-def _fold_ids(config: TrainConfig, data: CarvanaData) -> tuple[list[str], list[str]]:
+def open_training_data(config: TrainConfig):
+    """(the settings with the class names the data folder gave, the data). A run saves its classes, so that
+    infer.py, a resumed run and every fold agree on them, whatever the folder holds later. Carvana's settings
+    stay as given (its classes are fixed)."""
+    data = open_data(
+        config.data_dir,
+        config.layout,
+        config.classes,
+        config.ignore_index,
+        config.pet_border,
+        mask_source=config.mask_source,
+    )
+    if data.layout != "carvana":
+        config = replace(config, classes=",".join(data.classes))
+    return config, data
+
+
+def _fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     folds = read_folds(config.folds_csv)
     available = sorted(folds["fold"].unique().tolist())
     if config.fold not in available:
@@ -225,7 +292,7 @@ def _fold_ids(config: TrainConfig, data: CarvanaData) -> tuple[list[str], list[s
     return ids[~held_out].tolist(), ids[held_out].tolist()
 
 
-def check_training_data(data: CarvanaData, image_ids: list[str], progress: bool = True) -> None:
+def check_training_data(data, image_ids: list[str], progress: bool = True) -> None:
     """Every image header and mask of the run read once before the first step, so that a corrupt file
     stops the run in seconds rather than hours into an epoch. One line names each broken file (up to 3)."""
     problems = []
@@ -269,7 +336,7 @@ def inspect_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> dict 
 @dataclass
 class _State:
     start_epoch: int = 0
-    best_dice: float = -1.0
+    best_score: float = -1.0  # of the monitored score; checkpoints keep it as best_dice, their name of old
     rows: list = field(default_factory=list)
 
 
@@ -314,7 +381,7 @@ class _Parts:
             raise CheckpointError(f"{path}: cannot resume from it ({type(error).__name__}: {error})") from None
         rows = _epochs_done(checkpoint)
         logger.info(
-            "resumed from %s: epoch %d done, best Dice %.5f", path, checkpoint["epoch"] + 1, checkpoint["best_dice"]
+            "resumed from %s: epoch %d done, best score %.5f", path, checkpoint["epoch"] + 1, checkpoint["best_dice"]
         )
         return _State(checkpoint["epoch"] + 1, checkpoint["best_dice"], rows)
 
@@ -327,15 +394,22 @@ def _epochs_done(checkpoint: dict | None) -> list[dict]:
 
 
 def build_parts(config: TrainConfig, device: torch.device, precision: str, steps_per_epoch: int) -> _Parts:
-    model, forward = prepare_model(
-        build_model(config.arch, config.encoder, config.encoder_weights), device, config.channels_last, config.compile
-    )
+    network = build_model(config.arch, config.encoder, config.encoder_weights, classes=config.output_channels())
+    model, forward = prepare_model(network, device, config.channels_last, config.compile)
+    weights = [float(value) for value in config.class_weight_values.split(",")] if config.class_weight_values else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     return _Parts(
         model=model,
         forward=forward,
-        loss_fn=build_loss(config.loss, config.bce_weight, config.dice_weight),
+        loss_fn=build_loss(
+            config.loss,
+            num_classes=config.num_classes(),
+            bce_weight=config.bce_weight,
+            dice_weight=config.dice_weight,
+            ignore_index=config.ignore_index if config.class_names() else None,  # Carvana labels every pixel
+            class_weights=weights,
+        ),
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
@@ -345,12 +419,24 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
     )
 
 
-def build_loaders(config: TrainConfig, data: CarvanaData, train_ids, val_ids, device: torch.device):
+def same_size_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` images of one size: full-resolution masks of different
+    sizes (Oxford-IIIT Pet, people's own photos) cannot be stacked into one batch."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(index)
+    return [
+        group[start : start + batch_size] for group in by_shape.values() for start in range(0, len(group), batch_size)
+    ]
+
+
+def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.device, pixel_counts=None):
     """(training loader and its generator, validation loader). Training drops a last batch smaller than
-    ``batch_size`` (batch norm needs more than one image; the order changes each epoch)."""
+    ``batch_size`` (batch norm needs more than one image; the order changes each epoch). With ``pixel_counts``
+    ((images, classes) of the training masks) images are drawn by the class-balanced sampler's weights."""
     input_size = config.input_size()
-    train_set = CarvanaDataset(data, train_ids, size=input_size, transform=train_transform(config))
-    val_set = CarvanaDataset(data, val_ids, size=input_size, full_size_masks=True)
+    train_set = SegmentationDataset(data, train_ids, size=input_size, transform=train_transform(config))
+    val_set = SegmentationDataset(data, val_ids, size=input_size, full_size_masks=True)
     if len(train_set) < config.batch_size:
         raise DataError(
             f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of {config.batch_size}; "
@@ -362,11 +448,18 @@ def build_loaders(config: TrainConfig, data: CarvanaData, train_ids, val_ids, de
         "worker_init_fn": _seed_worker,
     }
     order = torch.Generator()
-    sampler = torch.utils.data.RandomSampler(train_set, generator=order)
+    if pixel_counts is None:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=order)
+    else:
+        weights = class_balanced_weights(pixel_counts).tolist()
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(train_set), replacement=True, generator=order)
     train_loader = torch.utils.data.DataLoader(
         train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options
     )
-    return train_loader, order, torch.utils.data.DataLoader(val_set, config.val_batch_size, **options)
+    if data.layout == "carvana":  # every image 1918x1280
+        return train_loader, order, torch.utils.data.DataLoader(val_set, config.val_batch_size, **options)
+    batches = same_size_batches([data.image_shape(image_id) for image_id in val_ids], config.val_batch_size)
+    return train_loader, order, torch.utils.data.DataLoader(val_set, batch_sampler=batches, **options)
 
 
 def _out_of_memory_fix(config: TrainConfig, validating: bool) -> tuple[str, str]:
@@ -458,16 +551,17 @@ def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps:
 
 
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
-    """best.pt when validation Dice improved, last.pt (with everything --resume needs), log.csv, curves.png."""
+    """best.pt when the monitored validation score improved, last.pt (with everything --resume needs), log.csv, curves.png."""
     state.rows.append(row)
-    epoch_summary = summary(config, row["epoch"], row["val_dice"], image_shape)
-    if row["val_dice"] > state.best_dice:
-        state.best_dice = row["val_dice"]
+    column, name = monitored(config)
+    epoch_summary = summary(config, row["epoch"], row[column], image_shape)
+    if row[column] > state.best_score:
+        state.best_score = row[column]
         save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
-        logger.debug("saved %s (val Dice %.5f)", run_dir / "best.pt", state.best_dice)
-    last = {**epoch_summary, "best_dice": state.best_dice, "log": state.rows, "split": split}
+        logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, state.best_score)
+    last = {**epoch_summary, "best_dice": state.best_score, "log": state.rows, "split": split}
     save_checkpoint({"model": parts.model.state_dict(), **last, **parts.training_state()}, run_dir / "last.pt")
-    _write_log(state.rows, run_dir)
+    _write_log(state.rows, run_dir, config)
 
 
 @contextlib.contextmanager
@@ -499,7 +593,7 @@ def _run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: str):
 
 
 # Settings that leave an epoch's length as it is: which fold, where the files are, the time limit, the set-up check.
-_SAME_EPOCH_LENGTH = {"fold", "out", "data_dir", "folds_csv", "time_limit", "check"}
+_SAME_EPOCH_LENGTH = {"fold", "out", "data_dir", "folds_csv", "time_limit", "check", "class_weight_values"}
 
 
 def known_epoch_seconds(config: TrainConfig) -> float:
@@ -633,6 +727,7 @@ class _Fold:
     """A fold ready to train: its loaders, the data order's generator, the model and optimiser, and what
     checkpoints record about the data."""
 
+    config: TrainConfig  # with what the set-up derived from the data: class names and weights
     train_loader: torch.utils.data.DataLoader
     order: torch.Generator
     val_loader: torch.utils.data.DataLoader
@@ -645,14 +740,37 @@ class _Fold:
         return len(self.train_loader) * self.train_loader.batch_size
 
 
-def _set_up_fold(config: TrainConfig, device: torch.device, precision: str, progress: bool) -> _Fold:
+def class_pixel_counts(data, image_ids: list[str], progress: bool = True) -> np.ndarray:
+    """(images, classes) pixel counts of these images' masks, the ignore index left out: read once per run."""
+    bar = tqdm(image_ids, desc="count classes", unit="img", disable=not progress, dynamic_ncols=True)
+    return np.stack([data.class_pixel_counts(image_id) for image_id in bar])
+
+
+def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainConfig:
+    """The settings with ``--class-weights`` computed from the training fold's pixels, saved with the run."""
+    weights = class_weights(pixel_counts.sum(0), config.class_weights)
+    logger.info(
+        "fold %d: class weights (%s): %s",
+        config.fold,
+        config.class_weights,
+        ", ".join(f"{name} {weight:.3g}" for name, weight in zip(config.class_names(), weights)),
+    )
+    return replace(config, class_weight_values=",".join(f"{weight:.6g}" for weight in weights))
+
+
+def _set_up_fold(config: TrainConfig, data, device: torch.device, precision: str, progress: bool) -> _Fold:
     seed_everything(config.seed)
-    data = CarvanaData(config.data_dir, config.mask_source)
     train_ids, val_ids = _fold_ids(config, data)
     if config.check:
         check_training_data(data, train_ids + val_ids, progress)
-    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
+    counted = config.class_weights != "none" or config.sampler != "random"
+    pixel_counts = class_pixel_counts(data, train_ids, progress) if counted else None
+    if config.class_weights != "none":
+        config = _with_class_weights(config, pixel_counts)
+    balanced = pixel_counts if config.sampler == "class-balanced" else None
+    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device, balanced)
     return _Fold(
+        config=config,
         train_loader=train_loader,
         order=order,
         val_loader=val_loader,
@@ -674,8 +792,13 @@ def _run_epoch(
     started = clock()
     train_loss, skipped_steps = train_one_epoch(parts, fold.train_loader, config, epoch, run_dir, progress, budget)
     train_seconds = clock() - started
+    scored_classes = config.class_names() or None
+    if scored_classes is None and monitored(config)[0] != "val_dice":  # Carvana scored by the confusion matrix
+        scored_classes = ["background", "car"]
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
-        metrics = evaluate(parts.evaluated, fold.val_loader, parts.loss_fn, parts.precision)
+        metrics = evaluate(
+            parts.evaluated, fold.val_loader, parts.loss_fn, parts.precision, scored_classes, config.ignore_index
+        )
     return {
         "epoch": epoch,
         "lr": parts.scheduler.get_last_lr()[0],
@@ -699,16 +822,22 @@ def _train_epochs(
             return budget.not_started
         row = _run_epoch(fold, config, epoch, run_dir, progress, budget)
         _save_epoch(fold.parts, state, config, row, fold.image_shape, fold.split, run_dir)
+        column, name = monitored(config)
         logger.info(
-            "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.5f, %.1f img/s",
+            "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, %s %.5f, %.1f img/s",
             config.fold,
             epoch + 1,
             config.epochs,
             row["train_loss"],
             row["val_loss"],
-            row["val_dice"],
+            name,
+            row[column],
             row["train_img_per_s"],
         )
+        if class_iou_line(row):
+            logger.info(
+                "fold %d epoch %d/%d: IoU per class: %s", config.fold, epoch + 1, config.epochs, class_iou_line(row)
+            )
         budget.end()
     return ""
 
@@ -722,6 +851,8 @@ class FoldResult:
     epochs_done: int
     epochs: int
     not_started: str = ""
+    score_column: str = "val_dice"  # the monitored score's column in ``best``
+    score_name: str = "val Dice"
 
     @property
     def finished(self) -> bool:
@@ -736,14 +867,16 @@ def train_fold_within(
     overwrite: bool = False,
     progress: bool = True,
 ) -> FoldResult:
-    """Train ``config.fold`` for the epochs that fit before ``deadline``; keep ``best.pt`` by validation Dice
-    and ``last.pt`` for ``--resume``."""
+    """Train ``config.fold`` for the epochs that fit before ``deadline``; keep ``best.pt`` by the monitored
+    validation score and ``last.pt`` for ``--resume``."""
+    config, data = open_training_data(config)
     resumable = inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock
     known_epoch = known_epoch_seconds(config)
     if not deadline.fits(known_epoch):  # a fold started late: no set-up, nothing written
         return _result(config, _epochs_done(resumable), _no_time_for_an_epoch(deadline, known_epoch))
     device, precision = setup_device(device, config.precision)
-    fold = _set_up_fold(config, device, precision, progress)
+    fold = _set_up_fold(config, data, device, precision, progress)
+    config = fold.config
     with _run_folder(config, resume, overwrite, fold.split) as (run_dir, resumed_from):
         state = fold.parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
         if resume and resumed_from is None:
@@ -764,11 +897,13 @@ def train_fold_within(
         )
         not_started = _train_epochs(fold, state, config, run_dir, progress, deadline)
     result = _result(config, state.rows, not_started)
+    column, name = monitored(config)
     if result.best is not None and not not_started:
         logger.info(
-            "fold %d: best val Dice %.5f at epoch %d -> %s",
+            "fold %d: best %s %.5f at epoch %d -> %s",
             config.fold,
-            result.best["val_dice"],
+            name,
+            result.best[column],
             result.best["epoch"] + 1,
             run_dir / "best.pt",
         )
@@ -776,8 +911,8 @@ def train_fold_within(
 
 
 def _result(config: TrainConfig, rows: list[dict], not_started: str) -> FoldResult:
-    best = max(rows, key=lambda r: r["val_dice"]) if rows else None
-    return FoldResult(best, len(rows), config.epochs, not_started)
+    best = max(rows, key=lambda row: row[monitored(config)[0]]) if rows else None
+    return FoldResult(best, len(rows), config.epochs, not_started, *monitored(config))
 
 
 def train_fold(
@@ -845,7 +980,7 @@ def _fold_outcome(result: FoldResult, fold: int, device: str, deadline: Deadline
     """The outcome of a fold that did not fail."""
     if result.not_started:
         return FoldOutcome(fold, True, f"not started: {result.not_started}", log, stopped=True)
-    best = f"best val Dice {result.best['val_dice']:.5f} on {device}"
+    best = f"best {result.score_name} {result.best[result.score_column]:.5f} on {device}"
     if result.finished:
         return FoldOutcome(fold, True, best, log)
     done = f"stopped by the {deadline.describe()} after {result.epochs_done} of {result.epochs} epochs"
@@ -908,6 +1043,7 @@ class _FoldProgress:
 
     def __init__(self, config: TrainConfig, folds: list[int], interval: float = 2.0):
         self.run_dirs = {fold: Path(config.out) / f"fold{fold}" for fold in folds}
+        self.score_column, self.score_name = monitored(config)
         self.epochs, self.interval = config.epochs, interval
         self.seen = {fold: {_row_key(row) for row in self._rows(fold)} for fold in folds}  # earlier runs' rows
         self.devices: dict[int, str] = {}
@@ -938,10 +1074,10 @@ class _FoldProgress:
 
     def _line(self, fold: int, row: dict, rows: list[dict]) -> str | None:
         try:
-            best = max(float(other["val_dice"]) for other in rows)
+            best = max(float(other[self.score_column]) for other in rows)
             return (
-                f"{self._device(fold)} fold {fold}: epoch {int(row['epoch']) + 1}/{self.epochs}, val Dice "
-                f"{float(row['val_dice']):.5f}, {float(row['train_img_per_s']):.1f} img/s, best {best:.5f}"
+                f"{self._device(fold)} fold {fold}: epoch {int(row['epoch']) + 1}/{self.epochs}, {self.score_name} "
+                f"{float(row[self.score_column]):.5f}, {float(row['train_img_per_s']):.1f} img/s, best {best:.5f}"
             )
         except (KeyError, TypeError, ValueError):  # a row that is not whole: not worth a line
             return None
@@ -1001,6 +1137,7 @@ def train_folds(
     from joblib import Parallel, delayed
 
     slots = [devices[index % len(devices)] for index in range(max(jobs, len(devices)))]
+    config = open_training_data(config)[0]  # the class names, for the lines saying each fold's score
     values = asdict(config)
     flags = {"resume": resume, "overwrite": overwrite}
     started = time.monotonic() if started is None else started

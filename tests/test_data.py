@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition.data import CarvanaData, CarvanaDataset, DataError, car_id_of, decode_image, image_id_of, resize_image
+from competition.data import (
+    CarvanaData,
+    DataError,
+    SegmentationDataset,
+    car_id_of,
+    decode_image,
+    image_id_of,
+    resize_image,
+)
 from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH
 
@@ -40,11 +48,11 @@ def test_gif_and_csv_masks_agree_for_every_image(data_dir):
 
 def test_dataset_returns_uint8_image_and_float_mask(data_dir):
     data = CarvanaData(data_dir)
-    dataset = CarvanaDataset(data, data.train_ids()[:3])
+    dataset = SegmentationDataset(data, data.train_ids()[:3])
     image, mask = dataset[0]
     assert image.shape == (3, HEIGHT, WIDTH) and image.dtype.is_floating_point is False
     assert mask.shape == (1, HEIGHT, WIDTH) and set(mask.unique().tolist()) == {0.0, 1.0}
-    small_image, small_mask = CarvanaDataset(data, data.train_ids()[:3], size=(64, 96))[0]
+    small_image, small_mask = SegmentationDataset(data, data.train_ids()[:3], size=(64, 96))[0]
     assert small_image.shape == (3, 64, 96) and small_mask.shape == (1, 64, 96)
     assert abs(small_mask.mean().item() - mask.mean().item()) < 0.02
 
@@ -52,8 +60,8 @@ def test_dataset_returns_uint8_image_and_float_mask(data_dir):
 def test_dataset_applies_the_transform_to_image_and_mask_together(data_dir):
     data = CarvanaData(data_dir)
     ids = data.train_ids()[:1]
-    image, mask = CarvanaDataset(data, ids)[0]
-    flipped_image, flipped_mask = CarvanaDataset(data, ids, transform=A.HorizontalFlip(p=1.0))[0]
+    image, mask = SegmentationDataset(data, ids)[0]
+    flipped_image, flipped_mask = SegmentationDataset(data, ids, transform=A.HorizontalFlip(p=1.0))[0]
     assert (flipped_image == image.flip(-1)).all() and (flipped_mask == mask.flip(-1)).all()
 
 
@@ -81,7 +89,7 @@ def test_image_without_mask(data_copy):
     (data_copy / "train_masks" / f"{image_id}_mask.gif").unlink()
     data = CarvanaData(data_copy)
     with pytest.raises(DataError, match=f"have no mask.*{image_id}"):
-        CarvanaDataset(data, data.train_ids())
+        SegmentationDataset(data, data.train_ids())
     with pytest.raises(DataError, match=f"{image_id}.jpg has no mask"):
         data.read_mask(image_id)
 
@@ -162,9 +170,9 @@ def test_zip_reads_in_loader_worker_processes(data_dir, zip_dir):
     import torch
 
     ids = CarvanaData(data_dir).train_ids()[:8]
-    expected = [CarvanaDataset(CarvanaData(data_dir), ids, size=(64, 96))[i] for i in range(len(ids))]
+    expected = [SegmentationDataset(CarvanaData(data_dir), ids, size=(64, 96))[i] for i in range(len(ids))]
     loader = torch.utils.data.DataLoader(
-        CarvanaDataset(CarvanaData(zip_dir), ids, size=(64, 96)), batch_size=2, num_workers=2
+        SegmentationDataset(CarvanaData(zip_dir), ids, size=(64, 96)), batch_size=2, num_workers=2
     )
     images, masks = (torch.cat(parts) for parts in zip(*loader))
     assert torch.equal(images, torch.stack([image for image, _ in expected]))
