@@ -53,7 +53,7 @@ from competition.logs import add_logging_arguments, configure_from, exit_on_proj
 from competition.masks_out import FORMATS, RLE_ORDERS, class_out_of_fold, write_masks, write_rle_csv
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.shards import ShardSettings, ShardsFailed, write_submission_on_devices
-from competition.submission import keep_finished
+from competition.submission import check_resume_flags, keep_finished
 
 logger = logging.getLogger("competition.infer")
 
@@ -253,9 +253,8 @@ def load_members(args, paths, device_name, tta):
     return members, precision
 
 
-def predict_test_set(args, paths, tta, deadline: Deadline) -> int:
+def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | None]) -> int:
     """The submission on one device in this process, or on several in worker processes; the exit status."""
-    devices = submission_devices(args)
     if len(devices) > 1:
         return predict_on_devices(args, paths, tta, devices, deadline)
     members, precision = load_members(args, paths, devices[0], tta)
@@ -293,11 +292,11 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
     return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
 
 
-def predict_masks(args, paths, tta, out_given: bool) -> int:
-    """Models of any other data set: a PNG mask per test image, or the per-class RLE CSV."""
-    if args.devices or args.time_limit:
+def predict_masks(args, paths, tta, out_given: bool, devices: list[str | None]) -> int:
+    """Models of any other data set: a PNG mask per test image, or the per-class RLE CSV, on one device."""
+    if len(devices) > 1 or args.time_limit:
         raise ConfigError("--devices and --time-limit are for Carvana's submission; masks are predicted on --device")
-    members, precision = load_members(args, paths, args.device, tta)
+    members, precision = load_members(args, paths, devices[0], tta)
     ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
     settings = {"threshold": args.threshold, "overwrite": args.overwrite, "workers": args.workers}
     if args.format == "rle-csv":
@@ -327,16 +326,20 @@ def main(argv: list[str] | None = None) -> None:
         mode = check_arguments(args)
         tta = tta_of(args)
         deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
+        if mode == "submission":
+            check_resume_flags(args.resume, args.overwrite)
         paths = find_checkpoints(args.checkpoints)
-        if mode == "submission" and not trained_on_carvana(paths):
-            status = predict_masks(args, paths, tta, out_given)
-        elif mode == "submission" and (args.format or args.overlays or args.rle_order != "row"):
-            raise ConfigError("--format, --rle-order and --overlays are for models of other data sets than Carvana")
-        elif mode == "submission" and keep_finished(args.out, args.resume, args.overwrite):
-            logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
-            return
-        elif mode == "submission":
-            status = predict_test_set(args, paths, tta, deadline)
+        if mode == "submission":
+            devices = submission_devices(args)
+            if not trained_on_carvana(paths):
+                status = predict_masks(args, paths, tta, out_given, devices)
+            elif args.format or args.overlays or args.rle_order != "row":
+                raise ConfigError("--format, --rle-order and --overlays are for models of data sets other than Carvana")
+            elif keep_finished(args.out, args.resume, args.overwrite):
+                logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
+                return
+            else:
+                status = predict_test_set(args, paths, tta, deadline, devices)
         else:
             members, precision = load_members(args, paths, args.device, tta)
             status = RUN[mode](args, members, tta, precision)

@@ -9,7 +9,7 @@ from competition.config import add_config_arguments, resolve_config
 from competition.environment import resolve_device
 from competition.errors import ConfigError
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
-from competition.training import fold_numbers, inspect_run_dir, open_training_data, train_fold, train_folds
+from competition.training import fold_numbers, inspect_run_dir, train_fold, train_folds
 
 logger = logging.getLogger("competition.train")
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_from(args)
     with exit_on_project_error("train.py", args.debug):
-        config = open_training_data(resolve_config(args))[0]  # class names from the data, checked once here
+        config = resolve_config(args)
         progress = not args.quiet
         if not args.folds:
             if args.gpus or args.jobs:

@@ -110,7 +110,9 @@ def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
     changed = [
         f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)
-        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)
+        if f.name not in RESUMABLE_CHANGES
+        and getattr(saved, f.name) != getattr(config, f.name)
+        and not (f.name == "classes" and not config.classes)  # not named: the data's, resolved as the run starts
     ]
     if changed:
         raise ConfigError(

@@ -76,7 +76,7 @@ def cross_entropy(logits, targets, ignore_index: int, class_weights=None) -> tor
     weight = (
         None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
     )
-    values = F.cross_entropy(logits, targets, weight=weight, ignore_index=ignore_index, reduction="none")
+    values = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # weighted below
     labelled = targets != ignore_index
     pixel_weights = labelled.float() if weight is None else weight[targets.clamp(0, len(weight) - 1)] * labelled
     return _per_image_mean(values, pixel_weights)

@@ -214,12 +214,16 @@ def gather_rows(path: str | Path, order: list[str]) -> int:
     return kept
 
 
+def check_resume_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume keeps the rows already written and --overwrite starts again: pass one of them")
+
+
 def keep_finished(path: str | Path, resume: bool, overwrite: bool) -> bool:
     """Whether ``path`` is a finished submission to keep as it is (with ``resume``: nothing left to predict).
     A finished file is never replaced unless ``overwrite`` says so, nor the rows of an interrupted run
     (``<path>.partial`` or shard files) dropped unless ``overwrite`` says so."""
-    if resume and overwrite:
-        raise ConfigError("--resume keeps the rows already written and --overwrite starts again: pass one of them")
+    check_resume_flags(resume, overwrite)
     if not (resume or overwrite):
         rows = {file: sum(1 for _ in complete_rows(file)) for file in interrupted_files(path)}
         left = [str(file) for file, count in rows.items() if count]

@@ -869,12 +869,12 @@ def train_fold_within(
 ) -> FoldResult:
     """Train ``config.fold`` for the epochs that fit before ``deadline``; keep ``best.pt`` by the monitored
     validation score and ``last.pt`` for ``--resume``."""
-    config, data = open_training_data(config)
     resumable = inspect_run_dir(config, resume, overwrite)  # refuse early, before the set-up; again under the lock
     known_epoch = known_epoch_seconds(config)
     if not deadline.fits(known_epoch):  # a fold started late: no set-up, nothing written
         return _result(config, _epochs_done(resumable), _no_time_for_an_epoch(deadline, known_epoch))
     device, precision = setup_device(device, config.precision)
+    config, data = open_training_data(config)
     fold = _set_up_fold(config, data, device, precision, progress)
     config = fold.config
     with _run_folder(config, resume, overwrite, fold.split) as (run_dir, resumed_from):

@@ -81,7 +81,7 @@ def test_make_folds_stratified_by_make(data_dir, tmp_path):
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1]
     folds = read_folds(tmp_path / "a.csv")
-    assert list(folds.columns) == ["img", "car_id", "fold"]
+    assert list(folds.columns) == ["img", "car_id", "fold", "group"]  # group: the car, as in other layouts
     fold_of_car = folds.groupby("car_id")["fold"].unique()
     assert (fold_of_car.map(len) == 1).all()  # every car in exactly one fold
     fold_of_car = fold_of_car.map(lambda values: int(values[0])).to_dict()
@@ -137,3 +137,81 @@ def test_make_folds_out_as_a_folder_is_one_line(data_dir, tmp_path):
     result = run_make_folds("--data-dir", str(data_dir), "--out", str(tmp_path))
     assert result.returncode == 2 and "is a folder; name the folds file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- any other layout: groups from a regex, folds stratified by the classes the images hold ---
+
+import numpy as np
+
+from competition.folds import assign_group_folds, groups_of, rarest_class_labels
+
+
+def test_group_regex_takes_its_first_capture_group():
+    groups = groups_of(["Abyssinian_1", "Abyssinian_12", "great_pyrenees_3"], r"^(.+)_\d+$")
+    assert groups == {"Abyssinian_1": "Abyssinian", "Abyssinian_12": "Abyssinian", "great_pyrenees_3": "great_pyrenees"}
+    assert groups_of(["a", "b"], None) == {"a": "a", "b": "b"}  # each image alone
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [(r"^.+_\d+$", "needs a capture group"), (r"^(x)_\d+$", "does not match image 'a_1'"), (r"(", "not a regular")],
+)
+def test_bad_group_regexes_are_one_line(pattern, message):
+    with pytest.raises(ConfigError, match=message):
+        groups_of(["a_1"], pattern)
+
+
+def presence_of(image_ids, rare_every: int) -> dict:
+    """Classes: 0 background and 1 everywhere, 2 (rare) in every ``rare_every``-th image."""
+    return {image_id: np.array([True, True, index % rare_every == 0]) for index, image_id in enumerate(image_ids)}
+
+
+def test_every_fold_validates_on_the_rare_class():
+    image_ids = [f"g{group:02d}_{view}" for group in range(20) for view in range(2)]
+    groups = groups_of(image_ids, r"^(.+)_\d+$")
+    presence = presence_of(image_ids, rare_every=8)  # 5 images, in 5 groups, hold class 2
+    folds = assign_group_folds(groups, 5, seed=0, presence=presence)
+    assert list(folds.columns) == ["img", "group", "fold"]
+    holding = folds[[bool(presence[image_id][2]) for image_id in folds["img"]]]
+    assert sorted(holding["fold"]) == [0, 1, 2, 3, 4]  # one rare image in each fold
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+
+
+def test_rarest_class_labels_merge_labels_too_few_for_the_folds():
+    groups = {f"i{index}": f"i{index}" for index in range(10)}
+    presence = {f"i{index}": np.array([True, index < 6, index >= 8]) for index in range(10)}
+    labels = rarest_class_labels(groups, presence, n_folds=3)
+    # class 1 alone in 6 groups keeps its label; class 2 (2 groups) and background only (2) are too few for 3 folds
+    assert labels["i0"] == "1" and labels["i6"] == "few" and labels["i9"] == "few"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=6, max_size=40), st.integers(0, 3), st.booleans())
+def test_groups_never_cross_folds_and_order_does_not_matter(group_numbers, seed, stratified):
+    image_ids = [f"g{group}_{index}" for index, group in enumerate(group_numbers)]
+    groups = groups_of(image_ids, r"^(g\d+)_")
+    if len(set(groups.values())) < 2:
+        return
+    presence = presence_of(image_ids, rare_every=3) if stratified else None
+    folds = assign_group_folds(groups, 2, seed, presence)
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+    shuffled = dict(reversed(list(groups.items())))
+    again = assign_group_folds(shuffled, 2, seed, dict(reversed(list(presence.items()))) if presence else None)
+    assert folds.equals(again)
+
+
+def test_make_folds_on_each_layout(tmp_path):
+    from make_folds import main as make_folds_main
+    from tests.layout_fixtures import make_folders, make_labelme, make_pet
+
+    roots = {
+        "folders": make_folders(tmp_path / "folders"),
+        "labelme": make_labelme(tmp_path / "labelme"),
+        "pet": make_pet(tmp_path / "pet"),
+    }
+    for layout, root in roots.items():
+        out = tmp_path / f"{layout}.csv"
+        make_folds_main(["--data-dir", str(root), "--n-folds", "2", "--group-regex", r"^(.+)_\d+$", "--out", str(out)])
+        folds = read_folds(out)
+        assert list(folds.columns) == ["img", "group", "fold"] and len(folds) == 8, layout
+        assert (folds.groupby("group")["fold"].nunique() == 1).all() and set(folds["fold"]) == {0, 1}

@@ -95,3 +95,97 @@ def test_dice_and_iou_properties(pair):
     assert (dice == 1.0) == bool(np.array_equal(a, b))
     assert dice == pytest.approx(2 * iou / (1 + iou))
     assert rle_dice(rle_encode(a), rle_encode(b), a.size) == pytest.approx(dice)
+
+
+# --- any data set: the confusion matrix and its scores ---
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from competition.metrics import confusion_matrix, format_class_table, main, segmentation_scores
+
+
+def test_confusion_matrix_by_hand_leaves_the_ignore_index_out():
+    truth = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    predicted = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 1]])  # rows truth, columns predicted
+    assert torch.equal(confusion_matrix(predicted, truth, 3, 255), expected)
+    changed = predicted.clone()
+    changed[1, 2:] = 1  # predictions where the truth is ignored count nowhere
+    assert torch.equal(confusion_matrix(changed, truth, 3, 255), expected)
+
+
+def test_confusion_matrix_accumulates_over_batches():
+    generator = torch.Generator().manual_seed(0)
+    truth, predicted = (
+        torch.randint(0, 4, (6, 8, 8), generator=generator),
+        torch.randint(0, 4, (6, 8, 8), generator=generator),
+    )
+    parts = confusion_matrix(predicted[:2], truth[:2], 4) + confusion_matrix(predicted[2:], truth[2:], 4)
+    assert torch.equal(parts, confusion_matrix(predicted, truth, 4))
+
+
+def test_scores_by_hand_with_an_absent_class():
+    """Class 0: 1 hit, truth 2, predicted 2 -> IoU 1/3, F1 1/2; class 1: 2 hits, truth 2, predicted 3 -> IoU 2/3,
+    F1 4/5; class 2: 1 hit, truth 2, predicted 1 -> IoU 1/2, F1 2/3; class 3 in neither: NaN, left out."""
+    confusion = np.array([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    scores = segmentation_scores(confusion, ["a", "b", "c", "d"])
+    np.testing.assert_allclose(scores["per_class"]["iou"][:3], [1 / 3, 2 / 3, 1 / 2])
+    np.testing.assert_allclose(scores["per_class"]["f1"][:3], [1 / 2, 4 / 5, 2 / 3])
+    assert np.isnan(scores["per_class"]["iou"]["d"])
+    assert scores["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert scores["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(4 / 6)
+    table = format_class_table(scores)
+    assert "mIoU 0.5000" in table and "33.33%" in table
+
+
+def test_a_class_in_the_truth_never_predicted_scores_zero():
+    scores = segmentation_scores(np.array([[5, 0], [2, 0]]), ["background", "rare"])
+    assert scores["per_class"]["iou"]["rare"] == 0 and scores["miou"] == pytest.approx(5 / 7 / 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=4, max_size=40), st.lists(st.integers(0, 2), min_size=4, max_size=40))
+def test_scores_properties(truth_values, predicted_values):
+    size = min(len(truth_values), len(predicted_values))
+    truth, predicted = torch.tensor(truth_values[:size]), torch.tensor(predicted_values[:size])
+    confusion = confusion_matrix(predicted, truth, 3)
+    assert int(confusion.sum()) == size
+    scores = segmentation_scores(confusion, ["a", "b", "c"])
+    iou, f1 = scores["per_class"]["iou"], scores["per_class"]["f1"]
+    assert ((iou <= f1 + 1e-12) | iou.isna()).all()
+    perfect = segmentation_scores(confusion_matrix(truth, truth, 3), ["a", "b", "c"])
+    assert perfect["miou"] == 1.0 and perfect["pixel_accuracy"] == 1.0
+
+
+def write_png(path: Path, values, palette: bool = True) -> None:
+    image = Image.fromarray(np.array(values, dtype=np.uint8), mode="P" if palette else "L")
+    if palette:
+        image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    image.save(path)
+
+
+def test_mask_folders_are_scored_from_the_command_line(tmp_path, capsys):
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "predicted").mkdir()
+    write_png(tmp_path / "truth" / "a.png", [[0, 1], [2, 255]])
+    write_png(tmp_path / "predicted" / "a.png", [[0, 1], [1, 2]], palette=False)
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\n")
+    main([str(tmp_path / "predicted"), str(tmp_path / "truth")])
+    out = capsys.readouterr().out
+    # background 1/1, cat 1 hit of truth 1 + predicted 2 -> 1/2, dog 0 -> mIoU 0.5; accuracy 2/3
+    assert "mIoU 0.5000" in out and "pixel accuracy 0.6667" in out and "cat" in out
+
+
+def test_a_missing_prediction_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "predicted").mkdir()
+    write_png(tmp_path / "truth" / "a.png", [[0, 1]])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "predicted"), str(tmp_path / "truth"), "--classes", "background,cat"])
+    assert exit_info.value.code == 2
+    assert "no prediction for 1 truth mask(s), e.g. ['a']" in capsys.readouterr().err

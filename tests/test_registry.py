@@ -117,7 +117,9 @@ STEPS_PER_EPOCH = 10
 
 def schedule_lrs(name: str) -> tuple[TrainConfig, list[float]]:
     """The learning rate of each optimizer step over a whole run of 3 epochs, stepped as the trainer does."""
-    config = TrainConfig(epochs=3, lr=1e-3, warmup_epochs=1.0, encoder_weights="none", schedule=name)
+    config = TrainConfig(
+        epochs=3, lr=1e-3, warmup_epochs=1.0, encoder_weights="none", schedule=name, step_epochs=1, step_factor=0.05
+    )
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=config.lr)
     scheduler = build_scheduler(config, optimizer, STEPS_PER_EPOCH)
@@ -146,7 +148,15 @@ def check_onecycle(config: TrainConfig, lrs: list[float]) -> None:
     assert lrs.index(max(lrs)) == round(0.3 * len(lrs)) - 1
 
 
-SCHEDULE_CHECKS = {"cosine": check_cosine, "onecycle": check_onecycle}
+def check_step(config: TrainConfig, lrs: list[float]) -> None:
+    # warm-up over the first epoch, then x0.05 at each epoch's start (step_epochs 1)
+    warmup = STEPS_PER_EPOCH
+    assert lrs[:warmup] == pytest.approx([config.lr * (step + 1) / warmup for step in range(warmup)], rel=1e-9)
+    assert lrs[warmup : 2 * warmup] == pytest.approx([config.lr * 0.05] * warmup, rel=1e-9)
+    assert lrs[2 * warmup :] == pytest.approx([config.lr * 0.05**2] * warmup, rel=1e-9)
+
+
+SCHEDULE_CHECKS = {"cosine": check_cosine, "onecycle": check_onecycle, "step": check_step}
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -184,7 +194,7 @@ def test_every_choice_in_help_is_tested():
     assert set(LOSSES) == set(CHOICES["loss"])
     assert set(SCHEDULES) == set(CHOICES["schedule"]) == set(SCHEDULE_CHECKS)
     help_text = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-    for name in ("arch", "loss", "schedule"):
+    for name in ("arch", "loss", "schedule", "layout", "class_weights", "sampler", "monitor", "pet_border"):
         for choice in CHOICES[name]:
-            assert choice in help_text[name], (name, choice)
+            assert choice == "auto" or choice in help_text[name], (name, choice)
     assert "ema" in help_text and "0 is off" in help_text["ema"]

@@ -1,0 +1,147 @@
+"""The data layouts beyond Carvana: each reader on a tiny fixture, classes, the ignore index, and refusals."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from competition.errors import DataError
+from competition.layouts import LAYOUTS, detect_layout, open_data, read_index_mask
+from tests.layout_fixtures import _scene, make_folders, make_labelme, make_pet
+
+
+@pytest.mark.parametrize("palette", [True, False], ids=["palette", "greyscale"])
+def test_folders_read_class_indices_as_stored(tmp_path, palette):
+    root = make_folders(tmp_path, palette=palette)
+    data = open_data(root)
+    assert data.layout == "folders" and data.classes == ["background", "box", "disc", "square"]
+    assert len(data.train_ids()) == 8 and len(data.test_ids()) == 2
+    image, mask = data.read_sample("scene0_1")
+    assert image.shape == (64, 96, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(mask, _scene(0)[1])  # the indices themselves, not a colour conversion
+    assert set(np.unique(mask)) == {0, 1, 2, 3}
+
+
+def test_voc_names_and_its_border_are_the_ignore_index(tmp_path):
+    root = make_folders(tmp_path, voc=True)
+    data = open_data(root)
+    assert detect_layout(root) == "folders" and data.ignore_index == 255
+    mask = data.read_mask("scene0_1")
+    assert 255 in mask
+    counts = data.class_pixel_counts("scene0_1")
+    assert counts.sum() == (mask != 255).sum() and len(counts) == 4
+
+
+def test_labelme_shapes_in_file_order_and_ignore(tmp_path):
+    root = make_labelme(tmp_path)
+    data = open_data(root)
+    assert data.layout == "labelme" and data.classes == ["_background_", "box", "disc", "square"]
+    assert len(data.train_ids()) == 8 and len(data.test_ids()) == 2
+    document = json.loads((root / "scene0_1.json").read_text())
+    (bx, by), _ = document["shapes"][0]["points"]
+    mask = data.read_mask("scene0_1")
+    assert mask[int(by) + 8, int(bx) + 8] == 3  # the square, drawn after the box, wins
+    assert mask[int(by) + 18, int(bx) + 25] == 1  # the box elsewhere
+    assert (mask[-3:] == 255).all()  # the __ignore__ strip
+    cx, cy = np.mean(document["shapes"][1]["points"], axis=0)
+    assert mask[round(cy), round(cx)] == 2
+
+
+def test_labelme_classes_from_the_json_labels_without_labels_txt(tmp_path):
+    data = open_data(make_labelme(tmp_path, labels_file=False))
+    assert data.classes == ["_background_", "box", "disc", "square"]
+
+
+def test_labelme_label_outside_the_classes_names_the_file(tmp_path):
+    root = make_labelme(tmp_path)
+    (root / "labels.txt").write_text("__ignore__\n_background_\nbox\ndisc\n")
+    with pytest.raises(DataError, match=r"scene0_1.json: label 'square' is not a class"):
+        open_data(root).read_mask("scene0_1")
+
+
+@pytest.mark.parametrize(
+    "border, classes, value", [("ignore", ["background", "pet"], 255), ("class", ["background", "pet", "border"], 2)]
+)
+def test_pet_trimaps_by_the_documented_rule(tmp_path, border, classes, value):
+    root = make_pet(tmp_path)
+    data = open_data(root, pet_border=border)
+    assert data.layout == "pet" and data.classes == classes
+    assert "._Abyssinian_1" not in data.train_ids() and len(data.train_ids()) == 8
+    trimap = np.asarray(Image.open(root / "annotations" / "trimaps" / "Abyssinian_1.png"))
+    mask = data.read_mask("Abyssinian_1")
+    assert (mask[trimap == 1] == 1).all() and (mask[trimap == 2] == 0).all() and (mask[trimap == 3] == value).all()
+    shapes = {data.image_shape(image_id) for image_id in data.train_ids()}
+    assert len(shapes) > 1  # images of several sizes, as downloaded
+
+
+def test_every_layout_is_detected(tmp_path, data_dir):
+    assert detect_layout(data_dir) == "carvana"
+    assert detect_layout(make_folders(tmp_path / "f")) == "folders"
+    assert detect_layout(make_labelme(tmp_path / "l")) == "labelme"
+    assert detect_layout(make_pet(tmp_path / "p")) == "pet"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data layout recognised"):
+        detect_layout(tmp_path / "empty")
+    for layout in LAYOUTS[1:]:  # and each forced by name
+        root = {"carvana": data_dir, "folders": tmp_path / "f", "labelme": tmp_path / "l", "pet": tmp_path / "p"}[
+            layout
+        ]
+        assert open_data(root, layout=layout).layout == layout
+
+
+def test_a_mask_value_outside_the_classes_stops_with_file_value_and_classes(tmp_path):
+    root = make_folders(tmp_path)
+    (root / "classes.txt").write_text("background\nbox\ndisc\n")  # no "square": value 3 is unknown
+    with pytest.raises(
+        DataError, match=r"scene0_1.png: mask value\(s\) \[3\] are neither a class \(0..2: background, box, disc\)"
+    ):
+        open_data(root).read_mask("scene0_1")
+
+
+def test_classes_flag_overrides_the_file(tmp_path):
+    root = make_folders(tmp_path)
+    assert open_data(root, classes="bg,a,b,c").classes == ["bg", "a", "b", "c"]
+    with pytest.raises(DataError, match="at least two classes"):
+        open_data(root, classes="bg")
+
+
+def test_classes_from_the_masks_when_none_are_named(tmp_path, caplog):
+    root = make_folders(tmp_path, classes_file=False)
+    with caplog.at_level(logging.WARNING):
+        data = open_data(root)
+    assert data.classes == ["class_0", "class_1", "class_2", "class_3"] and "classes.txt" in caplog.text
+
+
+def test_rgb_masks_are_refused(tmp_path):
+    root = make_folders(tmp_path)
+    Image.open(root / "masks" / "scene0_1.png").convert("RGB").save(root / "masks" / "scene0_1.png")
+    with pytest.raises(DataError, match="masks must hold class indices"):
+        open_data(root).read_mask("scene0_1")
+
+
+def test_a_mask_of_another_size_stops_with_both_sizes(tmp_path):
+    root = make_folders(tmp_path)
+    Image.open(root / "masks" / "scene0_1.png").resize((48, 32)).save(root / "masks" / "scene0_1.png")
+    with pytest.raises(DataError, match="image is 96x64 but its mask .* is 48x32"):
+        open_data(root).read_sample("scene0_1")
+
+
+def test_two_images_with_one_stem_are_refused(tmp_path):
+    root = make_folders(tmp_path)
+    Image.open(root / "images" / "scene0_1.jpg").save(root / "images" / "scene0_1.png")
+    with pytest.raises(DataError, match="scene0_1.jpg and scene0_1.png share a name"):
+        open_data(root)
+
+
+def test_sixteen_bit_greyscale_masks_keep_their_values(tmp_path):
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.array([[0, 1], [2, 3]], dtype=np.uint16)).save(path)
+    np.testing.assert_array_equal(read_index_mask(path.read_bytes(), str(path)), [[0, 1], [2, 3]])
+
+
+def test_images_flag_replaces_the_test_folder(tmp_path):
+    root = make_folders(tmp_path / "data")
+    other = make_folders(tmp_path / "other", count=0, tests=3) / "test"
+    assert len(open_data(root, test_images=other).test_ids()) == 3
