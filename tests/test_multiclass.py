@@ -175,6 +175,6 @@ def test_mask_outputs_are_not_overwritten_unasked_and_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         infer(["--checkpoints", str(run), "--out", str(masks), "--workers", "0"])
     assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
-    sorted(masks.glob("*.png"))[0].unlink()
+    min(masks.glob("*.png")).unlink()
     infer(["--checkpoints", str(run), "--out", str(masks), "--workers", "0", "--resume"])
     assert len(list(masks.glob("*.png"))) == 2
