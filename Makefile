@@ -2,13 +2,15 @@
 #            with the CPU demo schedule, predict the test set with TTA, score it (synthetic truth only)
 #            (run again, it keeps what is done: training resumes, a finished run is not trained again)
 # make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
+# make parts: the multi-class example: synthetic car parts in input-parts/, folds, train fold 0
+#             (configs/cpu_parts.toml), a PNG mask per test image, scored per class against the truth
 # make test: set up and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup demo data folds train infer test test-fast bench bench-gpu
+.PHONY: setup demo data folds train infer parts test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -35,6 +37,14 @@ infer: train
 	$(BIN)/python -m competition.metrics submissions/submission.csv input/test_masks.csv; fi
 
 demo: infer
+
+parts: setup
+	@if [ -e input-parts/images ]; then echo "input-parts/ already holds data: keeping it"; \
+	else $(BIN)/python -m competition.synthetic --parts --out input-parts/; fi
+	$(BIN)/python make_folds.py --data-dir input-parts/ --group-regex '^(.+)_\d+$$' --out folds/parts.csv
+	$(BIN)/python train.py --config configs/cpu_parts.toml --fold 0 --resume
+	$(BIN)/python infer.py --tta --checkpoints runs/parts --out submissions/parts/ --overlays --overwrite
+	$(BIN)/python -m competition.metrics submissions/parts/ input-parts/test_masks/
 
 test: setup
 	$(BIN)/ruff check .

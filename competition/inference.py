@@ -541,13 +541,14 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
 
 @torch.no_grad()
 def predict_image(ensemble: Ensemble, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """uint8 0/1 mask of one RGB image."""
+    """uint8 mask of one RGB image: 0/1 for a binary model, class indices for a multi-class one."""
+    from competition.masks_out import class_map  # imported here: masks_out imports this module
+
     images = {}
     for key, size in ensemble.input_sizes.items():
         resized = image if size is None else resize_image(image, size)
         images[key] = to_chw(resized)[None].to(ensemble.device)
-    probabilities = ensemble.probabilities(images, image.shape[:2])
-    return (probabilities[0, 0] > threshold).to(torch.uint8).cpu().numpy()
+    return class_map(ensemble.probabilities(images, image.shape[:2]), threshold)
 
 
 def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:
@@ -561,6 +562,15 @@ def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path
     mask = predict_image(ensemble, image, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
+    classes = ensemble.members[0].config.num_classes()
+    if classes > 2:  # class indices in a palette PNG, each class tinted in the overlay
+        from competition.masks_out import colour_overlay, encode_mask_png, palette
+
+        with atomic_output(mask_path) as partial:
+            partial.write_bytes(encode_mask_png(mask, palette(classes)))
+        save_png(colour_overlay(image, mask, palette(classes)), overlay_path)
+        logger.info("%s: classes %s -> %s, %s", path, sorted(np.unique(mask).tolist()), mask_path, overlay_path)
+        return mask
     save_png(mask * 255, mask_path)
     save_png(overlay(image, mask), overlay_path)
     logger.info("%s: car covers %.1f%% -> %s, %s", path, 100 * mask.mean(), mask_path, overlay_path)

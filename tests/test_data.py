@@ -5,6 +5,7 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from competition.data import (
     CarvanaData,
@@ -177,3 +178,22 @@ def test_zip_reads_in_loader_worker_processes(data_dir, zip_dir):
     images, masks = (torch.cat(parts) for parts in zip(*loader))
     assert torch.equal(images, torch.stack([image for image, _ in expected]))
     assert torch.equal(masks, torch.stack([mask for _, mask in expected]))
+
+
+def test_carvana_masks_keep_the_smooth_resize_and_other_layouts_the_nearest(data_dir, tmp_path):
+    """Carvana's 0/1 masks: area-averaged and thresholded at half, as before this project read other layouts;
+    class-index masks: the nearest pixel, so no class or ignore value is invented between two others."""
+    from competition.data import resize_mask
+    from competition.layouts import open_data
+    from tests.layout_fixtures import make_folders
+
+    data = CarvanaData(data_dir)
+    image_id = data.train_ids()[0]
+    _, mask = SegmentationDataset(data, [image_id], size=(64, 96))[0]
+    expected = (resize_image(data.read_mask(image_id) * 255, (64, 96)) > 127).astype(np.float32)
+    assert mask.dtype == torch.float32 and torch.equal(mask[0], torch.from_numpy(expected))
+    folders = open_data(make_folders(tmp_path, voc=True))
+    _, classes = SegmentationDataset(folders, ["scene0_1"], size=(32, 48))[0]
+    assert classes.dtype == torch.int64 and classes.shape == (32, 48)
+    assert set(classes.unique().tolist()) <= {0, 1, 2, 3, 255}
+    np.testing.assert_array_equal(classes.numpy(), resize_mask(folders.read_mask("scene0_1"), (32, 48)))

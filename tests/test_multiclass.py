@@ -178,3 +178,39 @@ def test_mask_outputs_are_not_overwritten_unasked_and_resume(tmp_path, capsys):
     min(masks.glob("*.png")).unlink()
     infer(["--checkpoints", str(run), "--out", str(masks), "--workers", "0", "--resume"])
     assert len(list(masks.glob("*.png"))) == 2
+
+
+def test_monitor_picks_the_score_of_best_pt():
+    from competition.config import MONITORS, TrainConfig
+    from competition.training import MONITOR_COLUMNS, monitored
+
+    assert monitored(TrainConfig()) == ("val_dice", "val Dice")  # Carvana: binary
+    assert monitored(TrainConfig(classes="background,pet")) == ("val_dice", "val Dice")
+    assert monitored(TrainConfig(classes="background,a,b")) == ("val_miou", "val mIoU")
+    for monitor in MONITORS[1:]:
+        assert monitored(TrainConfig(classes="background,a,b", monitor=monitor)) == MONITOR_COLUMNS[monitor]
+
+
+def test_evaluate_accumulates_the_confusion_matrix_and_ignores(tmp_path):
+    """A model that predicts class 1 everywhere, on two images: the scores come from one matrix over both."""
+    from competition.training import evaluate
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            logits = torch.zeros(images.shape[0], 3, *images.shape[-2:])
+            logits[:, 1] = 5.0
+            return logits + self.weight
+
+    images = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    masks = torch.tensor([[[1, 1], [0, 255]], [[2, 1], [255, 255]]])
+    loader = torch.utils.data.DataLoader(list(zip(images, masks)), batch_size=1)
+    loss_fn = torch.nn.Module()
+    loss_fn.forward = lambda logits, targets: logits.sum() * 0
+    metrics = evaluate(Constant(), loader, loss_fn, "fp32", ["background", "a", "b"], 255)
+    # 5 labelled pixels: 3 of class 1 (all hit), one background, one class 2: IoU a = 3/5, others 0
+    assert metrics["iou_a"] == pytest.approx(3 / 5) and metrics["iou_background"] == 0
+    assert metrics["val_miou"] == pytest.approx(1 / 5) and metrics["val_pixel_accuracy"] == pytest.approx(3 / 5)
