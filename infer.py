@@ -232,7 +232,8 @@ def submission_devices(args: argparse.Namespace) -> list[str | None]:
     elif args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         names = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
     else:
-        return [args.device]  # checked as the models load, in this process
+        resolve_device(args.device)  # an unusable GPU is one line here, before any checkpoint is read
+        return [args.device]  # set up as the models load, in this process
     return [check_device(name, args.precision) for name in names]
 
 

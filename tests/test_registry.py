@@ -8,7 +8,7 @@ import torch
 
 from competition.config import CHOICES, TrainConfig
 from competition.losses import LOSSES, build_loss
-from competition.models import ARCHITECTURES, build_model
+from competition.models import ARCHITECTURES, OWN_ENCODER, build_model
 from competition.schedules import SCHEDULES, build_scheduler
 from competition.training import train_fold
 
@@ -45,7 +45,9 @@ def test_architecture_fits_a_fixed_batch(arch):
     loss_fn = build_loss("bce_dice")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(4):
+    # SegNet and the original U-Net start from scratch with encoders of their own, and SegNet brings detail back
+    # through unpooling alone, without skip connections: 1.35 -> 1.25 in 4 steps, 1.03 in 8.
+    for _ in range(8 if arch in OWN_ENCODER else 4):
         logits = model(images)
         assert logits.shape == (2, 1, HEIGHT, WIDTH) and logits.dtype == torch.float32
         loss = loss_fn(logits, masks)
