@@ -1,18 +1,20 @@
 """Data layouts beyond Carvana: image/mask folders (VOC's names too), labelme JSON and Oxford-IIIT Pet trimaps."""
 
+import base64
 import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape
 from competition.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of a photo's orientation
 LAYOUTS = ("auto", "carvana", "folders", "labelme", "pet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")
@@ -291,6 +293,19 @@ class LabelmeData(SegmentationData):
             root, images, names, ignore_index, files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
         )
 
+    def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to=None):
+        """The image turned by its EXIF orientation, as labelme shows it and as its points are drawn."""
+        path = self._image_file(image_id, split)
+        with _decoding(str(path)), Image.open(path) as image:
+            array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return array, array.shape[:2]
+
+    def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
+        path = self._image_file(image_id, split)
+        with _decoding(str(path)), Image.open(path) as image:
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+            return (image.width, image.height) if turned else (image.height, image.width)
+
     def _shapes(self, image_id: str) -> list[dict]:
         path = self.annotations[image_id]
         try:
@@ -307,7 +322,6 @@ class LabelmeData(SegmentationData):
         index = {name: value for value, name in enumerate(self.classes)} | {"__ignore__": self.ignore_index}
         source = str(self.annotations[image_id])
         canvas = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(canvas)
         for shape in self._shapes(image_id):
             label = shape.get("label")
             if label not in index:
@@ -315,33 +329,57 @@ class LabelmeData(SegmentationData):
                     f"{source}: label {label!r} is not a class ({', '.join(self.classes)}); add it to labels.txt "
                     "or --classes"
                 )
-            draw_shape(draw, shape, index[label], source)
+            draw_shape(canvas, shape, index[label], source)
         return np.asarray(canvas, dtype=np.uint8), source
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: dict, value: int, source: str) -> None:
-    """One labelme shape filled with ``value``: polygon, rectangle, circle (centre, a point on the rim),
-    line and linestrip (a few pixels wide), point (a small disc)."""
+LABELME_LINE_WIDTH, LABELME_POINT_RADIUS = 10, 5  # as labelme's own shape_to_mask draws lines and points
+
+
+def draw_shape(canvas: Image.Image, shape: dict, value: int, source: str) -> None:
+    """One labelme shape filled with ``value``, as labelme's own conversion draws it: polygon, rectangle, circle
+    (centre, a point on the rim), line and linestrip (10 px wide), point (a disc of radius 5), and labelme 5's
+    ``mask`` (a base64 PNG of the box from its first point)."""
     kind = shape.get("shape_type") or "polygon"
-    points = [tuple(map(float, point)) for point in shape.get("points", [])]
-    if not points:
-        return
-    if kind == "polygon" and len(points) >= 3:
-        draw.polygon(points, fill=value, outline=value)
+    try:
+        points = [(float(x), float(y)) for x, y in shape.get("points") or []]
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: shape {shape.get('label')!r} has malformed points") from None
+    draw = ImageDraw.Draw(canvas)
+    if kind == "mask" and points:
+        _paste_mask_shape(canvas, shape, points[0], value, source)
+    elif kind == "polygon" and len(points) >= 3:
+        draw.polygon(points, fill=value)
     elif kind == "rectangle" and len(points) == 2:
         (x0, y0), (x1, y1) = points
-        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value, outline=value)
+        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value)
     elif kind == "circle" and len(points) == 2:
         (cx, cy), (px, py) = points
         radius = ((px - cx) ** 2 + (py - cy) ** 2) ** 0.5
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
-    elif kind in ("line", "linestrip", "polygon") and len(points) >= 2:
-        draw.line(points, fill=value, width=3)
-    elif kind == "point" or len(points) == 1:
-        (cx, cy), radius = points[0], 3
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
+    elif kind in ("line", "linestrip") and len(points) >= 2:
+        draw.line(points, fill=value, width=LABELME_LINE_WIDTH)
+    elif kind == "point" and len(points) == 1:
+        (cx, cy), radius = points[0], LABELME_POINT_RADIUS
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
     else:
-        raise DataError(f"{source}: shape type {kind!r} with {len(points)} point(s) cannot be drawn")
+        raise DataError(
+            f"{source}: shape {shape.get('label')!r} is a {kind} with {len(points)} point(s), which cannot be "
+            "drawn; fix or delete it in labelme"
+        )
+
+
+def _paste_mask_shape(canvas: Image.Image, shape: dict, corner, value: int, source: str) -> None:
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(shape["mask"]))) as image:
+            inside = np.asarray(image.convert("L")) > 0
+    except (KeyError, ValueError, OSError):
+        raise DataError(f"{source}: shape {shape.get('label')!r} of type mask has no readable mask") from None
+    pixels = np.array(canvas)
+    top, left = int(corner[1]), int(corner[0])
+    region = pixels[top : top + inside.shape[0], left : left + inside.shape[1]]
+    region[inside[: region.shape[0], : region.shape[1]]] = value
+    canvas.paste(Image.fromarray(pixels))
 
 
 def _classes_from(root: Path, classes: str, file_names: tuple[str, ...]) -> list[str] | None:

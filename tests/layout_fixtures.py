@@ -143,7 +143,8 @@ def make_pet(root: Path, count: int = 8, tests: int = 2) -> Path:
         if index >= count:
             image.save(root / "test" / f"{name}.jpg", quality=95)
             continue
-        image.save(root / "images" / f"{name}.jpg", quality=95)
+        mode = {0: "L", 1: "CMYK"}.get(index, "RGB")  # the download holds a few greyscale and CMYK JPEGs
+        image.convert(mode).save(root / "images" / f"{name}.jpg", quality=95)
         trimap.save(root / "annotations" / "trimaps" / f"{name}.png")
     (root / "images" / "._Abyssinian_1.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (root / "images" / "Abyssinian_100.mat").write_bytes(b"MATLAB 5.0")

@@ -72,6 +72,7 @@ def test_pet_trimaps_by_the_documented_rule(tmp_path, border, classes, value):
     trimap = np.asarray(Image.open(root / "annotations" / "trimaps" / "Abyssinian_1.png"))
     mask = data.read_mask("Abyssinian_1")
     assert (mask[trimap == 1] == 1).all() and (mask[trimap == 2] == 0).all() and (mask[trimap == 3] == value).all()
+    assert all(data.read_image(image_id).shape[2] == 3 for image_id in data.train_ids())  # greyscale, CMYK -> RGB
     shapes = {data.image_shape(image_id) for image_id in data.train_ids()}
     assert len(shapes) > 1  # images of several sizes, as downloaded
 
@@ -145,3 +146,41 @@ def test_images_flag_replaces_the_test_folder(tmp_path):
     root = make_folders(tmp_path / "data")
     other = make_folders(tmp_path / "other", count=0, tests=3) / "test"
     assert len(open_data(root, test_images=other).test_ids()) == 3
+
+
+def test_labelme_lines_points_and_mask_shapes_as_labelme_draws_them():
+    import base64
+    import io
+
+    from competition.layouts import draw_shape
+
+    canvas = Image.new("L", (40, 30), 0)
+    draw_shape(canvas, {"label": "a", "shape_type": "linestrip", "points": [[5, 15], [35, 15]]}, 1, "x.json")
+    draw_shape(canvas, {"label": "a", "shape_type": "point", "points": [[20, 4]]}, 2, "x.json")
+    patch = io.BytesIO()
+    Image.fromarray(np.full((3, 4), 255, dtype=np.uint8)).save(patch, format="PNG")
+    mask_shape = {
+        "label": "a",
+        "shape_type": "mask",
+        "points": [[1, 25], [5, 28]],
+        "mask": base64.b64encode(patch.getvalue()),
+    }
+    draw_shape(canvas, mask_shape, 3, "x.json")
+    pixels = np.asarray(canvas)
+    assert (pixels[11:20, 10] == 1).all() and pixels[9, 10] == 0  # 10 px wide, centred on the line
+    assert pixels[4, 20] == 2 and pixels[4, 25] == 2 and pixels[4, 26] == 0  # a disc of radius 5
+    assert (pixels[25:28, 1:5] == 3).all() and pixels[28, 1] == 0
+    with pytest.raises(DataError, match="is a line with 1 point"):
+        draw_shape(canvas, {"label": "a", "shape_type": "line", "points": [[1, 1]]}, 1, "x.json")
+
+
+def test_labelme_images_are_turned_by_their_exif_orientation(tmp_path):
+    root = make_labelme(tmp_path)
+    image = Image.open(root / "scene0_1.jpg")
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter
+    image.transpose(Image.Transpose.ROTATE_90).save(root / "scene0_1.jpg", exif=exif)
+    data = open_data(root)
+    assert data.image_shape("scene0_1") == (64, 96)
+    picture, mask = data.read_sample("scene0_1")
+    assert picture.shape == (64, 96, 3) and mask.shape == (64, 96)
