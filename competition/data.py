@@ -6,6 +6,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -155,6 +156,14 @@ class CarvanaData:
 
     ``mask_source``: ``gif`` (train_masks/), ``csv`` (train_masks.csv) or ``auto`` (GIFs when present).
     """
+
+    layout = "carvana"
+    classes: ClassVar[list[str]] = ["background", "car"]
+    ignore_index = None  # Carvana masks have no ignored pixels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def __init__(self, root: str | Path, mask_source: str = "auto"):
         self.root = Path(root)
