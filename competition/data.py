@@ -304,6 +304,10 @@ class CarvanaData:
             )
         return image, mask
 
+    def class_pixel_counts(self, image_id: str) -> np.ndarray:
+        """int64 (2,): background and car pixels of one training image's mask."""
+        return np.bincount(self.read_mask(image_id).ravel(), minlength=2).astype(np.int64)
+
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-averaged resize to (height, width): the one resize used in training and inference alike."""
