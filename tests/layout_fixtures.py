@@ -7,9 +7,17 @@ import numpy as np
 from PIL import Image
 
 HEIGHT, WIDTH = 64, 96
-COUNT = 6
+COUNT = 8
+GROUPS = ("alpha", "beta", "gamma", "delta")
+PET_BREEDS = ("Abyssinian", "beagle")
+PET_SIZES = ((64, 96), (72, 80), (56, 104))  # the real set's images differ in size
 FOLDER_CLASSES = ["background", "square", "disc"]
 PALETTE = [0, 0, 0, 200, 40, 40, 40, 40, 200] + [0, 0, 0] * 252 + [255, 255, 255]
+
+
+def sample_id(index: int, groups: tuple[str, ...] = GROUPS) -> str:
+    """``<group>_<n>``: image ``index`` in groups taken in turn, so ``^(.+)_\\d+$`` finds the group."""
+    return f"{groups[index % len(groups)]}_{index // len(groups) + 1}"
 
 
 def square_box(index: int) -> tuple[int, int, int, int]:
@@ -18,10 +26,10 @@ def square_box(index: int) -> tuple[int, int, int, int]:
     return top, left, top + 20, left + 28
 
 
-def disc_inside(index: int) -> np.ndarray:
-    """bool (H, W): image ``index``'s disc."""
-    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
-    centre_row, centre_col = 42 + index % 3, 66 - index % 4
+def disc_inside(index: int, shape: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """bool (H, W): image ``index``'s disc, near the bottom right."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    centre_row, centre_col = shape[0] - 22 + index % 3, shape[1] - 30 - index % 4
     return (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= 12**2
 
 
@@ -37,7 +45,7 @@ def class_mask(index: int) -> np.ndarray:
 def render_image(mask: np.ndarray, seed: int) -> np.ndarray:
     """RGB uint8: grey noise with each class in its own colour, so a model can learn it."""
     rng = np.random.default_rng(seed)
-    image = rng.integers(90, 140, (HEIGHT, WIDTH, 3)).astype(np.uint8)
+    image = rng.integers(90, 140, (*mask.shape, 3)).astype(np.uint8)
     image[mask == 1] = (200, 40, 40)
     image[mask == 2] = (40, 40, 200)
     return image
@@ -63,7 +71,9 @@ def save_mask(mask: np.ndarray, path: Path, palette: bool) -> None:
     image.save(path)
 
 
-def make_folders(tmp_path: Path, palette: bool = True, voc: bool = False, classes_file: bool = True) -> Path:
+def make_folders(
+    tmp_path: Path, palette: bool = True, voc: bool = False, classes_file: bool = True, count: int = COUNT
+) -> Path:
     """``images/`` + ``masks/`` (or VOC's ``JPEGImages/`` + ``SegmentationClass/`` with a 255 border round
     each square), ``classes.txt`` (background, square, disc) and two ``test/`` images. Returns the folder."""
     root = Path(tmp_path) / ("voc" if voc else "folders")
@@ -71,14 +81,14 @@ def make_folders(tmp_path: Path, palette: bool = True, voc: bool = False, classe
     masks = root / ("SegmentationClass" if voc else "masks")
     for folder in (images, masks, root / "test"):
         folder.mkdir(parents=True, exist_ok=True)
-    for index in range(COUNT):
+    for index in range(count):
         mask = class_mask(index)
-        Image.fromarray(render_image(mask, index)).save(images / f"img_{index:02d}.jpg", quality=95)
+        Image.fromarray(render_image(mask, index)).save(images / f"{sample_id(index)}.jpg", quality=95)
         if voc:
             mask[_ring(mask == 1)] = 255
-        save_mask(mask, masks / f"img_{index:02d}.png", palette)
+        save_mask(mask, masks / f"{sample_id(index)}.png", palette)
     for index in range(2):
-        Image.fromarray(render_image(class_mask(index + COUNT), 100 + index)).save(root / "test" / f"t_{index}.jpg")
+        Image.fromarray(render_image(class_mask(index + count), 100 + index)).save(root / "test" / f"t_{index}.jpg")
     if classes_file:
         (root / "classes.txt").write_text("\n".join(FOLDER_CLASSES) + "\n\n")
     return root
@@ -101,7 +111,7 @@ def labelme_document(index: int) -> dict:
             {"label": "__ignore__", "points": [[70 + shift, 50], [90 + shift, 60]],
              "group_id": None, "shape_type": "rectangle", "flags": {}},
         ],
-        "imagePath": f"photo_{index:02d}.jpg",
+        "imagePath": f"{sample_id(index)}.jpg",
         "imageData": None,
         "imageHeight": HEIGHT,
         "imageWidth": WIDTH,
@@ -119,16 +129,16 @@ def labelme_truth(index: int, ignore_index: int = 255) -> np.ndarray:
     return mask
 
 
-def make_labelme(tmp_path: Path, labels_txt: bool = False) -> Path:
-    """labelme JSON beside six JPEGs, one more JPEG without a JSON, two ``test/`` images; with ``labels_txt``
+def make_labelme(tmp_path: Path, labels_txt: bool = False, count: int = COUNT) -> Path:
+    """labelme JSON beside ``count`` JPEGs, one more JPEG without a JSON, two ``test/`` images; with ``labels_txt``
     a labelme ``labels.txt`` ordering the classes background, dog, cat."""
     root = Path(tmp_path) / "labelme"
     (root / "test").mkdir(parents=True, exist_ok=True)
-    for index in range(COUNT):
+    for index in range(count):
         truth = labelme_truth(index, 0)
         image = render_image(np.where(truth == 0, 0, truth), index)
-        Image.fromarray(image).save(root / f"photo_{index:02d}.jpg", quality=95)
-        (root / f"photo_{index:02d}.json").write_text(json.dumps(labelme_document(index), indent=1))
+        Image.fromarray(image).save(root / f"{sample_id(index)}.jpg", quality=95)
+        (root / f"{sample_id(index)}.json").write_text(json.dumps(labelme_document(index), indent=1))
     Image.fromarray(render_image(labelme_truth(0, 0), 50)).save(root / "unlabelled.jpg")
     for index in range(2):
         Image.fromarray(render_image(labelme_truth(index, 0), 60 + index)).save(root / "test" / f"t_{index}.jpg")
@@ -137,32 +147,39 @@ def make_labelme(tmp_path: Path, labels_txt: bool = False) -> Path:
     return root
 
 
+def pet_id(index: int) -> str:
+    """``<breed>_<n>`` as the real files are named, breeds in turn."""
+    return sample_id(index, PET_BREEDS)
+
+
 def pet_trimap(index: int) -> np.ndarray:
-    """uint8 trimap: 2 background, 1 the pet (a disc), 3 its one-pixel border."""
-    inside = disc_inside(index)
-    trimap = np.full((HEIGHT, WIDTH), 2, np.uint8)
+    """uint8 trimap of image ``index`` (one of ``PET_SIZES``): 2 background, 1 the pet (a disc), 3 its
+    one-pixel border."""
+    shape = PET_SIZES[index % len(PET_SIZES)]
+    inside = disc_inside(index, shape)
+    trimap = np.full(shape, 2, np.uint8)
     trimap[inside] = 1
     trimap[_ring(inside)] = 3
     return trimap
 
 
-def make_pet(tmp_path: Path) -> Path:
+def make_pet(tmp_path: Path, count: int = COUNT) -> Path:
     """Oxford-IIIT Pet as downloaded: ``images/*.jpg`` (one greyscale, one CMYK), ``._*`` AppleDouble and
     ``.mat`` clutter, ``annotations/trimaps/*.png``, one trimap without its image; two ``test/`` images."""
     root = Path(tmp_path) / "pet"
     images, trimaps = root / "images", root / "annotations" / "trimaps"
     for folder in (images, trimaps, root / "test"):
         folder.mkdir(parents=True, exist_ok=True)
-    for index in range(COUNT):
+    for index in range(count):
         trimap = pet_trimap(index)
         image = Image.fromarray(render_image(np.where(trimap == 1, 2, 0).astype(np.uint8), index))
         if index == 1:
             image = image.convert("L")
         elif index == 2:
             image = image.convert("CMYK")
-        image.save(images / f"Abyssinian_{index + 1}.jpg", quality=95)
-        Image.fromarray(trimap, "L").save(trimaps / f"Abyssinian_{index + 1}.png")
-        (trimaps / f"._Abyssinian_{index + 1}.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+        image.save(images / f"{pet_id(index)}.jpg", quality=95)
+        Image.fromarray(trimap, "L").save(trimaps / f"{pet_id(index)}.png")
+        (trimaps / f"._{pet_id(index)}.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     (images / "._Abyssinian_1.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     (images / "Abyssinian_100.mat").write_bytes(b"MATLAB 5.0")
     Image.fromarray(pet_trimap(9), "L").save(trimaps / "Abyssinian_99.png")
