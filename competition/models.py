@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from competition.classic_models import CLASSIC_ARCHITECTURES
 from competition.errors import ConfigError
 
 ARCHITECTURES = {
@@ -17,6 +18,7 @@ ARCHITECTURES = {
     "FPN": smp.FPN,
     "Linknet": smp.Linknet,
     "DeepLabV3Plus": smp.DeepLabV3Plus,
+    **CLASSIC_ARCHITECTURES,  # own encoders: --encoder is ignored, no pretrained weights
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +30,7 @@ class ModelError(ConfigError):
 
 
 class SegmentationModel(nn.Module):
-    """uint8 (N, 3, H, W) images -> (N, 1, H, W) logits for any H, W.
+    """uint8 (N, 3, H, W) images -> (N, C, H, W) logits for any H, W (C: the network's output channels).
 
     Normalisation happens here, on the device, so loaders ship uint8 (a quarter of the bytes);
     the input is padded to a multiple of 32 (1918 -> 1920) and the logits cropped back.
@@ -129,23 +131,26 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
     encoder.load_state_dict(state)
 
 
-def build_model(arch: str, encoder: str, encoder_weights: str | None = "none") -> SegmentationModel:
-    """An smp ``arch`` on ``encoder`` with one output channel (logits).
+def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", classes: int = 1) -> SegmentationModel:
+    """An smp ``arch`` on ``encoder`` with ``classes`` output channels of logits (1: binary sigmoid, K: softmax).
 
     ``encoder_weights``: ``imagenet`` (downloaded, or taken from the local cache), ``none``, or
-    the path of a local encoder weights file.
+    the path of a local encoder weights file. SegNet and OriginalUnet have their own encoder: they
+    log that ``encoder`` and the weights are not used and train from scratch.
     """
     if arch not in ARCHITECTURES:
         raise ModelError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     weights = (encoder_weights or "none").strip()
-    local_file = weights.lower() not in ("imagenet", "none")
+    own_encoder = arch in CLASSIC_ARCHITECTURES
+    local_file = weights.lower() not in ("imagenet", "none") and not own_encoder
     try:
-        if weights.lower() == "imagenet":
+        if weights.lower() == "imagenet" and not own_encoder:
             with _offline_hub_when_unreachable():
                 hub_weights = True if encoder.startswith("tu-") else "imagenet"
-                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=1)
+                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=classes)
         else:
-            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, classes=1)
+            unused = weights if own_encoder and weights.lower() != "none" else None  # logged by the classic models
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=unused, classes=classes)
     except (KeyError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
             raise

@@ -22,7 +22,28 @@ def _onecycle(config, optimizer, total: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
 
 
-SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle}
+def step_factor(step: int, warmup_steps: int, decay_every: int, factor: float) -> float:
+    """Linear warm-up as for cosine, then ``factor`` ** (completed ``decay_every``-step periods).
+
+    Periods are counted from step 0, not from the warm-up's end, so the drops fall on epoch
+    boundaries (epoch 10, 20, ... for 10-epoch periods) whatever the warm-up; a warm-up longer than
+    a period warms up to the already-decayed rate.
+    """
+    decayed = factor ** (step // max(1, decay_every))
+    if step < warmup_steps:
+        return decayed * (step + 1) / warmup_steps
+    return decayed
+
+
+def _step(config, optimizer, total: int, steps_per_epoch: int):
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    every = config.step_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step_factor(step, warmup, every, config.step_factor)
+    )
+
+
+SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle, "step": _step}
 
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
