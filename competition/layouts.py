@@ -437,7 +437,7 @@ def _open_labelme(root, classes, ignore_index, tests) -> SegmentationData:
     beside = files_by_stem(folder)
     for path in sorted(folder.glob("*.json")):
         document = read_labelme_json(path)
-        image = folder / str(document.get("imagePath") or "")
+        image = folder / str(document.get("imagePath") or "").replace("\\", "/")  # labelme on Windows
         if not is_image_file(image):
             image = beside.get(path.stem)
         if image is None:
@@ -455,30 +455,29 @@ def _open_labelme(root, classes, ignore_index, tests) -> SegmentationData:
     index_of = {name: index for index, name in enumerate(names)}
     index_of.setdefault(LABELME_BACKGROUND, 0)
 
+    def class_of(label: str, path: Path) -> int:
+        if label == LABELME_IGNORE:
+            return ignore_index
+        if label not in index_of:
+            raise DataError(f"{path}: label {label!r} is not one of the classes {names}; add it or rename it")
+        return index_of[label]
+
     def read_json_mask(image_id: str, path: Path, shape) -> np.ndarray:
         document = read_labelme_json(path)
-        size = (
-            shape
-            or _labelme_size(image_id, path, document)
-            or _image_shape(images[image_id].read_bytes(), str(images[image_id]))
-        )
+        size = shape or _labelme_size(document) or _image_shape(images[image_id].read_bytes(), str(images[image_id]))
+        return rasterise_labelme(document, size, lambda label: class_of(label, path), str(path))
 
-        def class_of(label: str) -> int:
-            if label == LABELME_IGNORE:
-                return ignore_index
-            if label not in index_of:
-                raise DataError(f"{path}: label {label!r} is not one of the classes {names}; add it or rename it")
-            return index_of[label]
-
-        return rasterise_labelme(document, size, class_of, str(path))
-
-    def json_shape(image_id: str, path: Path):
-        return _labelme_size(image_id, path, read_labelme_json(path))
+    def json_shape(_image_id: str, path: Path):
+        """The JSON's stated size, its labels checked on the way (what check_sample can find without drawing)."""
+        document = read_labelme_json(path)
+        for item in document["shapes"]:
+            class_of(str(item.get("label", "")), path)
+        return _labelme_size(document)
 
     return SegmentationData(root, "labelme", names, ignore_index, images, documents, tests, read_json_mask, json_shape)
 
 
-def _labelme_size(_image_id: str, _path: Path, document: dict) -> tuple[int, int] | None:
+def _labelme_size(document: dict) -> tuple[int, int] | None:
     height, width = document.get("imageHeight"), document.get("imageWidth")
     return (int(height), int(width)) if height and width else None
 

@@ -22,6 +22,7 @@ from tests.layout_fixtures import (
     COUNT,
     FOLDER_CLASSES,
     HEIGHT,
+    PET_SIZES,
     WIDTH,
     class_mask,
     labelme_document,
@@ -29,7 +30,9 @@ from tests.layout_fixtures import (
     make_folders,
     make_labelme,
     make_pet,
+    pet_id,
     pet_trimap,
+    sample_id,
 )
 
 LOGGER = "competition.layouts"
@@ -40,35 +43,35 @@ def test_folders_read_class_indices_from_palette_and_greyscale_masks(tmp_path, p
     data = open_data(make_folders(tmp_path, palette=palette))
     assert isinstance(data, SegmentationData) and data.layout == "folders"
     assert data.classes == FOLDER_CLASSES and data.num_classes == 3 and data.ignore_index == 255
-    assert data.train_ids() == [f"img_{i:02d}" for i in range(COUNT)] and data.test_ids() == ["t_0", "t_1"]
-    mask = data.read_mask("img_00")
+    assert data.train_ids() == sorted(sample_id(i) for i in range(COUNT)) and data.test_ids() == ["t_0", "t_1"]
+    mask = data.read_mask(sample_id(0))
     assert mask.dtype == np.uint8 and mask.shape == (HEIGHT, WIDTH)
     # hand-checked: image 0's square spans rows 8..27, cols 8..35; its disc is centred on (42, 66), radius 12
     assert mask[8, 8] == 1 and mask[27, 35] == 1 and mask[7, 8] == 0 and mask[8, 36] == 0
     assert mask[42, 66] == 2 and mask[42, 54] == 2 and mask[42, 53] == 0 and mask[0, 0] == 0
     np.testing.assert_array_equal(mask, class_mask(0))
-    image, sample_mask = data.read_sample("img_03")
+    image, sample_mask = data.read_sample(sample_id(3))
     assert image.shape == (HEIGHT, WIDTH, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(sample_mask, class_mask(3))
     assert data.image_shape("t_1", "test") == (HEIGHT, WIDTH) and data.read_image("t_0", "test").shape[2] == 3
-    counts = data.class_pixel_counts("img_00")
+    counts = data.class_pixel_counts(sample_id(0))
     assert counts.dtype == np.int64 and counts.tolist() == [HEIGHT * WIDTH - 20 * 28 - 441, 20 * 28, 441]
     data.check_masks(data.train_ids())
-    data.check_sample("img_00")
+    data.check_sample(sample_id(0))
 
 
 def test_voc_names_keep_the_255_border_as_ignore(tmp_path):
     root = make_folders(tmp_path, voc=True)
     assert detect_layout(root) == "folders"
     data = open_data(root)
-    mask = data.read_mask("img_00")
+    mask = data.read_mask(sample_id(0))
     assert mask[7, 8] == 255 and mask[8, 7] == 255 and mask[28, 20] == 255 and mask[8, 8] == 1
     assert mask[7, 7] == 0  # the ring is 4-connected: the diagonal corner stays background
     ring = 2 * 20 + 2 * 28
-    counts = data.class_pixel_counts("img_00")
+    counts = data.class_pixel_counts(sample_id(0))
     assert counts.sum() == HEIGHT * WIDTH - ring and counts[1] == 20 * 28
     (root / "SegmentationClass").rename(root / "SegmentationClassPNG")
-    assert open_data(root).read_mask("img_00")[7, 8] == 255
+    assert open_data(root).read_mask(sample_id(0))[7, 8] == 255
 
 
 def test_folders_without_classes_file_count_the_classes_in_the_masks(tmp_path, caplog):
@@ -92,55 +95,55 @@ def test_classes_flag_overrides_classes_txt(tmp_path):
 
 def test_a_mask_value_outside_the_classes_names_file_values_and_classes(tmp_path):
     data = open_data(make_folders(tmp_path), classes="background,square")
-    with pytest.raises(DataError, match=r"img_00\.png: mask value\(s\) 2 .*\['background', 'square'\]"):
-        data.read_mask("img_00")
+    with pytest.raises(DataError, match=rf"{sample_id(0)}\.png: mask value\(s\) 2 .*\['background', 'square'\]"):
+        data.read_mask(sample_id(0))
     with pytest.raises(DataError, match="value"):
-        data.class_pixel_counts("img_00")
+        data.class_pixel_counts(sample_id(0))
 
 
 def test_a_colour_mask_is_refused(tmp_path):
     root = make_folders(tmp_path)
-    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(root / "masks" / "img_01.png")
+    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(root / "masks" / f"{sample_id(1)}.png")
     data = open_data(root)
-    with pytest.raises(DataError, match=r"img_01\.png: the mask is RGB; masks must hold class indices"):
-        data.read_mask("img_01")
+    with pytest.raises(DataError, match=rf"{sample_id(1)}\.png: the mask is RGB; masks must hold class indices"):
+        data.read_mask(sample_id(1))
 
 
 def test_sixteen_bit_masks_are_read_as_indices(tmp_path):
     root = make_folders(tmp_path)
-    Image.fromarray(class_mask(2).astype(np.uint16)).save(root / "masks" / "img_02.png")
-    np.testing.assert_array_equal(open_data(root).read_mask("img_02"), class_mask(2))
+    Image.fromarray(class_mask(2).astype(np.uint16)).save(root / "masks" / f"{sample_id(2)}.png")
+    np.testing.assert_array_equal(open_data(root).read_mask(sample_id(2)), class_mask(2))
 
 
 def test_a_mask_of_another_size_names_both_sizes(tmp_path):
     root = make_folders(tmp_path)
-    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "masks" / "img_04.png")
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "masks" / f"{sample_id(4)}.png")
     data = open_data(root)
     with pytest.raises(DataError, match="image is 96x64 but its mask .* is 48x32"):
-        data.check_sample("img_04")
+        data.check_sample(sample_id(4))
     with pytest.raises(DataError, match="image is 96x64 but its mask .* is 48x32"):
-        data.read_sample("img_04")
+        data.read_sample(sample_id(4))
 
 
 def test_duplicate_stems_and_orphan_masks_stop(tmp_path):
     root = make_folders(tmp_path)
-    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(root / "images" / "img_00.png")
-    with pytest.raises(DataError, match="img_00.jpg and img_00.png share the id"):
+    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(root / "images" / f"{sample_id(0)}.png")
+    with pytest.raises(DataError, match=f"{sample_id(0)}.jpg and {sample_id(0)}.png share the id"):
         open_data(root)
-    (root / "images" / "img_00.png").unlink()
-    (root / "images" / "img_05.jpg").unlink()
+    (root / "images" / f"{sample_id(0)}.png").unlink()
+    (root / "images" / f"{sample_id(5)}.jpg").unlink()
     with pytest.raises(DataError, match=r"1 mask\(s\) have no image"):
         open_data(root)
 
 
 def test_images_without_masks_are_not_training_images(tmp_path, caplog):
     root = make_folders(tmp_path)
-    (root / "masks" / "img_05.png").unlink()
+    (root / "masks" / f"{sample_id(5)}.png").unlink()
     with caplog.at_level(logging.INFO, logger=LOGGER):
         data = open_data(root)
     assert len(data.train_ids()) == COUNT - 1 and "1 image(s) without a mask" in caplog.text
     with pytest.raises(DataError, match="have no mask"):
-        data.check_masks(["img_05"])
+        data.check_masks([sample_id(5)])
 
 
 def test_test_images_from_another_folder(tmp_path):
@@ -161,30 +164,32 @@ def test_labelme_later_shapes_cover_earlier_and_ignore_shapes_are_ignored(tmp_pa
         data = open_data(root)
     assert "1 image(s) without a labelme JSON" in caplog.text and "classes from the labels" in caplog.text
     assert data.layout == "labelme" and data.classes == ["background", "cat", "dog"]
-    assert data.train_ids() == [f"photo_{i:02d}" for i in range(COUNT)] and data.test_ids() == ["t_0", "t_1"]
-    mask = data.read_mask("photo_00")
+    assert data.train_ids() == sorted(sample_id(i) for i in range(COUNT)) and data.test_ids() == ["t_0", "t_1"]
+    mask = data.read_mask(sample_id(0))
     # hand-checked: cat polygon rows 10..40 x cols 10..50, then dog rectangle rows 30..55 x cols 40..80 over
     # it, then __ignore__ rows 50..60 x cols 70..90 over the dog
     assert mask[5, 5] == 0 and mask[20, 20] == 1 and mask[10, 10] == 1 and mask[40, 50] == 2
     assert mask[35, 45] == 2 and mask[35, 30] == 1 and mask[45, 60] == 2 and mask[55, 75] == 255
     assert mask[58, 85] == 255 and mask[61, 85] == 0
     for index in range(COUNT):
-        np.testing.assert_array_equal(data.read_mask(f"photo_{index:02d}"), labelme_truth(index))
-    assert data.class_pixel_counts("photo_00").sum() == HEIGHT * WIDTH - 11 * 21
-    image, _ = data.read_sample("photo_01")
+        np.testing.assert_array_equal(data.read_mask(sample_id(index)), labelme_truth(index))
+    assert data.class_pixel_counts(sample_id(0)).sum() == HEIGHT * WIDTH - 11 * 21
+    image, _ = data.read_sample(sample_id(1))
     assert image.shape == (HEIGHT, WIDTH, 3)
-    data.check_sample("photo_01")
+    data.check_sample(sample_id(1))
 
 
 def test_labels_txt_orders_the_labelme_classes_and_classes_flag_overrides_it(tmp_path):
     root = make_labelme(tmp_path, labels_txt=True)
     data = open_data(root)
     assert data.classes == ["background", "dog", "cat"]
-    mask = data.read_mask("photo_00")
+    mask = data.read_mask(sample_id(0))
     assert mask[20, 20] == 2 and mask[35, 45] == 1 and mask[55, 75] == 255
-    assert open_data(root, classes="background,cat,dog").read_mask("photo_00")[20, 20] == 1
-    with pytest.raises(DataError, match=r"photo_00\.json: label 'dog' is not one of the classes"):
-        open_data(root, classes="background,cat").read_mask("photo_00")
+    assert open_data(root, classes="background,cat,dog").read_mask(sample_id(0))[20, 20] == 1
+    with pytest.raises(DataError, match=rf"{sample_id(0)}\.json: label 'dog' is not one of the classes"):
+        open_data(root, classes="background,cat").read_mask(sample_id(0))
+    with pytest.raises(DataError, match="label 'dog' is not one of the classes"):
+        open_data(root, classes="background,cat").check_sample(sample_id(0))  # found without drawing
     labels = tmp_path / "labels.txt"
     labels.write_text("__ignore__\n_background_\na\n\nb\n")
     assert read_labelme_labels(labels) == ["background", "a", "b"]
@@ -212,6 +217,18 @@ def test_labelme_other_shape_types_and_the_mask_shape(tmp_path):
         rasterise_labelme({"shapes": [{"label": "a", "points": [[0, 0], [1, 1]]}]}, (8, 8), lambda _: 1, "x.json")
 
 
+@pytest.mark.parametrize(
+    ("shape", "inside", "outside"),
+    [
+        ({"shape_type": "linestrip", "points": [[10, 10], [80, 10], [80, 50]]}, [(10, 40), (40, 80)], [(40, 60)]),
+        ({"shape_type": "rectangle", "points": [[60, 40], [20, 10]]}, [(10, 20), (40, 60)], [(41, 60), (9, 20)]),
+    ],
+)
+def test_labelme_linestrip_and_a_rectangle_drawn_from_its_far_corner(shape, inside, outside):
+    mask = rasterise_labelme({"shapes": [{"label": "a", **shape}]}, (HEIGHT, WIDTH), lambda _: 1, "x.json")
+    assert all(mask[r, c] == 1 for r, c in inside) and all(mask[r, c] == 0 for r, c in outside)
+
+
 def test_labelme_json_in_a_sub_folder(tmp_path):
     root = make_labelme(tmp_path)
     nested = tmp_path / "project"
@@ -220,7 +237,7 @@ def test_labelme_json_in_a_sub_folder(tmp_path):
     assert detect_layout(nested) == "labelme"
     assert len(open_data(nested).train_ids()) == COUNT
     document = labelme_document(0)
-    assert json.loads((nested / "annotated" / "photo_00.json").read_text())["shapes"] == document["shapes"]
+    assert json.loads((nested / "annotated" / f"{sample_id(0)}.json").read_text())["shapes"] == document["shapes"]
 
 
 @pytest.mark.parametrize("border, classes, value", [("ignore", ["background", "pet"], 255), ("class", None, 2)])
@@ -231,30 +248,31 @@ def test_pet_trimaps_both_border_rules(tmp_path, caplog, border, classes, value)
         data = open_data(root, pet_border=border)
     assert "1 image(s) or trimap(s) without their pair" in caplog.text
     assert data.classes == (classes or ["background", "pet", "border"])
-    assert data.train_ids() == [f"Abyssinian_{i}" for i in range(1, COUNT + 1)]  # no ._*, .mat, lone trimap
-    mask = data.read_mask("Abyssinian_1")
+    assert data.train_ids() == sorted(pet_id(i) for i in range(COUNT))  # no ._*, .mat, lone trimap
+    mask = data.read_mask(pet_id(0))
     # hand-checked: pet disc centred on (42, 66), radius 12; its 4-connected border one pixel outside
     assert mask[0, 0] == 0 and mask[42, 66] == 1 and mask[42, 54] == 1 and mask[42, 53] == value
     assert mask[30, 66] == 1 and mask[29, 66] == value and mask[28, 66] == 0
     trimap = pet_trimap(0)
     np.testing.assert_array_equal(mask == 0, trimap == 2)
     np.testing.assert_array_equal(mask == value, trimap == 3)
-    for image_id in ("Abyssinian_2", "Abyssinian_3"):  # greyscale and CMYK files
-        image = data.read_image(image_id)
-        assert image.shape == (HEIGHT, WIDTH, 3) and image.dtype == np.uint8
-    counts = data.class_pixel_counts("Abyssinian_1")
+    for index in (1, 2):  # greyscale and CMYK files, in the other two sizes
+        image, sample_mask = data.read_sample(pet_id(index))
+        assert image.shape == (*PET_SIZES[index], 3) and image.dtype == np.uint8
+        assert sample_mask.shape == PET_SIZES[index] and (sample_mask == 1).sum() == (pet_trimap(index) == 1).sum()
+    counts = data.class_pixel_counts(pet_id(0))
     assert len(counts) == data.num_classes and counts[1] == (trimap == 1).sum()
 
 
 def test_pet_custom_ignore_index_and_class_count(tmp_path):
     root = make_pet(tmp_path)
     data = open_data(root, ignore_index=200)
-    assert data.read_mask("Abyssinian_1")[29, 66] == 200
+    assert data.read_mask(pet_id(0))[29, 66] == 200
     with pytest.raises(DataError, match="has 2 classes"):
         open_data(root, classes="a,b,c")
-    Image.fromarray(np.full((HEIGHT, WIDTH), 7, np.uint8)).save(root / "annotations" / "trimaps" / "Abyssinian_2.png")
-    with pytest.raises(DataError, match=r"Abyssinian_2\.png: trimap value\(s\) \[7\]"):
-        data.read_mask("Abyssinian_2")
+    Image.fromarray(np.full((HEIGHT, WIDTH), 7, np.uint8)).save(root / "annotations" / "trimaps" / f"{pet_id(1)}.png")
+    with pytest.raises(DataError, match=rf"{pet_id(1)}\.png: trimap value\(s\) \[7\]"):
+        data.read_mask(pet_id(1))
 
 
 def test_detect_layout_for_each_and_none(tmp_path, data_dir):
@@ -281,6 +299,11 @@ def test_every_layout_opens(tmp_path, data_dir):
             data = open_data(data_dir, layout)
             assert isinstance(data, CarvanaData) and data.layout == "carvana"
             assert data.classes == ["background", "car"] and data.num_classes == 2 and data.ignore_index is None
+            image_id = data.train_ids()[0]
+            counts = data.class_pixel_counts(image_id)
+            assert (
+                counts.dtype == np.int64 and counts.tolist() == np.bincount(data.read_mask(image_id).ravel()).tolist()
+            )
         else:
             data = open_data(roots[layout], layout)
             assert data.layout == layout and len(data.train_ids()) == COUNT
