@@ -62,11 +62,9 @@ def _ring(inside: np.ndarray) -> np.ndarray:
 
 
 def save_mask(mask: np.ndarray, path: Path, palette: bool) -> None:
-    image = Image.fromarray(mask, "L")
+    """Class indices as a palette PNG (VOC's way) or a greyscale one; the pixel values are the indices either way."""
+    image = Image.fromarray(mask, "P" if palette else "L")
     if palette:
-        image = image.convert("P")
-        image.putpalette(PALETTE)
-        image = Image.fromarray(mask, "P")
         image.putpalette(PALETTE)
     image.save(path)
 
