@@ -103,7 +103,10 @@ def decode_index_mask(path: Path) -> np.ndarray:
 
 def check_mask_values(values: np.ndarray, source: str, classes: list[str], ignore_index: int) -> np.ndarray:
     """Class indices -> uint8 mask; a value that is neither a class nor the ignore index stops."""
-    present = np.unique(values)
+    if values.dtype == np.uint8:  # a histogram is several times faster than np.unique on a whole mask
+        present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+    else:
+        present = np.unique(values)
     bad = [int(v) for v in present if not (0 <= v < len(classes)) and v != ignore_index]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
@@ -338,6 +341,14 @@ class SegmentationData:
         return np.bincount(kept.ravel(), minlength=self.num_classes).astype(np.int64)
 
 
+# The mask readers are module-level functions and small classes, not closures: the data object travels
+# to spawned processes (inference shards, DataLoader workers on macOS and Windows) by pickling.
+
+
+def _read_index_mask(_image_id: str, path: Path, _shape) -> np.ndarray:
+    return decode_index_mask(path)
+
+
 def _mask_header_shape(_image_id: str, path: Path) -> tuple[int, int]:
     return _image_shape(path.read_bytes(), str(path), "mask")
 
@@ -393,8 +404,23 @@ def _open_folders(root, classes, ignore_index, tests) -> SegmentationData:
         )
     return SegmentationData(
         root, "folders", names, ignore_index, images, masks, tests,
-        lambda _id, path, _shape: decode_index_mask(path), _mask_header_shape,
+        _read_index_mask, _mask_header_shape,
     )  # fmt: skip
+
+
+class _PetTrimaps:
+    """Trimap values -> class indices through ``lookup`` (-1: a value no trimap holds)."""
+
+    def __init__(self, lookup: np.ndarray):
+        self.lookup = lookup
+
+    def __call__(self, _image_id: str, path: Path, _shape) -> np.ndarray:
+        values = decode_index_mask(path)
+        mapped = self.lookup[np.clip(values, 0, 255)]
+        bad = sorted({int(v) for v in np.unique(values[mapped < 0])})
+        if bad:
+            raise DataError(f"{path}: trimap value(s) {bad} are not 1 (pet), 2 (background) or 3 (border)")
+        return mapped
 
 
 def _open_pet(root, classes, ignore_index, pet_border, tests) -> SegmentationData:
@@ -417,15 +443,35 @@ def _open_pet(root, classes, ignore_index, pet_border, tests) -> SegmentationDat
     lookup[PET_TRIMAP_PET] = 1
     lookup[PET_TRIMAP_BORDER] = 2 if pet_border == "class" else ignore_index
 
-    def read_trimap(_id: str, path: Path, _shape) -> np.ndarray:
-        values = decode_index_mask(path)
-        mapped = lookup[np.clip(values, 0, 255)]
-        bad = sorted({int(v) for v in np.unique(values[mapped < 0])})
-        if bad:
-            raise DataError(f"{path}: trimap value(s) {bad} are not 1 (pet), 2 (background) or 3 (border)")
-        return mapped
-
+    read_trimap = _PetTrimaps(lookup)
     return SegmentationData(root, "pet", names, ignore_index, images, trimaps, tests, read_trimap, _mask_header_shape)
+
+
+class _LabelmeMasks:
+    """labelme JSON files drawn as class indices: labels looked up in the classes, ``__ignore__`` -> ignore."""
+
+    def __init__(self, names: list[str], index_of: dict[str, int], ignore_index: int, images: dict[str, Path]):
+        self.names, self.index_of, self.ignore_index, self.images = names, index_of, ignore_index, images
+
+    def class_of(self, label: str, path: Path) -> int:
+        if label == LABELME_IGNORE:
+            return self.ignore_index
+        if label not in self.index_of:
+            raise DataError(f"{path}: label {label!r} is not one of the classes {self.names}; add it or rename it")
+        return self.index_of[label]
+
+    def read(self, image_id: str, path: Path, shape) -> np.ndarray:
+        document = read_labelme_json(path)
+        image = self.images[image_id]
+        size = shape or _labelme_size(document) or _image_shape(image.read_bytes(), str(image))
+        return rasterise_labelme(document, size, lambda label: self.class_of(label, path), str(path))
+
+    def shape(self, _image_id: str, path: Path) -> tuple[int, int] | None:
+        """The JSON's stated size, its labels checked on the way (what check_sample can find without drawing)."""
+        document = read_labelme_json(path)
+        for item in document["shapes"]:
+            self.class_of(str(item.get("label", "")), path)
+        return _labelme_size(document)
 
 
 def _open_labelme(root, classes, ignore_index, tests) -> SegmentationData:
@@ -455,26 +501,8 @@ def _open_labelme(root, classes, ignore_index, tests) -> SegmentationData:
     index_of = {name: index for index, name in enumerate(names)}
     index_of.setdefault(LABELME_BACKGROUND, 0)
 
-    def class_of(label: str, path: Path) -> int:
-        if label == LABELME_IGNORE:
-            return ignore_index
-        if label not in index_of:
-            raise DataError(f"{path}: label {label!r} is not one of the classes {names}; add it or rename it")
-        return index_of[label]
-
-    def read_json_mask(image_id: str, path: Path, shape) -> np.ndarray:
-        document = read_labelme_json(path)
-        size = shape or _labelme_size(document) or _image_shape(images[image_id].read_bytes(), str(images[image_id]))
-        return rasterise_labelme(document, size, lambda label: class_of(label, path), str(path))
-
-    def json_shape(_image_id: str, path: Path):
-        """The JSON's stated size, its labels checked on the way (what check_sample can find without drawing)."""
-        document = read_labelme_json(path)
-        for item in document["shapes"]:
-            class_of(str(item.get("label", "")), path)
-        return _labelme_size(document)
-
-    return SegmentationData(root, "labelme", names, ignore_index, images, documents, tests, read_json_mask, json_shape)
+    masks = _LabelmeMasks(names, index_of, ignore_index, images)
+    return SegmentationData(root, "labelme", names, ignore_index, images, documents, tests, masks.read, masks.shape)
 
 
 def _labelme_size(document: dict) -> tuple[int, int] | None:

@@ -315,3 +315,14 @@ def test_every_layout_opens(tmp_path, data_dir):
         open_data(roots["pet"], ignore_index=300)
     with pytest.raises(DataError, match="it is a class"):
         open_data(roots["pet"], ignore_index=1)
+
+
+def test_each_layout_survives_pickling_for_spawned_workers(tmp_path):
+    import pickle
+
+    for root in (make_folders(tmp_path), make_labelme(tmp_path), make_pet(tmp_path)):
+        data = open_data(root)
+        copy = pickle.loads(pickle.dumps(data))
+        image_id = data.train_ids()[0]
+        np.testing.assert_array_equal(copy.read_mask(image_id), data.read_mask(image_id))
+        copy.check_sample(image_id)
