@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from competition.data import CarvanaData, _decode_jpeg, _decoding, _image_shape
 from competition.errors import DataError
@@ -238,6 +238,16 @@ def detect_layout(root: str | Path) -> str:
     raise DataError(f"{root}: no known data layout; expected one of {_layout_help()}; or pass --layout")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _read_upright(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image turned as its EXIF orientation says: labelme shows and annotates phone photos that way."""
+    with _decoding(str(path)), Image.open(path) as image:
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    return np.asarray(rgb), (rgb.height, rgb.width)
+
+
 class SegmentationData:
     """A data set of images and class-index masks in one of the non-Carvana layouts.
 
@@ -294,10 +304,16 @@ class SegmentationData:
 
     def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None):
         path = self._path(image_id, split)
+        if self.layout == "labelme":
+            return _read_upright(path)
         return _decode_jpeg(path.read_bytes(), str(path), reduce_to)  # any format; JPEGs decode at reduced scale
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
         path = self._path(image_id, split)
+        if self.layout == "labelme":
+            with _decoding(str(path)), Image.open(path) as image:
+                turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                return (image.width, image.height) if turned else (image.height, image.width)
         return _image_shape(path.read_bytes(), str(path))
 
     def check_masks(self, image_ids: list[str]) -> None:

@@ -326,3 +326,18 @@ def test_each_layout_survives_pickling_for_spawned_workers(tmp_path):
         image_id = data.train_ids()[0]
         np.testing.assert_array_equal(copy.read_mask(image_id), data.read_mask(image_id))
         copy.check_sample(image_id)
+
+
+def test_labelme_photos_are_turned_by_their_exif_orientation(tmp_path):
+    root = make_labelme(tmp_path)
+    upright = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    upright[:10] = 255  # a white band along the top of the picture as labelme shows it
+    stored = Image.fromarray(np.rot90(upright, 1).copy())  # the camera stored it turned: EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(root / f"{sample_id(0)}.jpg", exif=exif, quality=95)
+    data = open_data(root)
+    image, mask = data.read_sample(sample_id(0))
+    assert mask.shape == (HEIGHT, WIDTH) and data.image_shape(sample_id(0)) == (HEIGHT, WIDTH)
+    assert image[:8].mean() > 200 and image[12:].mean() < 50
+    data.check_sample(sample_id(0))
