@@ -137,3 +137,58 @@ def test_make_folds_out_as_a_folder_is_one_line(data_dir, tmp_path):
     result = run_make_folds("--data-dir", str(data_dir), "--out", str(tmp_path))
     assert result.returncode == 2 and "is a folder; name the folds file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PINNED_CARVANA = (
+    "img,car_id,fold\ncar00_01.jpg,car00,0\ncar00_02.jpg,car00,0\ncar01_01.jpg,car01,1\ncar01_02.jpg,car01,1\n"
+    "car02_01.jpg,car02,1\ncar02_02.jpg,car02,1\ncar03_01.jpg,car03,0\ncar03_02.jpg,car03,0\ncar04_01.jpg,car04,0\n"
+    "car04_02.jpg,car04,0\ncar05_01.jpg,car05,2\ncar05_02.jpg,car05,2\ncar06_01.jpg,car06,2\ncar06_02.jpg,car06,2\n"
+)
+
+
+def test_carvana_folds_byte_for_byte_as_before_the_group_work():
+    ids = [f"car{car:02d}_{view:02d}" for car in range(7) for view in (1, 2)]
+    assert assign_folds(ids, 3, 42).to_csv(index=False) == PINNED_CARVANA
+
+
+def test_group_regex_errors_name_the_id_and_the_regex():
+    from competition.folds import group_of_images
+
+    assert group_of_images(["Abyssinian_12", "beagle_3"], r"^(.+)_\d+$") == {
+        "Abyssinian_12": "Abyssinian",
+        "beagle_3": "beagle",
+    }
+    assert group_of_images(["a", "b"]) == {"a": "a", "b": "b"}
+    with pytest.raises(ConfigError, match="no capture group"):
+        group_of_images(["a_1"], r"_\d+$")
+    with pytest.raises(ConfigError, match="'oddname'.*|.*oddname"):
+        group_of_images(["a_1", "oddname"], r"^(.+)_\d+$")
+
+
+def test_rarest_class_label_and_merging():
+    import numpy as np
+
+    from competition.folds import group_class_labels, merge_rare_labels
+
+    presence = {"a_1": np.array([1, 1, 0], bool), "a_2": np.array([1, 0, 1], bool), "b_1": np.array([1, 1, 0], bool)}
+    labels = group_class_labels({"a_1": "a", "a_2": "a", "b_1": "b"}, presence)
+    assert labels == {"a": "2", "b": "1"}  # class 2 is in one image, class 1 in two
+    assert merge_rare_labels({"x": "1", "y": "1", "z": "2"}, 2) == {"x": "1", "y": "1", "z": "1"}
+    assert merge_rare_labels({"x": "1", "y": "2", "z": "3", "w": "4"}, 2) == dict.fromkeys("xyzw", "merged")
+
+
+def test_every_fold_gets_the_rare_class_and_groups_never_cross():
+    import numpy as np
+
+    from competition.folds import assign_group_folds
+
+    ids = [f"g{group:02d}_{view}" for group in range(30) for view in range(3)]
+    presence = {
+        image_id: np.array([1, 1, image_id.startswith(("g00", "g07", "g13", "g21", "g28"))], bool) for image_id in ids
+    }
+    for seed in range(5):
+        folds = assign_group_folds(ids, 5, seed, r"^(.+)_\d+$", presence)
+        assert (folds.groupby("group")["fold"].nunique() == 1).all()
+        rare_folds = {fold for img, fold in zip(folds["img"], folds["fold"]) if presence[img][2]}
+        assert rare_folds == set(range(5))
+        pd.testing.assert_frame_equal(folds, assign_group_folds(list(reversed(ids)), 5, seed, r"^(.+)_\d+$", presence))
