@@ -81,7 +81,8 @@ def test_make_folds_stratified_by_make(data_dir, tmp_path):
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1]
     folds = read_folds(tmp_path / "a.csv")
-    assert list(folds.columns) == ["img", "car_id", "fold"]
+    assert (tmp_path / "a.csv").read_text().splitlines()[0] == "img,car_id,fold"
+    assert list(folds.columns) == ["img", "car_id", "fold", "group", "image_id"]
     fold_of_car = folds.groupby("car_id")["fold"].unique()
     assert (fold_of_car.map(len) == 1).all()  # every car in exactly one fold
     fold_of_car = fold_of_car.map(lambda values: int(values[0])).to_dict()
@@ -192,3 +193,18 @@ def test_every_fold_gets_the_rare_class_and_groups_never_cross():
         rare_folds = {fold for img, fold in zip(folds["img"], folds["fold"]) if presence[img][2]}
         assert rare_folds == set(range(5))
         pd.testing.assert_frame_equal(folds, assign_group_folds(list(reversed(ids)), 5, seed, r"^(.+)_\d+$", presence))
+
+
+def test_make_folds_on_pet_groups_by_breed_and_reads_back(tmp_path):
+    from tests.layout_fixtures import make_pet
+
+    out = tmp_path / "folds.csv"
+    result = run_make_folds(
+        "--data-dir", str(make_pet(tmp_path)), "--n-folds", "2", "--group-regex", r"^(.+)_\d+$", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    folds = read_folds(out)
+    assert list(folds.columns[:3]) == ["img", "group", "fold"] and set(folds["group"]) == {"Abyssinian", "beagle"}
+    assert (folds["image_id"] == folds["img"]).all() and "pet" in result.stdout + result.stderr
+    bad = run_make_folds("--data-dir", str(tmp_path / "pet"), "--group-regex", r"_\d+$", "--out", str(out))
+    assert bad.returncode == 2 and "no capture group" in bad.stderr and "Traceback" not in bad.stderr
