@@ -1,12 +1,20 @@
 """A synthetic data set in the exact Carvana format: studio photos of cars on a turntable, 16 views each.
 
     python -m competition.synthetic --out input/ --cars 24 --test-cars 8 --width 1918 --height 1280 --seed 0 [--zip]
+    python -m competition.synthetic --parts --out input-parts/   # multi-class: 8 + 2 cars at 240x160
+
 
 Each car is a 3-D body (an extruded side profile that narrows towards the roof, wheels,
 mirrors, sometimes an antenna) rendered in perspective from 16 evenly spaced yaw angles in
 a studio scene (wall gradient, floor, turntable, soft shadow), then blurred, lit with
 jitter, noised and JPEG-compressed. The mask is the union of the same polygons, so it is
 exact. The real data is under Kaggle's licence; this lets every command and test run.
+
+With ``--parts`` the same cars (same seed, same images) are labelled by part in the image/mask-folder
+layout: ``images/``, ``masks/`` (palette PNGs of class indices), ``classes.txt``, ``test/`` and
+``test_masks/``. Classes: background, body, glass, wheels, lights (head- and tail-lamps, a small class).
+A part drawn later paints over earlier ones, so each pixel holds the part the camera sees; the union
+of the parts is the Carvana mask, pixel for pixel.
 """
 
 import argparse
@@ -27,6 +35,15 @@ from competition.files import atomic_output, partial_path
 from competition.rle import rle_encode
 
 VIEWS = 16
+PARTS = ("background", "body", "glass", "wheels", "lights")  # index = mask value
+BODY, GLASS, WHEELS, LIGHTS = 1, 2, 3, 4
+PART_PALETTE = (  # RGB per class index, for viewers of the palette PNGs
+    (0, 0, 0),  # background: black
+    (200, 60, 50),  # body: red
+    (70, 150, 230),  # glass: blue
+    (90, 190, 80),  # wheels: green
+    (250, 210, 40),  # lights: yellow
+)
 _SUBPIXEL = 4  # cv2 polygon coordinates carry 4 fractional bits
 _COLOURS = {  # name -> RGB; white, silver and black, and a grey close to the studio wall
     "white": (236, 236, 234),
@@ -169,21 +186,21 @@ def _fixed(points: np.ndarray) -> np.ndarray:
 
 
 class _Canvas:
-    """Draws each car part into the image and the same pixels into the mask."""
+    """Draws each car part into the image and the same pixels into the mask: 1 for every part
+    (Carvana's car mask), or the part's class index when ``parts``."""
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray):
-        self.image, self.mask = image, mask
+    def __init__(self, image: np.ndarray, mask: np.ndarray, parts: bool = False):
+        self.image, self.mask, self.parts = image, mask, parts
 
-    def polygon(self, points: np.ndarray, colour, in_mask: bool = True) -> None:
+    def polygon(self, points: np.ndarray, colour, part: int = BODY) -> None:
         fixed = [_fixed(points)]
         cv2.fillPoly(self.image, fixed, tuple(float(c) for c in colour), cv2.LINE_8, _SUBPIXEL)
-        if in_mask:
-            cv2.fillPoly(self.mask, fixed, 1, cv2.LINE_8, _SUBPIXEL)
+        cv2.fillPoly(self.mask, fixed, part if self.parts else 1, cv2.LINE_8, _SUBPIXEL)
 
-    def line(self, start: np.ndarray, end: np.ndarray, colour, thickness: int) -> None:
+    def line(self, start: np.ndarray, end: np.ndarray, colour, thickness: int, part: int = BODY) -> None:
         a, b = tuple(int(v) for v in _fixed(start)), tuple(int(v) for v in _fixed(end))
         cv2.line(self.image, a, b, tuple(float(c) for c in colour), thickness, cv2.LINE_8, _SUBPIXEL)
-        cv2.line(self.mask, a, b, 1, thickness, cv2.LINE_8, _SUBPIXEL)
+        cv2.line(self.mask, a, b, part if self.parts else 1, thickness, cv2.LINE_8, _SUBPIXEL)
 
 
 def _studio(width: int, height: int, rng: np.random.Generator, camera: _Camera) -> np.ndarray:
@@ -222,9 +239,16 @@ def _shaded(colour: np.ndarray, normal: np.ndarray, light: np.ndarray, gloss: fl
 
 
 def render(
-    car: Car, yaw: float, width: int, height: int, rng: np.random.Generator, studio_seed: int = 0
+    car: Car,
+    yaw: float,
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    studio_seed: int = 0,
+    parts: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One studio photo (RGB uint8) of ``car`` turned by ``yaw``, and its exact 0/1 mask.
+    """One studio photo (RGB uint8) of ``car`` turned by ``yaw``, and its exact 0/1 mask
+    (with ``parts``: the class index of ``PARTS`` the camera sees at each pixel; same photo).
 
     ``studio_seed`` fixes the studio and camera, the same for all views of a car; ``rng``
     draws what changes from shot to shot (exposure, noise).
@@ -234,7 +258,7 @@ def render(
     image = _studio(width, height, studio, camera)
     _shadow(image, car, camera)
     mask = np.zeros((height, width), dtype=np.uint8)
-    canvas = _Canvas(image, mask)
+    canvas = _Canvas(image, mask, parts)
     light = np.array([0.3, -0.6, 0.75])
     light /= np.linalg.norm(light)
     view = np.array([0.0, -camera.cos_el, camera.sin_el])  # towards the camera, in turned coordinates
@@ -253,7 +277,7 @@ def render(
                         car.wheel_radius + radius * np.sin(angles),
                     ]
                 )
-                canvas.polygon(camera.project(circle), colour)
+                canvas.polygon(camera.project(circle), colour, WHEELS)
 
     near_side = 1 if camera.turn(np.array([0.0, 1.0, 0.0]))[1] < 0 else -1
     wheels(-near_side)
@@ -275,7 +299,11 @@ def render(
         if normal @ view <= 0:
             continue
         colour = glass_colour if kind == "glass" else car.colour
-        canvas.polygon(camera.project(points), _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25))
+        canvas.polygon(
+            camera.project(points),
+            _shaded(colour, normal, light, 0.5 if kind == "glass" else 0.25),
+            GLASS if kind == "glass" else BODY,
+        )
         if kind in ("front", "rear"):
             _lamps(canvas, camera, car, detail, (236, 236, 226) if kind == "front" else (175, 22, 24))
         if kind == "side":
@@ -284,9 +312,9 @@ def render(
                 [car.window[:, 0], np.full(len(car.window), side * 0.99 * car.half_width.min()), car.window[:, 1]]
             )
             window_2d = camera.project(window)
-            canvas.polygon(window_2d, _shaded(glass_colour, normal, light, 0.6))
-            streak = window_2d[[0, 1]] * 0.5 + window_2d[[3, 2]] * 0.5
-            canvas.line(streak[0], streak[1], np.minimum(glass_colour + 90, 255), max(1, width // 600))
+            canvas.polygon(window_2d, _shaded(glass_colour, normal, light, 0.6), GLASS)
+            streak = window_2d[[0, 1]] * 0.5 + window_2d[[3, 2]] * 0.5  # a reflection on the glass
+            canvas.line(streak[0], streak[1], np.minimum(glass_colour + 90, 255), max(1, width // 600), GLASS)
     wheels(near_side)
     if car.mirror:
         base_x, base_z = car.window[0]
@@ -319,7 +347,7 @@ def _lamps(canvas: _Canvas, camera: _Camera, car: Car, edge: int, colour) -> Non
         lamp = np.array(
             [[x, inner, top - 0.05], [x, outer, top - 0.05], [x, outer, top - 0.17], [x, inner, top - 0.17]]
         )
-        canvas.polygon(camera.project(lamp), colour)
+        canvas.polygon(camera.project(lamp), colour, LIGHTS)
 
 
 def _photograph(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -345,15 +373,25 @@ def encode_gif(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def render_car(car_seed: int, width: int, height: int) -> list[tuple[bytes, np.ndarray]]:
-    """The 16 views of one car: (JPEG bytes, mask) each. Deterministic for ``car_seed``."""
+def encode_parts_png(mask: np.ndarray) -> bytes:
+    """A palette PNG of class indices (mode 'P'), coloured by ``PART_PALETTE``."""
+    png = Image.fromarray(mask.astype(np.uint8), mode="P")
+    png.putpalette([value for colour in PART_PALETTE for value in colour])
+    buffer = io.BytesIO()
+    png.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render_car(car_seed: int, width: int, height: int, parts: bool = False) -> list[tuple[bytes, np.ndarray]]:
+    """The 16 views of one car: (JPEG bytes, mask) each. Deterministic for ``car_seed``; ``parts``
+    changes the masks' values only (class indices), never the images."""
     rng = np.random.default_rng(car_seed)
     car = make_car(rng)
     start = rng.uniform(0, 2 * np.pi / VIEWS)
     studio_seed = int(rng.integers(2**31))
     views = []
     for view in range(VIEWS):
-        image, mask = render(car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed)
+        image, mask = render(car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed, parts)
         views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask))
     return views
 
@@ -404,6 +442,18 @@ def contact_sheet(views: list[tuple[bytes, np.ndarray]], path: Path, columns: in
         Image.fromarray(np.vstack(rows)).save(partial, format="PNG")
 
 
+def _car_seeds_and_ids(count: int, seed: int) -> tuple[np.ndarray, np.random.Generator, list[str]]:
+    """Each car's render seed, the naming generator (also used for metadata), and unique 12-hex car ids."""
+    seeds = np.random.SeedSequence(seed).generate_state(count + 1)
+    naming = np.random.default_rng(seeds[-1])
+    car_ids = []
+    while len(car_ids) < count:
+        car_id = naming.bytes(6).hex()
+        if car_id not in car_ids:
+            car_ids.append(car_id)
+    return seeds[:-1], naming, car_ids
+
+
 def generate(
     out: str | Path,
     cars: int = 24,
@@ -420,17 +470,11 @@ def generate(
     for stale in ("train", "train_masks", "test"):
         shutil.rmtree(out / stale, ignore_errors=True)
         (out / f"{stale}.zip").unlink(missing_ok=True)
-    seeds = np.random.SeedSequence(seed).generate_state(cars + test_cars + 1)
-    naming = np.random.default_rng(seeds[-1])
-    car_ids = []
-    while len(car_ids) < cars + test_cars:
-        car_id = naming.bytes(6).hex()
-        if car_id not in car_ids:
-            car_ids.append(car_id)
+    seeds, naming, car_ids = _car_seeds_and_ids(cars + test_cars, seed)
     writer = _Writer(out, as_zip)
     train_rows, test_rows, metadata = [], [], []
     renders = Parallel(n_jobs=jobs, return_as="generator")(
-        delayed(render_car)(int(car_seed), width, height) for car_seed in seeds[:-1]
+        delayed(render_car)(int(car_seed), width, height) for car_seed in seeds
     )
     for index, (car_id, views) in enumerate(zip(car_ids, renders)):
         is_test = index >= cars
@@ -454,19 +498,70 @@ def generate(
     return out
 
 
+def generate_parts(
+    out: str | Path,
+    cars: int = 8,
+    test_cars: int = 2,
+    width: int = 240,
+    height: int = 160,
+    seed: int = 0,
+    jobs: int = -1,
+) -> Path:
+    """Write the cars of ``generate`` (same seed: same ids and images) labelled by part, in the
+    image/mask-folder layout, under ``out``; returns ``out``. Replaces the layout's folders as
+    ``generate`` replaces Carvana's."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("images", "masks", "test", "test_masks"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    seeds, _, car_ids = _car_seeds_and_ids(cars + test_cars, seed)
+    writer = _Writer(out, as_zip=False)
+    renders = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(render_car)(int(car_seed), width, height, parts=True) for car_seed in seeds
+    )
+    for index, (car_id, views) in enumerate(zip(car_ids, renders)):
+        images, masks = ("test", "test_masks") if index >= cars else ("images", "masks")
+        for view, (jpeg, mask) in enumerate(views, start=1):
+            name = f"{car_id}_{view:02d}"
+            writer.file(images, f"{name}.jpg", jpeg)
+            writer.file(masks, f"{name}.png", encode_parts_png(mask))
+    with atomic_output(out / "classes.txt") as partial:
+        partial.write_text("".join(f"{name}\n" for name in PARTS))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
-    parser.add_argument("--cars", type=int, default=24, help="training cars, 16 images each")
-    parser.add_argument("--test-cars", type=int, default=8, help="test cars, 16 images each")
-    parser.add_argument("--width", type=int, default=1918)
-    parser.add_argument("--height", type=int, default=1280)
+    parser.add_argument("--out", help="data folder to write (default: input/; --parts: input-parts/)")
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="multi-class: label the cars by part (" + ", ".join(PARTS) + ") in the images/ + masks/ layout, "
+        "with small defaults (8 + 2 cars at 240x160) for a CPU demo",
+    )
+    parser.add_argument("--cars", type=int, help="training cars, 16 images each (default: 24; --parts: 8)")
+    parser.add_argument("--test-cars", type=int, help="test cars, 16 images each (default: 8; --parts: 2)")
+    parser.add_argument("--width", type=int, help="default: 1918; --parts: 240")
+    parser.add_argument("--height", type=int, help="default: 1280; --parts: 160")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zip", action="store_true", help="write the competition's zip archives instead of folders")
     parser.add_argument("--jobs", type=int, default=-1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    defaults = ("input-parts", 8, 2, 240, 160) if args.parts else ("input", 24, 8, 1918, 1280)
+    for name, default in zip(("out", "cars", "test_cars", "width", "height"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.parts and args.zip:
+        parser.error("--zip writes Carvana's archives; the --parts layout is folders only (drop --zip)")
     if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
         parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
+    if args.parts:
+        out = generate_parts(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.jobs)
+        print(
+            f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images ({args.width}x{args.height}) "
+            f"with part masks ({', '.join(PARTS)}) to {out}/"
+        )
+        return
     out = generate(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.zip, args.jobs)
     print(
         f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images "
