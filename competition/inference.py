@@ -86,12 +86,26 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def output_channels(config: TrainConfig) -> int:
+    """The model's output channels: 1 (sigmoid) for two classes or Carvana, K (softmax) for K > 2 classes."""
+    classes = getattr(config, "classes", "")
+    names = [name for name in classes.split(",") if name] if isinstance(classes, str) else list(classes or [])
+    return len(names) if len(names) > 2 else 1
+
+
+def class_names(config: TrainConfig) -> tuple[str, ...]:
+    classes = getattr(config, "classes", "")
+    names = [name for name in classes.split(",") if name] if isinstance(classes, str) else list(classes or [])
+    return tuple(names) or ("background", "car")
+
+
 def load_member(path: str | Path, device: torch.device, compile: bool = False) -> Member:
     """A model rebuilt from its checkpoint alone (``weights_only``: an untrusted file cannot run code),
     on ``device`` in the memory format it was trained in, compiled with ``compile``."""
     checkpoint = load_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
-    model = build_model(config.arch, config.encoder, "none")
+    channels = output_channels(config)
+    model = build_model(config.arch, config.encoder, "none", **({"classes": channels} if channels > 1 else {}))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -110,6 +124,12 @@ class Ensemble:
     def __init__(self, members: list[Member], tta: tuple[str, ...] = (), precision: str = "fp32"):
         if not members:
             raise CheckpointError("no checkpoints to predict with")
+        classes = {class_names(member.config) for member in members}
+        if len(classes) > 1:
+            raise CheckpointError(
+                f"the checkpoints were trained on different classes: {sorted(map(','.join, classes))}; "
+                "ensemble only checkpoints of the same classes"
+            )
         self.members, self.tta, self.precision = members, tta, precision
 
     @property

@@ -112,15 +112,17 @@ def autocast(precision: str, device: torch.device):
 def view_probabilities(
     model: torch.nn.Module, images: torch.Tensor, tta: tuple[str, ...] = (), precision: str = "fp32"
 ) -> list[torch.Tensor]:
-    """float32 probabilities (N, 1, h, w) of uint8 images at the model's input size, one per view:
-    the identity first, then each of ``tta``, each mapped back onto the input's pixels."""
+    """float32 probabilities (N, C, h, w) of uint8 images at the model's input size, one per view:
+    the identity first, then each of ``tta``, each mapped back onto the input's pixels. One channel: sigmoid
+    (binary); several: softmax over the channels (one per class)."""
     check_tta(tta)
     views = []
     for name in ("identity", *tta):
         forward, inverse = TTA.get(name, _IDENTITY)
         with autocast(precision, images.device):
             logits = model(forward(images))
-        views.append(torch.sigmoid(inverse(logits, images.shape[-2:]).float()))
+        logits = inverse(logits, images.shape[-2:]).float()
+        views.append(torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1))
     return views
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from PIL import Image
 
 import infer
 from competition import errors, inference
+from competition.checkpoints import save_checkpoint, summary
 from competition.data import CarvanaData, DataError
 from competition.errors import ConfigError, ProjectError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
@@ -22,7 +24,7 @@ from competition.models import build_model
 from competition.prediction import TTA, predict_probabilities
 from competition.submission import HEADER, predicted_by, start_rows, submission_order, validate_submission
 from competition.synthetic import encode_jpeg
-from tests.conftest import HEIGHT, WIDTH, ManualDeadline
+from tests.conftest import HEIGHT, WIDTH, ManualDeadline, small_config
 
 
 def random_model(seed: int = 0):
@@ -614,3 +616,47 @@ def test_rows_are_kept_by_resume_only_when_predicted_alike(tmp_path, caplog):
     (tmp_path / "submission.csv.partial").write_text(rows)
     start_rows(out, predicted_by([checkpoint], (), 0.6), resume=False)  # --overwrite
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "submission.csv.predicted-by.json"]
+
+
+# --- issue 13: several classes, PNG masks out, per-class RLE, Carvana unchanged ---
+
+
+# sha256 of submission.csv from the seeded checkpoint below, computed by the code before issue 13.
+CARVANA_SUBMISSION_SHA256 = "8aa35e32447512744ff765952152ec2f78118e05ca3feeed23d58c1f6a253817"
+
+
+def seeded_checkpoint(path: Path, config, classes: int = 1, seed: int = 13) -> Path:
+    """A checkpoint of a random model (fixed seed) in competition.checkpoints' format: no training needed."""
+    torch.manual_seed(seed)
+    model = build_model(config.arch, config.encoder, "none", **({"classes": classes} if classes != 1 else {}))
+    save_checkpoint({**summary(config, 1, 0.0, (HEIGHT, WIDTH)), "model": model.state_dict()}, path)
+    return path
+
+
+def test_carvana_submission_bytes_are_unchanged(data_dir, folds_csv, tmp_path, capsys):
+    config = small_config(data_dir, folds_csv, tmp_path / "run", fold=0)
+    checkpoint = seeded_checkpoint(tmp_path / "best.pt", config)
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoints", str(checkpoint), "--data-dir", str(data_dir), "--workers", "0", "--tta", "--out", str(out)]
+    infer.main([*argv, "--device", "cpu", "--threshold", "0.5"])
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == CARVANA_SUBMISSION_SHA256
+
+
+def test_softmax_averaging_over_tta_inverts_a_k_channel_hflip():
+    torch.manual_seed(3)
+    model = build_model("Unet", "resnet18", "none", classes=4).eval()
+    image = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    plain = predict_probabilities(model, image)
+    flipped = predict_probabilities(model, image.flip(-1)).flip(-1)
+    averaged = predict_probabilities(model, image, tta=("hflip",))
+    assert averaged.shape == (2, 4, 64, 96)
+    assert torch.allclose(averaged, (plain + flipped) / 2, atol=1e-6)
+    assert torch.allclose(averaged.sum(1), torch.ones(2, 64, 96), atol=1e-5)
+
+
+def test_output_channels_follow_the_classes():
+    from types import SimpleNamespace
+
+    assert inference.output_channels(SimpleNamespace(classes="")) == 1
+    assert inference.output_channels(SimpleNamespace(classes="background,pet")) == 1
+    assert inference.output_channels(SimpleNamespace(classes="background,a,b")) == 3
