@@ -44,6 +44,31 @@ class TrainConfig:
     )
     ignore_index: int = setting(255, "mask value left out of losses and metrics (VOC's border)")
     pet_border: str = setting("ignore", "Oxford-IIIT Pet trimap border: ignore, or class (a class of its own)")
+    images: str = setting(
+        "", "folder of the training images when named otherwise (relative to data_dir, or absolute), e.g. img"
+    )
+    masks: str = setting("", "folder of their masks when named otherwise (relative to data_dir, or absolute), e.g. gt")
+    mask_suffix: str = setting("", "a mask's name is its image's stem and this, e.g. _mask or _labelIds")
+    split: str = setting(
+        "",
+        "an official split, e.g. train=train,val=val,test=test: each a list of ids (a .txt file) or an image "
+        "folder[:its mask folder]; fold 0 validates on exactly val",
+    )
+    train_on: str = setting("", "with --split: train on these splits, e.g. train,val (the final model), none held out")
+    colors: str = setting(
+        "",
+        "colour table of RGB masks: a name,r,g,b CSV or an 'r g b name' text file (default: class_dict.csv, "
+        "label_colors.txt or colors.csv/.txt in the data folder)",
+    )
+    unknown_colors: str = setting("error", "a mask colour not in the table: error, or ignore (the ignore index)")
+    mask_values: str = setting(
+        "", "the value of each class in the mask files, in class order, e.g. 0,255; default: the class index"
+    )
+    snap_mask_values: bool = setting(
+        False, "map each mask value (or colour) to the nearest class's: for lossy JPEG masks, refused otherwise"
+    )
+    strict: bool = setting(False, "stop, rather than warn, when a class never occurs in the training masks")
+    in_channels: int = setting(3, "image channels the model takes: 3 (greyscale replicated), or 1 for greyscale data")
     folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
     out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
     fold: int = setting(0, "the held-out fold")
@@ -137,6 +162,7 @@ CHOICES = {
     "mask_source": ("auto", "gif", "csv"),
     "layout": LAYOUTS,
     "pet_border": PET_BORDERS,
+    "unknown_colors": ("error", "ignore"),
     "class_weights": CLASS_WEIGHTINGS,
     "sampler": SAMPLERS,
     "monitor": MONITORS,
@@ -163,6 +189,7 @@ BOUNDS = {
     "ignore_index": (lambda v: 0 <= v <= 255, "in 0..255 (masks are 8-bit)"),
     "step_epochs": (lambda v: v >= 1, "at least 1"),
     "step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "in_channels": (lambda v: v in (1, 3), "1 (greyscale) or 3"),
 }
 
 
