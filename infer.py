@@ -12,7 +12,7 @@ python infer.py --tta --checkpoints runs/parts --out submissions/parts/   any ot
 python infer.py --tta --checkpoints runs/parts --format rle-csv --out parts.csv   ... or per-class RLE rows
 
 Models trained on any layout but Carvana's write one palette PNG of class indices per test image (the data
-folder's test/, or --images DIR) into the --out folder (default: <work dir>/submissions/masks), --overlays
+folder's test/ or test split, or --test-images DIR) into the --out folder (default: <work dir>/submissions/masks), --overlays
 adding colour overlays; --format rle-csv writes Kaggle's ImageId_ClassId,EncodedPixels rows instead.
 
 The test submission on several devices (--devices; by default every GPU when there are several): the test
@@ -48,7 +48,7 @@ from competition.inference import (
     predict_image_file,
     write_submission,
 )
-from competition.layouts import open_data
+from competition.layouts import open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 from competition.masks_out import FORMATS, RLE_ORDERS, class_out_of_fold, write_masks, write_rle_csv
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
@@ -67,7 +67,7 @@ MODE_FLAGS = {
     "--overwrite": ("overwrite", ("submission",), lambda: False),
     "--devices": ("devices", ("submission",), lambda: None),
     "--time-limit": ("time_limit", ("submission",), lambda: None),
-    "--images": ("images", ("submission",), lambda: None),
+    "--test-images": ("test_images", ("submission",), lambda: None),
     "--format": ("format", ("submission",), lambda: None),
     "--rle-order": ("rle_order", ("submission",), lambda: "row"),
     "--overlays": ("overlays", ("submission",), lambda: False),
@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. cuda:0,cuda:1: a shard of the test set on each, in its own process (default: every GPU when "
         "there are several; cpu,cpu runs the same on the CPU)",
     )
-    submission.add_argument("--images", type=Path, help="a folder of images to predict instead of the data's test/")
+    submission.add_argument(
+        "--test-images", type=Path, help="a folder of images to predict instead of the data's test/ (or test split)"
+    )
     submission.add_argument(
         "--format",
         choices=FORMATS,
@@ -191,16 +193,8 @@ def data_dir_of(args, config) -> Path:
 
 
 def open_test_data(args, config):
-    """The data as the checkpoints' settings read it (layout, classes, ignore index), --images for test/."""
-    return open_data(
-        data_dir_of(args, config),
-        config.layout,
-        config.classes,
-        config.ignore_index,
-        config.pet_border,
-        mask_source=config.mask_source,
-        test_images=args.images,
-    )
+    """The data as the checkpoints' settings read it (layout, classes, folders, split), --test-images for test/."""
+    return open_data_as(config, data_dir_of(args, config), test_images=args.test_images)
 
 
 def score_out_of_fold(args, members, tta, precision) -> None:
@@ -286,7 +280,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
         log_level=logging.getLogger("competition").level,
     )
     try:
-        data = CarvanaData(settings.data_dir, test_images=args.images)
+        data = CarvanaData(settings.data_dir, test_images=args.test_images)
         rows = write_submission_on_devices(data, args.out, devices, settings, args.resume)
     except ShardsFailed:
         return EXIT_SHARD_FAILED

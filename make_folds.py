@@ -1,17 +1,19 @@
-"""Split the training images into grouped folds: python make_folds.py --n-folds 5 --seed 42."""
+"""Split the training images into grouped folds (python make_folds.py --n-folds 5), or by an official --split."""
 
 import argparse
 import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
-from competition.environment import default_data_dir, default_work_dir
+from competition.config import add_config_arguments, resolve_config
+from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
 from competition.folds import assign_folds, assign_group_folds, fold_summary, groups_of
-from competition.layouts import LAYOUTS, open_data
+from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 
 logger = logging.getLogger("competition.make_folds")
@@ -19,11 +21,7 @@ logger = logging.getLogger("competition.make_folds")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="data folder (default: %(default)s)")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="data layout (default: recognised)")
-    parser.add_argument("--classes", default="", help="class names a,b,c, background first (default: classes.txt)")
-    parser.add_argument("--ignore-index", type=int, default=255, help="mask value of unlabelled pixels")
-    parser.add_argument("--pet-border", default="ignore", choices=("ignore", "class"), help="Oxford-IIIT Pet's border")
+    add_config_arguments(parser, DATA_FLAGS)
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
@@ -80,16 +78,35 @@ def group_folds(data, args):
     return folds, folds[["img", "group", "fold"]].to_csv(index=False)
 
 
+def split_folds(data, args):
+    """An official split with a val part: fold 0 holds exactly the val images, fold 1 everything else, so that
+    fold 0's scores compare with published tables (``img,group,fold,split``)."""
+    if args.group_regex:
+        raise ConfigError("--group-regex with --split: the official split decides which images validate")
+    image_ids = data.train_ids()
+    splits = [data.splits[image_id] for image_id in image_ids]
+    folds = pd.DataFrame(
+        {"img": image_ids, "group": image_ids, "fold": [0 if name == "val" else 1 for name in splits], "split": splits}
+    )
+    return folds, folds.to_csv(index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_from(args)
     with exit_on_project_error("make_folds.py", args.debug):
-        data = open_data(args.data_dir, args.layout, args.classes, args.ignore_index, args.pet_border)
+        config = resolve_config(args, DATA_FLAGS)
+        data = open_data_as(config)
         if not data.train_ids():
-            raise DataError(f"{args.data_dir}: no training images to split")
+            raise DataError(f"{config.data_dir}: no training images to split")
         if args.out.is_dir():
             raise ConfigError(f"--out {args.out} is a folder; name the folds file, e.g. {args.out / 'folds.csv'}")
-        folds, text = carvana_folds(data, args) if data.layout == "carvana" else group_folds(data, args)
+        if data.layout == "carvana":
+            folds, text = carvana_folds(data, args)
+        elif "val" in set(data.splits.values()):
+            folds, text = split_folds(data, args)
+        else:
+            folds, text = group_folds(data, args)
         if args.out.exists() and args.out.read_text() != text and not args.overwrite:
             raise ConfigError(
                 f"{args.out} exists and holds other folds (runs trained on it would no longer match); "
@@ -103,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         summary[f"images {column}"] = folds.groupby("fold")[column].sum()
     logger.info("%s", summary.to_string())
     groups = folds["car_id" if "car_id" in folds.columns else "group"].nunique()
-    logger.info("%d images of %d groups in %d folds -> %s", len(folds), groups, args.n_folds, args.out)
+    logger.info("%d images of %d groups in %d folds -> %s", len(folds), groups, folds["fold"].nunique(), args.out)
 
 
 if __name__ == "__main__":

@@ -264,11 +264,12 @@ def config_from(values: dict, source: str = "config") -> TrainConfig:
     return config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per TrainConfig field, defaulting to None so that only given flags override."""
+def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One ``--flag`` per TrainConfig field (or per field in ``names``: make_folds.py takes the data settings
+    alone), defaulting to None so that only given flags override."""
     parser.add_argument("--config", type=Path, help="a TOML or JSON file of settings; flags override it")
     for f in fields(TrainConfig):
-        if f.metadata.get("derived"):  # computed at set-up and saved in checkpoints, never given
+        if f.metadata.get("derived") or (names is not None and f.name not in names):  # derived: computed, saved
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -279,11 +280,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=f.type, default=None, help=text)
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then ``--config``, then the flags given on the command line."""
+def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> TrainConfig:
+    """Defaults, then ``--config``, then the flags given on the command line (those of ``names``, when the
+    command took only some: make_folds.py's own ``--out`` is not a run folder)."""
     values = _read_file(args.config) if args.config else {}
     _reject_unknown(values, str(args.config))  # before the flags mix in, so the message names the file
-    for name in (f.name for f in fields(TrainConfig)):
+    for name in names or [f.name for f in fields(TrainConfig)]:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given

@@ -171,7 +171,7 @@ class CarvanaData:
         self.train_images = _open_files(self.root, "train", ".jpg")
         self.train_masks = _open_files(self.root, "train_masks", ".gif")
         if test_images is not None and not test_images.is_dir():
-            raise DataError(f"--images {test_images}: not a folder of test images")
+            raise DataError(f"--test-images {test_images}: not a folder of test images")
         self.test_images = _Folder(test_images, ".jpg") if test_images else _open_files(self.root, "test", ".jpg")
         if not any(files and files.names for files in (self.train_images, self.test_images)):
             raise DataError(f"{self.root}: no train or test images. {LAYOUT_HELP}")

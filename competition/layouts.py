@@ -10,7 +10,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape
-from competition.errors import DataError
+from competition.environment import default_work_dir
+from competition.errors import ConfigError, DataError
+from competition.mask_values import binary_values, describe_binary, parse_mask_values, value_lookup
+from competition.splits import is_id_list, parse_split, read_id_list, resolve, split_folders
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +21,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag of a photo's orientation
 LAYOUTS = ("auto", "carvana", "folders", "labelme", "pet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")
+LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg")  # found so that they can be refused with the reason, or snapped
+# Colour tables looked for in the data folder when --colors names none: Kaggle CamVid's, CamVid's, generic names.
+COLOR_TABLE_NAMES = ("class_dict.csv", "label_colors.txt", "colors.csv", "colors.txt")
 # (image folder, mask folder) pairs the folders layout recognises, in the order they are tried.
 FOLDER_PAIRS = (
     ("images", "masks"),
@@ -33,17 +39,19 @@ LAYOUT_HELP = (
 )
 
 
-def files_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
-    """stem -> file of the given extensions in ``folder`` (macOS ``._`` shadow files left out); a stem
-    given twice (``a.jpg`` and ``a.png``) is refused, since it would be unclear which one is meant."""
+def files_by_stem(folder: Path, extensions: tuple[str, ...], recursive: bool = False) -> dict[str, Path]:
+    """stem -> file of the given extensions in ``folder`` (and its subfolders when ``recursive``: Cityscapes keeps
+    one folder per city), macOS ``._`` shadow files left out; a stem given twice (``a.jpg`` and ``a.png``, or
+    the same name in two subfolders) is refused, since it would be unclear which one is meant."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         if path.suffix.lower() not in extensions or path.name.startswith("._") or not path.is_file():
             continue
         if path.stem in found:
-            raise DataError(f"{folder}: {found[path.stem].name} and {path.name} share a name; keep one of them")
+            first, second = (found[path.stem].relative_to(folder), path.relative_to(folder))
+            raise DataError(f"{folder}: {first} and {second} share a name; keep one of them")
         found[path.stem] = path
     return found
 
@@ -66,14 +74,18 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
-def read_index_mask(data: bytes, source: str) -> np.ndarray:
+def read_index_mask(data: bytes, source: str, lossy: bool = False) -> np.ndarray:
     """A mask file -> its class indices (H, W) uint8, read as stored: palette ('P') indices or greyscale values,
-    never through an RGB conversion (which would turn indices into colours)."""
+    never through an RGB conversion (which would turn indices into colours). ``lossy`` (a JPEG mask to be
+    snapped) takes a colour JPEG's grey levels, since JPEG encoders often store grey masks as colour."""
     with _decoding(source, "mask"), Image.open(io.BytesIO(data)) as image:
         mode = image.mode
+        if lossy and mode in ("RGB", "CMYK", "YCbCr"):
+            image, mode = image.convert("L"), "L"
         if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
             raise DataError(
-                f"{source}: the mask is {mode}; masks must hold class indices (a palette or greyscale PNG), not colours"
+                f"{source}: the mask is {mode}; masks must hold class indices (a palette or greyscale PNG), or "
+                "colours listed in a colour table: pass --colors with a name,r,g,b CSV"
             )
         values = np.asarray(image)
     if values.dtype == bool:
@@ -90,6 +102,11 @@ class SegmentationData:
     """
 
     layout = "folders"
+    # Set by layouts whose stored mask values are not the class indices (see mask_values.value_lookup).
+    mask_values: list[int] | None = None
+    value_lookup: np.ndarray | None = None
+    known_values: np.ndarray | None = None
+    in_channels = 3  # the image channels models take; open_data sets the run's
 
     def __init__(self, root: Path, images: dict[str, Path], classes: list[str], ignore_index: int, test: dict):
         self.root = root
@@ -97,6 +114,7 @@ class SegmentationData:
         self.test_images = test
         self.classes = classes
         self.ignore_index = ignore_index
+        self.splits: dict[str, str] = {}  # image id -> its official split (--split), when one is given
 
     @property
     def num_classes(self) -> int:
@@ -138,8 +156,17 @@ class SegmentationData:
     def read_mask(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops."""
         mask, source = self._mask(image_id)
-        self._check_values(mask, source)
-        return mask
+        if self.value_lookup is None:
+            self._check_values(mask, source)
+            return mask
+        unknown = np.flatnonzero(np.bincount(mask.ravel(), minlength=256) * ~self.known_values)
+        if unknown.size:
+            stored = ", ".join(f"{value} {name}" for value, name in zip(self.mask_values, self.classes))
+            raise DataError(
+                f"{source}: mask value(s) {unknown[:5].tolist()} are neither a class's value ({stored}) nor the "
+                f"ignore index {self.ignore_index}; fix the mask, or give each class's value with --mask-values"
+            )
+        return self.value_lookup[mask]
 
     def _check_values(self, mask: np.ndarray, source: str) -> None:
         counts = np.bincount(mask.ravel(), minlength=256)
@@ -178,37 +205,138 @@ class SegmentationData:
 
 
 class FolderData(SegmentationData):
-    """``images/`` + ``masks/`` (or VOC's ``JPEGImages/`` + ``SegmentationClass[PNG]/``), same stems."""
+    """Images and masks in folders, same stems (masks may add ``mask_suffix``): ``images/`` + ``masks/``, VOC's
+    ``JPEGImages/`` + ``SegmentationClass[PNG]/``, folders named by ``images``/``masks``, or one folder pair per
+    official split. Masks hold class indices, other values per class (``mask_values``, two-valued masks
+    recognised), or colours of a colour table."""
 
     layout = "folders"
 
-    def __init__(self, root: Path, classes: str, ignore_index: int, test_images: Path | None):
+    def __init__(
+        self,
+        root: Path,
+        classes: str,
+        ignore_index: int,
+        test_images: Path | None,
+        *,
+        images: str = "",
+        masks: str = "",
+        mask_suffix: str = "",
+        split: str = "",
+        colors: str = "",
+        unknown_colors: str = "error",
+        mask_values: str = "",
+        snap_mask_values: bool = False,
+    ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
-        image_folder, mask_folder = next(
-            ((root / a, root / b) for a, b in FOLDER_PAIRS if (root / a).is_dir() and (root / b).is_dir()),
-            (root / "images", root / "masks"),
+        self.unknown_colors, self.snap = unknown_colors, snap_mask_values
+        parts = (
+            split_parts(root, split, masks) if split and not is_id_list(next(iter(parse_split(split).values()))) else []
         )
-        images = files_by_stem(image_folder, IMAGE_EXTENSIONS)
-        self.masks = files_by_stem(mask_folder, MASK_EXTENSIONS)
-        unmasked = sorted(set(images) - set(self.masks))
-        if unmasked:  # VOC's JPEGImages holds the detection images too: only the masked ones are for segmentation
-            logger.info("%s: %d image(s) without a mask in %s are left out", image_folder, len(unmasked), mask_folder)
-        orphans = sorted(set(self.masks) - set(images))
-        if orphans:
-            logger.warning("%s: %d mask(s) without an image, e.g. %s", mask_folder, len(orphans), orphans[:3])
-        images = {stem: path for stem, path in images.items() if stem in self.masks}
-        test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
-        names = _classes_from(root, classes, ("classes.txt",)) or self._classes_from_masks(images)
-        super().__init__(root, images, names, ignore_index, test)
+        found, self.masks, test, folder_splits = {}, {}, {}, {}
+        for name, image_folder, mask_folder in parts or [(None, *pair_folders(root, images, masks))]:
+            explicit = bool(parts or images or masks)
+            split_images, split_masks = match_pair(image_folder, mask_folder, mask_suffix, explicit, name == "test")
+            if name == "test":
+                test.update(split_images)
+                continue
+            for stem in split_images:
+                if stem in found:
+                    raise DataError(f"{split_images[stem]}: image {stem} is also {found[stem]}; ids must be unique")
+                folder_splits[stem] = name
+            found.update(split_images)
+            self.masks.update(split_masks)
+        self.refuse_lossy_masks()
+        if not parts or not test:
+            test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
+        self.table = self.cache = None
+        table_path = color_table_path(root, colors)
+        if table_path is not None:
+            names = self.open_color_table(table_path, classes)
+        else:
+            names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
+        super().__init__(root, found, names, ignore_index, test)
+        self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
 
-    def _classes_from_masks(self, images: dict) -> list[str]:
-        """No class names given: as many classes as the largest mask value says, named by number."""
-        largest = 0
+    def refuse_lossy_masks(self) -> None:
+        lossy = [path for path in self.masks.values() if path.suffix.lower() in LOSSY_MASK_EXTENSIONS]
+        if lossy and not self.snap:
+            raise DataError(
+                f"{lossy[0]}: a JPEG mask ({len(lossy)} in all); JPEG is lossy and smears the class values around "
+                "every edge: save the masks as PNG, or pass --snap-mask-values to map each value to the nearest class's"
+            )
+
+    def open_color_table(self, path: Path, classes: str) -> list[str]:
+        """Masks painted in colours: the table's class names; masks decoded once into a cache in the work dir."""
+        from competition.colors import MaskCache, read_color_table
+
+        self.table = read_color_table(path, self.ignore_index)
+        names = list(self.table.names)
+        if classes:
+            given = parse_classes(classes)
+            if len(given) != len(names):
+                raise DataError(f"--classes {classes!r}: the colour table {path} names {len(names)}: {names}")
+            names = given
+        settings = f"{self.table.key}-{self.unknown_colors}-{self.snap}-{self.ignore_index}"
+        self.cache = MaskCache(default_work_dir() / "cache" / "masks", settings)
+        logger.info(
+            "%s: %d colours for %d classes; masks decoded once into %s",
+            path,
+            len(self.table.colors),
+            len(names),
+            self.cache.folder,
+        )
+        return names
+
+    def resolve_values(self, images: dict, given: list[str] | None, mask_values: str) -> list[str]:
+        """The class names and each class's stored mask value: given (``mask_values``), recognised from
+        two-valued masks (0/255: 255 is the foreground, said in one line), the most common values of snapped
+        masks, or the class index itself."""
+        values = parse_mask_values(mask_values) if mask_values else None
+        if values is not None:
+            if given is not None and len(given) != len(values):
+                raise DataError(f"--mask-values {mask_values!r}: {len(values)} values for {len(given)} classes {given}")
+            names = given or (
+                ["background", "foreground"] if len(values) == 2 else [f"class_{i}" for i in range(len(values))]
+            )
+        elif given is not None and len(given) > 2 and not self.snap:
+            names = given  # stored as their index: nothing to scan
+        else:
+            names, values = self.values_from_masks(images, given)
+        self.set_values(values, len(names))
+        return names
+
+    def set_values(self, values: list[int] | None, num_classes: int) -> None:
+        if values is None and not self.snap:
+            return
+        self.mask_values = values if values is not None else list(range(num_classes))
+        self.value_lookup, self.known_values = value_lookup(self.mask_values, num_classes, self.ignore_index, self.snap)
+
+    def values_from_masks(self, images: dict, given: list[str] | None) -> tuple[list[str], list[int] | None]:
+        """(names, stored values or None for indices) read from the masks themselves (every mask read once)."""
+        histogram = np.zeros(256, dtype=np.int64)
         for stem in images:
-            mask, _ = self._mask(stem)
-            values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-            values = values[values != self.ignore_index]
-            largest = max(largest, int(values.max(initial=0)))
+            histogram += np.bincount(self._mask(stem)[0].ravel(), minlength=256)
+        present = np.flatnonzero(histogram).tolist()
+        if given is None or len(given) == 2:
+            binary = binary_values(present, self.snap, histogram)
+            if binary is not None:
+                logger.info("%s: %s", self.root, describe_binary(binary, self.ignore_index))
+                return given or ["background", "foreground"], binary
+        if self.snap:  # several classes stored lossily: each class is one of the most common values
+            values = sorted(np.argsort(histogram, kind="stable")[::-1][: len(given)].tolist())
+            logger.info("%s: masks snapped to the %d most common values %s", self.root, len(values), values)
+            return given, values
+        if self.ignore_index in present:
+            logger.info(
+                "%s: %d pixel(s) hold %d, the ignore index: left out of losses and metrics",
+                self.root,
+                histogram[self.ignore_index],
+                self.ignore_index,
+            )
+        if given is not None:
+            return given, None
+        largest = max((value for value in present if value != self.ignore_index), default=0)
         names = [f"class_{index}" for index in range(max(largest + 1, 2))]
         logger.warning(
             "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
@@ -217,14 +345,86 @@ class FolderData(SegmentationData):
             len(names),
             len(names) - 1,
         )
-        return names
+        return names, None
 
     def mask_source(self, image_id: str) -> str:
         return str(self.masks[image_id])
 
     def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
         path = self.masks[image_id]
-        return read_index_mask(path.read_bytes(), str(path)), str(path)
+        if self.table is not None:
+            from competition.colors import read_color_mask
+
+            def decode() -> np.ndarray:
+                return read_color_mask(
+                    path.read_bytes(), str(path), self.table, self.ignore_index, self.unknown_colors, self.snap
+                )
+
+            return self.cache.get(path, decode), str(path)
+        return read_index_mask(path.read_bytes(), str(path), lossy=self.snap), str(path)
+
+
+def pair_folders(root: Path, images: str, masks: str) -> tuple[Path, Path]:
+    """(image folder, mask folder): as named by ``--images``/``--masks``, else the first known pair present."""
+    if images or masks:
+        if not (images and masks):
+            raise ConfigError("--images and --masks go together: name both folders, e.g. --images img --masks gt")
+        pair = resolve(root, images), resolve(root, masks)
+        for flag, folder in zip(("--images", "--masks"), pair):
+            if not folder.is_dir():
+                raise DataError(f"{flag} {folder}: folder not found (relative to --data-dir {root}, or absolute)")
+        return pair
+    return next(
+        ((root / a, root / b) for a, b in FOLDER_PAIRS if (root / a).is_dir() and (root / b).is_dir()),
+        (root / "images", root / "masks"),
+    )
+
+
+def split_parts(root: Path, split: str, masks: str) -> list[tuple[str, Path, Path | None]]:
+    """(split name, image folder, mask folder or None) of each part of a folder split."""
+    return [(name, *split_folders(root, name, spec, masks)) for name, spec in parse_split(split).items()]
+
+
+def match_pair(
+    image_folder: Path, mask_folder: Path | None, suffix: str, explicit: bool, test: bool
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(image id -> image, image id -> mask) of the images that have a mask (every image for a test split).
+    A mask is named as its image's stem and ``suffix``. Unmatched files are listed in one line: a warning for
+    folders the user named, a note for VOC's JPEGImages (which holds the detection images too)."""
+    images = files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit)
+    if mask_folder is None:
+        return images, {}
+    stored = files_by_stem(mask_folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS, recursive=explicit)
+    masks = {stem[: len(stem) - len(suffix)]: path for stem, path in stored.items() if stem.endswith(suffix)}
+    unmasked = sorted(set(images) - set(masks))
+    orphans = sorted(set(masks) - set(images)) + sorted(stem for stem in stored if not stem.endswith(suffix))
+    if test:
+        return images, {}
+    if unmasked:
+        say = logger.warning if explicit else logger.info
+        say(
+            "%s: %d image(s) without a mask%s in %s are left out, e.g. %s",
+            image_folder,
+            len(unmasked),
+            f" ({suffix})" if suffix else "",
+            mask_folder,
+            unmasked[:3],
+        )
+    if orphans:
+        logger.warning(
+            "%s: %d mask(s) without an image in %s, e.g. %s", mask_folder, len(orphans), image_folder, orphans[:3]
+        )
+    return {stem: path for stem, path in images.items() if stem in masks}, masks
+
+
+def color_table_path(root: Path, colors: str) -> Path | None:
+    """The colour table named by ``--colors``, else one of COLOR_TABLE_NAMES in the data folder, else None."""
+    if colors:
+        path = resolve(root, colors)
+        if not path.is_file():
+            raise DataError(f"--colors {colors}: colour table not found (relative to --data-dir {root}, or absolute)")
+        return path
+    return next((root / name for name in COLOR_TABLE_NAMES if (root / name).is_file()), None)
 
 
 class PetData(SegmentationData):
@@ -411,6 +611,34 @@ def detect_layout(root: str | Path) -> str:
     raise DataError(f"{root}: no data layout recognised. {LAYOUT_HELP}")
 
 
+# The settings (TrainConfig fields, and make_folds.py's and inspect_data's flags) that say how to read a data folder.
+DATA_SETTINGS = (
+    "layout",
+    "classes",
+    "ignore_index",
+    "pet_border",
+    "mask_source",
+    "images",
+    "masks",
+    "mask_suffix",
+    "split",
+    "colors",
+    "unknown_colors",
+    "mask_values",
+    "snap_mask_values",
+    "in_channels",
+)
+DATA_FLAGS = ("data_dir", *DATA_SETTINGS)  # train.py's flags that make_folds.py and inspect_data take too
+# Of those, the ones that only the image/mask-folder layout reads.
+FOLDER_SETTINGS = ("images", "masks", "mask_suffix", "colors", "mask_values", "snap_mask_values")
+
+
+def open_data_as(settings, data_dir: str | Path | None = None, test_images: str | Path | None = None):
+    """The data folder read as ``settings`` (a TrainConfig, or flags of the same names) say."""
+    options = {name: getattr(settings, name) for name in DATA_SETTINGS}
+    return open_data(data_dir or settings.data_dir, test_images=test_images, **options)
+
+
 def open_data(
     root: str | Path,
     layout: str = "auto",
@@ -419,27 +647,74 @@ def open_data(
     pet_border: str = "ignore",
     mask_source: str = "auto",
     test_images: str | Path | None = None,
+    *,
+    split: str = "",
+    in_channels: int = 3,
+    **folder_options,
 ):
-    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds)."""
+    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds). ``folder_options``
+    are FOLDER_SETTINGS, for the image/mask-folder layout."""
     root = Path(root)
+    given = [name for name, value in folder_options.items() if value and value != "error"]
+    folder_split = bool(split) and not is_id_list(next(iter(parse_split(split).values())))
+    if folder_options.get("images") or folder_options.get("masks") or folder_split:
+        layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
     layout = detect_layout(root) if layout == "auto" else layout
     test_folder = Path(test_images) if test_images else None
+    if layout in ("carvana", "pet", "labelme") and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
     if layout == "carvana":
-        return CarvanaData(root, mask_source, test_images=test_folder)
+        if split:
+            raise ConfigError("--split is for other layouts; Carvana's test set is test/ and its folds are by car")
+        data = CarvanaData(root, mask_source, test_images=test_folder)
+        data.in_channels = in_channels
+        return data
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
     if layout == "folders":
-        data = FolderData(root, classes, ignore_index, test_folder)
+        data = FolderData(root, classes, ignore_index, test_folder, split=split, **folder_options)
     elif layout == "pet":
         data = PetData(root, classes, ignore_index, pet_border, test_folder)
     elif layout == "labelme":
         data = LabelmeData(root, classes, ignore_index, test_folder)
     else:
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    data.in_channels = in_channels
+    if split and is_id_list(next(iter(parse_split(split).values()))):
+        apply_id_lists(data, parse_split(split))
     if not data.images and not data.test_images:
         raise DataError(f"{root}: no images found as the {layout} layout. {LAYOUT_HELP}")
     if test_folder is not None and not data.test_images:
-        raise DataError(f"--images {test_folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"--test-images {test_folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
     if data.ignore_index < data.num_classes:
         raise DataError(f"--ignore-index {data.ignore_index} is one of the {data.num_classes} classes; use 255")
     return data
+
+
+def apply_id_lists(data: SegmentationData, parts: dict[str, str]) -> None:
+    """An official split given as id lists: each image's split noted; the test list's images become the test
+    images (their masks unused); labelled images in no list are left out, since no published score uses them."""
+    listed: dict[str, str] = {}
+    for name, spec in parts.items():
+        path = resolve(data.root, spec)
+        ids = read_id_list(path)
+        pool = data.images if name != "test" else {**data.test_images, **data.images}
+        missing = [image_id for image_id in ids if image_id not in pool]
+        if missing:
+            raise DataError(
+                f"{path}: {len(missing)} of its {len(ids)} id(s) have no image{' and mask' * (name != 'test')} "
+                f"in {data.root}, e.g. {missing[:3]}"
+            )
+        for image_id in ids:
+            if listed.setdefault(image_id, name) != name:
+                raise DataError(f"{path}: {image_id} is also in the {listed[image_id]} list; splits must not overlap")
+    test_ids = [image_id for image_id, name in listed.items() if name == "test"]
+    if "test" in parts:
+        data.test_images = {image_id: data.images.get(image_id) or data.test_images[image_id] for image_id in test_ids}
+    unlisted = sorted(set(data.images) - set(listed))
+    if unlisted:
+        logger.info(
+            "%s: %d labelled image(s) in no split list are left out, e.g. %s", data.root, len(unlisted), unlisted[:3]
+        )
+    data.images = {image_id: path for image_id, path in data.images.items() if listed.get(image_id, "test") != "test"}
+    data.splits = {image_id: name for image_id, name in listed.items() if name != "test"}

@@ -157,7 +157,7 @@ def write_masks(
     done = _prepare_folder(out, record, resume, overwrite)
     image_ids = [image_id for image_id in data.test_ids() if image_id not in done]
     if not data.test_ids():
-        raise DataError(f"{data.root}: no test images (a test/ folder, or --images DIR)")
+        raise DataError(f"{data.root}: no test images (a test/ folder, a test split, or --test-images DIR)")
     colours = palette(data.num_classes)
     if overlays:
         (out / "overlays").mkdir(exist_ok=True)
@@ -194,7 +194,7 @@ def write_rle_csv(
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or another --out")
     rows, pixels, image_ids = [], {}, data.test_ids()
     if not image_ids:
-        raise DataError(f"{data.root}: no test images (a test/ folder, or --images DIR)")
+        raise DataError(f"{data.root}: no test images (a test/ folder, a test split, or --test-images DIR)")
     for image_id, mask in _predictions(ensemble, data, image_ids, threshold, workers, progress):
         for index, rle in enumerate(class_rles(mask, data.num_classes, order), start=1):
             rows.append((f"{image_id}_{index}", rle))

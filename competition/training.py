@@ -27,11 +27,12 @@ from competition.checkpoints import check_resumable, load_checkpoint, save_check
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig, config_from
 from competition.data import SegmentationDataset, image_id_of
+from competition.data_checks import report_absent_classes
 from competition.environment import explain_out_of_memory
-from competition.errors import CheckpointError, DataError, ProjectError, TrainingError
+from competition.errors import CheckpointError, ConfigError, DataError, ProjectError, TrainingError
 from competition.files import atomic_output, exclusive_lock, lock_holder
 from competition.folds import read_folds
-from competition.layouts import open_data
+from competition.layouts import open_data_as
 from competition.losses import build_loss, class_weights
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
 from competition.models import build_model
@@ -259,23 +260,44 @@ def fold_numbers(folds_csv: str | Path) -> list[int]:
 
 
 def open_training_data(config: TrainConfig):
-    """(the settings with the class names the data folder gave, the data). A run saves its classes, so that
+    """(the settings with the class names (and stored mask values) the data folder gave, the data). A run saves its classes, so that
     infer.py, a resumed run and every fold agree on them, whatever the folder holds later. Carvana's settings
     stay as given (its classes are fixed)."""
-    data = open_data(
-        config.data_dir,
-        config.layout,
-        config.classes,
-        config.ignore_index,
-        config.pet_border,
-        mask_source=config.mask_source,
-    )
+    data = open_data_as(config)
     if data.layout != "carvana":
-        config = replace(config, classes=",".join(data.classes))
+        values = ",".join(str(value) for value in data.mask_values) if data.mask_values else config.mask_values
+        config = replace(config, classes=",".join(data.classes), mask_values=values)
     return config, data
 
 
+def _split_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
+    """``--train-on train,val``: (the images of those official splits, the images to validate on: the
+    labelled images of the other splits, or the val split itself when every split is trained on)."""
+    wanted = [name.strip() for name in config.train_on.split(",") if name.strip()]
+    splits = data.splits
+    if not splits:
+        raise ConfigError("--train-on names official splits: give them with --split, e.g. train=train,val=val")
+    unknown = sorted(set(wanted) - set(splits.values()))
+    if unknown:
+        raise ConfigError(
+            f"--train-on {config.train_on}: no split {unknown}; the splits are {sorted(set(splits.values()))}"
+        )
+    train_ids = [image_id for image_id in data.train_ids() if splits[image_id] in wanted]
+    val_ids = [image_id for image_id in data.train_ids() if splits[image_id] not in wanted]
+    if not val_ids:
+        val_ids = [image_id for image_id in data.train_ids() if splits[image_id] == "val"] or train_ids[:1]
+        logger.warning(
+            "--train-on %s: every labelled image trains, so validation scores (on %d of them) are not held out "
+            "and best.pt is the last epoch",
+            config.train_on,
+            len(val_ids),
+        )
+    return train_ids, val_ids
+
+
 def _fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
+    if config.train_on:
+        return _split_ids(config, data)
     folds = read_folds(config.folds_csv)
     available = sorted(folds["fold"].unique().tolist())
     if config.fold not in available:
@@ -550,12 +572,17 @@ def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps:
         )
 
 
+def nothing_held_out(config: TrainConfig) -> bool:
+    """``--train-on`` every split: validation images are training images, so no score picks the best epoch."""
+    return bool(config.train_on) and "val" in config.train_on.split(",")
+
+
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
     """best.pt when the monitored validation score improved, last.pt (with everything --resume needs), log.csv, curves.png."""
     state.rows.append(row)
     column, name = monitored(config)
     epoch_summary = summary(config, row["epoch"], row[column], image_shape)
-    if row[column] > state.best_score:
+    if row[column] > state.best_score or nothing_held_out(config):
         state.best_score = row[column]
         save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
         logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, state.best_score)
@@ -763,8 +790,11 @@ def _set_up_fold(config: TrainConfig, data, device: torch.device, precision: str
     train_ids, val_ids = _fold_ids(config, data)
     if config.check:
         check_training_data(data, train_ids + val_ids, progress)
-    counted = config.class_weights != "none" or config.sampler != "random"
+    counted = data.layout != "carvana" or config.class_weights != "none" or config.sampler != "random"
     pixel_counts = class_pixel_counts(data, train_ids, progress) if counted else None
+    if data.layout != "carvana":  # a class no training mask holds is said before training (Carvana's are fixed)
+        val_counts = class_pixel_counts(data, val_ids, progress).sum(0)
+        report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)
     if config.class_weights != "none":
         config = _with_class_weights(config, pixel_counts)
     balanced = pixel_counts if config.sampler == "class-balanced" else None

@@ -1,0 +1,105 @@
+"""What the project understood of a data folder, before any training: python -m competition.inspect_data --data-dir D."""
+
+import argparse
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from competition.config import add_config_arguments, resolve_config
+from competition.data_checks import absent_class_problems
+from competition.errors import DataError
+from competition.layouts import DATA_FLAGS, open_data_as
+from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+
+logger = logging.getLogger("competition.inspect_data")
+SHOWN_PROBLEMS = 10  # problems listed one a line; the rest are counted
+
+
+def image_formats(data, image_ids: list[str], split: str = "train") -> collections.Counter:
+    """(width x height, mode) -> images, from the files' headers alone (no pixel is decoded)."""
+    formats: collections.Counter = collections.Counter()
+    for image_id in image_ids:
+        with Image.open(data.image_path(image_id, split)) as image:
+            formats[(f"{image.width}x{image.height}", image.mode)] += 1
+    return formats
+
+
+def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str]]:
+    """(pixels per class, ignored pixels, one line per broken sample): every image and mask read as training
+    reads them, so any problem training would meet is found here."""
+    counts = np.zeros(data.num_classes, dtype=np.int64)
+    ignored, problems = 0, []
+    for image_id in tqdm(image_ids, desc="read masks", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            data.check_sample(image_id)
+            mask = data.read_mask(image_id)
+        except DataError as error:
+            problems.append(str(error))
+            continue
+        histogram = np.bincount(mask.ravel(), minlength=256)
+        counts += histogram[: data.num_classes]
+        ignored += int(histogram[data.ignore_index]) if data.ignore_index >= data.num_classes else 0
+    return counts, ignored, problems
+
+
+def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]:
+    """(lines describing the data, problems found)."""
+    train_ids, test_ids = data.train_ids(), data.test_ids()
+    lines = [f"data folder: {data.root}", f"layout: {data.layout}"]
+    splits = getattr(data, "splits", {})
+    if splits:
+        sizes = collections.Counter(splits.values())
+        lines.append(
+            "split: " + ", ".join(f"{name} {sizes[name]}" for name in sorted(sizes)) + f", test {len(test_ids)}"
+        )
+    lines.append(f"images: {len(train_ids)} labelled, {len(test_ids)} test; model input channels: {data.in_channels}")
+    for (size, mode), count in image_formats(data, train_ids).most_common(5):
+        lines.append(f"  {count} labelled image(s) {size} {mode}")
+    for (size, mode), count in image_formats(data, test_ids, "test").most_common(3):
+        lines.append(f"  {count} test image(s) {size} {mode}")
+    if data.layout == "carvana":
+        return lines + ["classes: background, car (Carvana)"], []
+    table = getattr(data, "table", None)
+    if table is not None:
+        lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
+    elif data.mask_values is not None:
+        lines.append("masks: stored values " + ", ".join(f"{v}={n}" for v, n in zip(data.mask_values, data.classes)))
+    else:
+        lines.append("masks: class indices")
+    counts, ignored, problems = scan_masks(data, train_ids, progress)
+    total = max(int(counts.sum()) + ignored, 1)
+    lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
+    lines += [f"  {index:3d} {name:<20} {100 * counts[index] / total:7.3f}%" for index, name in enumerate(data.classes)]
+    lines.append(f"ignore index {data.ignore_index}: {100 * ignored / total:.3f}% of the pixels")
+    problems += absent_class_problems(data.classes, counts, None)
+    return lines, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_config_arguments(parser, DATA_FLAGS)
+    parser.add_argument("--test-images", type=Path, help="a folder of test images instead of the data's test/")
+    add_logging_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_from(args)
+    with exit_on_project_error("inspect_data", args.debug):
+        config = resolve_config(args, DATA_FLAGS)
+        data = open_data_as(config, test_images=args.test_images)
+        lines, problems = describe(data, config, progress=not args.quiet)
+    print("\n".join(lines))
+    if not problems:
+        print("problems: none found")
+        return 0
+    print(f"problems ({len(problems)}):")
+    print("\n".join(f"  {problem}" for problem in problems[:SHOWN_PROBLEMS]))
+    if len(problems) > SHOWN_PROBLEMS:
+        print(f"  ... and {len(problems) - SHOWN_PROBLEMS} more")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Which stored mask value means which class: 0/255 binary masks, values given by the user, lossy values snapped."""
+
+import numpy as np
+
+from competition.errors import DataError
+
+
+def parse_mask_values(text: str, flag: str = "--mask-values") -> list[int]:
+    """``0,255`` -> [0, 255]: the stored value of each class in class order, each 0..255 and none twice."""
+    try:
+        values = [int(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise DataError(
+            f"{flag} {text!r}: give whole numbers 0..255, one per class in class order, e.g. 0,255"
+        ) from None
+    if len(values) < 2 or any(not 0 <= value <= 255 for value in values) or len(set(values)) < len(values):
+        raise DataError(f"{flag} {text!r}: give at least two different values 0..255, one per class, e.g. 0,255")
+    return values
+
+
+def binary_values(present: list[int], snap: bool, histogram: np.ndarray) -> list[int] | None:
+    """The (background, foreground) values of two-valued masks, or None when the masks are not binary so stored.
+
+    Masks holding exactly two values are binary whatever the two (0/1, 0/255, 0/38): the lower is background.
+    Snapped (lossy) masks smear their values, so their two most common values are taken instead."""
+    if snap:
+        return sorted(np.argsort(histogram, kind="stable")[::-1][:2].tolist())
+    return present if len(present) == 2 else None
+
+
+def describe_binary(values: list[int], ignore_index: int) -> str:
+    """The one line that says how two-valued masks were read (logged, so 255 is never ignored silently)."""
+    background, foreground = values
+    note = f"; {ignore_index} is then a class value, not ignored" if foreground == ignore_index else ""
+    return (
+        f"masks hold {{{background}, {foreground}}}: {background} is the background, {foreground} the foreground{note}"
+    )
+
+
+def value_lookup(
+    values: list[int] | None, num_classes: int, ignore_index: int, snap: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lookup, known): 256 entries each; ``lookup[stored]`` is the class index (or the ignore index) of a stored
+    value, and ``known[stored]`` whether that value means anything (an unknown one is refused, never guessed).
+
+    ``values`` None means the classes are stored as their index. With ``snap`` every value maps to the class
+    of the nearest class value (ties to the lower), for masks saved lossily (JPEG)."""
+    values = list(range(num_classes)) if values is None else values
+    lookup = np.full(256, ignore_index, dtype=np.uint8)
+    known = np.zeros(256, dtype=bool)
+    known[ignore_index] = True
+    for index, value in enumerate(values):
+        lookup[value], known[value] = index, True
+    if snap:
+        stored = np.arange(256)
+        order = np.argsort(values, kind="stable")
+        sorted_values = np.asarray(values)[order]
+        distance = np.abs(stored[:, None] - sorted_values[None, :])
+        nearest = order[np.argmin(distance, axis=1)]
+        exact_ignore = stored == ignore_index if ignore_index not in values else np.zeros(256, dtype=bool)
+        lookup = np.where(exact_ignore, ignore_index, nearest).astype(np.uint8)
+        known[:] = True
+    return lookup, known

@@ -1,0 +1,222 @@
+"""Data sets as they ship: each row of the README's table "your data -> the commands" run with its own flags
+on a fixture of its form (inspect -> folds -> train -> infer), and each form's rules and refusals."""
+
+import io
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from competition.errors import ConfigError, DataError
+from competition.inspect_data import main as inspect_data
+from competition.layouts import open_data
+from competition.mask_values import binary_values, parse_mask_values, value_lookup
+from competition.splits import parse_split, read_id_list
+from infer import main as infer
+from make_folds import main as make_folds
+from tests.layout_fixtures import _name, _scene, make_folders
+from tests.shipped_fixtures import (
+    FORMS,
+    jpeg_bytes,
+    make_absent_class,
+    make_binary_255,
+    make_camvid,
+    make_jpeg_masks,
+    make_named_folders,
+    make_voc_lists,
+)
+from train import main as train
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TRAIN_FLAGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--workers", "0", "--quiet", "--batch-size", "4"]
+
+
+def readme_rows() -> dict[str, tuple[list[str], list[str]]]:
+    """The README table's rows: your data -> (data flags, infer.py flags), each the first code span of its cell."""
+    text = README.read_text()
+    table = text[text.index("| your data | looks like |") :].split("\n\n")[0].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        spans = [re.findall(r"`([^`]*)`", cell) for cell in cells[2:4]]
+        rows[cells[0]] = tuple(span[0].split() if span else [] for span in spans)
+    return rows
+
+
+def test_every_readme_row_has_a_fixture():
+    assert set(readme_rows()) == set(FORMS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, caplog):
+    data_flags, infer_flags = readme_rows()[form]
+    root = FORMS[form](tmp_path / "data")
+    data = ["--data-dir", str(root), *data_flags]
+    code = inspect_data([*data, "--quiet"])
+    report = capsys.readouterr().out
+    assert "layout: folders" in report and ("problems: none found" in report) == (code == 0)
+    folds = tmp_path / "folds.csv"
+    make_folds([*data, "--n-folds", "2", "--out", str(folds), "--quiet"])
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        train([*data, "--folds-csv", str(folds), "--out", str(run), "--size", "64x96", "--epochs", "1", *TRAIN_FLAGS])
+    config = torch.load(run / "fold0" / "best.pt", weights_only=True)["config"]
+    masks = tmp_path / "masks"
+    infer(["--checkpoints", str(run), "--out", str(masks), "--workers", "0", "--quiet", *infer_flags])
+    predicted = sorted(path.stem for path in masks.glob("*.png"))
+    assert len(predicted) == 2, predicted
+    expected_classes = {
+        "binary masks 0/255": "background,foreground",
+        "JPEG masks": "background,foreground",
+        "a class no mask holds": "background,box,disc,square,wheel",
+    }.get(form, "background,box,disc,square")
+    assert config["classes"] == expected_classes
+    if form == "a class no mask holds":
+        assert code == 1 and "'wheel' is in no mask" in report and "'wheel' is in no mask" in caplog.text
+    if form.startswith("16-bit"):
+        assert config["in_channels"] == 1
+    if "split" in form:  # fold 0 validates on exactly the official val images
+        written = pd.read_csv(folds)
+        assert sorted(written.loc[written["fold"] == 0, "img"]) == sorted(_name(index) for index in (6, 7))
+        assert set(written["split"]) == {"train", "val"}
+
+
+def test_named_folders_match_masks_by_suffix_and_list_strays(tmp_path, caplog):
+    root = make_named_folders(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        data = open_data(root, images="img", masks="gt", mask_suffix="_mask")
+    assert data.train_ids() == sorted(_name(index) for index in range(8))
+    assert "1 mask(s) without an image" in caplog.text and "stray" in caplog.text
+    assert np.array_equal(data.read_mask(_name(3)), _scene(3)[1])
+    with pytest.raises(ConfigError, match="--images and --masks go together"):
+        open_data(root, images="img")
+    with pytest.raises(DataError, match="--masks .*nothing: folder not found"):
+        open_data(root, images="img", masks="nothing")
+
+
+def test_voc_id_lists_split_the_masked_images(tmp_path):
+    data = open_data(
+        make_voc_lists(tmp_path), split="train=ImageSets/Segmentation/train.txt,val=ImageSets/Segmentation/val.txt"
+    )
+    assert len(data.train_ids()) == 8 and "2008_000001" not in data.train_ids()  # the detection image
+    assert sorted(image_id for image_id, name in data.splits.items() if name == "val") == [_name(6), _name(7)]
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("nosuchimage\n")
+    with pytest.raises(DataError, match="val.txt: 1 of its 1 id"):
+        open_data(tmp_path, split="train=ImageSets/Segmentation/train.txt,val=ImageSets/Segmentation/val.txt")
+
+
+def test_camvid_folders_and_colours(tmp_path):
+    root = make_camvid(tmp_path)
+    data = open_data(root, split="train=train,val=val,test=test")
+    assert data.classes == ["background", "box", "disc", "square"]
+    assert data.test_ids() == [_name(20), _name(21)] and len(data.train_ids()) == 8
+    assert np.array_equal(data.read_mask(_name(6)), _scene(6)[1]) and data.splits[_name(6)] == "val"
+    # a colour outside the table: the file, where and which colour; or the ignore index when asked
+    path = root / "trainannot" / f"{_name(0)}.png"
+    painted = np.asarray(Image.open(path)).copy()
+    painted[5, 7] = (1, 2, 3)
+    Image.fromarray(painted).save(path)
+    with pytest.raises(DataError, match=r"trainannot/scene0_1.png.*x=?7.*y=?5.*\(1, 2, 3\)"):
+        open_data(root, split="train=train,val=val,test=test").read_mask(_name(0))
+    ignored = open_data(root, split="train=train,val=val,test=test", unknown_colors="ignore").read_mask(_name(0))
+    assert ignored[5, 7] == 255
+
+
+def test_binary_masks_in_two_values_are_read_and_said(tmp_path, caplog):
+    root = make_binary_255(tmp_path)
+    with caplog.at_level(logging.INFO):
+        data = open_data(root)
+    assert data.classes == ["background", "foreground"] and data.mask_values == [0, 255]
+    assert "masks hold {0, 255}: 0 is the background, 255 the foreground" in caplog.text
+    assert set(np.unique(data.read_mask(_name(0)))) == {0, 1}
+    # two classes named: the same reading; values given outright
+    assert open_data(root, classes="sky,bird").mask_values == [0, 255]
+    assert open_data(root, mask_values="0,255").read_mask(_name(0)).max() == 1
+    with pytest.raises(DataError, match=r"mask value\(s\) \[255\] are neither a class's value"):
+        open_data(root, mask_values="0,38", ignore_index=254).read_mask(_name(0))
+
+
+def test_absent_class_is_named_and_strict_stops(tmp_path, capsys):
+    root = make_absent_class(tmp_path)
+    folds = tmp_path / "folds.csv"
+    make_folds(["--data-dir", str(root), "--n-folds", "2", "--out", str(folds), "--quiet"])
+    with pytest.raises(SystemExit) as stop:
+        train(
+            [
+                "--data-dir",
+                str(root),
+                "--folds-csv",
+                str(folds),
+                "--out",
+                str(tmp_path / "run"),
+                "--strict",
+                "--size",
+                "64x96",
+                "--epochs",
+                "1",
+                *TRAIN_FLAGS,
+            ]
+        )
+    assert stop.value.code == 2 and "'wheel' is in no mask" in capsys.readouterr().err
+
+
+def test_jpeg_masks_are_refused_unless_snapped(tmp_path):
+    root = make_jpeg_masks(tmp_path)
+    with pytest.raises(DataError, match="a JPEG mask .*--snap-mask-values"):
+        open_data(root)
+    data = open_data(root, snap_mask_values=True)
+    assert data.mask_values == [0, 255]
+    truth = (_scene(2)[1] == 2).astype(np.uint8)
+    assert (data.read_mask(_name(2)) == truth).mean() > 0.99
+
+
+def test_inspect_reports_and_reaches_the_errors(tmp_path, capsys):
+    root = make_folders(tmp_path / "voc", voc=True)
+    assert inspect_data(["--data-dir", str(root), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "layout: folders" in report and "8 labelled, 2 test" in report and "ignore index 255:" in report
+    assert re.search(r"1 box\s+\d+\.\d+%", report)
+    with pytest.raises(SystemExit) as stop:
+        inspect_data(["--data-dir", str(make_jpeg_masks(tmp_path / "jpeg")), "--quiet"])
+    assert stop.value.code == 2 and "JPEG mask" in capsys.readouterr().err
+
+
+def test_split_and_value_rules_by_hand():
+    assert parse_split("train=a,val=b:c") == {"train": "a", "val": "b:c"}
+    for bad in ("train", "train=a,train=b", "train=a.txt,val=b"):
+        with pytest.raises(ConfigError):
+            parse_split(bad)
+    assert parse_mask_values("0, 255") == [0, 255]
+    for bad in ("0", "0,0", "0,256", "a,b"):
+        with pytest.raises(DataError):
+            parse_mask_values(bad)
+    histogram = np.zeros(256, dtype=np.int64)
+    histogram[[0, 1, 254, 255]] = [90, 3, 4, 50]
+    assert binary_values([0, 255], False, histogram) == [0, 255]
+    assert binary_values([0, 1, 255], False, histogram) is None
+    assert binary_values([0, 1, 254, 255], True, histogram) == [0, 255]  # snapped: the two most common
+    lookup, known = value_lookup([0, 255], 2, 255, snap=False)
+    assert lookup[255] == 1 and lookup[0] == 0 and not known[7]
+    lookup, known = value_lookup([0, 255], 2, 255, snap=True)
+    assert lookup[[0, 127, 128, 200, 255]].tolist() == [0, 0, 1, 1, 1] and known.all()
+    lookup, _ = value_lookup(None, 3, 255, snap=True)  # indices 0..2; 255 stays ignored when not a class value
+    assert lookup[[0, 1, 2, 9, 255]].tolist() == [0, 1, 2, 2, 255]
+
+
+def test_split_lists_take_the_first_word(tmp_path):
+    listing = tmp_path / "trainval.txt"
+    listing.write_text("# Oxford-IIIT Pet\nAbyssinian_100 1 1 1\n\nbeagle_2 13 2 1\n")
+    assert read_id_list(listing) == ["Abyssinian_100", "beagle_2"]
+
+
+def test_lossy_mask_bytes_smear(tmp_path):
+    """The fixture's JPEG masks really are lossy (else the snapping test would prove nothing)."""
+    mask = np.where(_scene(2)[1] == 2, 255, 0).astype(np.uint8)
+    with Image.open(io.BytesIO(jpeg_bytes(mask))) as image:
+        assert len(np.unique(np.asarray(image))) > 2
