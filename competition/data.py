@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 import math
 import os
 import zipfile
@@ -15,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from competition.errors import DataError
 from competition.rle import RLEError, rle_decode, rle_runs
+
+logger = logging.getLogger(__name__)
 
 LAYOUT_HELP = (
     "Expected the Carvana layout: train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif, "
@@ -117,22 +120,91 @@ def _decoding(source: str, what: str = "image"):
         raise DataError(f"{source}: the {what} does not decode ({error}); the file is corrupt, replace it") from None
 
 
+# Modes Pillow opens 16-bit greyscale as (PNG, TIFF; ``I`` also for 32-bit integer TIFFs, refused when out of
+# 16-bit range). Pillow's own ``convert("L")`` clips them (257 -> 255) instead of scaling: they are scaled here.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+GREY_MODES = ("L", "1", "LA", "La")  # one grey channel (bilevel 0/255), and alpha dropped for the last two
+_alpha_noted: set[str] = set()  # folders whose dropped alpha channel was already said, in this process
+
+
+def _note_alpha(source: str) -> None:
+    """Say once per process and folder (a data set's images share it) that the alpha channel is dropped."""
+    folder = os.path.dirname(source)
+    if folder not in _alpha_noted:
+        _alpha_noted.add(folder)
+        logger.info(
+            "%s: images have an alpha channel: dropped (the model sees the colour only; said once per folder)",
+            folder or source,
+        )
+
+
+def scale_sixteen_bit(values: np.ndarray, source: str) -> np.ndarray:
+    """16-bit grey levels -> uint8 by the bit depth: round(value * 255 / 65535), i.e. round(value / 257),
+    so 0, 257, 65535 -> 0, 1, 255 (Pillow's ``convert("L")`` would clip 257 to 255 and lose the image)."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(
+            f"{source}: 32-bit integer grey levels {values.min()}..{values.max()} do not fit 16 bits; "
+            "save the image as 8- or 16-bit"
+        )
+    return ((values + 128) // 257).astype(np.uint8)  # no ties: value / 257 is never k + 1/2 for an integer value
+
+
+def image_to_array(image: Image.Image, source: str, channels: int = 3) -> np.ndarray:
+    """An opened Pillow image of any mode -> uint8 (H, W, 3) with ``channels`` 3 (grey replicated into each
+    channel), or (H, W, 1) with ``channels`` 1 (colour turned to grey by Pillow's ``L`` luma,
+    L = R * 299/1000 + G * 587/1000 + B * 114/1000).
+
+    16-bit greyscale is scaled to 8 bits (``scale_sixteen_bit``); an alpha channel (RGBA, LA, PA, or a
+    palette's transparency) is dropped, said once per folder; palette and CMYK images take Pillow's RGB;
+    floating-point (``F``) images are refused: their range is unknown.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    mode = image.mode
+    if mode == "RGB" and channels == 3:  # the photo (every Carvana JPEG): Pillow's own pixels, as ever
+        return np.asarray(image.convert("RGB"))
+    if mode == "F":
+        raise DataError(
+            f"{source}: a 32-bit floating-point image (mode F) has no fixed range of grey levels; "
+            "save it as an 8- or 16-bit image"
+        )
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        _note_alpha(source)
+    if mode in SIXTEEN_BIT_MODES:
+        grey = scale_sixteen_bit(np.asarray(image), source)
+    elif mode in GREY_MODES:
+        grey = np.asarray(image.convert("L"))
+    elif channels == 3:
+        return np.asarray(image.convert("RGB"))
+    elif mode == "RGB":
+        grey = np.asarray(image.convert("L"))
+    else:
+        grey = np.asarray(image.convert("RGB").convert("L"))  # palette, CMYK, ...: their colours, then the luma
+    grey = grey[..., None]
+    return grey if channels == 1 else np.repeat(grey, 3, axis=2)
+
+
 def decode_image_and_shape(
-    data: bytes, source: str, reduce_to: tuple[int, int] | None = None
+    data: bytes, source: str, reduce_to: tuple[int, int] | None = None, channels: int = 3
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes (any format Pillow reads) -> (RGB uint8 (H, W, 3), (height, width) before any reduction)."""
+    """Image bytes (any format Pillow reads) -> (uint8 (H, W, ``channels``), (height, width) before any
+    reduction). ``channels`` 3: RGB, greyscale replicated; 1: grey (see ``image_to_array`` for every mode)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
     with _decoding(source), Image.open(io.BytesIO(data)) as image:  # Pillow's reading alone is guarded
         full_shape = (image.height, image.width)
         if reduce_to is not None:
             image.draft("RGB", tuple(math.floor(side * (1 - DRAFT_SHORTFALL)) for side in reduce_to[::-1]))
-        rgb = image.convert("RGB")
-    return np.asarray(rgb), full_shape
+        array = image_to_array(image, source, channels)
+    return array, full_shape
 
 
-def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
-    """JPEG bytes -> RGB uint8 (H, W, 3). ``reduce_to`` (height, width) lets libjpeg decode at
+def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
+    """Image bytes -> uint8 (H, W, ``channels``). ``reduce_to`` (height, width) lets libjpeg decode at
     1/2, 1/4 or 1/8 scale when that is at least as large, or short by at most 1%: several times faster."""
-    return decode_image_and_shape(data, source, reduce_to)[0]
+    return decode_image_and_shape(data, source, reduce_to, channels)[0]
 
 
 def decode_mask(data: bytes, source: str) -> np.ndarray:
@@ -149,14 +221,20 @@ def _image_shape(data: bytes, source: str, what: str = "image") -> tuple[int, in
 
 
 def to_chw(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor, the layout models take."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """(H, W, C) uint8 array (C 3 or 1; an (H, W) array is one channel) -> (C, H, W) uint8 tensor, the
+    layout models take."""
+    if image.ndim == 2:
+        image = image[..., None]
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    # One channel needs no copy to be contiguous: a read-only decode (Pillow's buffer) is copied here instead.
+    return torch.from_numpy(chw if chw.flags.writeable else chw.copy())
 
 
 class CarvanaData:
     """One Carvana-format data folder. Every folder may instead be the competition's ``<name>.zip``.
 
     ``mask_source``: ``gif`` (train_masks/), ``csv`` (train_masks.csv) or ``auto`` (GIFs when present).
+    ``in_channels`` (set after construction, e.g. from the config): images are read as RGB (3) or grey (1).
     """
 
     layout = "carvana"
@@ -181,6 +259,7 @@ class CarvanaData:
             mask_source = "gif" if self.train_masks and self.train_masks.names else "csv"
         self.mask_source = mask_source
         self._csv_masks: dict[str, str] | None = None
+        self.in_channels = 3
 
     def _csv_path(self, name: str) -> Path:
         for candidate in (self.root / name, self.root / f"{name}.zip"):
@@ -215,14 +294,14 @@ class CarvanaData:
         return self._image_files(split).describe(f"{image_id}.jpg")
 
     def read_image(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None) -> np.ndarray:
-        """RGB uint8 (H, W, 3) of one image; see ``decode_image`` for ``reduce_to``."""
+        """uint8 (H, W, ``in_channels``) of one image; see ``decode_image`` for ``reduce_to``."""
         return self.read_image_and_shape(image_id, split, reduce_to)[0]
 
     def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to: tuple[int, int] | None = None):
         """(image, (height, width) before any reduction) of one image."""
         files = self._image_files(split)
         name = f"{image_id}.jpg"
-        return decode_image_and_shape(files.read(name), files.describe(name), reduce_to)
+        return decode_image_and_shape(files.read(name), files.describe(name), reduce_to, self.in_channels)
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
         """(height, width) of one image, read from its header alone."""
@@ -311,8 +390,10 @@ class CarvanaData:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-averaged resize to (height, width): the one resize used in training and inference alike."""
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    """Area-averaged resize to (height, width): the one resize used in training and inference alike.
+    An (H, W, 1) image stays (h, w, 1) (OpenCV alone would drop the channel axis)."""
+    resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return resized[..., None] if image.ndim == 3 and resized.ndim == 2 else resized
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -322,7 +403,8 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(image uint8 (3, H, W), mask) for a list of training ids of any data layout.
+    """(image uint8 (C, H, W), mask) for a list of training ids of any data layout; C is the data's
+    ``in_channels`` (3, or 1 for grey).
 
     The mask is float32 (1, H, W) when the data is binary (Carvana: 0/1; other layouts may also hold
     the ignore index), the model's one sigmoid channel; int64 (H, W) class indices for multi-class data.

@@ -91,7 +91,9 @@ def load_member(path: str | Path, device: torch.device, compile: bool = False) -
     on ``device`` in the memory format it was trained in, compiled with ``compile``."""
     checkpoint = load_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
-    model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
+    model = build_model(
+        config.arch, config.encoder, "none", classes=config.output_channels(), in_channels=config.in_channels
+    )
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -116,7 +118,18 @@ class Ensemble:
                 f"the checkpoints were trained on different classes ({' | '.join(map(','.join, sorted(classes)))}): "
                 "an ensemble averages one set of classes"
             )
+        channels = {member.config.in_channels for member in members}
+        if len(channels) > 1:
+            raise CheckpointError(
+                "the checkpoints take different image channels (in_channels "
+                f"{' and '.join(map(str, sorted(channels)))}): an ensemble reads each image one way"
+            )
         self.members, self.tta, self.precision = members, tta, precision
+
+    @property
+    def in_channels(self) -> int:
+        """The image channels every member takes: 3 (RGB) or 1 (grey)."""
+        return self.members[0].config.in_channels
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +171,8 @@ def fold_ensembles(members: list[Member], tta: tuple[str, ...], precision: str) 
 
 
 class PredictionImages(torch.utils.data.Dataset):
-    """Images at each input size the ensemble needs, their full size, and (for scoring) the mask.
+    """Images at each input size the ensemble needs (uint8 (C, H, W), C the data's ``in_channels``), their
+    full size, and (for scoring) the mask.
 
     A failure is returned, not raised, so that it reaches the user as one message rather than
     as a DataLoader worker's traceback.
@@ -523,9 +537,15 @@ def _log_oof_scores(scores: pd.DataFrame, tta: tuple[str, ...], threshold: float
     )
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A grey (H, W, 1) image as (H, W, 3) for drawing in colour; an RGB one as it is."""
+    return np.repeat(image, 3, axis=2) if image.ndim == 3 and image.shape[2] == 1 else image
+
+
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
-    """The photo with the predicted outline in red and, when given, the true outline in green."""
-    canvas = image.copy()
+    """The photo with the predicted outline in red and, when given, the true outline in green
+    (a grey (H, W, 1) photo is drawn on in colour)."""
+    canvas = as_rgb(image).copy()
     thickness = max(1, image.shape[1] // 640)
     for mask, colour in ((truth, (0, 200, 0)), (predicted, (230, 30, 30))):
         if mask is not None:
@@ -541,7 +561,7 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
 
 @torch.no_grad()
 def predict_image(ensemble: Ensemble, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """uint8 mask of one RGB image: 0/1 for a binary model, class indices for a multi-class one."""
+    """uint8 mask of one (H, W, in_channels) image: 0/1 for a binary model, class indices for a multi-class one."""
     from competition.masks_out import class_map  # imported here: masks_out imports this module
 
     images = {}
@@ -558,7 +578,7 @@ def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path
         payload = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read the image ({error.strerror})") from None
-    image = decode_image(payload, str(path))
+    image = decode_image(payload, str(path), channels=ensemble.in_channels)
     mask = predict_image(ensemble, image, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
@@ -568,7 +588,7 @@ def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path
 
         with atomic_output(mask_path) as partial:
             partial.write_bytes(encode_mask_png(mask, palette(classes)))
-        save_png(colour_overlay(image, mask, palette(classes)), overlay_path)
+        save_png(colour_overlay(as_rgb(image), mask, palette(classes)), overlay_path)
         logger.info("%s: classes %s -> %s, %s", path, sorted(np.unique(mask).tolist()), mask_path, overlay_path)
         return mask
     save_png(mask * 255, mask_path)
@@ -587,7 +607,8 @@ def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> fl
     if size is None:
         raise CheckpointError(f"{member.path}: records no image size to export at")
     model = member.model.float().to("cpu").eval()
-    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    channels = member.config.in_channels
+    images = torch.randint(0, 256, (2, channels, *size), dtype=torch.uint8)
     with atomic_output(path) as partial:
         torch.onnx.export(
             model,
@@ -600,7 +621,7 @@ def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> fl
             opset_version=17,
         )
         session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
-        fresh = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8)
+        fresh = torch.randint(0, 256, (3, channels, *size), dtype=torch.uint8)
         with torch.no_grad():
             expected = model(fresh).numpy()
         difference = float(np.abs(session.run(None, {"images": fresh.numpy()})[0] - expected).max())

@@ -90,7 +90,7 @@ def saved_activation_bytes(model, loss_fn, batch_size: int, size: tuple[int, int
         return tensor
 
     with fake_tensor_mode():
-        images = torch.zeros((batch_size, 3, *size), dtype=torch.uint8)
+        images = torch.zeros((batch_size, model.in_channels, *size), dtype=torch.uint8)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         masks = torch.zeros((batch_size, 1, *size))
@@ -112,7 +112,7 @@ def estimate_training_memory(config: TrainConfig, precision: str) -> MemoryEstim
     if size is None:
         side = config.crop
         size = (side, side) if side else (1280, 1920)  # full size: 1918 is padded to 1920
-    model = build_model(config.arch, config.encoder, "none").train()
+    model = build_model(config.arch, config.encoder, "none", in_channels=config.in_channels).train()
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(config.loss, config.bce_weight, config.dice_weight)

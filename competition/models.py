@@ -24,6 +24,13 @@ ARCHITECTURES = {
 OWN_ENCODER = ("SegNet", "OriginalUnet")  # architectures that build their own encoder, without pretrained weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A grey image (in_channels 1) is normalised like the average ImageNet channel. Why: smp builds a 1-channel
+# encoder from pretrained weights by summing its first convolution over R, G and B (``patch_first_conv``;
+# timm's ``adapt_input_conv`` does the same for ``tu-`` encoders), so a grey image g meets the filters an RGB
+# image (g, g, g) would. Those filters were trained on (x_c - m_c) / s_c per channel; one grey channel has one
+# normalisation (g - m) / s for all three, and ImageNet's means and stds averaged over R, G, B come closest.
+GREY_MEAN = (sum(IMAGENET_MEAN) / 3,)
+GREY_STD = (sum(IMAGENET_STD) / 3,)
 STRIDE = 32
 
 
@@ -32,17 +39,24 @@ class ModelError(ConfigError):
 
 
 class SegmentationModel(nn.Module):
-    """uint8 (N, 3, H, W) images -> (N, C, H, W) logits for any H, W (C: 1 for binary data, else the classes).
+    """uint8 (N, in_channels, H, W) images -> (N, C, H, W) logits for any H, W (C: 1 for binary data, else
+    the classes; in_channels 3 for RGB, 1 for grey).
 
-    Normalisation happens here, on the device, so loaders ship uint8 (a quarter of the bytes);
-    the input is padded to a multiple of 32 (1918 -> 1920) and the logits cropped back.
+    Normalisation happens here, on the device, so loaders ship uint8 (a quarter of the bytes): ImageNet's
+    mean and std per channel, or their averages for grey (``GREY_MEAN``). The buffers are not persistent:
+    checkpoints hold none, and old ones load unchanged. The input is padded to a multiple of 32
+    (1918 -> 1920) and the logits cropped back.
     """
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, in_channels: int = 3):
         super().__init__()
+        if in_channels not in (1, 3):
+            raise ModelError(f"in_channels {in_channels}: the models take 3 (RGB) or 1 (grey) channels")
         self.network = network
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.in_channels = in_channels
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else (GREY_MEAN, GREY_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, in_channels, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, in_channels, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
@@ -123,6 +137,7 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
             state = {k.removeprefix(prefix): v for k, v in state.items()}
     wanted = encoder.state_dict()
     state = {k: v for k, v in state.items() if k in wanted}  # a classifier head (fc.*) is not part of the encoder
+    state = {k: _grey_first_conv(v, wanted[k]) for k, v in state.items()}
     missing = [k for k in wanted if k not in state]
     mismatched = [k for k, v in state.items() if v.shape != wanted[k].shape]
     if missing or mismatched:
@@ -133,25 +148,40 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
     encoder.load_state_dict(state)
 
 
-def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", classes: int = 1) -> SegmentationModel:
-    """An smp ``arch`` on ``encoder`` (or one of OWN_ENCODER's) with ``classes`` output channels of logits.
+def _grey_first_conv(weight: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """An RGB first convolution's weights (out, 3, k, k) summed over R, G and B where the encoder takes one
+    grey channel (out, 1, k, k): what smp does to its own pretrained weights for ``in_channels=1``."""
+    if weight.ndim == 4 and weight.shape[1] == 3 and wanted.shape == (weight.shape[0], 1, *weight.shape[2:]):
+        return weight.sum(1, keepdim=True)
+    return weight
+
+
+def build_model(
+    arch: str, encoder: str, encoder_weights: str | None = "none", classes: int = 1, in_channels: int = 3
+) -> SegmentationModel:
+    """An smp ``arch`` on ``encoder`` (or one of OWN_ENCODER's) with ``classes`` output channels of logits,
+    taking ``in_channels`` (3: RGB; 1: grey) uint8 channels.
 
     ``encoder_weights``: ``imagenet`` (downloaded, or taken from the local cache), ``none``, or
-    the path of a local encoder weights file.
+    the path of a local encoder weights file. With one input channel, pretrained weights (smp's, or a
+    file's) have their first convolution summed over R, G and B.
     """
     if arch not in ARCHITECTURES:
         raise ModelError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if in_channels not in (1, 3):
+        raise ModelError(f"in_channels {in_channels}: the models take 3 (RGB) or 1 (grey) channels")
+    shape = {"classes": classes, "in_channels": in_channels}
     weights = (encoder_weights or "none").strip()
     local_file = weights.lower() not in ("imagenet", "none") and arch not in OWN_ENCODER
     try:
         if arch in OWN_ENCODER:  # no hub to ask: they say themselves that there are no weights for them
-            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=weights, classes=classes)
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=weights, **shape)
         elif weights.lower() == "imagenet":
             with _offline_hub_when_unreachable():
                 hub_weights = True if encoder.startswith("tu-") else "imagenet"
-                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, classes=classes)
+                network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=hub_weights, **shape)
         else:
-            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, classes=classes)
+            network = ARCHITECTURES[arch](encoder_name=encoder, encoder_weights=None, **shape)
     except (KeyError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
             raise
@@ -168,4 +198,4 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None = "none", c
         ) from None
     if local_file:
         _load_encoder_file(network.encoder, Path(weights), encoder)
-    return SegmentationModel(network)
+    return SegmentationModel(network, in_channels)

@@ -91,8 +91,9 @@ def train_transform(config: TrainConfig) -> A.Compose | None:
                 p=0.5,
             ),
             A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
-            A.HueSaturationValue(8, 15, 10, p=0.3),
         ]
+        if config.in_channels == 3:  # hue and saturation need colour: a grey image has neither
+            transforms.append(A.HueSaturationValue(8, 15, 10, p=0.3))
     return A.Compose(transforms, seed=config.seed) if transforms else None
 
 
@@ -416,7 +417,13 @@ def _epochs_done(checkpoint: dict | None) -> list[dict]:
 
 
 def build_parts(config: TrainConfig, device: torch.device, precision: str, steps_per_epoch: int) -> _Parts:
-    network = build_model(config.arch, config.encoder, config.encoder_weights, classes=config.output_channels())
+    network = build_model(
+        config.arch,
+        config.encoder,
+        config.encoder_weights,
+        classes=config.output_channels(),
+        in_channels=config.in_channels,
+    )
     model, forward = prepare_model(network, device, config.channels_last, config.compile)
     weights = [float(value) for value in config.class_weight_values.split(",")] if config.class_weight_values else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
