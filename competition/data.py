@@ -220,6 +220,11 @@ def _image_shape(data: bytes, source: str, what: str = "image") -> tuple[int, in
         return image.height, image.width
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A grey (H, W, 1) image as (H, W, 3) for drawing in colour; an RGB one as it is."""
+    return np.repeat(image, 3, axis=2) if image.ndim == 3 and image.shape[2] == 1 else image
+
+
 def to_chw(image: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 array (C 3 or 1; an (H, W) array is one channel) -> (C, H, W) uint8 tensor, the
     layout models take."""

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
 from competition.config import TrainConfig
-from competition.data import CarvanaData, decode_image, image_id_of, resize_image, to_chw
+from competition.data import CarvanaData, as_rgb, decode_image, image_id_of, resize_image, to_chw
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.files import atomic_output
@@ -390,6 +390,7 @@ def predict_rows(
     writer = SubmissionWriter(out, resume)
     done = set(writer.done)
     todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
+    data.in_channels = ensemble.in_channels  # the models decide the channels they take
     dataset = PredictionImages(data, todo, "test", ensemble.input_sizes, _expected_shape(ensemble))
     views = 1 + len(ensemble.tta)
     pace = PredictionPace(deadline or Deadline(None), label, len(todo), len(ensemble.members), views)
@@ -463,6 +464,7 @@ def out_of_fold(
         image_ids = [image_id_of(img) for img in folds.loc[folds["fold"] == fold, "img"]]
         if not image_ids:
             raise DataError(f"{folds_csv}: fold {fold} of {ensemble.members[0].path} has no images")
+        data.in_channels = ensemble.in_channels  # the models decide the channels they take
         dataset = PredictionImages(data, image_ids, "train", ensemble.input_sizes, with_masks=True)
         with explain_out_of_memory(
             f"a batch of {batch_size} validation images", f"lower --batch-size (now {batch_size})"
@@ -535,11 +537,6 @@ def _log_oof_scores(scores: pd.DataFrame, tta: tuple[str, ...], threshold: float
         threshold,
         by_threshold[column],
     )
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """A grey (H, W, 1) image as (H, W, 3) for drawing in colour; an RGB one as it is."""
-    return np.repeat(image, 3, axis=2) if image.ndim == 3 and image.shape[2] == 1 else image
 
 
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape
+from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape, image_to_array
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.mask_values import binary_values, describe_binary, parse_mask_values, value_lookup
@@ -140,7 +140,7 @@ class SegmentationData:
 
     def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to=None):
         path = self._image_file(image_id, split)
-        return decode_image_and_shape(path.read_bytes(), str(path), reduce_to)
+        return decode_image_and_shape(path.read_bytes(), str(path), reduce_to, self.in_channels)
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
         path = self._image_file(image_id, split)
@@ -497,7 +497,7 @@ class LabelmeData(SegmentationData):
         """The image turned by its EXIF orientation, as labelme shows it and as its points are drawn."""
         path = self._image_file(image_id, split)
         with _decoding(str(path)), Image.open(path) as image:
-            array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            array = image_to_array(ImageOps.exif_transpose(image), str(path), self.in_channels)
         return array, array.shape[:2]
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
@@ -661,6 +661,8 @@ def open_data(
         layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
     layout = detect_layout(root) if layout == "auto" else layout
     test_folder = Path(test_images) if test_images else None
+    if test_folder is not None and not test_folder.exists() and (root / test_folder).is_dir():
+        test_folder = root / test_folder  # named relative to the data folder, as --images and --masks are
     if layout in ("carvana", "pet", "labelme") and given:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
     if layout == "carvana":

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from competition.data import as_rgb
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
 from competition.rle import RLEError, rle_encode, rle_runs
@@ -123,6 +124,7 @@ def _predictions(ensemble, data, image_ids: list[str], threshold: float, workers
     """(image id, RGB image, class-index mask) of each test image, each predicted at its own full size."""
     from competition.inference import PredictionImages, _batches, _loader  # imported here: inference imports us
 
+    data.in_channels = ensemble.in_channels  # the models decide the channels they take
     dataset = PredictionImages(data, image_ids, "test", ensemble.input_sizes)
     loader = _loader(dataset, 1, workers, ensemble.device)  # test images may differ in size: one at a time
     bar = tqdm(total=len(image_ids), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
@@ -166,7 +168,9 @@ def write_masks(
             partial.write_bytes(encode_mask_png(mask, colours))
         if overlays:
             with atomic_output(out / "overlays" / f"{image_id}.png") as partial:
-                Image.fromarray(colour_overlay(data.read_image(image_id, "test"), mask, colours)).save(partial, "PNG")
+                Image.fromarray(colour_overlay(as_rgb(data.read_image(image_id, "test")), mask, colours)).save(
+                    partial, "PNG"
+                )
     logger.info(
         "%d masks -> %s/ (%d kept from before); classes %s",
         len(image_ids),
@@ -230,6 +234,7 @@ def class_out_of_fold(members, data, folds_csv, tta, precision, out_dir: str | P
     rows = []
     for fold, ensemble in fold_ensembles(members, tta, precision).items():
         image_ids = [image_id_of(img) for img in folds.loc[folds["fold"] == fold, "img"]]
+        data.in_channels = ensemble.in_channels  # the models decide the channels they take
         dataset = PredictionImages(data, image_ids, "train", ensemble.input_sizes, with_masks=True)
         for batch, images in _batches(_loader(dataset, 1, workers, ensemble.device), ensemble.device):
             truth = batch["mask"][0, 0].to(ensemble.device)

@@ -36,6 +36,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 TRAIN_FLAGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--workers", "0", "--quiet", "--batch-size", "4"]
 
 
+# What inspect_data must say of each form's fixture (beside the layout and the problems).
+INSPECTED = {
+    "folders named their own way": "images: 8 labelled, 0 test",  # its test images: infer.py --test-images
+    "an official split as id lists": "split: train 6, val 2, test 0",
+    "one folder pair per split, colour-coded masks": "masks: colours of",
+    "binary masks 0/255": "masks: stored values 0=background, 255=foreground",
+    "16-bit greyscale or RGBA images": "I;16",
+    "JPEG masks": "masks: stored values 0=background, 255=foreground",
+}
+
+
 def readme_rows() -> dict[str, tuple[list[str], list[str]]]:
     """The README table's rows: your data -> (data flags, infer.py flags), each the first code span of its cell."""
     text = README.read_text()
@@ -61,16 +72,20 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
     code = inspect_data([*data, "--quiet"])
     report = capsys.readouterr().out
     assert "layout: folders" in report and ("problems: none found" in report) == (code == 0)
+    assert INSPECTED.get(form, "masks: class indices") in report, report
     folds = tmp_path / "folds.csv"
     make_folds([*data, "--n-folds", "2", "--out", str(folds), "--quiet"])
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="competition"):
         train([*data, "--folds-csv", str(folds), "--out", str(run), "--size", "64x96", "--epochs", "1", *TRAIN_FLAGS])
     config = torch.load(run / "fold0" / "best.pt", weights_only=True)["config"]
-    masks = tmp_path / "masks"
-    infer(["--checkpoints", str(run), "--out", str(masks), "--workers", "0", "--quiet", *infer_flags])
-    predicted = sorted(path.stem for path in masks.glob("*.png"))
-    assert len(predicted) == 2, predicted
+    masks, scored = tmp_path / "masks", tmp_path / "oof"
+    out = ["--out-dir", str(scored)] if "--oof" in infer_flags else ["--out", str(masks)]
+    infer(["--checkpoints", str(run), "--workers", "0", "--quiet", *out, *infer_flags])
+    if "--oof" in infer_flags:  # no test images: fold 0 (the official val split) scored
+        assert len(pd.read_csv(scored / "oof.csv")) == 2
+    else:
+        assert len(list(masks.glob("*.png"))) == 2
     expected_classes = {
         "binary masks 0/255": "background,foreground",
         "JPEG masks": "background,foreground",
@@ -220,3 +235,39 @@ def test_lossy_mask_bytes_smear(tmp_path):
     mask = np.where(_scene(2)[1] == 2, 255, 0).astype(np.uint8)
     with Image.open(io.BytesIO(jpeg_bytes(mask))) as image:
         assert len(np.unique(np.asarray(image))) > 2
+
+
+def test_train_on_official_splits_holds_nothing_out(tmp_path, caplog):
+    root = make_voc_lists(tmp_path / "voc")
+    split = "train=ImageSets/Segmentation/train.txt,val=ImageSets/Segmentation/val.txt"
+    run = tmp_path / "final"
+    flags = ["--data-dir", str(root), "--out", str(run), "--size", "64x96", *TRAIN_FLAGS]
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        train([*flags, "--split", split, "--train-on", "train,val", "--epochs", "2"])  # no folds file needed
+    assert "not held out" in caplog.text and "best.pt is the last epoch" in caplog.text
+    best = torch.load(run / "fold0" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["config"]["train_on"] == "train,val"  # the second (last) epoch, 0-based
+    last = torch.load(run / "fold0" / "last.pt", weights_only=True)
+    assert all(torch.equal(best["model"][name], weights) for name, weights in last["model"].items())
+    with pytest.raises(SystemExit):  # no split to train on
+        train([*flags, "--train-on", "train", "--overwrite"])
+
+
+def test_colour_table_named_by_flag_in_camvid_text_form(tmp_path):
+    root = make_camvid(tmp_path)
+    (root / "class_dict.csv").unlink()
+    (root / "tables").mkdir()
+    (root / "tables" / "camvid.txt").write_text(
+        "0 0 0\tbackground\n220 40 40\tbox\n40 60 220\tdisc\n40 200 60\tsquare\n"
+    )
+    with pytest.raises(DataError, match="the mask is RGB.*--colors"):
+        open_data(root, split="train=train,val=val").read_mask(_name(0))
+    data = open_data(root, split="train=train,val=val", colors="tables/camvid.txt")
+    assert data.classes == ["background", "box", "disc", "square"]
+    assert np.array_equal(data.read_mask(_name(3)), _scene(3)[1])
+
+
+def test_inspect_carvana(data_dir, capsys):
+    assert inspect_data(["--data-dir", str(data_dir), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "layout: carvana" in report and "background, car" in report
