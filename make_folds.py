@@ -69,6 +69,8 @@ def group_folds(data, args):
     if args.stratify:
         raise ConfigError("--stratify names a Carvana metadata column; other layouts stratify by class")
     image_ids = data.train_ids()
+    if data.splits:
+        logger.info("the split has no val part: %d folds over its %d labelled images", args.n_folds, len(image_ids))
     groups = groups_of(image_ids, args.group_regex)
     presence = class_presence(data, image_ids, not args.quiet) if args.stratify_classes else None
     folds = assign_group_folds(groups, args.n_folds, args.seed, presence)

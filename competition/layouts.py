@@ -230,12 +230,27 @@ class FolderData(SegmentationData):
     ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
         self.unknown_colors, self.snap = unknown_colors, snap_mask_values
-        parts = (
-            split_parts(root, split, masks) if split and not is_id_list(next(iter(parse_split(split).values()))) else []
-        )
-        found, self.masks, test, folder_splits = {}, {}, {}, {}
-        for name, image_folder, mask_folder in parts or [(None, *pair_folders(root, images, masks))]:
-            explicit = bool(parts or images or masks)
+        folder_split = split and not is_id_list(next(iter(parse_split(split).values())))
+        parts = split_parts(root, split, masks) if folder_split else [(None, *pair_folders(root, images, masks))]
+        found, test, folder_splits = self.find_pairs(parts, mask_suffix, explicit=bool(folder_split or images or masks))
+        self.refuse_lossy_masks()
+        if test_images is not None or not test:  # --test-images wins over a test split
+            test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
+        self.table = self.cache = None
+        table_path = color_table_path(root, colors)
+        if table_path is not None:
+            names = self.open_color_table(table_path, classes)
+        else:
+            names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
+        super().__init__(root, found, names, ignore_index, test)
+        self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
+
+    def find_pairs(self, parts, mask_suffix: str, explicit: bool) -> tuple[dict, dict, dict]:
+        """(image id -> image with a mask, image id -> test image, image id -> split name) of every
+        (split, image folder, mask folder) part; the masks are kept in ``self.masks``."""
+        found, test, folder_splits = {}, {}, {}
+        self.masks = {}
+        for name, image_folder, mask_folder in parts:
             split_images, split_masks = match_pair(image_folder, mask_folder, mask_suffix, explicit, name == "test")
             if name == "test":
                 test.update(split_images)
@@ -246,17 +261,7 @@ class FolderData(SegmentationData):
                 folder_splits[stem] = name
             found.update(split_images)
             self.masks.update(split_masks)
-        self.refuse_lossy_masks()
-        if not parts or not test:
-            test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
-        self.table = self.cache = None
-        table_path = color_table_path(root, colors)
-        if table_path is not None:
-            names = self.open_color_table(table_path, classes)
-        else:
-            names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
-        super().__init__(root, found, names, ignore_index, test)
-        self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
+        return found, test, folder_splits
 
     def refuse_lossy_masks(self) -> None:
         lossy = [path for path in self.masks.values() if path.suffix.lower() in LOSSY_MASK_EXTENSIONS]
