@@ -104,7 +104,7 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
 
 def test_named_folders_match_masks_by_suffix_and_list_strays(tmp_path, caplog):
     root = make_named_folders(tmp_path)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="competition"):
         data = open_data(root, images="img", masks="gt", mask_suffix="_mask")
     assert data.train_ids() == sorted(_name(index) for index in range(8))
     assert "1 mask(s) without an image" in caplog.text and "stray" in caplog.text
@@ -145,7 +145,7 @@ def test_camvid_folders_and_colours(tmp_path):
 
 def test_binary_masks_in_two_values_are_read_and_said(tmp_path, caplog):
     root = make_binary_255(tmp_path)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="competition"):
         data = open_data(root)
     assert data.classes == ["background", "foreground"] and data.mask_values == [0, 255]
     assert "masks hold {0, 255}: 0 is the background, 255 the foreground" in caplog.text
