@@ -48,7 +48,10 @@ class TrainConfig:
         "", "folder of the training images when named otherwise (relative to data_dir, or absolute), e.g. img"
     )
     masks: str = setting("", "folder of their masks when named otherwise (relative to data_dir, or absolute), e.g. gt")
-    mask_suffix: str = setting("", "a mask's name is its image's stem and this, e.g. _mask or _labelIds")
+    mask_suffix: str = setting("", "a mask's name is its image's id and this, e.g. _mask or _gtFine_labelTrainIds")
+    image_suffix: str = setting(
+        "", "an image's name is its id and this, e.g. Cityscapes' _leftImg8bit (default: the id is the whole stem)"
+    )
     split: str = setting(
         "",
         "an official split, e.g. train=train,val=val,test=test: each a list of ids (a .txt file) or an image "

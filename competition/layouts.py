@@ -205,7 +205,7 @@ class SegmentationData:
 
 
 class FolderData(SegmentationData):
-    """Images and masks in folders, same stems (masks may add ``mask_suffix``): ``images/`` + ``masks/``, VOC's
+    """Images and masks in folders, same stems (past ``image_suffix``/``mask_suffix``): ``images/`` + ``masks/``, VOC's
     ``JPEGImages/`` + ``SegmentationClass[PNG]/``, folders named by ``images``/``masks``, or one folder pair per
     official split. Masks hold class indices, other values per class (``mask_values``, two-valued masks
     recognised), or colours of a colour table."""
@@ -222,6 +222,7 @@ class FolderData(SegmentationData):
         images: str = "",
         masks: str = "",
         mask_suffix: str = "",
+        image_suffix: str = "",
         split: str = "",
         colors: str = "",
         unknown_colors: str = "error",
@@ -232,7 +233,8 @@ class FolderData(SegmentationData):
         self.unknown_colors, self.snap = unknown_colors, snap_mask_values
         folder_split = split and not is_id_list(next(iter(parse_split(split).values())))
         parts = split_parts(root, split, masks) if folder_split else [(None, *pair_folders(root, images, masks))]
-        found, test, folder_splits = self.find_pairs(parts, mask_suffix, explicit=bool(folder_split or images or masks))
+        suffixes = (image_suffix, mask_suffix)
+        found, test, folder_splits = self.find_pairs(parts, suffixes, explicit=bool(folder_split or images or masks))
         self.refuse_lossy_masks()
         if test_images is not None or not test:  # --test-images wins over a test split
             test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
@@ -245,13 +247,13 @@ class FolderData(SegmentationData):
         super().__init__(root, found, names, ignore_index, test)
         self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
 
-    def find_pairs(self, parts, mask_suffix: str, explicit: bool) -> tuple[dict, dict, dict]:
+    def find_pairs(self, parts, suffixes: tuple[str, str], explicit: bool) -> tuple[dict, dict, dict]:
         """(image id -> image with a mask, image id -> test image, image id -> split name) of every
         (split, image folder, mask folder) part; the masks are kept in ``self.masks``."""
         found, test, folder_splits = {}, {}, {}
         self.masks = {}
         for name, image_folder, mask_folder in parts:
-            split_images, split_masks = match_pair(image_folder, mask_folder, mask_suffix, explicit, name == "test")
+            split_images, split_masks = match_pair(image_folder, mask_folder, suffixes, explicit, name == "test")
             if name == "test":
                 test.update(split_images)
                 continue
@@ -390,28 +392,43 @@ def split_parts(root: Path, split: str, masks: str) -> list[tuple[str, Path, Pat
     return [(name, *split_folders(root, name, spec, masks)) for name, spec in parse_split(split).items()]
 
 
+def by_id(files: dict[str, Path], suffix: str) -> tuple[dict[str, Path], list[str]]:
+    """(id -> file, for the files whose stem ends with ``suffix``, the id being the stem without it; the stems
+    of the others)."""
+    ids = {stem[: len(stem) - len(suffix)]: path for stem, path in files.items() if stem.endswith(suffix)}
+    return ids, sorted(stem for stem in files if not stem.endswith(suffix))
+
+
 def match_pair(
-    image_folder: Path, mask_folder: Path | None, suffix: str, explicit: bool, test: bool
+    image_folder: Path, mask_folder: Path | None, suffixes: tuple[str, str], explicit: bool, test: bool
 ) -> tuple[dict[str, Path], dict[str, Path]]:
     """(image id -> image, image id -> mask) of the images that have a mask (every image for a test split).
-    A mask is named as its image's stem and ``suffix``. Unmatched files are listed in one line: a warning for
-    folders the user named, a note for VOC's JPEGImages (which holds the detection images too)."""
-    images = files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit)
-    if mask_folder is None:
+    An id is a file's stem without its ``suffixes`` (image, mask): Cityscapes' ``x_leftImg8bit.png`` and
+    ``x_gtFine_labelIds.png`` are both ``x``. Unmatched files are listed in one line: a warning for folders
+    the user named, a note for VOC's JPEGImages (which holds the detection images too)."""
+    image_suffix, mask_suffix = suffixes
+    images, unsuffixed = by_id(files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit), image_suffix)
+    if unsuffixed:
+        logger.warning(
+            "%s: %d image(s) not named *%s are left out, e.g. %s",
+            image_folder,
+            len(unsuffixed),
+            image_suffix,
+            unsuffixed[:3],
+        )
+    if mask_folder is None or test:
         return images, {}
     stored = files_by_stem(mask_folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS, recursive=explicit)
-    masks = {stem[: len(stem) - len(suffix)]: path for stem, path in stored.items() if stem.endswith(suffix)}
+    masks, unsuffixed = by_id(stored, mask_suffix)
     unmasked = sorted(set(images) - set(masks))
-    orphans = sorted(set(masks) - set(images)) + sorted(stem for stem in stored if not stem.endswith(suffix))
-    if test:
-        return images, {}
+    orphans = sorted(set(masks) - set(images)) + unsuffixed
     if unmasked:
         say = logger.warning if explicit else logger.info
         say(
             "%s: %d image(s) without a mask%s in %s are left out, e.g. %s",
             image_folder,
             len(unmasked),
-            f" ({suffix})" if suffix else "",
+            f" (*{mask_suffix})" if mask_suffix else "",
             mask_folder,
             unmasked[:3],
         )
@@ -626,6 +643,7 @@ DATA_SETTINGS = (
     "images",
     "masks",
     "mask_suffix",
+    "image_suffix",
     "split",
     "colors",
     "unknown_colors",
@@ -635,7 +653,7 @@ DATA_SETTINGS = (
 )
 DATA_FLAGS = ("data_dir", *DATA_SETTINGS)  # train.py's flags that make_folds.py and inspect_data take too
 # Of those, the ones that only the image/mask-folder layout reads.
-FOLDER_SETTINGS = ("images", "masks", "mask_suffix", "colors", "mask_values", "snap_mask_values")
+FOLDER_SETTINGS = ("images", "masks", "mask_suffix", "image_suffix", "colors", "mask_values", "snap_mask_values")
 
 
 def open_data_as(settings, data_dir: str | Path | None = None, test_images: str | Path | None = None):

@@ -271,3 +271,26 @@ def test_inspect_carvana(data_dir, capsys):
     assert inspect_data(["--data-dir", str(data_dir), "--quiet"]) == 0
     report = capsys.readouterr().out
     assert "layout: carvana" in report and "background, car" in report
+
+
+def test_cityscapes_city_folders_and_both_suffixes(tmp_path, caplog):
+    """leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with gtFine/<split>/<city>/<id>_gtFine_labelTrainIds.png."""
+    for split, indices in (("train", range(6)), ("val", range(6, 8))):
+        for index in indices:
+            city = ("aachen", "bremen")[index % 2]
+            image, mask = _scene(index)
+            for folder, name, array in (
+                ("leftImg8bit", "leftImg8bit", image),
+                ("gtFine", "gtFine_labelTrainIds", mask),
+            ):
+                (tmp_path / folder / split / city).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(tmp_path / folder / split / city / f"{_name(index)}_{name}.png")
+    Image.fromarray(_scene(0)[1]).save(tmp_path / "gtFine" / "train" / "aachen" / "scene0_1_gtFine_color.png")
+    split = "train=leftImg8bit/train:gtFine/train,val=leftImg8bit/val:gtFine/val"
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        data = open_data(
+            tmp_path, split=split, image_suffix="_leftImg8bit", mask_suffix="_gtFine_labelTrainIds", classes="a,b,c,d"
+        )
+    assert data.train_ids() == sorted(_name(index) for index in range(8))
+    assert np.array_equal(data.read_mask(_name(7)), _scene(7)[1]) and data.splits[_name(7)] == "val"
+    assert "1 mask(s) without an image" in caplog.text and "scene0_1_gtFine_color" in caplog.text
