@@ -47,6 +47,13 @@ INSPECTED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def work_dir(tmp_path, monkeypatch):
+    """Colour masks are decoded into <work dir>/cache/: a folder of the test's, not of the checkout."""
+    monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
 def readme_rows() -> dict[str, tuple[list[str], list[str]]]:
     """The README table's rows: your data -> (data flags, infer.py flags), each the first code span of its cell."""
     text = README.read_text()
@@ -126,7 +133,7 @@ def test_voc_id_lists_split_the_masked_images(tmp_path):
         open_data(tmp_path, split="train=ImageSets/Segmentation/train.txt,val=ImageSets/Segmentation/val.txt")
 
 
-def test_camvid_folders_and_colours(tmp_path):
+def test_camvid_folders_and_colours(tmp_path, work_dir):
     root = make_camvid(tmp_path)
     data = open_data(root, split="train=train,val=val,test=test")
     assert data.classes == ["background", "box", "disc", "square"]
@@ -141,6 +148,7 @@ def test_camvid_folders_and_colours(tmp_path):
         open_data(root, split="train=train,val=val,test=test").read_mask(_name(0))
     ignored = open_data(root, split="train=train,val=val,test=test", unknown_colors="ignore").read_mask(_name(0))
     assert ignored[5, 7] == 255
+    assert len(list((tmp_path / "work" / "cache" / "masks").glob("*.png"))) >= 2  # decoded once, kept
 
 
 def test_binary_masks_in_two_values_are_read_and_said(tmp_path, caplog):
