@@ -100,7 +100,7 @@ def read_color_table(path: Path, ignore_index: int = 255) -> ColorTable:
     if len(names) > ignore_index:
         raise DataError(
             f"{path}: {len(names)} classes reach the ignore index {ignore_index}; class indices must stay below it, "
-            "raise --ignore-index (at most 255)"
+            "raise --ignore-index (at most 255); to ignore a colour, name its row __ignore__"
         )
     index = {name: value for value, name in enumerate(names)} | {IGNORE_NAME: ignore_index}
     return ColorTable(

@@ -14,6 +14,7 @@ from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError
 from competition.layouts import LAYOUTS
 from competition.losses import CLASS_WEIGHTINGS, LOSSES
+from competition.mask_values import label_ignore_index
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
 from competition.prediction import PRECISIONS
 from competition.sampling import SAMPLERS
@@ -135,6 +136,11 @@ class TrainConfig:
     def num_classes(self) -> int:
         """Classes, background included: Carvana's two (background, car) when none are named."""
         return len(self.class_names()) or 2
+
+    def label_ignore_index(self) -> int:
+        """The value ignored pixels hold once read (losses and metrics skip it): ``ignore_index``, or 255 when
+        that is below the number of classes (the data layer maps it so)."""
+        return label_ignore_index(self.ignore_index, self.num_classes())
 
     def output_channels(self) -> int:
         """The model's channels: one sigmoid channel for binary data (background and one class), else one

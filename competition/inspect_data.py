@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from competition.config import add_config_arguments, resolve_config
+from competition.data import _decoding
 from competition.data_checks import absent_class_problems
 from competition.errors import DataError
 from competition.layouts import DATA_FLAGS, open_data_as
@@ -19,13 +20,18 @@ logger = logging.getLogger("competition.inspect_data")
 SHOWN_PROBLEMS = 10  # problems listed one a line; the rest are counted
 
 
-def image_formats(data, image_ids: list[str], split: str = "train") -> collections.Counter:
-    """(width x height, mode) -> images, from the files' headers alone (no pixel is decoded)."""
+def image_formats(data, image_ids: list[str], split: str = "train") -> tuple[collections.Counter, list[str]]:
+    """((width x height, mode) -> images, one line per unreadable image), from the files' headers alone."""
     formats: collections.Counter = collections.Counter()
+    problems = []
     for image_id in image_ids:
-        with Image.open(data.image_path(image_id, split)) as image:
-            formats[(f"{image.width}x{image.height}", image.mode)] += 1
-    return formats
+        path = data.image_path(image_id, split)
+        try:
+            with _decoding(path), Image.open(path) as image:
+                formats[(f"{image.width}x{image.height}", image.mode)] += 1
+        except DataError as error:
+            problems.append(str(error))
+    return formats, problems
 
 
 def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str]]:
@@ -57,12 +63,11 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
             "split: " + ", ".join(f"{name} {sizes[name]}" for name in sorted(sizes)) + f", test {len(test_ids)}"
         )
     lines.append(f"images: {len(train_ids)} labelled, {len(test_ids)} test; model input channels: {data.in_channels}")
-    for (size, mode), count in image_formats(data, train_ids).most_common(5):
-        lines.append(f"  {count} labelled image(s) {size} {mode}")
-    for (size, mode), count in image_formats(data, test_ids, "test").most_common(3):
-        lines.append(f"  {count} test image(s) {size} {mode}")
+    (labelled, broken), (tests, broken_tests) = image_formats(data, train_ids), image_formats(data, test_ids, "test")
+    lines += [f"  {count} labelled image(s) {size} {mode}" for (size, mode), count in labelled.most_common(5)]
+    lines += [f"  {count} test image(s) {size} {mode}" for (size, mode), count in tests.most_common(3)]
     if data.layout == "carvana":
-        return lines + ["classes: background, car (Carvana)"], []
+        return lines + ["classes: background, car (Carvana)"], broken + broken_tests
     table = getattr(data, "table", None)
     if table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
@@ -71,10 +76,12 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     else:
         lines.append("masks: class indices")
     counts, ignored, problems = scan_masks(data, train_ids, progress)
+    problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
     total = max(int(counts.sum()) + ignored, 1)
     lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
     lines += [f"  {index:3d} {name:<20} {100 * counts[index] / total:7.3f}%" for index, name in enumerate(data.classes)]
-    lines.append(f"ignore index {data.ignore_index}: {100 * ignored / total:.3f}% of the pixels")
+    stored = getattr(data, "stored_ignore_index", data.ignore_index)
+    lines.append(f"ignore index {stored}: {100 * ignored / total:.3f}% of the pixels")
     problems += absent_class_problems(data.classes, counts, None)
     return lines, problems
 

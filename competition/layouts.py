@@ -12,7 +12,14 @@ from PIL import Image, ImageDraw, ImageOps
 from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape, image_to_array
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
-from competition.mask_values import binary_values, describe_binary, parse_mask_values, value_lookup
+from competition.mask_values import (
+    binary_values,
+    describe_binary,
+    label_ignore_index,
+    parse_mask_values,
+    skipping_ignore,
+    value_lookup,
+)
 from competition.splits import is_id_list, parse_split, read_id_list, resolve, split_folders
 
 logger = logging.getLogger(__name__)
@@ -108,12 +115,21 @@ class SegmentationData:
     known_values: np.ndarray | None = None
     in_channels = 3  # the image channels models take; open_data sets the run's
 
-    def __init__(self, root: Path, images: dict[str, Path], classes: list[str], ignore_index: int, test: dict):
+    def __init__(
+        self,
+        root: Path,
+        images: dict[str, Path],
+        classes: list[str],
+        ignore_index: int,
+        test: dict,
+        stored_ignore_index: int | None = None,
+    ):
         self.root = root
         self.images = images
         self.test_images = test
         self.classes = classes
-        self.ignore_index = ignore_index
+        self.ignore_index = ignore_index  # as read: what losses and metrics skip
+        self.stored_ignore_index = ignore_index if stored_ignore_index is None else stored_ignore_index
         self.splits: dict[str, str] = {}  # image id -> its official split (--split), when one is given
 
     @property
@@ -164,7 +180,7 @@ class SegmentationData:
             stored = ", ".join(f"{value} {name}" for value, name in zip(self.mask_values, self.classes))
             raise DataError(
                 f"{source}: mask value(s) {unknown[:5].tolist()} are neither a class's value ({stored}) nor the "
-                f"ignore index {self.ignore_index}; fix the mask, or give each class's value with --mask-values"
+                f"ignore index {self.stored_ignore_index}; fix the mask, or give each class's value with --mask-values"
             )
         return self.value_lookup[mask]
 
@@ -244,7 +260,7 @@ class FolderData(SegmentationData):
             names = self.open_color_table(table_path, classes)
         else:
             names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
-        super().__init__(root, found, names, ignore_index, test)
+        super().__init__(root, found, names, label_ignore_index(ignore_index, len(names)), test, ignore_index)
         self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
 
     def find_pairs(self, parts, suffixes: tuple[str, str], explicit: bool) -> tuple[dict, dict, dict]:
@@ -277,14 +293,17 @@ class FolderData(SegmentationData):
         """Masks painted in colours: the table's class names; masks decoded once into a cache in the work dir."""
         from competition.colors import MaskCache, read_color_table
 
-        self.table = read_color_table(path, self.ignore_index)
+        self.table = read_color_table(path)  # first for its classes, then with the ignore index they leave
+        label_ignore = label_ignore_index(self.ignore_index, len(self.table.names))
+        if label_ignore != 255:
+            self.table = read_color_table(path, label_ignore)
         names = list(self.table.names)
         if classes:
             given = parse_classes(classes)
             if len(given) != len(names):
                 raise DataError(f"--classes {classes!r}: the colour table {path} names {len(names)}: {names}")
             names = given
-        settings = f"{self.table.key}-{self.unknown_colors}-{self.snap}-{self.ignore_index}"
+        settings = f"{self.table.key}-{self.unknown_colors}-{self.snap}-{label_ignore}"
         self.cache = MaskCache(default_work_dir() / "cache" / "masks", settings)
         logger.info(
             "%s: %d colours for %d classes; masks decoded once into %s",
@@ -310,6 +329,8 @@ class FolderData(SegmentationData):
             names = given  # stored as their index: nothing to scan
         else:
             names, values = self.values_from_masks(images, given)
+        if values is None and self.ignore_index < len(names):  # ADE20K: 0 unlabelled, the classes stored from 1
+            values = skipping_ignore(len(names), self.ignore_index)
         self.set_values(values, len(names))
         return names
 
@@ -344,7 +365,8 @@ class FolderData(SegmentationData):
         if given is not None:
             return given, None
         largest = max((value for value in present if value != self.ignore_index), default=0)
-        names = [f"class_{index}" for index in range(max(largest + 1, 2))]
+        count = largest + (0 if self.ignore_index <= largest else 1)  # values skip an ignore index among them
+        names = [f"class_{index}" for index in range(max(count, 2))]
         logger.warning(
             "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
             "name them in classes.txt (one a line, background first)",
@@ -399,6 +421,20 @@ def by_id(files: dict[str, Path], suffix: str) -> tuple[dict[str, Path], list[st
     return ids, sorted(stem for stem in files if not stem.endswith(suffix))
 
 
+def suffix_hint(image_stems: list[str], mask_stems: list[str]) -> str:
+    """The flags that would pair these names, when a mask's name is an image's and more (or the reverse)."""
+    images = set(image_stems)
+    for mask in mask_stems[:50]:
+        for end in range(len(mask) - 1, 0, -1):
+            if mask[:end] in images:
+                return f"; their names differ by a suffix: pass --mask-suffix {mask[end:]}"
+    for image in image_stems[:50]:
+        for end in range(len(image) - 1, 0, -1):
+            if image[:end] in set(mask_stems):
+                return f"; their names differ by a suffix: pass --image-suffix {image[end:]}"
+    return "; a mask is named as its image (--mask-suffix and --image-suffix name what each adds)"
+
+
 def match_pair(
     image_folder: Path, mask_folder: Path | None, suffixes: tuple[str, str], explicit: bool, test: bool
 ) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -407,7 +443,8 @@ def match_pair(
     ``x_gtFine_labelIds.png`` are both ``x``. Unmatched files are listed in one line: a warning for folders
     the user named, a note for VOC's JPEGImages (which holds the detection images too)."""
     image_suffix, mask_suffix = suffixes
-    images, unsuffixed = by_id(files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit), image_suffix)
+    image_files = files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit)
+    images, unsuffixed = by_id(image_files, image_suffix)
     if unsuffixed:
         logger.warning(
             "%s: %d image(s) not named *%s are left out, e.g. %s",
@@ -420,6 +457,12 @@ def match_pair(
         return images, {}
     stored = files_by_stem(mask_folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS, recursive=explicit)
     masks, unsuffixed = by_id(stored, mask_suffix)
+    if image_files and stored and not set(images) & set(masks):
+        raise DataError(
+            f"{image_folder}: none of its {len(image_files)} image(s) has a mask in {mask_folder} ({len(stored)} "
+            f"there), e.g. {next(iter(image_files.values())).name} and {next(iter(stored.values())).name}"
+            f"{suffix_hint(list(image_files), list(stored))}"
+        )
     unmasked = sorted(set(images) - set(masks))
     orphans = sorted(set(masks) - set(images)) + unsuffixed
     if unmasked:

@@ -37,16 +37,30 @@ def describe_binary(values: list[int], ignore_index: int) -> str:
     )
 
 
+def label_ignore_index(ignore_index: int, num_classes: int) -> int:
+    """The value ignored pixels hold once read: the stored ignore index, or 255 when that is below the number of
+    classes (ADE20K stores 0 for unlabelled pixels and its classes as 1..150, read as 0..149)."""
+    return ignore_index if ignore_index >= num_classes else 255
+
+
+def skipping_ignore(num_classes: int, ignore_index: int) -> list[int]:
+    """The stored value of each class when the ignore index lies among them: the indices with it left out
+    (ignore index 0: the classes are stored as 1, 2, ...)."""
+    return [value for value in range(num_classes + 1) if value != ignore_index][:num_classes]
+
+
 def value_lookup(
     values: list[int] | None, num_classes: int, ignore_index: int, snap: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(lookup, known): 256 entries each; ``lookup[stored]`` is the class index (or the ignore index) of a stored
-    value, and ``known[stored]`` whether that value means anything (an unknown one is refused, never guessed).
+    """(lookup, known): 256 entries each; ``lookup[stored]`` is the class index (or the label ignore index) of a
+    stored value, and ``known[stored]`` whether that value means anything (an unknown one is refused, never
+    guessed). ``ignore_index`` is the stored one.
 
     ``values`` None means the classes are stored as their index. With ``snap`` every value maps to the class
     of the nearest class value (ties to the lower), for masks saved lossily (JPEG)."""
     values = list(range(num_classes)) if values is None else values
-    lookup = np.full(256, ignore_index, dtype=np.uint8)
+    label_ignore = label_ignore_index(ignore_index, num_classes)
+    lookup = np.full(256, label_ignore, dtype=np.uint8)
     known = np.zeros(256, dtype=bool)
     known[ignore_index] = True
     for index, value in enumerate(values):
@@ -58,6 +72,6 @@ def value_lookup(
         distance = np.abs(stored[:, None] - sorted_values[None, :])
         nearest = order[np.argmin(distance, axis=1)]
         exact_ignore = stored == ignore_index if ignore_index not in values else np.zeros(256, dtype=bool)
-        lookup = np.where(exact_ignore, ignore_index, nearest).astype(np.uint8)
+        lookup = np.where(exact_ignore, label_ignore, nearest).astype(np.uint8)
         known[:] = True
     return lookup, known

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from competition.errors import ConfigError, DataError
 
+SPLIT_NAMES = ("train", "val", "test")  # a misspelt one must not train on test images unnoticed
 SPLIT_EXAMPLES = "e.g. train=ImageSets/Segmentation/train.txt,val=ImageSets/Segmentation/val.txt or train=train,val=val"
 # Mask folders tried beside a split's image folder ``A`` when none is named: CamVid's ``Aannot``, then common names.
 MASK_FOLDER_SUFFIXES = ("annot", "_masks", "_labels", "_annot")
@@ -18,6 +19,11 @@ def parse_split(text: str) -> dict[str, str]:
         name, spec = name.strip(), spec.strip()
         if not sep or not name or not spec:
             raise ConfigError(f"--split {text!r}: each part is NAME=LIST.txt or NAME=IMAGES[:MASKS], {SPLIT_EXAMPLES}")
+        if name not in SPLIT_NAMES:
+            raise ConfigError(
+                f"--split {text!r}: split {name!r} is none of {', '.join(SPLIT_NAMES)} (train: fold 1, val: fold 0, "
+                "test: infer.py's images); name each part so"
+            )
         if name in parts:
             raise ConfigError(f"--split {text!r}: split {name!r} named twice")
         parts[name] = spec

@@ -436,7 +436,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
             num_classes=config.num_classes(),
             bce_weight=config.bce_weight,
             dice_weight=config.dice_weight,
-            ignore_index=config.ignore_index if config.class_names() else None,  # Carvana labels every pixel
+            ignore_index=config.label_ignore_index() if config.class_names() else None,  # Carvana labels all
             class_weights=weights,
         ),
         optimizer=optimizer,
@@ -834,7 +834,12 @@ def _run_epoch(
         scored_classes = ["background", "car"]
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
         metrics = evaluate(
-            parts.evaluated, fold.val_loader, parts.loss_fn, parts.precision, scored_classes, config.ignore_index
+            parts.evaluated,
+            fold.val_loader,
+            parts.loss_fn,
+            parts.precision,
+            scored_classes,
+            config.label_ignore_index(),
         )
     return {
         "epoch": epoch,

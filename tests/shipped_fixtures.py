@@ -141,11 +141,31 @@ def make_jpeg_masks(root: Path, count: int = 8) -> Path:
     return root
 
 
+def make_ade20k(root: Path, count: int = 8) -> Path:
+    """ADE20K's folders: images/{training,validation}, annotations/{training,validation}; masks store 0 for
+    unlabelled pixels (a strip along the top here) and the classes from 1."""
+    root = Path(root)
+
+    def save_shifted(mask, path):
+        stored = mask.astype(np.uint8) + 1
+        stored[:4] = 0
+        _save_index_png(stored, path)
+
+    for split, indices in (("training", range(count - 2)), ("validation", range(count - 2, count))):
+        _write_scenes(
+            root / "images" / split, root / "annotations" / split, indices, lambda s: f"{s}.png", save_shifted
+        )
+    _write_scenes(root / "test", None, range(count, count + 2), None, None)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
 # README table row -> the builder of its fixture (the row's flags are read from the README itself).
 FORMS = {
     "folders named their own way": make_named_folders,
     "an official split as id lists": make_voc_lists,
     "one folder pair per split, colour-coded masks": make_camvid,
+    "0 is unlabelled, the classes from 1": make_ade20k,
     "binary masks 0/255": make_binary_255,
     "a class no mask holds": make_absent_class,
     "16-bit greyscale or RGBA images": make_grey16,

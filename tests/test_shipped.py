@@ -21,9 +21,11 @@ from infer import main as infer
 from make_folds import main as make_folds
 from tests.layout_fixtures import _name, _scene, make_folders
 from tests.shipped_fixtures import (
+    CLASSES,
     FORMS,
     jpeg_bytes,
     make_absent_class,
+    make_ade20k,
     make_binary_255,
     make_camvid,
     make_jpeg_masks,
@@ -42,6 +44,7 @@ INSPECTED = {
     "an official split as id lists": "split: train 6, val 2, test 0",
     "one folder pair per split, colour-coded masks": "masks: colours of",
     "binary masks 0/255": "masks: stored values 0=background, 255=foreground",
+    "0 is unlabelled, the classes from 1": "masks: stored values 1=background, 2=box, 3=disc, 4=square",
     "16-bit greyscale or RGBA images": "I;16",
     "JPEG masks": "masks: stored values 0=background, 255=foreground",
 }
@@ -212,7 +215,7 @@ def test_inspect_reports_and_reaches_the_errors(tmp_path, capsys):
 
 def test_split_and_value_rules_by_hand():
     assert parse_split("train=a,val=b:c") == {"train": "a", "val": "b:c"}
-    for bad in ("train", "train=a,train=b", "train=a.txt,val=b"):
+    for bad in ("train", "train=a,train=b", "train=a.txt,val=b", "train=a,tst=b"):
         with pytest.raises(ConfigError):
             parse_split(bad)
     assert parse_mask_values("0, 255") == [0, 255]
@@ -302,3 +305,30 @@ def test_cityscapes_city_folders_and_both_suffixes(tmp_path, caplog):
     assert data.train_ids() == sorted(_name(index) for index in range(8))
     assert np.array_equal(data.read_mask(_name(7)), _scene(7)[1]) and data.splits[_name(7)] == "val"
     assert "1 mask(s) without an image" in caplog.text and "scene0_1_gtFine_color" in caplog.text
+
+
+def test_ignore_index_below_the_classes_reads_them_from_one(tmp_path):
+    root = make_ade20k(tmp_path)
+    data = open_data(root, split="train=images/training,val=images/validation", masks="annotations", ignore_index=0)
+    assert data.classes == list(CLASSES) and data.mask_values == [1, 2, 3, 4] and data.ignore_index == 255
+    expected = _scene(6)[1].copy()
+    expected[:4] = 255
+    assert np.array_equal(data.read_mask(_name(6)), expected)
+    with pytest.raises(DataError, match=r"mask value\(s\) \[4\] are neither"):  # without it: stored as indices
+        open_data(root, split="train=images/training,val=images/validation", masks="annotations").read_mask(_name(6))
+
+
+def test_names_that_differ_by_a_suffix_are_named(tmp_path):
+    root = make_named_folders(tmp_path)
+    with pytest.raises(DataError, match="none of its 8 image.*pass --mask-suffix _mask"):
+        open_data(root, images="img", masks="gt")
+    with pytest.raises(DataError, match="pass --mask-suffix _mask"):
+        open_data(root, images="img", masks="gt", mask_suffix="mask")
+
+
+def test_inspect_lists_an_unreadable_image(tmp_path, capsys):
+    root = make_folders(tmp_path)
+    (root / "images" / f"{_name(1)}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    assert inspect_data(["--data-dir", str(root), "--quiet"]) == 1
+    report = capsys.readouterr().out
+    assert f"{_name(1)}.jpg: the image does not decode" in report
