@@ -195,6 +195,13 @@ class SegmentationData:
                 "classes.txt or --classes, or fix the mask"
             )
 
+    def test_mask_ids(self) -> list[str]:
+        """The test images that have a mask (a test split with its masks): what infer.py's masks are scored on."""
+        return [image_id for image_id in self.test_ids() if self.mask_source_exists(image_id)]
+
+    def mask_source_exists(self, image_id: str) -> bool:
+        return False
+
     def check_masks(self, image_ids: list[str]) -> None:
         missing = [image_id for image_id in image_ids if image_id not in self.images]
         if missing:
@@ -270,8 +277,9 @@ class FolderData(SegmentationData):
         self.masks = {}
         for name, image_folder, mask_folder in parts:
             split_images, split_masks = match_pair(image_folder, mask_folder, suffixes, explicit, name == "test")
-            if name == "test":
+            if name == "test":  # its masks, when it has them, score infer.py's masks (competition.metrics)
                 test.update(split_images)
+                self.masks.update(split_masks)
                 continue
             for stem in split_images:
                 if stem in found:
@@ -379,6 +387,9 @@ class FolderData(SegmentationData):
     def mask_source(self, image_id: str) -> str:
         return str(self.masks[image_id])
 
+    def mask_source_exists(self, image_id: str) -> bool:
+        return image_id in self.masks
+
     def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
         path = self.masks[image_id]
         if self.table is not None:
@@ -453,10 +464,12 @@ def match_pair(
             image_suffix,
             unsuffixed[:3],
         )
-    if mask_folder is None or test:
+    if mask_folder is None:
         return images, {}
     stored = files_by_stem(mask_folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS, recursive=explicit)
     masks, unsuffixed = by_id(stored, mask_suffix)
+    if test:  # every test image is predicted; the masks it has are for scoring
+        return images, {image_id: path for image_id, path in masks.items() if image_id in images}
     if image_files and stored and not set(images) & set(masks):
         raise DataError(
             f"{image_folder}: none of its {len(image_files)} image(s) has a mask in {mask_folder} ({len(stored)} "
@@ -521,6 +534,9 @@ class PetData(SegmentationData):
 
     def mask_source(self, image_id: str) -> str:
         return str(self.trimaps[image_id])
+
+    def mask_source_exists(self, image_id: str) -> bool:
+        return image_id in self.trimaps
 
     def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
         path = self.trimaps[image_id]

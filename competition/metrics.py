@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from competition.data import read_csv_file
-from competition.errors import DataError
+from competition.errors import DataError, ProjectError
 from competition.rle import RLEError, rle_runs
 
 
@@ -196,19 +196,58 @@ def score_mask_folders(predicted_dir: Path, truth_dir: Path, classes: list[str] 
     return {**segmentation_scores(confusion, classes), "images": len(pairs)}
 
 
+def score_test_masks(predicted_dir: Path, data) -> dict:
+    """segmentation_scores of the predicted PNG masks against the data's test masks, read as training reads
+    masks (colours, stored values, suffixes, splits): a CamVid testannot/, Oxford-IIIT Pet's test trimaps."""
+    image_ids = data.test_mask_ids()
+    if not image_ids:
+        raise DataError(f"{data.root}: no test image has a mask to score against (a test split with masks)")
+    missing = [image_id for image_id in image_ids if not (predicted_dir / f"{image_id}.png").is_file()]
+    if missing:
+        raise DataError(f"{predicted_dir}: no prediction for {len(missing)} test mask(s), e.g. {missing[:3]}")
+    confusion = torch.zeros((data.num_classes, data.num_classes), dtype=torch.int64)
+    for image_id in image_ids:
+        predicted, truth = read_mask_png(predicted_dir / f"{image_id}.png"), data.read_mask(image_id)
+        if predicted.shape != truth.shape or predicted.max() >= data.num_classes:
+            raise DataError(
+                f"{predicted_dir / image_id}.png: {predicted.shape[1]}x{predicted.shape[0]} with classes up to "
+                f"{predicted.max()}, but the truth is {truth.shape[1]}x{truth.shape[0]} with {data.num_classes}"
+            )
+        confusion += confusion_matrix(
+            torch.from_numpy(predicted), torch.from_numpy(truth), data.num_classes, data.ignore_index
+        )
+    return {**segmentation_scores(confusion, data.classes), "images": len(image_ids)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Score a submission CSV against a truth CSV (both img,rle_mask), or a folder of predicted PNG "
-        "masks against a folder of truth masks (class indices, matched by name)."
+        "masks against a folder of truth masks (class indices, matched by name), or against the test masks of a "
+        "--data-dir read with the data flags of train.py (a test split's colour masks, say)."
     )
     parser.add_argument("submission", help="a submission CSV, or a folder of predicted masks")
-    parser.add_argument("truth", help="e.g. input/test_masks.csv, or input-parts/test_masks/")
+    parser.add_argument(
+        "truth", nargs="?", help="e.g. input/test_masks.csv, or input-parts/test_masks/ (or --data-dir instead)"
+    )
     parser.add_argument("--size", default="1280x1918", help="CSV: image HEIGHTxWIDTH (default: %(default)s)")
     parser.add_argument("--classes", help="folders: class names a,b,c (default: classes.txt beside the truth masks)")
     parser.add_argument(
         "--ignore-index", type=int, default=255, help="folders: truth value scored nowhere (default: 255)"
     )
+    from competition.config import add_config_arguments, resolve_config
+    from competition.layouts import DATA_FLAGS, open_data_as
+
+    add_config_arguments(parser, tuple(name for name in DATA_FLAGS if name not in ("classes", "ignore_index")))
     args = parser.parse_args(argv)
+    if args.truth is None:
+        try:
+            data = open_data_as(resolve_config(args, DATA_FLAGS))
+            scores = score_test_masks(Path(args.submission), data)
+        except ProjectError as error:
+            parser.exit(2, f"metrics: error: {error}\n")
+        print(f"{scores['images']} masks")
+        print(format_class_table(scores))
+        return
     if Path(args.submission).is_dir() or Path(args.truth).is_dir():
         classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
         try:

@@ -16,10 +16,12 @@ from competition.errors import ConfigError, DataError
 from competition.inspect_data import main as inspect_data
 from competition.layouts import open_data
 from competition.mask_values import binary_values, parse_mask_values, value_lookup
+from competition.metrics import main as score
+from competition.metrics import score_test_masks
 from competition.splits import parse_split, read_id_list
 from infer import main as infer
 from make_folds import main as make_folds
-from tests.layout_fixtures import _name, _scene, make_folders
+from tests.layout_fixtures import _name, _scene, make_folders, make_pet
 from tests.shipped_fixtures import (
     CLASSES,
     FORMS,
@@ -96,6 +98,9 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
         assert len(pd.read_csv(scored / "oof.csv")) == 2
     else:
         assert len(list(masks.glob("*.png"))) == 2
+    if form == "one folder pair per split, colour-coded masks":  # testannot/ scores the masks, read as in training
+        score([str(masks), *data])
+        assert re.search(r"mIoU \d\.\d{4}", capsys.readouterr().out)
     expected_classes = {
         "binary masks 0/255": "background,foreground",
         "JPEG masks": "background,foreground",
@@ -332,3 +337,26 @@ def test_inspect_lists_an_unreadable_image(tmp_path, capsys):
     assert inspect_data(["--data-dir", str(root), "--quiet"]) == 1
     report = capsys.readouterr().out
     assert f"{_name(1)}.jpg: the image does not decode" in report
+
+
+def test_pet_official_lists_and_scoring_the_test_trimaps(tmp_path, capsys):
+    root = make_pet(tmp_path / "pet")
+    ids = sorted(path.stem for path in (root / "images").glob("*.jpg") if not path.name.startswith("._"))
+    (root / "annotations" / "trainval.txt").write_text("".join(f"{image_id} 1 1 1\n" for image_id in ids[:6]))
+    (root / "annotations" / "test.txt").write_text("".join(f"{image_id} 1 1 1\n" for image_id in ids[6:]))
+    split = "train=annotations/trainval.txt,test=annotations/test.txt"
+    data = open_data(root, split=split)
+    assert data.train_ids() == ids[:6] and data.test_ids() == ids[6:] == data.test_mask_ids()
+    predicted = tmp_path / "predicted"
+    predicted.mkdir()
+    for image_id in ids[6:]:  # a perfect prediction but for the border (ignored) and one flipped pixel
+        mask = data.read_mask(image_id)
+        mask = np.where(mask == 255, 0, mask).astype(np.uint8)
+        mask[0, 0] = 1 - mask[0, 0]
+        Image.fromarray(mask).save(predicted / f"{image_id}.png")
+    scores = score_test_masks(predicted, data)
+    assert scores["images"] == 2 and 0.99 < scores["miou"] < 1.0
+    score([str(predicted), "--data-dir", str(root), "--split", split])
+    assert "background" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        score([str(predicted), "--data-dir", str(root)])  # no test split: no test masks
