@@ -611,7 +611,7 @@ class LabelmeData(SegmentationData):
                     "or --classes"
                 )
             draw_shape(canvas, shape, index[label], source)
-        return np.asarray(canvas, dtype=np.uint8), source
+        return np.array(canvas, dtype=np.uint8), source  # a writable copy, as every other layout gives
 
 
 LABELME_LINE_WIDTH, LABELME_POINT_RADIUS = 10, 5  # as labelme's own shape_to_mask draws lines and points

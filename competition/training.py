@@ -579,17 +579,14 @@ def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps:
         )
 
 
-def nothing_held_out(config: TrainConfig) -> bool:
-    """``--train-on`` every split: validation images are training images, so no score picks the best epoch."""
-    return bool(config.train_on) and "val" in config.train_on.split(",")
-
-
-def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, image_shape, split: str, run_dir: Path):
-    """best.pt when the monitored validation score improved, last.pt (with everything --resume needs), log.csv, curves.png."""
+def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, fold: "_Fold", run_dir: Path):
+    """best.pt when the monitored validation score improved (every epoch when the validation images are also
+    trained on: no score then picks one), last.pt (with everything --resume needs), log.csv, curves.png."""
+    image_shape, split = fold.image_shape, fold.split
     state.rows.append(row)
     column, name = monitored(config)
     epoch_summary = summary(config, row["epoch"], row[column], image_shape)
-    if row[column] > state.best_score or nothing_held_out(config):
+    if row[column] > state.best_score or not fold.held_out:
         state.best_score = row[column]
         save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
         logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, state.best_score)
@@ -768,6 +765,7 @@ class _Fold:
     parts: _Parts
     image_shape: tuple[int, int]
     split: str
+    held_out: bool = True  # False when --train-on trains on the validation images too
 
     @property
     def images_per_epoch(self) -> int:
@@ -814,6 +812,7 @@ def _set_up_fold(config: TrainConfig, data, device: torch.device, precision: str
         parts=build_parts(config, device, precision, math.ceil(len(train_loader) / config.accum_steps)),
         image_shape=data.image_shape(val_ids[0]),  # inference checks test images against it
         split=split_digest(val_ids),
+        held_out=not set(val_ids) & set(train_ids),
     )
 
 
@@ -863,7 +862,7 @@ def _train_epochs(
         if not budget.begin(epoch):
             return budget.not_started
         row = _run_epoch(fold, config, epoch, run_dir, progress, budget)
-        _save_epoch(fold.parts, state, config, row, fold.image_shape, fold.split, run_dir)
+        _save_epoch(fold.parts, state, config, row, fold, run_dir)
         column, name = monitored(config)
         logger.info(
             "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, %s %.5f, %.1f img/s",

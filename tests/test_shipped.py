@@ -360,3 +360,24 @@ def test_pet_official_lists_and_scoring_the_test_trimaps(tmp_path, capsys):
     assert "background" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         score([str(predicted), "--data-dir", str(root)])  # no test split: no test masks
+
+
+def test_the_value_and_colour_flags_reach_the_data_from_the_command_line(tmp_path, capsys):
+    camvid = make_camvid(tmp_path / "camvid")
+    (camvid / "class_dict.csv").rename(camvid / "camvid.csv")
+    painted = camvid / "trainannot" / f"{_name(0)}.png"
+    colours = np.asarray(Image.open(painted)).copy()
+    colours[0, 0] = (9, 9, 9)
+    Image.fromarray(colours).save(painted)
+    flags = ["--data-dir", str(camvid), "--split", "train=train,val=val,test=test", "--colors", "camvid.csv", "--quiet"]
+    assert inspect_data(flags) == 1 and "(9, 9, 9)" in capsys.readouterr().out
+    assert inspect_data([*flags, "--unknown-colors", "ignore"]) == 0
+    binary = make_binary_255(tmp_path / "binary")
+    assert inspect_data(["--data-dir", str(binary), "--mask-values", "0,255", "--quiet"]) == 0
+    assert "stored values 0=background, 255=foreground" in capsys.readouterr().out
+    named = make_named_folders(tmp_path / "named")
+    for image in (named / "img").iterdir():
+        image.rename(image.with_name(f"{image.stem}_rgb{image.suffix}"))
+    flags = ["--data-dir", str(named), "--images", "img", "--masks", "gt", "--mask-suffix", "_mask", "--quiet"]
+    assert inspect_data([*flags, "--image-suffix", "_rgb"]) == 0
+    assert "8 labelled" in capsys.readouterr().out
