@@ -198,6 +198,9 @@ def open_test_data(args, config):
 
 
 def score_out_of_fold(args, members, tta, precision) -> None:
+    trained_on = [str(member.path) for member in members if member.config.train_on]
+    if trained_on:
+        raise ConfigError(f"{trained_on[0]}: trained with --train-on, on every split it names: nothing is out of fold")
     folds_csv = args.folds_csv or members[0].config.folds_csv
     data = open_test_data(args, members[0].config)
     if data.layout != "carvana":

@@ -98,6 +98,11 @@ def checkpoint_config(checkpoint: dict, path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{error}; the file was altered or comes from another code version") from None
 
 
+# Settings that, left empty, are resolved from the data as a run starts and saved: empty on a resumed run's command
+# line means "as the data says", which is what the checkpoint holds.
+RESOLVED_FROM_DATA = ("classes", "mask_values")
+
+
 def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume a run with settings that change what it learns (epochs, sizes, model, ...), or
     from a last.pt written before the current format."""
@@ -112,7 +117,7 @@ def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
         for f in fields(TrainConfig)
         if f.name not in RESUMABLE_CHANGES
         and getattr(saved, f.name) != getattr(config, f.name)
-        and not (f.name == "classes" and not config.classes)  # not named: the data's, resolved as the run starts
+        and not (f.name in RESOLVED_FROM_DATA and not getattr(config, f.name))  # not given: the data's, resolved
     ]
     if changed:
         raise ConfigError(

@@ -248,6 +248,7 @@ class CarvanaData:
     ignore_index = None  # every pixel is labelled
 
     def __init__(self, root: str | Path, mask_source: str = "auto", test_images: Path | None = None):
+        self.splits: dict[str, str] = {}  # no official split: the cars' folds
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data folder not found. {LAYOUT_HELP}")
@@ -265,6 +266,10 @@ class CarvanaData:
         self.mask_source = mask_source
         self._csv_masks: dict[str, str] | None = None
         self.in_channels = 3
+
+    def test_mask_ids(self) -> list[str]:
+        """Carvana's test masks were never published: none to score against."""
+        return []
 
     def _csv_path(self, name: str) -> Path:
         for candidate in (self.root / name, self.root / f"{name}.zip"):

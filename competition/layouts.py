@@ -162,16 +162,17 @@ class SegmentationData:
         path = self._image_file(image_id, split)
         return _image_shape(path.read_bytes(), str(path))
 
-    def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
+    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         """(the mask's class indices before checking, the file they came from)."""
         raise NotImplementedError
 
     def mask_source(self, image_id: str) -> str:
         raise NotImplementedError
 
-    def read_mask(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
-        """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops."""
-        mask, source = self._mask(image_id)
+    def read_mask(self, image_id: str, shape: tuple[int, int] | None = None, split: str = "train") -> np.ndarray:
+        """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops.
+        ``split`` "test": a test image's mask (a test split's), for scoring predictions."""
+        mask, source = self._mask(image_id, split)
         if self.value_lookup is None:
             self._check_values(mask, source)
             return mask
@@ -274,12 +275,12 @@ class FolderData(SegmentationData):
         """(image id -> image with a mask, image id -> test image, image id -> split name) of every
         (split, image folder, mask folder) part; the masks are kept in ``self.masks``."""
         found, test, folder_splits = {}, {}, {}
-        self.masks = {}
+        self.masks, self.test_masks = {}, {}
         for name, image_folder, mask_folder in parts:
             split_images, split_masks = match_pair(image_folder, mask_folder, suffixes, explicit, name == "test")
             if name == "test":  # its masks, when it has them, score infer.py's masks (competition.metrics)
                 test.update(split_images)
-                self.masks.update(split_masks)
+                self.test_masks.update(split_masks)  # apart: splits may reuse names (0001.png in train and test)
                 continue
             for stem in split_images:
                 if stem in found:
@@ -333,8 +334,8 @@ class FolderData(SegmentationData):
             names = given or (
                 ["background", "foreground"] if len(values) == 2 else [f"class_{i}" for i in range(len(values))]
             )
-        elif given is not None and len(given) > 2 and not self.snap:
-            names = given  # stored as their index: nothing to scan
+        elif given is not None and len(given) > 2:
+            names = given  # stored as their index (snapped to the nearest one, if asked): nothing to scan
         else:
             names, values = self.values_from_masks(images, given)
         if values is None and self.ignore_index < len(names):  # ADE20K: 0 unlabelled, the classes stored from 1
@@ -359,10 +360,8 @@ class FolderData(SegmentationData):
             if binary is not None:
                 logger.info("%s: %s", self.root, describe_binary(binary, self.ignore_index))
                 return given or ["background", "foreground"], binary
-        if self.snap:  # several classes stored lossily: each class is one of the most common values
-            values = sorted(np.argsort(histogram, kind="stable")[::-1][: len(given)].tolist())
-            logger.info("%s: masks snapped to the %d most common values %s", self.root, len(values), values)
-            return given, values
+        if self.snap:  # several classes stored lossily as their index: each value snaps to the nearest index
+            return given, None
         if self.ignore_index in present:
             logger.info(
                 "%s: %d pixel(s) hold %d, the ignore index: left out of losses and metrics",
@@ -388,10 +387,10 @@ class FolderData(SegmentationData):
         return str(self.masks[image_id])
 
     def mask_source_exists(self, image_id: str) -> bool:
-        return image_id in self.masks
+        return image_id in self.test_masks
 
-    def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
-        path = self.masks[image_id]
+    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
+        path = (self.test_masks if split == "test" else self.masks)[image_id]
         if self.table is not None:
             from competition.colors import read_color_mask
 
@@ -538,7 +537,7 @@ class PetData(SegmentationData):
     def mask_source_exists(self, image_id: str) -> bool:
         return image_id in self.trimaps
 
-    def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
+    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         path = self.trimaps[image_id]
         trimap = read_index_mask(path.read_bytes(), str(path))
         outside = np.setdiff1d(np.unique(trimap), list(PET_TRIMAP.values()))
@@ -598,7 +597,7 @@ class LabelmeData(SegmentationData):
     def mask_source(self, image_id: str) -> str:
         return str(self.annotations[image_id])
 
-    def _mask(self, image_id: str) -> tuple[np.ndarray, str]:
+    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         height, width = self.image_shape(image_id)
         index = {name: value for value, name in enumerate(self.classes)} | {"__ignore__": self.ignore_index}
         source = str(self.annotations[image_id])
@@ -765,7 +764,7 @@ def open_data(
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     data.in_channels = in_channels
     if split and is_id_list(next(iter(parse_split(split).values()))):
-        apply_id_lists(data, parse_split(split))
+        apply_id_lists(data, parse_split(split), keep_test_images=test_folder is not None)  # --test-images wins
     if not data.images and not data.test_images:
         raise DataError(f"{root}: no images found as the {layout} layout. {LAYOUT_HELP}")
     if test_folder is not None and not data.test_images:
@@ -775,7 +774,7 @@ def open_data(
     return data
 
 
-def apply_id_lists(data: SegmentationData, parts: dict[str, str]) -> None:
+def apply_id_lists(data: SegmentationData, parts: dict[str, str], keep_test_images: bool = False) -> None:
     """An official split given as id lists: each image's split noted; the test list's images become the test
     images (their masks unused); labelled images in no list are left out, since no published score uses them."""
     listed: dict[str, str] = {}
@@ -793,7 +792,7 @@ def apply_id_lists(data: SegmentationData, parts: dict[str, str]) -> None:
             if listed.setdefault(image_id, name) != name:
                 raise DataError(f"{path}: {image_id} is also in the {listed[image_id]} list; splits must not overlap")
     test_ids = [image_id for image_id, name in listed.items() if name == "test"]
-    if "test" in parts:
+    if "test" in parts and not keep_test_images:
         data.test_images = {image_id: data.images.get(image_id) or data.test_images[image_id] for image_id in test_ids}
     unlisted = sorted(set(data.images) - set(listed))
     if unlisted:

@@ -65,13 +65,11 @@ def value_lookup(
     known[ignore_index] = True
     for index, value in enumerate(values):
         lookup[value], known[value] = index, True
-    if snap:
-        stored = np.arange(256)
-        order = np.argsort(values, kind="stable")
-        sorted_values = np.asarray(values)[order]
-        distance = np.abs(stored[:, None] - sorted_values[None, :])
-        nearest = order[np.argmin(distance, axis=1)]
-        exact_ignore = stored == ignore_index if ignore_index not in values else np.zeros(256, dtype=bool)
-        lookup = np.where(exact_ignore, label_ignore, nearest).astype(np.uint8)
+    if snap:  # the nearest of the class values and the ignore index: VOC's smeared 255 border stays ignored
+        targets = list(values) + ([ignore_index] if ignore_index not in values else [])
+        meanings = list(range(len(values))) + ([label_ignore] if ignore_index not in values else [])
+        distance = np.abs(np.arange(256)[:, None] - np.asarray(targets)[None, :])
+        nearest = np.argmin(distance, axis=1)  # ties to the first listed: a class before the ignore index
+        lookup = np.asarray(meanings, dtype=np.uint8)[nearest]
         known[:] = True
     return lookup, known

@@ -207,7 +207,7 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} test mask(s), e.g. {missing[:3]}")
     confusion = torch.zeros((data.num_classes, data.num_classes), dtype=torch.int64)
     for image_id in image_ids:
-        predicted, truth = read_mask_png(predicted_dir / f"{image_id}.png"), data.read_mask(image_id)
+        predicted, truth = read_mask_png(predicted_dir / f"{image_id}.png"), data.read_mask(image_id, split="test")
         if predicted.shape != truth.shape or predicted.max() >= data.num_classes:
             raise DataError(
                 f"{predicted_dir / image_id}.png: {predicted.shape[1]}x{predicted.shape[0]} with classes up to "

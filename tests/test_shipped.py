@@ -265,6 +265,8 @@ def test_train_on_official_splits_holds_nothing_out(tmp_path, caplog):
     assert best["epoch"] == 1 and best["config"]["train_on"] == "train,val"  # the second (last) epoch, 0-based
     last = torch.load(run / "fold0" / "last.pt", weights_only=True)
     assert all(torch.equal(best["model"][name], weights) for name, weights in last["model"].items())
+    with pytest.raises(SystemExit):  # nothing is out of fold
+        infer(["--oof", "--checkpoints", str(run), "--out-dir", str(tmp_path / "oof"), "--quiet"])
     with pytest.raises(SystemExit):  # no split to train on
         train([*flags, "--train-on", "train", "--overwrite"])
 
@@ -381,3 +383,50 @@ def test_the_value_and_colour_flags_reach_the_data_from_the_command_line(tmp_pat
     flags = ["--data-dir", str(named), "--images", "img", "--masks", "gt", "--mask-suffix", "_mask", "--quiet"]
     assert inspect_data([*flags, "--image-suffix", "_rgb"]) == 0
     assert "8 labelled" in capsys.readouterr().out
+
+
+def test_splits_that_reuse_names_keep_their_own_masks(tmp_path):
+    root = make_camvid(tmp_path)
+    for folder in ("test", "testannot"):  # the test split numbered like the training one
+        for index, path in zip(range(2), sorted((root / folder).iterdir())):
+            path.rename(path.with_name(f"{_name(index)}.png" if folder == "testannot" else f"{_name(index)}.jpg"))
+    data = open_data(root, split="train=train,val=val,test=test")
+    assert np.array_equal(data.read_mask(_name(0)), _scene(0)[1])  # the training mask, not the test one
+    assert np.array_equal(data.read_mask(_name(0), split="test"), _scene(20)[1])
+    assert data.test_mask_ids() == [_name(0), _name(1)]
+
+
+def test_test_images_flag_wins_over_a_test_list(tmp_path):
+    root = make_pet(tmp_path / "pet")
+    ids = sorted(path.stem for path in (root / "images").glob("*.jpg") if not path.name.startswith("._"))
+    (root / "annotations" / "trainval.txt").write_text("\n".join(ids[:6]))
+    (root / "annotations" / "test.txt").write_text("\n".join(ids[6:]))
+    split = "train=annotations/trainval.txt,test=annotations/test.txt"
+    data = open_data(root, split=split, test_images=root / "test")
+    assert data.test_ids() == sorted(path.stem for path in (root / "test").glob("*.jpg"))
+    assert data.train_ids() == ids[:6]  # the test list's images still train nowhere
+
+
+def test_snapping_keeps_a_smeared_ignore_border_ignored():
+    lookup, _ = value_lookup(list(range(21)), 21, 255, snap=True)
+    assert lookup[[0, 20, 21, 100, 137, 138, 240, 254, 255]].tolist() == [0, 20, 20, 20, 20, 255, 255, 255, 255]
+
+
+def test_resume_after_values_were_found_in_the_masks(tmp_path):
+    root = make_binary_255(tmp_path / "binary")
+    folds = tmp_path / "folds.csv"
+    make_folds(["--data-dir", str(root), "--n-folds", "2", "--out", str(folds), "--quiet"])
+    flags = ["--data-dir", str(root), "--folds-csv", str(folds), "--out", str(tmp_path / "run"), "--size", "64x96"]
+    train([*flags, "--epochs", "1", *TRAIN_FLAGS])
+    train([*flags, "--epochs", "1", "--resume", *TRAIN_FLAGS])  # mask_values 0,255 were resolved, not given
+    saved = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)["config"]
+    assert saved["mask_values"] == "0,255" and saved["classes"] == "background,foreground"
+
+
+def test_carvana_refuses_the_split_settings_in_one_line(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        score([str(tmp_path), "--data-dir", str(data_dir)])
+    assert stop.value.code == 2 and "no test image has a mask" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        train(["--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--train-on", "train", *TRAIN_FLAGS])
+    assert stop.value.code == 2 and "--train-on names official splits" in capsys.readouterr().err
