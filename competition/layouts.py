@@ -247,7 +247,7 @@ class FolderData(SegmentationData):
         masks: str = "",
         mask_suffix: str = "",
         image_suffix: str = "",
-        split: str = "",
+        split_folders_by_name: dict[str, str] | None = None,
         colors: str = "",
         unknown_colors: str = "error",
         mask_values: str = "",
@@ -255,10 +255,13 @@ class FolderData(SegmentationData):
     ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
         self.unknown_colors, self.snap = unknown_colors, snap_mask_values
-        folder_split = split and not is_id_list(next(iter(parse_split(split).values())))
-        parts = split_parts(root, split, masks) if folder_split else [(None, *pair_folders(root, images, masks))]
-        suffixes = (image_suffix, mask_suffix)
-        found, test, folder_splits = self.find_pairs(parts, suffixes, explicit=bool(folder_split or images or masks))
+        parts = (
+            [(name, *split_folders(root, name, spec, masks)) for name, spec in split_folders_by_name.items()]
+            if split_folders_by_name
+            else [(None, *pair_folders(root, images, masks))]
+        )
+        explicit = bool(split_folders_by_name or images or masks)
+        found, test, folder_splits = self.find_pairs(parts, (image_suffix, mask_suffix), explicit)
         self.refuse_lossy_masks()
         if test_images is not None or not test:  # --test-images wins over a test split
             test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
@@ -419,11 +422,6 @@ def pair_folders(root: Path, images: str, masks: str) -> tuple[Path, Path]:
     )
 
 
-def split_parts(root: Path, split: str, masks: str) -> list[tuple[str, Path, Path | None]]:
-    """(split name, image folder, mask folder or None) of each part of a folder split."""
-    return [(name, *split_folders(root, name, spec, masks)) for name, spec in parse_split(split).items()]
-
-
 def by_id(files: dict[str, Path], suffix: str) -> tuple[dict[str, Path], list[str]]:
     """(id -> file, for the files whose stem ends with ``suffix``, the id being the stem without it; the stems
     of the others)."""
@@ -438,9 +436,10 @@ def suffix_hint(image_stems: list[str], mask_stems: list[str]) -> str:
         for end in range(len(mask) - 1, 0, -1):
             if mask[:end] in images:
                 return f"; their names differ by a suffix: pass --mask-suffix {mask[end:]}"
+    masks = set(mask_stems)
     for image in image_stems[:50]:
         for end in range(len(image) - 1, 0, -1):
-            if image[:end] in set(mask_stems):
+            if image[:end] in masks:
                 return f"; their names differ by a suffix: pass --image-suffix {image[end:]}"
     return "; a mask is named as its image (--mask-suffix and --image-suffix name what each adds)"
 
@@ -737,7 +736,9 @@ def open_data(
     are FOLDER_SETTINGS, for the image/mask-folder layout."""
     root = Path(root)
     given = [name for name, value in folder_options.items() if value and value != "error"]
-    folder_split = bool(split) and not is_id_list(next(iter(parse_split(split).values())))
+    split_parts = parse_split(split) if split else {}
+    by_id_lists = bool(split_parts) and is_id_list(next(iter(split_parts.values())))
+    folder_split = {} if by_id_lists else split_parts
     if folder_options.get("images") or folder_options.get("masks") or folder_split:
         layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
     layout = detect_layout(root) if layout == "auto" else layout
@@ -755,7 +756,9 @@ def open_data(
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
     if layout == "folders":
-        data = FolderData(root, classes, ignore_index, test_folder, split=split, **folder_options)
+        data = FolderData(
+            root, classes, ignore_index, test_folder, split_folders_by_name=folder_split, **folder_options
+        )
     elif layout == "pet":
         data = PetData(root, classes, ignore_index, pet_border, test_folder)
     elif layout == "labelme":
@@ -763,8 +766,8 @@ def open_data(
     else:
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     data.in_channels = in_channels
-    if split and is_id_list(next(iter(parse_split(split).values()))):
-        apply_id_lists(data, parse_split(split), keep_test_images=test_folder is not None)  # --test-images wins
+    if by_id_lists:
+        apply_id_lists(data, split_parts, keep_test_images=test_folder is not None)  # --test-images wins
     if not data.images and not data.test_images:
         raise DataError(f"{root}: no images found as the {layout} layout. {LAYOUT_HELP}")
     if test_folder is not None and not data.test_images:
