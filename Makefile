@@ -4,15 +4,22 @@
 # make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
 # make parts: the multi-class example: synthetic car parts in input-parts/, folds, train fold 0
 #             (configs/cpu_parts.toml), a PNG mask per test image, scored per class against the truth
-# make test: set up and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
+# make test: set up (with Ray, for the cluster tests) and run the tests (this is what CI runs); make test-fast: the
+#            fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup demo data folds train infer parts test test-fast bench bench-gpu
+.PHONY: setup setup-cluster demo data folds train infer parts test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
+
+setup-cluster: $(VENV)/.installed-cluster
+
+$(VENV)/.installed-cluster: requirements-cluster.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-cluster.txt
+	touch $@
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +53,7 @@ parts: setup
 	$(BIN)/python infer.py --tta --checkpoints runs/parts --out submissions/parts/ --overlays --overwrite
 	$(BIN)/python -m competition.metrics submissions/parts/ input-parts/test_masks/
 
-test: setup
+test: setup setup-cluster
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -4,6 +4,7 @@ python infer.py --tta [--checkpoints runs/unet_resnet34 [more ...]]   the test s
 python infer.py --tta --overwrite                                      ... replacing a finished submission.csv
 python infer.py --tta --resume                                         ... keeping the rows an interrupted run wrote
 python infer.py --tta --devices cuda:0,cuda:1                          ... a shard of the test set on each device
+python infer.py --tta --backend ray --address auto                     ... a shard per GPU of a Ray cluster
 python infer.py --tta --time-limit 11h30m                              ... stopping in time; --resume finishes
 python infer.py --oof --tta                                            out-of-fold Dice, best threshold, worst overlays
 python infer.py --image path/to/car.jpg                                one image -> mask PNG and overlay
@@ -19,6 +20,8 @@ The test submission on several devices (--devices; by default every GPU when the
 images are cut into contiguous shards in sample-submission order, one worker process per device, each writing
 <out>.shard<i>of<n> (<out>.shard<i>of<n>.partial until complete) beside --out; the shards are merged into --out,
 validated, and removed. --resume keeps every complete row of an interrupted run, whatever devices it ran on.
+With --backend ray the shards (--shards, default one per GPU of the cluster) are Ray tasks, one GPU each, writing
+the same shard files into --out's folder, which every node must see; the merge is this process's, as above.
 
 Exit status: 0 done; 1 a shard failed (its line names the device and the error; every shard's rows are kept
 for --resume); 2 an error in the input, the settings or the machine (one line); 3 stopped by --time-limit
@@ -35,6 +38,7 @@ import torch
 
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import Deadline, parse_duration
+from competition.cluster import add_cluster_arguments, check_cluster_arguments, connect, shard_runner
 from competition.config import TrainConfig
 from competition.data import CarvanaData
 from competition.environment import default_data_dir, default_work_dir, resolve_device
@@ -52,7 +56,7 @@ from competition.layouts import open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 from competition.masks_out import FORMATS, RLE_ORDERS, class_out_of_fold, write_masks, write_rle_csv
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
-from competition.shards import ShardSettings, ShardsFailed, write_submission_on_devices
+from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_submission_on_devices
 from competition.submission import check_resume_flags, keep_finished
 
 logger = logging.getLogger("competition.infer")
@@ -67,6 +71,7 @@ MODE_FLAGS = {
     "--overwrite": ("overwrite", ("submission",), lambda: False),
     "--devices": ("devices", ("submission",), lambda: None),
     "--time-limit": ("time_limit", ("submission",), lambda: None),
+    "--shards": ("shards", ("submission",), lambda: None),
     "--test-images": ("test_images", ("submission",), lambda: None),
     "--format": ("format", ("submission",), lambda: None),
     "--rle-order": ("rle_order", ("submission",), lambda: "row"),
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 11h30m, counted from the start: stop at a batch boundary before it passes, the rows kept for "
         "--resume (exit status 3)",
     )
+    add_cluster_arguments(parser, "test shard")
+    parser.add_argument(
+        "--shards", type=int, help="--backend ray: test shards, each a task (default: one per GPU of the cluster)"
+    )
     scoring = parser.add_argument_group("--oof and --image")
     scoring.add_argument(
         "--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)"
@@ -163,6 +172,13 @@ def check_arguments(args: argparse.Namespace) -> str:
             raise ConfigError(f"{flag} {value}: must be at least {least}")
     if args.device and args.devices:
         raise ConfigError("--device and --devices: pass one of them (--devices cuda:0,cuda:1 runs a shard on each)")
+    if args.backend == "ray" and mode != "submission":
+        raise ConfigError(f"--backend ray is for the test submission, not {MODE_NAMES[mode]}")
+    check_cluster_arguments(args, {"--device": args.device, "--devices": args.devices})
+    if args.shards is not None and (args.backend != "ray" or args.shards < 1):
+        raise ConfigError(
+            f"--shards {args.shards}: at least 1, with --backend ray (locally, --devices makes the shards)"
+        )
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
     return mode
@@ -252,8 +268,9 @@ def load_members(args, paths, device_name, tta):
 
 
 def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | None]) -> int:
-    """The submission on one device in this process, or on several in worker processes; the exit status."""
-    if len(devices) > 1:
+    """The submission on one device in this process, on several in worker processes, or on a Ray cluster;
+    the exit status."""
+    if len(devices) > 1 or args.backend == "ray":
         return predict_on_devices(args, paths, tta, devices, deadline)
     members, precision = load_members(args, paths, devices[0], tta)
     settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
@@ -267,8 +284,13 @@ def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | N
 def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline) -> int:
     for path in paths:  # an unreadable checkpoint is one line here, not a failure in every shard
         checkpoint_config(load_checkpoint(path), path)
+    run = {}
+    if args.backend == "ray":
+        cluster = connect(args.address)
+        devices = [cluster.device] * (args.shards or cluster.slots)
+        run = {"run": shard_runner(cluster, args.out, args.retries, deadline.started)}
     names = ", ".join(map(str, paths))
-    logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", ", ".join(devices))
+    logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", describe_devices(devices))
     settings = ShardSettings(
         checkpoints=[str(path) for path in paths],
         data_dir=str(data_dir_of(args, checkpoint_config(load_checkpoint(paths[0]), paths[0]))),
@@ -284,7 +306,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
     )
     try:
         data = CarvanaData(settings.data_dir, test_images=args.test_images)
-        rows = write_submission_on_devices(data, args.out, devices, settings, args.resume)
+        rows = write_submission_on_devices(data, args.out, devices, settings, args.resume, **run)
     except ShardsFailed:
         return EXIT_SHARD_FAILED
     return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
@@ -292,8 +314,10 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
 
 def predict_masks(args, paths, tta, out_given: bool, devices: list[str | None]) -> int:
     """Models of any other data set: a PNG mask per test image, or the per-class RLE CSV, on one device."""
-    if len(devices) > 1 or args.time_limit:
-        raise ConfigError("--devices and --time-limit are for Carvana's submission; masks are predicted on --device")
+    if len(devices) > 1 or args.time_limit or args.backend == "ray":
+        raise ConfigError(
+            "--devices, --backend ray and --time-limit are for Carvana's submission; masks are predicted on --device"
+        )
     members, precision = load_members(args, paths, devices[0], tta)
     ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
     settings = {"threshold": args.threshold, "overwrite": args.overwrite, "workers": args.workers}
@@ -328,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             check_resume_flags(args.resume, args.overwrite)
         paths = find_checkpoints(args.checkpoints)
         if mode == "submission":
-            devices = submission_devices(args)
+            devices = [None] if args.backend == "ray" else submission_devices(args)  # Ray: the cluster's
             if not trained_on_carvana(paths):
                 status = predict_masks(args, paths, tta, out_given, devices)
             elif args.format or args.overlays or args.rle_order != "row":

@@ -1,10 +1,12 @@
-"""Train folds: python train.py --fold 0, or python train.py --folds 0,1,2,3,4 --gpus 0,1,2,3."""
+"""Train folds: python train.py --fold 0, or python train.py --folds 0,1,2,3,4 --gpus 0,1,2,3 (--backend ray: on a
+Ray cluster)."""
 
 import argparse
 import logging
 import sys
 import time
 
+from competition.cluster import add_cluster_arguments, check_cluster_arguments, train_folds_on_ray
 from competition.config import add_config_arguments, resolve_config
 from competition.environment import resolve_device
 from competition.errors import ConfigError
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", help="several folds, e.g. 0,1,2,3,4 (run in parallel with --gpus or --jobs)")
     parser.add_argument("--gpus", help="GPU ids for --folds, e.g. 0,1,2,3: one fold per GPU at a time")
     parser.add_argument("--jobs", type=int, help="folds run at once (default: one per GPU, else 1)")
+    add_cluster_arguments(parser, "fold")
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
     runs.add_argument("--overwrite", action="store_true", help="train again into a run folder that holds a run")
@@ -48,14 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error("train.py", args.debug):
         config = resolve_config(args)
         progress = not args.quiet
-        if not args.folds:
+        check_cluster_arguments(args, {"--device": args.device, "--gpus": args.gpus, "--jobs": args.jobs})
+        if not args.folds and args.backend != "ray":
             if args.gpus or args.jobs:
                 raise ConfigError("--gpus and --jobs are for several folds (--folds 0,1,...); one fold takes --device")
             train_fold(config, args.device, args.resume, args.overwrite, progress, started)
             return
         if args.device:
             raise ConfigError("--device is for one fold; several folds take --gpus")
-        folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4")
+        folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4") if args.folds else [config.fold]
         available = fold_numbers(config.folds_csv)
         absent = [fold for fold in folds if fold not in available]
         if absent:
@@ -63,21 +67,30 @@ def main(argv: list[str] | None = None) -> None:
         for fold in folds:  # every fold's run folder checked before any starts
             config.fold = fold
             inspect_run_dir(config, args.resume, args.overwrite)
-        if args.jobs is not None and args.jobs < 1:
-            raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-        if args.gpus:
-            devices = [str(resolve_device(f"cuda:{gpu}")) for gpu in parse_numbers(args.gpus, "--gpus", "0,1")]
-        else:
-            devices = [str(resolve_device())]
-        jobs = args.jobs or len(devices)
-        logger.info(
-            "training folds %s on %s, %d at a time; logs in %s/fold<N>/train.log", folds, devices, jobs, config.out
-        )
         level = logging.getLogger("competition").level
-        outcomes = train_folds(config, folds, devices, jobs, args.resume, args.overwrite, level, started)
+        if args.backend == "ray":
+            flags = (args.resume, args.overwrite, level, started)
+            outcomes = train_folds_on_ray(config, folds, args.address, args.retries, *flags)
+        else:
+            devices, jobs = local_devices(args)
+            logger.info(
+                "training folds %s on %s, %d at a time; logs in %s/fold<N>/train.log", folds, devices, jobs, config.out
+            )
+            outcomes = train_folds(config, folds, devices, jobs, args.resume, args.overwrite, level, started)
     report_outcomes(outcomes)
     if not all(outcome.ok for outcome in outcomes):
         sys.exit(1)
+
+
+def local_devices(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The devices of --gpus (else the default one) and the folds run at once on them."""
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.gpus:
+        devices = [str(resolve_device(f"cuda:{gpu}")) for gpu in parse_numbers(args.gpus, "--gpus", "0,1")]
+    else:
+        devices = [str(resolve_device())]
+    return devices, args.jobs or len(devices)
 
 
 def report_outcomes(outcomes) -> None:

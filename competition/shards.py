@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,10 @@ class ShardJob:
         return f"{self.device} shard {self.index}/{self.count}"
 
 
-def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connection) -> None:
-    """A worker process: predicts its shard and sends {"finished": bool, "error": str | None, "seconds": float
-    (predicting)} to the driver."""
-    stop_when_orphaned(driver_pid)
-    logs.configure(settings.log_level)
+def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) -> dict:
+    """Predict ``job``'s images in this process into its shard file (``resume``: keeping the complete rows an
+    earlier attempt wrote there); {"finished": bool, "error": str | None, "seconds": float (predicting)}.
+    The shard runner of every backend (local worker processes, Ray's tasks)."""
     outcome = {"finished": False, "error": None, "seconds": 0.0}
     try:
         if job.threads:
@@ -114,7 +114,7 @@ def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connecti
             settings.threshold,
             settings.batch_size,
             job.workers,
-            False,
+            resume,
             settings.progress,
             label=job.label,
             position=job.index - 1,
@@ -124,7 +124,14 @@ def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connecti
         if not isinstance(error, ProjectError):
             traceback.print_exc()
         outcome["error"] = f"{type(error).__name__}: {error}"
-    connection.send(outcome)
+    return outcome
+
+
+def _run_shard(job: ShardJob, settings: ShardSettings, driver_pid: int, connection) -> None:
+    """A local worker process: predicts its shard and sends the outcome to the driver."""
+    stop_when_orphaned(driver_pid)
+    logs.configure(settings.log_level)
+    connection.send(predict_shard(job, settings))
 
 
 def run_shards(jobs: list[ShardJob], settings: ShardSettings) -> list[dict]:
@@ -167,9 +174,10 @@ def write_submission_on_devices(
     devices: list[str],
     settings: ShardSettings,
     resume: bool = False,
+    run: Callable[[list[ShardJob], ShardSettings], list[dict]] = run_shards,
 ) -> pd.DataFrame | None:
     """The test images still to predict cut into one shard per device (see ``shard_bounds``), each predicted by
-    its own worker process into its shard file, then every row merged into ``out`` in sample-submission order
+    ``run`` (by default: a worker process each, all at once; ``competition.cluster``: Ray tasks) into its shard file, then every row merged into ``out`` in sample-submission order
     and validated; returns the rows. With ``resume`` the rows of an interrupted run (its ``.partial`` and shard
     files, whatever devices it ran on) are kept. Returns None when ``--time-limit`` stopped the shards, their
     rows kept; raises ShardsFailed, each failure logged, when a shard failed."""
@@ -188,11 +196,11 @@ def write_submission_on_devices(
             len(todo),
             len(order) - len(todo),
             count,
-            ", ".join(devices[:count]),
+            describe_devices(devices[:count]),
         )
     else:
         logger.info("nothing left to predict: all %d test images kept from an interrupted run", len(order))
-    outcomes = run_shards(jobs, settings)
+    outcomes = run(jobs, settings)
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
     for job, outcome in failed:
         logger.error(
@@ -215,6 +223,13 @@ def write_submission_on_devices(
     # is the time the images took, as in the one-device run's line.
     log_validated(out, rows, len(todo), max((outcome["seconds"] for outcome in outcomes), default=0.0))
     return rows
+
+
+def describe_devices(devices: list[str]) -> str:
+    """``cuda:0, cuda:1``; a device named more than once as ``3 x cpu`` (Ray's tasks each see one ``cuda``)."""
+    if len(set(devices)) == len(devices):
+        return ", ".join(devices)
+    return ", ".join(f"{devices.count(device)} x {device}" for device in dict.fromkeys(devices))
 
 
 def _jobs(out: Path, todo: list[str], devices: list[str], settings: ShardSettings) -> list[ShardJob]:

@@ -880,7 +880,21 @@ def _train_epochs(
                 "fold %d epoch %d/%d: IoU per class: %s", config.fold, epoch + 1, config.epochs, class_iou_line(row)
             )
         budget.end()
+        _exit_if_fault_injected(config.fold, epoch + 1 - state.start_epoch, resumed=state.start_epoch > 0)
     return ""
+
+
+FAULT_VARIABLE = "CARVANA_FAULT_EXIT_AFTER_EPOCHS"
+
+
+def _exit_if_fault_injected(fold: int, epochs_this_run: int, resumed: bool) -> None:
+    """Fault injection for the tests of retries: with ``$CARVANA_FAULT_EXIT_AFTER_EPOCHS`` = N, a fold started
+    from scratch kills its own process after N epochs, hard, as a lost machine would; its resumed run goes on."""
+    after = os.environ.get(FAULT_VARIABLE)
+    if after and not resumed and epochs_this_run == int(after):
+        logger.warning("fold %d: %s=%s: the process exits now, as if killed", fold, FAULT_VARIABLE, after)
+        logging.shutdown()
+        os._exit(9)
 
 
 @dataclass
@@ -1051,18 +1065,23 @@ def _run_one_fold(
     log_level: int,
     started: float,
 ) -> FoldOutcome:
+    """A joblib worker's fold: on a free device slot, until the driver dies."""
     stop_when_orphaned(driver_pid)  # nothing to watch when one job runs the folds in the driver itself
+    with _device_slot(slots_dir, slots) as device:
+        logger.debug("device slots in %s", slots_dir)
+        return run_fold_on(config_values, fold, device, flags, log_level, started)
+
+
+def run_fold_on(
+    config_values: dict, fold: int, device: str, flags: dict, log_level: int, started: float
+) -> FoldOutcome:
+    """Train ``fold`` of the run ``config_values`` on ``device``, logging to its ``train.log``; a failure is the
+    outcome, not an exception. The fold runner of every backend (joblib's workers, Ray's tasks)."""
     config = config_from({**config_values, "fold": fold})
-    deadline = Deadline(parse_duration(config.time_limit), started)  # the monotonic clock is system-wide
+    deadline = Deadline(parse_duration(config.time_limit), started)
     log_path = config.run_dir() / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        _device_slot(slots_dir, slots) as device,
-        open(log_path, "a") as log,
-        contextlib.redirect_stderr(log),
-        logs.redirected(log, log_level),
-    ):
-        logger.debug("device slots in %s", slots_dir)
+    with open(log_path, "a") as log, contextlib.redirect_stderr(log), logs.redirected(log, log_level):
         logger.info("fold %d on %s (worker process %d)", fold, device, os.getpid())
         try:
             result = train_fold_within(config, deadline, device, progress=False, **flags)
@@ -1091,12 +1110,13 @@ class _FoldProgress:
         self.handlers = list(logging.getLogger(logs.LOGGER_NAME).handlers)
         self.enabled = logger.isEnabledFor(logging.INFO)
         self.done = threading.Event()
+        self.saying = threading.Lock()  # the watching thread and the driver's own calls of look()
         self.thread = threading.Thread(target=self._watch, name="fold-progress", daemon=True)
 
     def _watch(self) -> None:
         while not self.done.wait(self.interval):
-            self._look()
-        self._look()  # the epochs that ended since the last look
+            self.look()
+        self.look()  # the epochs that ended since the last look
 
     def _rows(self, fold: int) -> list[dict]:
         try:
@@ -1104,6 +1124,11 @@ class _FoldProgress:
                 return list(csv.DictReader(handle))
         except (OSError, csv.Error):
             return []
+
+    def look(self) -> None:
+        """A line for each epoch ended since the last look."""
+        with self.saying:
+            self._look()
 
     def _look(self) -> None:
         for fold in self.run_dirs:
@@ -1150,11 +1175,11 @@ def _row_key(row: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def _fold_progress(config: TrainConfig, folds: list[int]):
+def fold_progress(config: TrainConfig, folds: list[int]):
     progress = _FoldProgress(config, folds)
     progress.thread.start()
     try:
-        yield
+        yield progress
     finally:
         progress.done.set()
         progress.thread.join()
@@ -1182,7 +1207,7 @@ def train_folds(
     values = asdict(config)
     flags = {"resume": resume, "overwrite": overwrite}
     started = time.monotonic() if started is None else started
-    with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir, _fold_progress(config, folds):
+    with tempfile.TemporaryDirectory(prefix="device-slots-") as slots_dir, fold_progress(config, folds):
         return Parallel(n_jobs=jobs, backend="loky")(
             delayed(_run_one_fold)(values, fold, slots_dir, slots, os.getpid(), flags, log_level, started)
             for fold in folds
