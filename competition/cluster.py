@@ -70,6 +70,21 @@ def check_cluster_arguments(args: argparse.Namespace, local_flags: dict[str, obj
         raise ConfigError(f"--retries {args.retries}: must be at least 0")
 
 
+def ray_importable() -> bool:
+    try:
+        require_ray()
+    except ConfigError:
+        return False
+    return True
+
+
+def _node_address() -> str:
+    """The IP address of the node this task runs on, as Ray knows it."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def require_ray():
     """The ``ray`` module, or one line saying how to install it."""
     try:
@@ -159,16 +174,15 @@ class Attempts:
 
     @staticmethod
     def begin(folder: str, key: str, device: str) -> int:
-        """In a task: record this attempt of ``key``; its number (1 for the first)."""
-        import ray
-
+        """In a task: record this attempt of ``key`` (what the lines call the task, e.g. ``fold 0``); its number
+        (1 for the first)."""
         if not Path(folder).is_dir():
             raise ClusterError(
-                f"node {ray.util.get_node_ip_address()} does not see {folder}: the output folder must be on storage "
+                f"node {_node_address()} does not see {folder}: the output folder must be on storage "
                 "that every node sees (a shared file system, at the same path on each)"
             )
         number = len(list(Path(folder).glob(f"{key}.*.json"))) + 1
-        record = {"node": ray.util.get_node_ip_address(), "device": device, "pid": os.getpid()}
+        record = {"node": _node_address(), "device": device, "pid": os.getpid()}
         with atomic_output(Path(folder) / f"{key}.{number}.json") as partial:
             partial.write_text(json.dumps(record))
         return number
@@ -201,7 +215,6 @@ class Attempts:
                     continue
                 said.add((key, number))
                 where = f"node {record['node']}, {record['device']} (Ray worker process {record['pid']})"
-                key = key.replace("-", " ")
                 if number == 1:
                     logger.info("%s: started on %s", key, where)
                 else:
@@ -242,10 +255,8 @@ def _remove_abandoned(parent: Path) -> None:
 def _enter(cwd: str, attempts: str, key: str, device: str) -> int:
     """A task's first steps: the driver's working folder (so relative paths mean the same), its attempt number."""
     if not Path(cwd).is_dir():
-        import ray
-
         raise ClusterError(
-            f"node {ray.util.get_node_ip_address()} has no folder {cwd}, where the command was run: run it from a "
+            f"node {_node_address()} has no folder {cwd}, where the command was run: run it from a "
             "folder that every node sees at the same path"
         )
     os.chdir(cwd)
@@ -260,7 +271,7 @@ def _wait_in_turn(cluster: Cluster, tasks: dict, attempts: Attempts, summary, be
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         before()
-        label, where = tasks[ready[0]].replace("-", " "), attempts.where(tasks[ready[0]])
+        label, where = tasks[ready[0]], attempts.where(tasks[ready[0]])
         try:
             results[ready[0]] = ray.get(ready[0])
             logger.info(
@@ -277,7 +288,7 @@ def _wait_in_turn(cluster: Cluster, tasks: dict, attempts: Attempts, summary, be
 
 def _fold_task(config_values, fold, flags, log_level, started_wall, cwd, attempts, device):
     try:
-        attempt = _enter(cwd, attempts, f"fold-{fold}", device)
+        attempt = _enter(cwd, attempts, f"fold {fold}", device)
     except ClusterError as error:
         return FoldOutcome(fold, False, f"ClusterError: {error}", "(none: the fold did not start)")
     if attempt > 1:  # an earlier attempt's process died: go on from its last.pt, not from scratch
@@ -303,7 +314,7 @@ def train_folds_on_ray(config, folds, address, retries, resume, overwrite, log_l
         tasks = {
             task.options(**cluster.resources, max_retries=retries, name=f"fold{fold}").remote(
                 values, fold, flags, log_level, wall_clock(started), cwd, str(attempts.folder), cluster.device
-            ): f"fold-{fold}"
+            ): f"fold {fold}"
             for fold in folds
         }
         results = _wait_in_turn(cluster, tasks, attempts, lambda outcome: outcome.message, progress.look)
@@ -323,7 +334,7 @@ def train_folds_on_ray(config, folds, address, retries, resume, overwrite, log_l
 def _shard_task(job, settings, started_wall, cwd, attempts):
     logs.configure(settings.log_level)
     try:
-        attempt = _enter(cwd, attempts, f"shard-{job.index}of{job.count}", job.device)
+        attempt = _enter(cwd, attempts, f"shard {job.index} of {job.count}", job.device)
     except ClusterError as error:
         return {"finished": False, "error": f"ClusterError: {error}", "seconds": 0.0}
     import ray
@@ -354,7 +365,7 @@ def shard_runner(cluster: Cluster, out: Path, retries: int, started: float):
             tasks = {
                 task.options(**cluster.resources, max_retries=retries, name=f"shard{job.index}of{job.count}").remote(
                     job, settings, wall_clock(started), os.getcwd(), str(attempts.folder)
-                ): f"shard-{job.index}of{job.count}"
+                ): f"shard {job.index} of {job.count}"
                 for job in jobs
             }
             results = _wait_in_turn(cluster, tasks, attempts, _shard_summary)

@@ -109,7 +109,7 @@ def test_two_cpu_shards_write_the_file_of_one_device(trained_run, data_dir, one_
     assert out.read_bytes() == one_device_submission
     assert sorted(path.name for path in tmp_path.iterdir()) == ["submission.csv"], "shard files removed"
     printed = capfd.readouterr()
-    assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s) on cpu, cpu" in printed.out
+    assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s) on 2 x cpu" in printed.out
     assert "cpu shard 1/2: 16 test images on cpu" in printed.out
     assert "cpu shard 2/2: 16 test images on cpu" in printed.out
     assert "; --workers 0 split across 2 shards: 0 here)" in printed.out
