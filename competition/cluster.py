@@ -57,7 +57,9 @@ def check_cluster_arguments(args: argparse.Namespace, local_flags: dict[str, obj
     """One line for Ray's flags without ``--backend ray``, or the local path's flags (``local_flags``: flag ->
     value given) with it; fills in ``--retries``."""
     if args.backend != "ray":
-        given = [flag for flag, value in (("--address", args.address), ("--retries", args.retries)) if value]
+        given = [
+            flag for flag, value in (("--address", args.address), ("--retries", args.retries)) if value is not None
+        ]
         if given:
             raise ConfigError(f"{given[0]} is for --backend ray")
         return
@@ -132,6 +134,8 @@ def connect(address: str | None) -> Cluster:
                 f"--address {address}: no Ray cluster answers there ({error}); start one with ray start --head, "
                 "or leave --address out for one on this machine alone"
             ) from None
+        except ValueError as error:  # Ray's word on an address it cannot parse or a client it cannot make
+            raise ClusterError(f"--address {address}: {error}; e.g. auto, head:6379 or ray://head:10001") from None
     resources = ray.cluster_resources()
     cluster = Cluster(ray, resources.get("GPU", 0.0), resources.get("CPU", 0.0))
     logger.info(
