@@ -38,6 +38,7 @@ from competition.submission import (
     submission_order,
     validate_submission,
 )
+from competition.workers import loader_start_method
 
 __all__ = ["CheckpointError", "Ensemble", "Member", "find_checkpoints", "load_member", "write_submission"]
 
@@ -230,6 +231,7 @@ def _loader(dataset, batch_size: int, workers: int, device: torch.device):
         dataset,
         batch_size,
         num_workers=workers,
+        multiprocessing_context=loader_start_method(workers),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,

@@ -39,7 +39,7 @@ from competition.models import build_model
 from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
 from competition.sampling import class_balanced_weights
 from competition.schedules import build_scheduler
-from competition.workers import stop_when_orphaned
+from competition.workers import loader_start_method, stop_when_orphaned
 
 logger = logging.getLogger(__name__)
 
@@ -471,8 +471,10 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
             f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of {config.batch_size}; "
             "lower --batch-size"
         )
+    workers = min(config.workers, os.cpu_count() or 1)
     options = {
-        "num_workers": min(config.workers, os.cpu_count() or 1),
+        "num_workers": workers,
+        "multiprocessing_context": loader_start_method(workers),
         "pin_memory": device.type == "cuda",
         "worker_init_fn": _seed_worker,
     }

@@ -1,5 +1,6 @@
 """Worker processes that never outlive the run that started them."""
 
+import multiprocessing
 import os
 import threading
 import time
@@ -35,3 +36,10 @@ def die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def loader_start_method(workers: int):
+    """The context a DataLoader with ``workers`` processes starts them in: the platform's default, named, since
+    inside a joblib worker (``train.py --folds ... --jobs``/``--gpus``) the default is loky's own, whose processes
+    a DataLoader cannot start ("'Process' object has no attribute 'env'"). None without workers."""
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0]) if workers else None

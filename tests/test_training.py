@@ -179,6 +179,7 @@ def test_a_diverging_run_stops_with_one_line(tiny_config, capsys):
 @pytest.mark.slow
 def test_folds_in_parallel_report_a_failing_fold_without_hiding_the_others(tiny_config):
     tiny_config.epochs = 1
+    tiny_config.workers = 1  # a loader process inside a joblib worker (loky's default context cannot start one)
     outcomes = train_folds(tiny_config, [0, 7], ["cpu"], jobs=2)
     by_fold = {outcome.fold: outcome for outcome in outcomes}
     assert by_fold[0].ok and "best val Dice" in by_fold[0].message
