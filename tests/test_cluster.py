@@ -81,10 +81,17 @@ def test_infer_refuses_flags_of_the_other_backend_in_one_line(argv, message, tmp
     assert exit_info.value.code == 2 and message in error and "Traceback" not in error
 
 
-def test_without_ray_the_backend_names_the_install_line(monkeypatch):
+def test_without_ray_the_backend_is_one_line_naming_the_install(data_dir, folds_csv, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an import finds when the package is absent
-    with pytest.raises(cluster.ConfigError, match="pip install -r requirements-cluster.txt"):
-        cluster.require_ray()
+    flags = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flags, "--folds", "0,1", "--backend", "ray"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert (
+        "--backend ray needs Ray, which the plain install leaves out: pip install -r requirements-cluster.txt" in error
+    )
+    assert not (tmp_path / "run").exists(), "nothing written"
 
 
 def test_the_clock_of_another_machine_counts_the_same_time_limit():
