@@ -288,7 +288,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
     if args.backend == "ray":
         cluster = connect(args.address)
         devices = [cluster.device] * (args.shards or cluster.slots)
-        run = {"run": shard_runner(cluster, args.out, args.retries, deadline.started)}
+        run = {"run": shard_runner(cluster, args.out, args.retries)}
     names = ", ".join(map(str, paths))
     logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", describe_devices(devices))
     settings = ShardSettings(

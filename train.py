@@ -69,8 +69,16 @@ def main(argv: list[str] | None = None) -> None:
             inspect_run_dir(config, args.resume, args.overwrite)
         level = logging.getLogger("competition").level
         if args.backend == "ray":
-            flags = (args.resume, args.overwrite, level, started)
-            outcomes = train_folds_on_ray(config, folds, args.address, args.retries, *flags)
+            outcomes = train_folds_on_ray(
+                config,
+                folds,
+                address=args.address,
+                retries=args.retries,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                log_level=level,
+                started=started,
+            )
         else:
             devices, jobs = local_devices(args)
             logger.info(

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import competition
 from competition import logs
+from competition.config import config_from
 from competition.errors import ConfigError, ProjectError
-from competition.files import atomic_output, exclusive_lock
+from competition.files import exclusive_lock
 from competition.shards import predict_shard
+from competition.training import LOCK_NAME as RUN_LOCK_NAME
 from competition.training import FoldOutcome, fold_progress, open_training_data, run_fold_on
 
 logger = logging.getLogger(__name__)
@@ -63,9 +65,10 @@ def check_cluster_arguments(args: argparse.Namespace, local_flags: dict[str, obj
         if given:
             raise ConfigError(f"{given[0]} is for --backend ray")
         return
-    given = [flag for flag, value in local_flags.items() if value]
+    given = [flag for flag, value in local_flags.items() if value is not None]
     if given:
         raise ConfigError(f"{given[0]} is for the local backend; Ray places each task on a free device itself")
+    require_ray()  # before any data or checkpoint is read
     if args.retries is None:
         args.retries = 2
     if args.retries < 0:
@@ -159,11 +162,32 @@ def monotonic_here(started_wall: float) -> float:
     return time.monotonic() - (time.time() - started_wall)
 
 
-class Attempts:
-    """Every attempt of every task, a small JSON file in a folder of the output folder, which every node must see:
-    a task knows from it that it is a retry (and so resumes), and the driver says each start and retry."""
+def claim_attempt(folder: str, key: str, device: str) -> int:
+    """In a task: record this attempt of ``key`` (what the lines call the task, e.g. ``fold 0``) in the driver's
+    attempts folder; its number, 1 for the first. Each number is claimed by creating its file exclusively, which
+    holds on a shared file system whose folder listings may be stale."""
+    if not Path(folder).is_dir():
+        raise ClusterError(
+            f"node {_node_address()} does not see {folder}: the output folder must be on storage that every node "
+            "sees (a shared file system, at the same path on each)"
+        )
+    record = json.dumps({"node": _node_address(), "device": device, "pid": os.getpid()})
+    number = 1
+    while True:
+        try:
+            with open(Path(folder) / f"{key}.{number}.json", "x") as claimed:
+                claimed.write(record)
+            return number
+        except FileExistsError:
+            number += 1
 
-    def __init__(self, parent: Path):
+
+class Attempts:
+    """The driver's side of the attempts record: a folder in the output folder, which every node must see, where
+    each task's attempts are claimed (``claim_attempt``). A task knows from it that it is a retry, and so resumes;
+    the driver says each start and retry from it."""
+
+    def __init__(self, parent: Path, retries: int, retry_means: str):
         self.folder = Path(parent) / f"{ATTEMPTS_PREFIX}{uuid.uuid4().hex[:8]}"
         try:
             self.folder.mkdir(parents=True)
@@ -172,70 +196,57 @@ class Attempts:
                 f"cannot write to {parent} ({error.strerror}): the output folder must be writable storage that every "
                 "node sees (a shared file system, at the same path on each)"
             ) from None
+        self.retries, self.retry_means = retries, retry_means
+        self.said: set = set()
+        self.saying = threading.Lock()  # the watching thread and the driver's own calls of look()
         self.held = contextlib.ExitStack()  # the folder's lock, held by this driver until it is done
         self.held.enter_context(exclusive_lock(self.folder / LOCK_NAME))
         _remove_abandoned(Path(parent))
 
-    @staticmethod
-    def begin(folder: str, key: str, device: str) -> int:
-        """In a task: record this attempt of ``key`` (what the lines call the task, e.g. ``fold 0``); its number
-        (1 for the first)."""
-        if not Path(folder).is_dir():
-            raise ClusterError(
-                f"node {_node_address()} does not see {folder}: the output folder must be on storage "
-                "that every node sees (a shared file system, at the same path on each)"
-            )
-        number = len(list(Path(folder).glob(f"{key}.*.json"))) + 1
-        record = {"node": _node_address(), "device": device, "pid": os.getpid()}
-        with atomic_output(Path(folder) / f"{key}.{number}.json") as partial:
-            partial.write_text(json.dumps(record))
-        return number
-
     def seen(self) -> dict[tuple[str, int], dict]:
+        """(key, attempt number) -> its record, for every record written whole."""
         found = {}
         for path in self.folder.glob("*.json"):
             key, _, number = path.stem.rpartition(".")
-            with contextlib.suppress(OSError, ValueError):
-                found[key, int(number)] = json.loads(path.read_text())
+            with contextlib.suppress(OSError, TypeError, ValueError):  # one still being written: read next time
+                record = json.loads(path.read_text())
+                if {"node", "device", "pid"} <= set(record):
+                    found[key, int(number)] = record
         return found
 
     def where(self, key: str) -> str:
         """The node and device of ``key``'s latest attempt."""
-        attempts = [(number, record) for (seen_key, number), record in self.seen().items() if seen_key == key]
+        attempts = {number: record for (seen_key, number), record in self.seen().items() if seen_key == key}
         if not attempts:
             return "an unknown node"
-        record = max(attempts, key=lambda attempt: attempt[0])[1]
+        record = attempts[max(attempts)]
         return f"node {record['node']}, {record['device']}"
 
-    @contextlib.contextmanager
-    def reported(self, retries: int, retry_means: str, interval: float = 0.5) -> Iterator[None]:
-        """A line as each attempt starts, until the block ends; then the folder is removed."""
-        said: set = set()
-        done = threading.Event()
-
-        def say_new():
+    def look(self) -> None:
+        """A line for each attempt begun since the last look."""
+        with self.saying:
             for (key, number), record in sorted(self.seen().items()):
-                if (key, number) in said:
+                if (key, number) in self.said:
                     continue
-                said.add((key, number))
+                self.said.add((key, number))
                 where = f"node {record['node']}, {record['device']} (Ray worker process {record['pid']})"
                 if number == 1:
                     logger.info("%s: started on %s", key, where)
                 else:
                     logger.warning(
                         "%s: retry %d of %d on %s: attempt %d's worker died; %s",
-                        key,
-                        number - 1,
-                        retries,
-                        where,
-                        number - 1,
-                        retry_means,
+                        *(key, number - 1, self.retries, where, number - 1, self.retry_means),
                     )
+
+    @contextlib.contextmanager
+    def watched(self, interval: float = 0.5) -> Iterator[None]:
+        """``look()`` every ``interval`` seconds until the block ends; then the folder is removed."""
+        done = threading.Event()
 
         def watch():
             while not done.wait(interval):
-                say_new()
-            say_new()
+                self.look()
+            self.look()
 
         thread = threading.Thread(target=watch, name="ray-attempts", daemon=True)
         thread.start()
@@ -264,26 +275,40 @@ def _enter(cwd: str, attempts: str, key: str, device: str) -> int:
             "folder that every node sees at the same path"
         )
     os.chdir(cwd)
-    return Attempts.begin(attempts, key, device)
+    return claim_attempt(attempts, key, device)
 
 
-def _wait_in_turn(cluster: Cluster, tasks: dict, attempts: Attempts, summary, before=lambda: None) -> dict:
+def _failure(error: Exception, retries: int) -> str:
+    """One line for a task that failed for good: its own exception (which Ray does not retry), or the death of its
+    worker on every try."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        lines = str(cause).strip().splitlines() or [""]
+        return f"its Ray task raised {type(cause).__name__}: {lines[0]}"
+    lines = str(error).strip().splitlines() or [""]
+    return f"its Ray task failed {retries + 1} time(s): {lines[0]}"
+
+
+def _gather_as_they_finish(cluster: Cluster, tasks: dict, attempts: Attempts, summary, say_pending) -> dict:
     """The results of ``tasks`` (Ray object reference -> its key in ``attempts``), each said as it comes with
-    ``summary(result)``, after ``before()``; a task that failed for good (its worker died more than --retries
-    times) is its exception."""
+    ``summary(result)`` -> (ok, text), after the lines still pending (``say_pending()``, then the attempts' own).
+    A task that failed for good is its exception."""
     ray, results, pending = cluster.ray, {}, list(tasks)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        before()
-        label, where = tasks[ready[0]], attempts.where(tasks[ready[0]])
+        say_pending()
+        attempts.look()
+        key, where, counted = tasks[ready[0]], attempts.where(tasks[ready[0]]), f"({len(results) + 1} of {len(tasks)})"
         try:
             results[ready[0]] = ray.get(ready[0])
-            logger.info(
-                "%s: finished on %s: %s (%d of %d)", label, where, summary(results[ready[0]]), len(results), len(tasks)
-            )
         except ray.exceptions.RayError as error:
             results[ready[0]] = error
-            logger.error("%s: failed for good on %s: %s", label, where, str(error).strip().splitlines()[0])
+            logger.error("%s: failed for good on %s: %s %s", key, where, _failure(error, attempts.retries), counted)
+            continue
+        ok, text = summary(results[ready[0]])
+        (logger.info if ok else logger.error)(
+            "%s: %s on %s: %s %s", key, "finished" if ok else "FAILED", where, text, counted
+        )
     return results
 
 
@@ -294,18 +319,37 @@ def _fold_task(config_values, fold, flags, log_level, started_wall, cwd, attempt
     try:
         attempt = _enter(cwd, attempts, f"fold {fold}", device)
     except ClusterError as error:
-        return FoldOutcome(fold, False, f"ClusterError: {error}", "(none: the fold did not start)")
+        return FoldOutcome(fold, False, f"ClusterError: {error}", "none: the fold did not start")
     if attempt > 1:  # an earlier attempt's process died: go on from its last.pt, not from scratch
         flags = {"resume": True, "overwrite": False}
+        _wait_for_the_lost_attempt(config_from({**config_values, "fold": fold}).run_dir())
     return run_fold_on(config_values, fold, device, flags, log_level, monotonic_here(started_wall))
 
 
-def train_folds_on_ray(config, folds, address, retries, resume, overwrite, log_level, started) -> list:
+def _wait_for_the_lost_attempt(run_dir: Path, seconds: float = 180.0) -> None:
+    """Until the run folder's lock is free: a network file system keeps the lock of a lost machine's process until
+    its lease runs out (NFSv4: 90 s by default), and Ray may retry sooner. Past ``seconds`` the fold's own check
+    says who holds it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), exclusive_lock(run_dir / RUN_LOCK_NAME) as free:
+            if free:
+                return
+        time.sleep(2.0)
+
+
+def _fold_summary(outcome: FoldOutcome) -> tuple[bool, str]:
+    return outcome.ok, outcome.message
+
+
+def train_folds_on_ray(
+    config, folds: list[int], *, address, retries: int, resume: bool, overwrite: bool, log_level: int, started: float
+) -> list[FoldOutcome]:
     """``train_folds`` on a Ray cluster: each fold a task with one GPU (or CPU), retried ``retries`` times from its
     own last.pt when its worker dies; the outcomes in the order of ``folds``."""
     cluster = connect(address)
     config = open_training_data(config)[0]  # the class names, for the lines saying each fold's score
-    attempts = Attempts(Path(config.out))
+    attempts = Attempts(Path(config.out), retries, "resuming from its last.pt")
     task = cluster.ray.remote(_fold_task)
     values, flags, cwd = dataclasses.asdict(config), {"resume": resume, "overwrite": overwrite}, os.getcwd()
     logger.info(
@@ -314,20 +358,19 @@ def train_folds_on_ray(config, folds, address, retries, resume, overwrite, log_l
         cluster.slots,
         config.out,
     )
-    with attempts.reported(retries, "resuming from its last.pt"), fold_progress(config, folds) as progress:
+    with attempts.watched(), fold_progress(config, folds) as progress:
         tasks = {
             task.options(**cluster.resources, max_retries=retries, name=f"fold{fold}").remote(
                 values, fold, flags, log_level, wall_clock(started), cwd, str(attempts.folder), cluster.device
             ): f"fold {fold}"
             for fold in folds
         }
-        results = _wait_in_turn(cluster, tasks, attempts, lambda outcome: outcome.message, progress.look)
+        results = _gather_as_they_finish(cluster, tasks, attempts, _fold_summary, progress.look)
     outcomes = []
     for fold, result in zip(folds, (results[ref] for ref in tasks)):
         if isinstance(result, Exception):
             log = str(Path(config.out) / f"fold{fold}" / "train.log")
-            reason = str(result).strip().splitlines()[0]
-            result = FoldOutcome(fold, False, f"its Ray task failed {retries + 1} time(s): {reason}", log)
+            result = FoldOutcome(fold, False, _failure(result, retries), log)
         outcomes.append(result)
     return outcomes
 
@@ -349,32 +392,33 @@ def _shard_task(job, settings, started_wall, cwd, attempts):
     return predict_shard(job, settings, resume=attempt > 1)  # a retry keeps the rows its shard file holds
 
 
-def _shard_summary(outcome: dict) -> str:
+def _shard_summary(outcome: dict) -> tuple[bool, str]:
     if outcome["error"]:
-        return f"FAILED: {outcome['error']}"
+        return False, outcome["error"]
     done = "complete" if outcome["finished"] else "stopped by the time limit"
-    return f"{done}, {outcome['seconds']:.1f} s predicting"
+    return True, f"{done}, {outcome['seconds']:.1f} s predicting"
 
 
-def shard_runner(cluster: Cluster, out: Path, retries: int, started: float):
+def shard_runner(cluster: Cluster, out: Path, retries: int):
     """A ``run`` for ``write_submission_on_devices``: each shard a Ray task with one GPU (or CPU)."""
 
     def run(jobs, settings) -> list[dict]:
         if not jobs:
             return []
-        attempts = Attempts(Path(out).parent)
+        attempts = Attempts(Path(out).parent, retries, "keeping the rows its shard file holds")
+        started_wall = wall_clock(settings.started)
         settings = dataclasses.replace(settings, progress=False)  # tqdm through Ray's log forwarding is noise
         task = cluster.ray.remote(_shard_task)
-        with attempts.reported(retries, "keeping the rows its shard file holds"):
+        with attempts.watched():
             tasks = {
                 task.options(**cluster.resources, max_retries=retries, name=f"shard{job.index}of{job.count}").remote(
-                    job, settings, wall_clock(started), os.getcwd(), str(attempts.folder)
+                    job, settings, started_wall, os.getcwd(), str(attempts.folder)
                 ): f"shard {job.index} of {job.count}"
                 for job in jobs
             }
-            results = _wait_in_turn(cluster, tasks, attempts, _shard_summary)
+            results = _gather_as_they_finish(cluster, tasks, attempts, _shard_summary, lambda: None)
         return [
-            {"finished": False, "error": f"its Ray task failed {retries + 1} time(s): {result}", "seconds": 0.0}
+            {"finished": False, "error": _failure(result, retries), "seconds": 0.0}
             if isinstance(result, Exception)
             else result
             for result in (results[ref] for ref in tasks)

@@ -177,7 +177,8 @@ def write_submission_on_devices(
     run: Callable[[list[ShardJob], ShardSettings], list[dict]] = run_shards,
 ) -> pd.DataFrame | None:
     """The test images still to predict cut into one shard per device (see ``shard_bounds``), each predicted by
-    ``run`` (by default: a worker process each, all at once; ``competition.cluster``: Ray tasks) into its shard file, then every row merged into ``out`` in sample-submission order
+    ``run`` (by default a worker process each, all at once; Ray's tasks with ``competition.cluster``) into its
+    shard file, then every row merged into ``out`` in sample-submission order
     and validated; returns the rows. With ``resume`` the rows of an interrupted run (its ``.partial`` and shard
     files, whatever devices it ran on) are kept. Returns None when ``--time-limit`` stopped the shards, their
     rows kept; raises ShardsFailed, each failure logged, when a shard failed."""

@@ -2,6 +2,8 @@
 (as a user's first try would: ray.init's own cluster on this machine, its 2 CPUs)."""
 
 import csv
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import infer
 import train
 from competition import cluster
-from competition.cluster import Attempts, ClusterError
+from competition.cluster import Attempts, ClusterError, claim_attempt
 from competition.shards import describe_devices
 from competition.submission import shard_files
 
@@ -104,32 +106,55 @@ def test_devices_named_once_are_listed_and_repeated_ones_counted():
     assert describe_devices(["cpu", "cpu", "cpu"]) == "3 x cpu"
 
 
-def test_attempts_are_numbered_and_a_dead_drivers_folder_is_removed(tmp_path, monkeypatch):
+def test_attempts_are_claimed_in_turn_and_a_dead_drivers_folder_is_removed(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cluster, "_node_address", lambda: "10.0.0.7")
     abandoned = tmp_path / f"{cluster.ATTEMPTS_PREFIX}deadbeef"
     abandoned.mkdir()  # a driver killed before removing its own: nobody holds its lock
-    attempts = Attempts(tmp_path)
-    other = Attempts(tmp_path)  # a live driver's folder stays
+    attempts = Attempts(tmp_path, retries=2, retry_means="resuming from its last.pt")
+    other = Attempts(tmp_path, retries=2, retry_means="")  # a live driver's folder stays
     assert not abandoned.exists() and attempts.folder.is_dir() and other.folder.is_dir()
-    assert [Attempts.begin(str(attempts.folder), "fold-0", "cpu") for _ in range(3)] == [1, 2, 3]
-    assert Attempts.begin(str(attempts.folder), "fold-1", "cuda:0") == 1
-    assert attempts.where("fold-0") == "node 10.0.0.7, cpu" and attempts.where("fold-1") == "node 10.0.0.7, cuda:0"
-    with attempts.reported(retries=2, retry_means="resuming"):
+    retry = {"node": "10.0.0.8", "device": "cpu", "pid": 42}  # claimed by a retry a stale listing did not show
+    (attempts.folder / "fold 0.2.json").write_text(json.dumps(retry))
+    numbers = [claim_attempt(str(attempts.folder), "fold 0", "cpu") for _ in range(2)]
+    assert numbers == [1, 3], "a number already claimed is never claimed again"
+    assert claim_attempt(str(attempts.folder), "fold 1", "cuda:0") == 1
+    assert attempts.where("fold 1") == "node 10.0.0.7, cuda:0" and attempts.where("fold 9") == "an unknown node"
+    with caplog.at_level(logging.INFO, logger="competition"), attempts.watched():
         pass
+    said = caplog.text
+    assert "fold 0: started on node 10.0.0.7, cpu (Ray worker process " in said
+    assert "fold 0: retry 1 of 2 on node 10.0.0.8, cpu (Ray worker process 42)" in said
+    assert "fold 0: retry 2 of 2 on node 10.0.0.7, cpu" in said and "attempt 2's worker died; resuming from" in said
+    assert "fold 1: started on node 10.0.0.7, cuda:0" in said
     assert not attempts.folder.exists() and other.folder.is_dir()
 
 
 def test_a_node_that_does_not_see_the_output_folder_is_told_so(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "_node_address", lambda: "10.0.0.7")
     with pytest.raises(ClusterError, match="node 10.0.0.7 does not see .*: the output folder must be on storage"):
-        Attempts.begin(str(tmp_path / "elsewhere"), "fold-0", "cpu")
+        claim_attempt(str(tmp_path / "elsewhere"), "fold 0", "cpu")
 
 
 def test_an_output_folder_the_driver_cannot_write_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the run folder would be")
     with pytest.raises(ClusterError, match=f"cannot write to {blocked / 'run'}"):
-        Attempts(blocked / "run")
+        Attempts(blocked / "run", retries=2, retry_means="")
+
+
+class TaskRaised(Exception):
+    """Ray's error for a task that raised: the task's own exception is its cause."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"ray::fold0() (pid=1, ip=10.0.0.7)\n  File ...\n{cause}")
+        self.cause = cause
+
+
+def test_a_failed_task_is_one_line_naming_its_cause_or_its_tries():
+    raised = cluster._failure(TaskRaised(OSError("disk full\nmore detail")), retries=2)
+    assert raised == "its Ray task raised OSError: disk full", "Ray does not retry an exception"
+    died = cluster._failure(Exception("The worker died unexpectedly.\nCheck the logs"), retries=2)
+    assert died == "its Ray task failed 3 time(s): The worker died unexpectedly."
 
 
 # On a local cluster --------------------------------------------------------------------------------------------------
