@@ -384,6 +384,8 @@ def _shard_task(job, settings, started_wall, cwd, attempts):
         attempt = _enter(cwd, attempts, f"shard {job.index} of {job.count}", job.device)
     except ClusterError as error:
         return {"finished": False, "error": f"ClusterError: {error}", "seconds": 0.0}
+    if attempt > 1 and Path(job.path).is_file():  # the lost attempt finished its file (renamed when complete)
+        return {"finished": True, "error": None, "seconds": 0.0}
     import ray
 
     threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))

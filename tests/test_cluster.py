@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from competition import cluster
 from competition.cluster import Attempts, ClusterError, claim_attempt
 from competition.shards import describe_devices
 from competition.submission import shard_files
+from tests.test_shards import many_test_images
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_RAY = "Ray is not installed: pip install -r requirements-cluster.txt (make test installs it)"
@@ -275,3 +277,36 @@ def test_a_failed_shard_on_ray_is_reported_and_resume_keeps_the_complete_ones(tw
     assert resumed.returncode == 0, resumed.stderr
     assert "8 test images to predict (24 kept from an interrupted run)" in resumed.stdout
     assert out.read_bytes() == local_submission
+
+
+@pytest.mark.slow
+@ray_installed
+def test_a_shard_whose_worker_is_killed_is_retried_and_keeps_its_rows(two_folds, data_dir, tmp_path):
+    data = many_test_images(data_dir, tmp_path / "data", copies=12)  # 384 images: long enough to kill mid-way
+    out = tmp_path / "out" / "submission.csv"
+    flags = [*predict_flags(two_folds[0], data), "--batch-size", "2"]
+    driver = subprocess.Popen(
+        [sys.executable, str(ROOT / "infer.py"), *flags, "--out", str(out), "--backend", "ray", "--shards", "2"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = out.parent / "submission.csv.shard2of2.partial"
+    try:
+        deadline = time.monotonic() + 180
+        while not (second.exists() and len(second.read_text().splitlines()) > 5):  # shard 2 has written rows
+            assert driver.poll() is None and time.monotonic() < deadline, "shard 2 did not start"
+            time.sleep(0.1)
+        record = next(out.parent.glob(f"{cluster.ATTEMPTS_PREFIX}*/shard 2 of 2.1.json"))
+        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)  # as a lost machine would
+        said, error = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, error
+    assert "shard 2 of 2: retry 1 of 2 on node " in error and "keeping the rows its shard file holds" in error
+    assert "shard 2 of 2: finished on node " in said and "384 rows" in said
+    local = run("infer.py", *flags, "--out", str(tmp_path / "local.csv"))
+    assert local.returncode == 0, local.stderr
+    assert out.read_bytes() == (tmp_path / "local.csv").read_bytes()
