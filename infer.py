@@ -286,6 +286,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
         checkpoint_config(load_checkpoint(path), path)
     run = {}
     if args.backend == "ray":
+        resolve_precision(args.precision, torch.device("cpu"))  # its name here; each shard checks it on its GPU
         cluster = connect(args.address)
         devices = [cluster.device] * (args.shards or cluster.slots)
         run = {"run": shard_runner(cluster, args.out, args.retries)}
