@@ -174,11 +174,11 @@ def check_arguments(args: argparse.Namespace) -> str:
         raise ConfigError("--device and --devices: pass one of them (--devices cuda:0,cuda:1 runs a shard on each)")
     if args.backend == "ray" and mode != "submission":
         raise ConfigError(f"--backend ray is for the test submission, not {MODE_NAMES[mode]}")
-    check_cluster_arguments(args, {"--device": args.device, "--devices": args.devices})
     if args.shards is not None and (args.backend != "ray" or args.shards < 1):
         raise ConfigError(
             f"--shards {args.shards}: at least 1, with --backend ray (locally, --devices makes the shards)"
         )
+    check_cluster_arguments(args, {"--device": args.device, "--devices": args.devices})
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
     return mode

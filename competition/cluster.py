@@ -68,11 +68,11 @@ def check_cluster_arguments(args: argparse.Namespace, local_flags: dict[str, obj
     given = [flag for flag, value in local_flags.items() if value is not None]
     if given:
         raise ConfigError(f"{given[0]} is for the local backend; Ray places each task on a free device itself")
-    require_ray()  # before any data or checkpoint is read
     if args.retries is None:
         args.retries = 2
     if args.retries < 0:
         raise ConfigError(f"--retries {args.retries}: must be at least 0")
+    require_ray()  # before any data or checkpoint is read
 
 
 def ray_importable() -> bool:

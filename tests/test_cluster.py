@@ -85,15 +85,6 @@ def test_infer_refuses_flags_of_the_other_backend_in_one_line(argv, message, tmp
     assert exit_info.value.code == 2 and message in error and "Traceback" not in error
 
 
-def test_a_precision_of_no_name_is_one_line_before_the_cluster_is_joined(trained_run, data_dir, tmp_path, capsys):
-    flags = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.csv")]
-    with pytest.raises(SystemExit) as exit_info:
-        infer.main([*flags, "--backend", "ray", "--precision", "fp8"])
-    said = capsys.readouterr()
-    assert exit_info.value.code == 2 and "--precision 'fp8': choose one of auto, bf16, fp16, fp32" in said.err
-    assert "Ray cluster" not in said.out
-
-
 def test_without_ray_the_backend_is_one_line_naming_the_install(data_dir, folds_csv, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an import finds when the package is absent
     flags = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(tmp_path / "run")]
@@ -171,6 +162,16 @@ def test_a_failed_task_is_one_line_naming_its_cause_or_its_tries():
 # On a local cluster --------------------------------------------------------------------------------------------------
 
 ray_installed = pytest.mark.skipif(not cluster.ray_importable(), reason=NO_RAY)
+
+
+@ray_installed
+def test_a_precision_of_no_name_is_one_line_before_the_cluster_is_joined(trained_run, data_dir, tmp_path, capsys):
+    flags = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.csv")]
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*flags, "--backend", "ray", "--precision", "fp8"])
+    said = capsys.readouterr()
+    assert exit_info.value.code == 2 and "--precision 'fp8': choose one of auto, bf16, fp16, fp32" in said.err
+    assert "Ray cluster" not in said.out
 
 
 @pytest.fixture(scope="module")
