@@ -25,7 +25,7 @@ the same shard files into --out's folder, which every node must see; the merge i
 
 Exit status: 0 done; 1 a shard failed (its line names the device and the error; every shard's rows are kept
 for --resume); 2 an error in the input, the settings or the machine (one line); 3 stopped by --time-limit
-at a batch boundary, no submission yet (the rows written are kept for --resume).
+at a batch boundary, no submission yet (the rows written are kept for --resume); 130 interrupted (Ctrl-C).
 """
 
 import argparse
@@ -174,10 +174,10 @@ def check_arguments(args: argparse.Namespace) -> str:
         raise ConfigError("--device and --devices: pass one of them (--devices cuda:0,cuda:1 runs a shard on each)")
     if args.backend == "ray" and mode != "submission":
         raise ConfigError(f"--backend ray is for the test submission, not {MODE_NAMES[mode]}")
-    if args.shards is not None and (args.backend != "ray" or args.shards < 1):
-        raise ConfigError(
-            f"--shards {args.shards}: at least 1, with --backend ray (locally, --devices makes the shards)"
-        )
+    if args.shards is not None and args.backend != "ray":
+        raise ConfigError("--shards is for --backend ray; locally, --devices makes one shard per device")
+    if args.shards is not None and args.shards < 1:
+        raise ConfigError(f"--shards {args.shards}: must be at least 1")
     check_cluster_arguments(args, {"--device": args.device, "--devices": args.devices})
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()  # --time-limit counts from here, in every shard worker too
     args = build_parser().parse_args(argv)
     configure_from(args)
-    with exit_on_project_error("infer.py", args.debug):
+    with exit_on_project_error(
+        "infer.py", args.debug, on_interrupt="the rows written are kept: run the same command with --resume to go on"
+    ):
         out_given = args.out is not None
         mode = check_arguments(args)
         tta = tta_of(args)

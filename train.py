@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_from(args)
-    with exit_on_project_error("train.py", args.debug):
+    with exit_on_project_error(
+        "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
+    ):
         config = resolve_config(args)
         progress = not args.quiet
         check_cluster_arguments(args, {"--device": args.device, "--gpus": args.gpus, "--jobs": args.jobs})

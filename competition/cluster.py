@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -127,6 +128,7 @@ def connect(address: str | None) -> Cluster:
     ray = require_ray()
     started = time.perf_counter()
     if not ray.is_initialized():
+        _check_answers(address)
         # The code travels with the job: the nodes need the same Python packages, not a copy of this checkout.
         runtime_env = {"py_modules": [str(Path(competition.__file__).parent)]}
         try:
@@ -150,6 +152,24 @@ def connect(address: str | None) -> Cluster:
         "one GPU" if cluster.gpus else "one CPU (the cluster has no GPU)",
     )
     return cluster
+
+
+def _check_answers(address: str | None, seconds: float = 10.0) -> None:
+    """One line when nothing listens at a ``host:port`` address: Ray itself retries such an address for minutes.
+    ``auto``, ``ray://`` and Ray's default say what is wrong with them themselves."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=seconds):
+            pass
+    except OSError as error:
+        raise ClusterError(
+            f"--address {address}: nothing answers there ({error.strerror or error}); start the head there with "
+            f"ray start --head --port {port}, or give the head's host:port (auto on a machine of the cluster)"
+        ) from None
 
 
 def wall_clock(started: float) -> float:

@@ -74,10 +74,14 @@ def configure_from(args: argparse.Namespace) -> None:
     configure(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
 
 
+EXIT_INTERRUPTED = 130  # the shell's own status for a program ended by Ctrl-C (128 + SIGINT)
+
+
 @contextlib.contextmanager
-def exit_on_project_error(program: str, debug: bool = False) -> Iterator[None]:
+def exit_on_project_error(program: str, debug: bool = False, on_interrupt: str = "") -> Iterator[None]:
     """A ProjectError ends the program with its one-line message and exit code 2 (its traceback with
-    ``--debug``); any other exception is a bug and propagates with its traceback."""
+    ``--debug``); Ctrl-C with one line (``on_interrupt``: how to go on) and exit code 130; any other exception
+    is a bug and propagates with its traceback."""
     try:
         yield
     except ProjectError as error:
@@ -85,3 +89,8 @@ def exit_on_project_error(program: str, debug: bool = False) -> Iterator[None]:
             raise
         sys.stderr.write(f"{program}: error: {error}\n")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write(f"{program}: interrupted{'; ' + on_interrupt if on_interrupt else ''}\n")
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -71,8 +71,8 @@ def test_train_refuses_flags_of_the_other_backend_in_one_line(argv, message, dat
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--shards", "3"], "--shards 3: at least 1, with --backend ray"),
-        (["--backend", "ray", "--shards", "0"], "--shards 0: at least 1"),
+        (["--shards", "3"], "--shards is for --backend ray; locally, --devices makes one shard per device"),
+        (["--backend", "ray", "--shards", "0"], "--shards 0: must be at least 1"),
         (["--backend", "ray", "--devices", "cpu,cpu"], "--devices is for the local backend"),
         (["--backend", "ray", "--oof"], "--backend ray is for the test submission, not --oof"),
         (["--address", "auto"], "--address is for --backend ray"),
@@ -162,6 +162,14 @@ def test_a_failed_task_is_one_line_naming_its_cause_or_its_tries():
 # On a local cluster --------------------------------------------------------------------------------------------------
 
 ray_installed = pytest.mark.skipif(not cluster.ray_importable(), reason=NO_RAY)
+
+
+@ray_installed
+def test_an_address_where_nothing_listens_is_one_line_at_once():
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="--address 127.0.0.1:1: nothing answers there .*ray start --head --port 1"):
+        cluster.connect("127.0.0.1:1")  # loopback: a port nothing listens on
+    assert time.monotonic() - started < 10, "not Ray's own minutes of retries"
 
 
 @ray_installed

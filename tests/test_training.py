@@ -210,6 +210,16 @@ def run_train(argv, capsys):
     return exit_info.value.code, error
 
 
+def test_ctrl_c_is_one_line_saying_how_to_go_on(tiny_config, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_fold", interrupted)
+    code, error = run_train(cli_flags(tiny_config), capsys)
+    assert code == 130
+    assert error == "train.py: interrupted; each fold's last.pt is kept: run the same command with --resume to go on\n"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
