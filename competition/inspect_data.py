@@ -81,7 +81,11 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
     lines += [f"  {index:3d} {name:<20} {100 * counts[index] / total:7.3f}%" for index, name in enumerate(data.classes)]
     stored = getattr(data, "stored_ignore_index", data.ignore_index)
-    lines.append(f"ignore index {stored}: {100 * ignored / total:.3f}% of the pixels")
+    if data.mask_values is not None and stored in data.mask_values:  # 0/255 masks: 255 is the foreground here
+        owner = data.classes[list(data.mask_values).index(stored)]
+        lines.append(f"ignore index: none ({stored} is the stored value of class {owner!r})")
+    else:
+        lines.append(f"ignore index {stored}: {100 * ignored / total:.3f}% of the pixels")
     problems += absent_class_problems(data.classes, counts, None)
     return lines, problems
 

@@ -85,6 +85,8 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
     report = capsys.readouterr().out
     assert "layout: folders" in report and ("problems: none found" in report) == (code == 0)
     assert INSPECTED.get(form, "masks: class indices") in report, report
+    if "255=foreground" in INSPECTED.get(form, ""):  # 255 is a class value there, not the ignore index
+        assert "ignore index: none (255 is the stored value of class 'foreground')" in report, report
     folds = tmp_path / "folds.csv"
     make_folds([*data, "--n-folds", "2", "--out", str(folds), "--quiet"])
     run = tmp_path / "run"
