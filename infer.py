@@ -282,8 +282,8 @@ def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | N
 
 
 def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline) -> int:
-    for path in paths:  # an unreadable checkpoint is one line here, not a failure in every shard
-        checkpoint_config(load_checkpoint(path), path)
+    # an unreadable checkpoint is one line here, not a failure in every shard
+    configs = [checkpoint_config(load_checkpoint(path), path) for path in paths]
     run = {}
     if args.backend == "ray":
         resolve_precision(args.precision, torch.device("cpu"))  # its name here; each shard checks it on its GPU
@@ -294,7 +294,7 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
     logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", describe_devices(devices))
     settings = ShardSettings(
         checkpoints=[str(path) for path in paths],
-        data_dir=str(data_dir_of(args, checkpoint_config(load_checkpoint(paths[0]), paths[0]))),
+        data_dir=str(data_dir_of(args, configs[0])),
         tta=tta,
         precision=args.precision,
         compile=args.compile,

@@ -261,20 +261,10 @@ class Attempts:
     @contextlib.contextmanager
     def watched(self, interval: float = 0.5) -> Iterator[None]:
         """``look()`` every ``interval`` seconds until the block ends; then the folder is removed."""
-        done = threading.Event()
-
-        def watch():
-            while not done.wait(interval):
-                self.look()
-            self.look()
-
-        thread = threading.Thread(target=watch, name="ray-attempts", daemon=True)
-        thread.start()
         try:
-            yield
+            with logs.said_every(interval, self.look, "ray-attempts"):
+                yield
         finally:
-            done.set()
-            thread.join()
             shutil.rmtree(self.folder, ignore_errors=True)
             self.held.close()
 

@@ -4,7 +4,8 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from competition.errors import ProjectError
 
@@ -68,6 +69,26 @@ def redirected(stream, level: int | None = None) -> Iterator[None]:
         for handler in handlers:
             logger.addHandler(handler)
         logger.setLevel(previous_level)
+
+
+@contextlib.contextmanager
+def said_every(interval: float, look: Callable[[], None], name: str) -> Iterator[None]:
+    """``look()`` (which logs what is new since its last call) in a thread every ``interval`` seconds while the
+    block runs, and once more as it ends, for what happened meanwhile."""
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(interval):
+            look()
+        look()
+
+    thread = threading.Thread(target=watch, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def configure_from(args: argparse.Namespace) -> None:

@@ -1111,14 +1111,7 @@ class _FoldProgress:
         self.devices: dict[int, str] = {}
         self.handlers = list(logging.getLogger(logs.LOGGER_NAME).handlers)
         self.enabled = logger.isEnabledFor(logging.INFO)
-        self.done = threading.Event()
         self.saying = threading.Lock()  # the watching thread and the driver's own calls of look()
-        self.thread = threading.Thread(target=self._watch, name="fold-progress", daemon=True)
-
-    def _watch(self) -> None:
-        while not self.done.wait(self.interval):
-            self.look()
-        self.look()  # the epochs that ended since the last look
 
     def _rows(self, fold: int) -> list[dict]:
         try:
@@ -1179,12 +1172,8 @@ def _row_key(row: dict) -> tuple:
 @contextlib.contextmanager
 def fold_progress(config: TrainConfig, folds: list[int]):
     progress = _FoldProgress(config, folds)
-    progress.thread.start()
-    try:
+    with logs.said_every(progress.interval, progress.look, "fold-progress"):
         yield progress
-    finally:
-        progress.done.set()
-        progress.thread.join()
 
 
 def train_folds(
