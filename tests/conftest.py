@@ -1,6 +1,7 @@
 """Shared fixtures: one small synthetic Carvana data set, as folders and as the competition's zips."""
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -99,3 +100,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "trained_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_report_header(config):
+    """Free disk where the tests write, first in the log: the full suite holds about 2 GB at its peak."""
+    free_gb = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    return f"free disk in {tempfile.gettempdir()}: {free_gb:.1f} GB (the full suite holds about 2 GB at its peak)"

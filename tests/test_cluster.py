@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,7 +192,8 @@ def two_folds(data_dir, folds_csv, tmp_path_factory):
     assert on_ray.returncode == 0, on_ray.stderr
     local = run("train.py", *common, "--out", str(out / "local"), "--jobs", "2")
     assert local.returncode == 0, local.stderr
-    return out / "ray", out / "local", on_ray
+    yield out / "ray", out / "local", on_ray
+    shutil.rmtree(out, ignore_errors=True)  # 0.9 GB of checkpoints: kept no longer than this module needs them
 
 
 @pytest.mark.slow
