@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -65,6 +66,8 @@ MONITOR_COLUMNS = {
     "macro_f1": ("val_macro_f1", "val macro F1"),
     "pixel_accuracy": ("val_pixel_accuracy", "val pixel accuracy"),
 }
+# torch's warning when the schedule steps before any optimizer step has been taken.
+SCHEDULER_BEFORE_OPTIMIZER = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 # More skipped steps than this in an epoch are more than the loss scale's calibration at the start.
 SKIPPED_STEPS_WARNING = 5
 RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
@@ -546,7 +549,11 @@ def train_one_epoch(
         with explain_out_of_memory(context, fix):
             loss = accumulate_gradients(parts.forward, parts.loss_fn, micro_batches, parts.precision, parts.scaler)
             optimizer_step(parts.model, parts.optimizer, parts.scaler, config.clip_grad)
-        parts.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule moves on even when fp16's scaler skipped the step (so each epoch keeps its learning
+            # rates); torch takes a skipped first step for a misordered call. Skips are logged by epoch instead.
+            warnings.filterwarnings("ignore", message=SCHEDULER_BEFORE_OPTIMIZER, category=UserWarning)
+            parts.scheduler.step()
         if parts.ema is not None:
             parts.ema.update_parameters(parts.model)
         pending.append((step, loss))
