@@ -102,7 +102,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-def pytest_report_header(config):
-    """Free disk where the tests write, first in the log: the full suite holds about 2 GB at its peak."""
-    free_gb = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
-    return f"free disk in {tempfile.gettempdir()}: {free_gb:.1f} GB (the full suite holds about 2 GB at its peak)"
+_lowest_free_disk: dict = {}  # bytes and the test after which they were seen
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """The free disk where the tests write, after each test (one statvfs call): CI once ran out of it."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < _lowest_free_disk.get("bytes", float("inf")):
+        _lowest_free_disk.update(bytes=free, after=nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _lowest_free_disk:
+        terminalreporter.write_line(
+            f"lowest free disk in {tempfile.gettempdir()}: {_lowest_free_disk['bytes'] / 1e9:.1f} GB, "
+            f"after {_lowest_free_disk['after']}"
+        )
