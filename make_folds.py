@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from competition.config import add_config_arguments, resolve_config
 from competition.environment import default_work_dir
@@ -15,6 +14,7 @@ from competition.files import atomic_output
 from competition.folds import assign_folds, assign_group_folds, fold_summary, groups_of
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.survey import survey
 
 logger = logging.getLogger("competition.make_folds")
 
@@ -59,9 +59,9 @@ def carvana_folds(data, args):
 
 
 def class_presence(data, image_ids: list[str], progress: bool) -> dict[str, np.ndarray]:
-    """image id -> which classes its mask holds (every mask read once)."""
-    bar = tqdm(image_ids, desc="read masks", unit="img", disable=not progress, dynamic_ncols=True)
-    return {image_id: data.class_pixel_counts(image_id) > 0 for image_id in bar}
+    """image id -> which classes its mask holds (every mask read once, on threads)."""
+    counts = survey(data, image_ids, check=False, count=len(image_ids), progress=progress)
+    return {image_id: row > 0 for image_id, row in zip(image_ids, counts)}
 
 
 def group_folds(data, args):

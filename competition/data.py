@@ -5,6 +5,7 @@ import io
 import logging
 import math
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from competition.errors import DataError
 from competition.rle import RLEError, rle_decode, rle_runs
 
 logger = logging.getLogger(__name__)
+# Module-level, not an attribute: a data set is pickled into loader workers, and a lock cannot be.
+_CSV_PARSING = threading.Lock()
 
 LAYOUT_HELP = (
     "Expected the Carvana layout: train/<car>_<NN>.jpg, train_masks/<car>_<NN>_mask.gif, "
@@ -320,8 +323,10 @@ class CarvanaData:
 
     def _masks_from_csv(self) -> dict[str, str]:
         if self._csv_masks is None:
-            frame = self.read_csv("train_masks.csv", ["img", "rle_mask"])
-            self._csv_masks = dict(zip(map(image_id_of, frame["img"]), frame["rle_mask"]))
+            with _CSV_PARSING:  # the survey's threads share one data set: the CSV is parsed once, not by each
+                if self._csv_masks is None:
+                    frame = self.read_csv("train_masks.csv", ["img", "rle_mask"])
+                    self._csv_masks = dict(zip(map(image_id_of, frame["img"]), frame["rle_mask"]))
         return self._csv_masks
 
     def mask_ids(self) -> set[str]:
@@ -386,6 +391,11 @@ class CarvanaData:
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
         """Background and car pixels of the image's mask (int64)."""
         return np.bincount(self.read_mask(image_id).ravel(), minlength=2).astype(np.int64)
+
+    def checked_mask_histogram(self, image_id: str) -> np.ndarray:
+        """Pixels of each of the 256 mask values (int64), the sample checked first as ``check_sample`` checks it."""
+        self.check_sample(image_id)
+        return np.bincount(self.read_mask(image_id).ravel(), minlength=256).astype(np.int64)
 
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""

@@ -41,12 +41,10 @@ def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, 
     ignored, problems = 0, []
     for image_id in tqdm(image_ids, desc="read masks", unit="img", disable=not progress, dynamic_ncols=True):
         try:
-            data.check_sample(image_id)
-            mask = data.read_mask(image_id)
+            histogram = data.checked_mask_histogram(image_id)
         except DataError as error:
             problems.append(str(error))
             continue
-        histogram = np.bincount(mask.ravel(), minlength=256)
         counts += histogram[: data.num_classes]
         ignored += int(histogram[data.ignore_index]) if data.ignore_index >= data.num_classes else 0
     return counts, ignored, problems

@@ -227,6 +227,11 @@ class SegmentationData:
         counts = np.bincount(self.read_mask(image_id).ravel(), minlength=256).astype(np.int64)
         return counts[: self.num_classes]
 
+    def checked_mask_histogram(self, image_id: str) -> np.ndarray:
+        """Pixels of each of the 256 mask values (int64), from one read of the sample as training reads it."""
+        _, mask = self.read_sample(image_id)
+        return np.bincount(mask.ravel(), minlength=256).astype(np.int64)
+
 
 class FolderData(SegmentationData):
     """Images and masks in folders, same stems (past ``image_suffix``/``mask_suffix``): ``images/`` + ``masks/``, VOC's

@@ -40,6 +40,7 @@ from competition.models import build_model
 from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
 from competition.sampling import class_balanced_weights
 from competition.schedules import build_scheduler
+from competition.survey import survey
 from competition.workers import loader_start_method, stop_when_orphaned
 
 logger = logging.getLogger(__name__)
@@ -316,24 +317,6 @@ def _fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
         )
     held_out = folds["fold"] == config.fold
     return ids[~held_out].tolist(), ids[held_out].tolist()
-
-
-def check_training_data(data, image_ids: list[str], progress: bool = True) -> None:
-    """Every image header and mask of the run read once before the first step, so that a corrupt file
-    stops the run in seconds rather than hours into an epoch. One line names each broken file (up to 3)."""
-    problems = []
-    for image_id in tqdm(image_ids, desc="check data", unit="img", disable=not progress, dynamic_ncols=True):
-        try:
-            data.check_sample(image_id)
-        except DataError as error:
-            problems.append(str(error))
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(
-            f"{len(problems)} of {len(image_ids)} training samples are broken: {' | '.join(problems[:3])}{more}; "
-            "fix them, or pass --no-check to meet them in the loader"
-        )
-    logger.info("checked %d images and their masks", len(image_ids))
 
 
 def inspect_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
@@ -781,12 +764,6 @@ class _Fold:
         return len(self.train_loader) * self.train_loader.batch_size
 
 
-def class_pixel_counts(data, image_ids: list[str], progress: bool = True) -> np.ndarray:
-    """(images, classes) pixel counts of these images' masks, the ignore index left out: read once per run."""
-    bar = tqdm(image_ids, desc="count classes", unit="img", disable=not progress, dynamic_ncols=True)
-    return np.stack([data.class_pixel_counts(image_id) for image_id in bar])
-
-
 def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainConfig:
     """The settings with ``--class-weights`` computed from the training fold's pixels, saved with the run."""
     weights = class_weights(pixel_counts.sum(0), config.class_weights)
@@ -802,12 +779,17 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
 def _set_up_fold(config: TrainConfig, data, device: torch.device, precision: str, progress: bool) -> _Fold:
     seed_everything(config.seed)
     train_ids, val_ids = _fold_ids(config, data)
-    if config.check:
-        check_training_data(data, train_ids + val_ids, progress)
-    counted = data.layout != "carvana" or config.class_weights != "none" or config.sampler != "random"
-    pixel_counts = class_pixel_counts(data, train_ids, progress) if counted else None
-    if data.layout != "carvana":  # a class no training mask holds is said before training (Carvana's are fixed)
-        val_counts = class_pixel_counts(data, val_ids, progress).sum(0)
+    # Carvana's classes are fixed: its masks are counted only for the weights or the sampler, on the training images.
+    # Elsewhere a class no training mask holds is said before training, so every mask is counted.
+    ids = train_ids + val_ids
+    if data.layout == "carvana":
+        count = len(train_ids) if config.class_weights != "none" or config.sampler != "random" else 0
+    else:
+        count = len(ids)
+    counts = survey(data, ids, check=config.check, count=count, progress=progress)
+    pixel_counts = None if counts is None else counts[: len(train_ids)]
+    if data.layout != "carvana":
+        val_counts = counts[len(train_ids) :].sum(0)
         report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)
     if config.class_weights != "none":
         config = _with_class_weights(config, pixel_counts)

@@ -1,0 +1,74 @@
+"""One pass over a data set's samples before training or splitting: each checked, its classes counted, on threads."""
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from competition.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+NAMED_PROBLEMS = 3  # broken samples named in the error; the rest are counted
+MAX_THREADS = 8  # decoding scales to a few cores; more threads only add contention
+
+
+def survey_threads() -> int:
+    """Threads for a survey: Pillow and OpenCV decode with the GIL released, so threads use the idle cores before
+    the first step (the loaders start after it)."""
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def survey(
+    data,
+    image_ids: list[str],
+    *,
+    check: bool,
+    count: int,
+    threads: int | None = None,
+    progress: bool = True,
+) -> np.ndarray | None:
+    """Each sample of ``image_ids`` read once: checked as the loader would read it (``check``; every broken one
+    gathered into one DataError naming the first few), and the pixels of each class counted, the ignore index left
+    out, in the masks of the first ``count`` images (``len(image_ids)`` for all; 0 for none). Returns those
+    (count, classes) int64 counts, or None when ``count`` is 0. Unchecked, the first unreadable mask raises."""
+    if not image_ids or not (check or count):
+        return None
+
+    def visit(index: int, image_id: str):
+        counted = index < count
+        if not check:
+            return data.class_pixel_counts(image_id) if counted else None
+        try:
+            if counted:
+                return data.checked_mask_histogram(image_id)[: data.num_classes]
+            data.check_sample(image_id)  # Carvana's: the headers alone
+            return None
+        except DataError as error:
+            return error
+
+    bar = tqdm(
+        total=len(image_ids),
+        desc="check data" if check else "count classes",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    results = []
+    # On an error (or Ctrl-C) map's iterator cancels the images not yet started: nothing is read after it.
+    with bar, ThreadPoolExecutor(threads or survey_threads()) as pool:
+        for result in pool.map(visit, range(len(image_ids)), image_ids):  # in the order of image_ids
+            results.append(result)
+            bar.update()
+    problems = [str(result) for result in results if isinstance(result, DataError)]
+    if problems:
+        more = f" (and {len(problems) - NAMED_PROBLEMS} more)" if len(problems) > NAMED_PROBLEMS else ""
+        raise DataError(
+            f"{len(problems)} of {len(image_ids)} training samples are broken: "
+            f"{' | '.join(problems[:NAMED_PROBLEMS])}{more}; fix them, or pass --no-check to meet them in the loader"
+        )
+    if check:
+        logger.info("checked %d images and their masks", len(image_ids))
+    return np.stack(results[:count]).astype(np.int64) if count else None
