@@ -68,6 +68,11 @@ class TrainConfig:
     mask_values: str = setting(
         "", "the value of each class in the mask files, in class order, e.g. 0,255; default: the class index"
     )
+    unknown_values: str = setting(
+        "error",
+        "a stored mask value that is no class's and not the ignore index: error, or ignore (the ignore index; "
+        "Cityscapes' labelIds keep 19 of their 34 ids)",
+    )
     snap_mask_values: bool = setting(
         False, "map each mask value (or colour) to the nearest class's: for lossy JPEG masks, refused otherwise"
     )
@@ -172,6 +177,7 @@ CHOICES = {
     "layout": LAYOUTS,
     "pet_border": PET_BORDERS,
     "unknown_colors": ("error", "ignore"),
+    "unknown_values": ("error", "ignore"),
     "class_weights": CLASS_WEIGHTINGS,
     "sampler": SAMPLERS,
     "monitor": MONITORS,

@@ -73,6 +73,8 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         lines.append("masks: stored values " + ", ".join(f"{v}={n}" for v, n in zip(data.mask_values, data.classes)))
     else:
         lines.append("masks: class indices")
+    if table is None and getattr(data, "unknown_values", "error") == "ignore":
+        lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
     counts, ignored, problems = scan_masks(data, train_ids, progress)
     problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
     total = max(int(counts.sum()) + ignored, 1)

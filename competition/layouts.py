@@ -181,7 +181,8 @@ class SegmentationData:
             stored = ", ".join(f"{value} {name}" for value, name in zip(self.mask_values, self.classes))
             raise DataError(
                 f"{source}: mask value(s) {unknown[:5].tolist()} are neither a class's value ({stored}) nor the "
-                f"ignore index {self.stored_ignore_index}; fix the mask, or give each class's value with --mask-values"
+                f"ignore index {self.stored_ignore_index}; fix the mask, give each class's value with --mask-values, "
+                "or pass --unknown-values ignore to make such pixels the ignore index"
             )
         return self.value_lookup[mask]
 
@@ -193,7 +194,7 @@ class SegmentationData:
             raise DataError(
                 f"{source}: mask value(s) {bad[:5].tolist()} are neither a class (0..{self.num_classes - 1}: "
                 f"{', '.join(self.classes)}) nor the ignore index {self.ignore_index}; name the classes in "
-                "classes.txt or --classes, or fix the mask"
+                "classes.txt or --classes, fix the mask, or pass --unknown-values ignore to make such pixels ignored"
             )
 
     def test_mask_ids(self) -> list[str]:
@@ -256,10 +257,11 @@ class FolderData(SegmentationData):
         colors: str = "",
         unknown_colors: str = "error",
         mask_values: str = "",
+        unknown_values: str = "error",
         snap_mask_values: bool = False,
     ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
-        self.unknown_colors, self.snap = unknown_colors, snap_mask_values
+        self.unknown_colors, self.unknown_values, self.snap = unknown_colors, unknown_values, snap_mask_values
         parts = (
             [(name, *split_folders(root, name, spec, masks)) for name, spec in split_folders_by_name.items()]
             if split_folders_by_name
@@ -273,6 +275,11 @@ class FolderData(SegmentationData):
         self.table = self.cache = None
         table_path = color_table_path(root, colors)
         if table_path is not None:
+            if unknown_values != "error":
+                raise ConfigError(
+                    f"--unknown-values is for masks of stored values; {table_path} makes these colour masks: "
+                    "pass --unknown-colors ignore instead"
+                )
             names = self.open_color_table(table_path, classes)
         else:
             names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
@@ -352,10 +359,12 @@ class FolderData(SegmentationData):
         return names
 
     def set_values(self, values: list[int] | None, num_classes: int) -> None:
-        if values is None and not self.snap:
-            return
+        if values is None and not self.snap and self.unknown_values == "error":
+            return  # class indices as stored, each checked as it is read
         self.mask_values = values if values is not None else list(range(num_classes))
-        self.value_lookup, self.known_values = value_lookup(self.mask_values, num_classes, self.ignore_index, self.snap)
+        self.value_lookup, self.known_values = value_lookup(
+            self.mask_values, num_classes, self.ignore_index, self.snap, unknown=self.unknown_values
+        )
 
     def values_from_masks(self, images: dict, given: list[str] | None) -> tuple[list[str], list[int] | None]:
         """(names, stored values or None for indices) read from the masks themselves (every mask read once)."""
@@ -455,7 +464,8 @@ def match_pair(
     """(image id -> image, image id -> mask) of the images that have a mask (every image for a test split).
     An id is a file's stem without its ``suffixes`` (image, mask): Cityscapes' ``x_leftImg8bit.png`` and
     ``x_gtFine_labelIds.png`` are both ``x``. Unmatched files are listed in one line: a warning for folders
-    the user named, a note for VOC's JPEGImages (which holds the detection images too)."""
+    the user named, a note for VOC's JPEGImages (which holds the detection images too); mask-folder files
+    without the mask suffix (Cityscapes' _gtFine_color) in a note of their own."""
     image_suffix, mask_suffix = suffixes
     image_files = files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit)
     images, unsuffixed = by_id(image_files, image_suffix)
@@ -480,7 +490,17 @@ def match_pair(
             f"{suffix_hint(list(image_files), list(stored))}"
         )
     unmasked = sorted(set(images) - set(masks))
-    orphans = sorted(set(masks) - set(images)) + unsuffixed
+    orphans = sorted(set(masks) - set(images))
+    if mask_suffix and unsuffixed:  # Cityscapes ships _color, _instanceIds and _polygons beside _labelIds
+        logger.info(
+            "%s: %d file(s) not named *%s are not read as masks, e.g. %s",
+            mask_folder,
+            len(unsuffixed),
+            mask_suffix,
+            unsuffixed[:3],
+        )
+    elif unsuffixed:
+        orphans += unsuffixed
     if unmasked:
         say = logger.warning if explicit else logger.info
         say(
@@ -710,12 +730,22 @@ DATA_SETTINGS = (
     "colors",
     "unknown_colors",
     "mask_values",
+    "unknown_values",
     "snap_mask_values",
     "in_channels",
 )
 DATA_FLAGS = ("data_dir", *DATA_SETTINGS)  # train.py's flags that make_folds.py and inspect_data take too
 # Of those, the ones that only the image/mask-folder layout reads.
-FOLDER_SETTINGS = ("images", "masks", "mask_suffix", "image_suffix", "colors", "mask_values", "snap_mask_values")
+FOLDER_SETTINGS = (
+    "images",
+    "masks",
+    "mask_suffix",
+    "image_suffix",
+    "colors",
+    "mask_values",
+    "unknown_values",
+    "snap_mask_values",
+)
 
 
 def open_data_as(settings, data_dir: str | Path | None = None, test_images: str | Path | None = None):

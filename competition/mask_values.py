@@ -50,11 +50,12 @@ def skipping_ignore(num_classes: int, ignore_index: int) -> list[int]:
 
 
 def value_lookup(
-    values: list[int] | None, num_classes: int, ignore_index: int, snap: bool
+    values: list[int] | None, num_classes: int, ignore_index: int, snap: bool, unknown: str = "error"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(lookup, known): 256 entries each; ``lookup[stored]`` is the class index (or the label ignore index) of a
     stored value, and ``known[stored]`` whether that value means anything (an unknown one is refused, never
-    guessed). ``ignore_index`` is the stored one.
+    guessed; with ``unknown`` "ignore", every value not listed means the ignore index). ``ignore_index`` is the
+    stored one.
 
     ``values`` None means the classes are stored as their index. With ``snap`` every value maps to the class
     of the nearest class value (ties to the lower), for masks saved lossily (JPEG)."""
@@ -65,6 +66,8 @@ def value_lookup(
     known[ignore_index] = True
     for index, value in enumerate(values):
         lookup[value], known[value] = index, True
+    if unknown == "ignore":  # Cityscapes' labelIds: the ids no class keeps are left out of losses and metrics
+        known[:] = True
     if snap:  # the nearest of the class values and the ignore index: VOC's smeared 255 border stays ignored
         targets = list(values) + ([ignore_index] if ignore_index not in values else [])
         meanings = list(range(len(values))) + ([label_ignore] if ignore_index not in values else [])

@@ -160,6 +160,43 @@ def make_ade20k(root: Path, count: int = 8) -> Path:
     return root
 
 
+# Cityscapes' labelIds of the fixture's shapes: the background is road below the horizon and sky above it.
+CITYSCAPES_IDS = {"road": 7, "sky": 23, "box": 26, "disc": 24, "square": 20}  # box: car, disc: person, square: sign
+
+
+def _cityscapes_ids(mask: np.ndarray) -> np.ndarray:
+    ids = np.full(mask.shape, CITYSCAPES_IDS["road"], dtype=np.uint8)
+    ids[: mask.shape[0] // 4] = CITYSCAPES_IDS["sky"]
+    for value, name in ((1, "box"), (2, "disc"), (3, "square")):
+        ids[mask == value] = CITYSCAPES_IDS[name]
+    ids[-4:] = 1  # the ego vehicle's bonnet; then unlabeled and out of roi: ids no class keeps
+    ids[:2, :2], ids[-1, -1] = 0, 3
+    return ids
+
+
+def make_cityscapes(root: Path, count: int = 8) -> Path:
+    """Cityscapes as downloaded: leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png, and
+    gtFine/ beside it holding, per image, _gtFine_labelIds.png with the _color, _instanceIds and _polygons files
+    the download also ships (gtFine/test's masks hold no classes). The last two labelled images are val."""
+    root = Path(root)
+    parts = [("train", "aachen", range(count - 2)), ("val", "frankfurt", range(count - 2, count))]
+    parts.append(("test", "berlin", range(20, 22)))
+    for split, city, indices in parts:
+        images, masks = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        for index in indices:
+            image, mask = _scene(index)
+            stem = f"{city}_{index:06d}_000019"
+            Image.fromarray(image).save(images / f"{stem}_leftImg8bit.png")
+            ids = _cityscapes_ids(mask) if split != "test" else np.zeros_like(mask)
+            _save_index_png(ids, masks / f"{stem}_gtFine_labelIds.png")
+            _save_index_png(ids, masks / f"{stem}_gtFine_instanceIds.png")
+            Image.fromarray(_colours(mask)).save(masks / f"{stem}_gtFine_color.png")
+            (masks / f"{stem}_gtFine_polygons.json").write_text('{"imgHeight": 64, "imgWidth": 96, "objects": []}')
+    return root
+
+
 # README table row -> the builder of its fixture (the row's flags are read from the README itself).
 FORMS = {
     "folders named their own way": make_named_folders,
@@ -170,4 +207,5 @@ FORMS = {
     "a class no mask holds": make_absent_class,
     "16-bit greyscale or RGBA images": make_grey16,
     "JPEG masks": make_jpeg_masks,
+    "Cityscapes as downloaded": make_cityscapes,
 }

@@ -23,6 +23,7 @@ from infer import main as infer
 from make_folds import main as make_folds
 from tests.layout_fixtures import _name, _scene, make_folders, make_pet
 from tests.shipped_fixtures import (
+    CITYSCAPES_IDS,
     CLASSES,
     FORMS,
     jpeg_bytes,
@@ -30,6 +31,7 @@ from tests.shipped_fixtures import (
     make_ade20k,
     make_binary_255,
     make_camvid,
+    make_cityscapes,
     make_jpeg_masks,
     make_named_folders,
     make_voc_lists,
@@ -37,6 +39,10 @@ from tests.shipped_fixtures import (
 from train import main as train
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+CITYSCAPES_CLASSES = (
+    "road,sidewalk,building,wall,fence,pole,traffic light,traffic sign,vegetation,terrain,sky,person,rider,car,"
+    "truck,bus,train,motorcycle,bicycle"
+)
 TRAIN_FLAGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--workers", "0", "--quiet", "--batch-size", "4"]
 
 
@@ -49,6 +55,7 @@ INSPECTED = {
     "0 is unlabelled, the classes from 1": "masks: stored values 1=background, 2=box, 3=disc, 4=square",
     "16-bit greyscale or RGBA images": "I;16",
     "JPEG masks": "masks: stored values 0=background, 255=foreground",
+    "Cityscapes as downloaded": "masks: stored values 7=road, 8=sidewalk",
 }
 
 
@@ -79,12 +86,15 @@ def test_every_readme_row_has_a_fixture():
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, caplog):
     data_flags, infer_flags = readme_rows()[form]
+    data_flags = [str(README.parent / flag) if flag.startswith("configs/") else flag for flag in data_flags]
     root = FORMS[form](tmp_path / "data")
     data = ["--data-dir", str(root), *data_flags]
     code = inspect_data([*data, "--quiet"])
     report = capsys.readouterr().out
     assert "layout: folders" in report and ("problems: none found" in report) == (code == 0)
     assert INSPECTED.get(form, "masks: class indices") in report, report
+    if form == "Cityscapes as downloaded":
+        assert "any other stored value: the ignore index (--unknown-values ignore)" in report
     if "255=foreground" in INSPECTED.get(form, ""):  # 255 is a class value there, not the ignore index
         assert "ignore index: none (255 is the stored value of class 'foreground')" in report, report
     folds = tmp_path / "folds.csv"
@@ -107,6 +117,7 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
         "binary masks 0/255": "background,foreground",
         "JPEG masks": "background,foreground",
         "a class no mask holds": "background,box,disc,square,wheel",
+        "Cityscapes as downloaded": CITYSCAPES_CLASSES,
     }.get(form, "background,box,disc,square")
     assert config["classes"] == expected_classes
     if form == "a class no mask holds":
@@ -307,13 +318,64 @@ def test_cityscapes_city_folders_and_both_suffixes(tmp_path, caplog):
                 Image.fromarray(array).save(tmp_path / folder / split / city / f"{_name(index)}_{name}.png")
     Image.fromarray(_scene(0)[1]).save(tmp_path / "gtFine" / "train" / "aachen" / "scene0_1_gtFine_color.png")
     split = "train=leftImg8bit/train:gtFine/train,val=leftImg8bit/val:gtFine/val"
-    with caplog.at_level(logging.WARNING, logger="competition"):
+    with caplog.at_level(logging.INFO, logger="competition"):
         data = open_data(
             tmp_path, split=split, image_suffix="_leftImg8bit", mask_suffix="_gtFine_labelTrainIds", classes="a,b,c,d"
         )
     assert data.train_ids() == sorted(_name(index) for index in range(8))
     assert np.array_equal(data.read_mask(_name(7)), _scene(7)[1]) and data.splits[_name(7)] == "val"
-    assert "1 mask(s) without an image" in caplog.text and "scene0_1_gtFine_color" in caplog.text
+    # the download's other files beside the masks: said once as a note, not warned of as masks without an image
+    assert "1 file(s) not named *_gtFine_labelTrainIds are not read as masks" in caplog.text
+    assert "scene0_1_gtFine_color" in caplog.text and "without an image" not in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def cityscapes_settings() -> dict:
+    import tomllib
+
+    return tomllib.loads((README.parent / "configs" / "cityscapes.toml").read_text())
+
+
+def test_cityscapes_label_ids_keep_the_19_classes_and_ignore_the_other_ids(tmp_path):
+    root = make_cityscapes(tmp_path)
+    data = open_data(root, **cityscapes_settings())
+    assert data.classes == CITYSCAPES_CLASSES.split(",") and data.num_classes == 19
+    assert [data.splits[image_id] for image_id in data.train_ids()] == ["train"] * 6 + ["val"] * 2
+    assert data.test_ids() == ["berlin_000020_000019", "berlin_000021_000019"]
+    image_id = data.train_ids()[0]
+    stored = np.asarray(Image.open(root / "gtFine" / "train" / "aachen" / f"{image_id}_gtFine_labelIds.png"))
+    mask = data.read_mask(image_id)
+    trained_on = {name: data.classes.index(name) for name in ("road", "sky", "car", "person", "traffic sign")}
+    for stored_name, class_name in (("road", "road"), ("sky", "sky"), ("box", "car"), ("disc", "person")):
+        assert (mask[stored == CITYSCAPES_IDS[stored_name]] == trained_on[class_name]).all()
+    for ignored_id in (0, 1, 3):  # unlabeled, ego vehicle, out of roi
+        assert (stored == ignored_id).any() and (mask[stored == ignored_id] == 255).all()
+    settings = {**cityscapes_settings(), "unknown_values": "error"}  # each unlisted id refused, with the fix
+    with pytest.raises(DataError, match=r"mask value\(s\) \[0, 1, 3\] .*--unknown-values ignore"):
+        open_data(root, **settings).read_mask(image_id)
+
+
+def test_unknown_values_ignored_for_class_indices_and_refused_for_colour_masks(tmp_path):
+    root = make_folders(tmp_path / "indices")
+    path = root / "masks" / "scene0_1.png"
+    mask = np.asarray(Image.open(path)).copy()
+    mask[0, :5] = 9  # no class of the four
+    Image.fromarray(mask, mode="L").save(path)
+    with pytest.raises(DataError, match=r"mask value\(s\) \[9\].*--unknown-values ignore"):
+        open_data(root).read_mask("scene0_1")
+    read = open_data(root, unknown_values="ignore").read_mask("scene0_1")
+    assert (read[0, :5] == 255).all() and np.array_equal(read[1:], mask[1:])
+    with pytest.raises(ConfigError, match="--unknown-values is for masks of stored values.*--unknown-colors ignore"):
+        open_data(make_camvid(tmp_path / "colours"), split="train=train,val=val,test=test", unknown_values="ignore")
+    with pytest.raises(ConfigError, match="--unknown-values is for image/mask folders"):
+        open_data(make_pet(tmp_path / "pet"), unknown_values="ignore")
+
+
+def test_value_lookup_with_unknown_values_ignored():
+    lookup, known = value_lookup([7, 26], 2, 255, snap=False, unknown="ignore")
+    assert known.all() and lookup[7] == 0 and lookup[26] == 1 and lookup[0] == lookup[33] == lookup[255] == 255
+    lookup, known = value_lookup([7, 26], 2, 255, snap=False)
+    assert known.sum() == 3 and not known[0] and known[255]
 
 
 def test_ignore_index_below_the_classes_reads_them_from_one(tmp_path):
