@@ -343,6 +343,8 @@ class FolderData(SegmentationData):
         two-valued masks (0/255: 255 is the foreground, said in one line), the most common values of snapped
         masks, or the class index itself."""
         values = parse_mask_values(mask_values) if mask_values else None
+        if self.unknown_values == "ignore":
+            self.check_unknown_values_ignored(values, given)
         if values is not None:
             if given is not None and len(given) != len(values):
                 raise DataError(f"--mask-values {mask_values!r}: {len(values)} values for {len(given)} classes {given}")
@@ -357,6 +359,19 @@ class FolderData(SegmentationData):
             values = skipping_ignore(len(names), self.ignore_index)
         self.set_values(values, len(names))
         return names
+
+    def check_unknown_values_ignored(self, values: list[int] | None, given: list[str] | None) -> None:
+        """``--unknown-values ignore`` needs to know which values are classes before any is ignored."""
+        if self.snap:
+            raise ConfigError(
+                "--snap-mask-values maps every stored value to a class, so --unknown-values ignore would ignore "
+                "nothing: pass one of them"
+            )
+        if values is None and (given is None or len(given) <= 2):  # 0/255 masks would lose their foreground
+            raise ConfigError(
+                "--unknown-values ignore needs each class's stored value (--mask-values, e.g. 0,255) or three or more "
+                "classes named (stored as their index); two-valued masks would be read as indices, 255 ignored"
+            )
 
     def set_values(self, values: list[int] | None, num_classes: int) -> None:
         if values is None and not self.snap and self.unknown_values == "error":
@@ -443,6 +458,11 @@ def by_id(files: dict[str, Path], suffix: str) -> tuple[dict[str, Path], list[st
     return ids, sorted(stem for stem in files if not stem.endswith(suffix))
 
 
+def _names_an_id(stem: str, ids: dict) -> bool:
+    """Whether ``stem`` is an id of ``ids`` followed by ``_`` and more: ``x_gtFine_color`` for the id ``x``."""
+    return any(stem[:end] in ids for end, char in enumerate(stem) if char == "_")
+
+
 def suffix_hint(image_stems: list[str], mask_stems: list[str]) -> str:
     """The flags that would pair these names, when a mask's name is an image's and more (or the reverse)."""
     images = set(image_stems)
@@ -464,8 +484,8 @@ def match_pair(
     """(image id -> image, image id -> mask) of the images that have a mask (every image for a test split).
     An id is a file's stem without its ``suffixes`` (image, mask): Cityscapes' ``x_leftImg8bit.png`` and
     ``x_gtFine_labelIds.png`` are both ``x``. Unmatched files are listed in one line: a warning for folders
-    the user named, a note for VOC's JPEGImages (which holds the detection images too); mask-folder files
-    without the mask suffix (Cityscapes' _gtFine_color) in a note of their own."""
+    the user named, a note for VOC's JPEGImages (which holds the detection images too); a mask's companions
+    named after its id without the mask suffix (Cityscapes' _gtFine_color) in a note of their own."""
     image_suffix, mask_suffix = suffixes
     image_files = files_by_stem(image_folder, IMAGE_EXTENSIONS, recursive=explicit)
     images, unsuffixed = by_id(image_files, image_suffix)
@@ -491,16 +511,18 @@ def match_pair(
         )
     unmasked = sorted(set(images) - set(masks))
     orphans = sorted(set(masks) - set(images))
-    if mask_suffix and unsuffixed:  # Cityscapes ships _color, _instanceIds and _polygons beside _labelIds
+    # A mask's companions (Cityscapes' x_gtFine_color and x_gtFine_instanceIds beside x_gtFine_labelIds): named
+    # after an id that has its mask, so not masks. Any other file without the suffix may be a mask misnamed.
+    companions = [stem for stem in unsuffixed if _names_an_id(stem, masks)]
+    orphans += [stem for stem in unsuffixed if stem not in set(companions)]
+    if companions:
         logger.info(
-            "%s: %d file(s) not named *%s are not read as masks, e.g. %s",
+            "%s: %d file(s) named after a mask's id but not *%s are not read as masks, e.g. %s",
             mask_folder,
-            len(unsuffixed),
+            len(companions),
             mask_suffix,
-            unsuffixed[:3],
+            companions[:3],
         )
-    elif unsuffixed:
-        orphans += unsuffixed
     if unmasked:
         say = logger.warning if explicit else logger.info
         say(

@@ -124,9 +124,10 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
         assert code == 1 and "'wheel' is in no mask" in report and "'wheel' is in no mask" in caplog.text
     if form.startswith("16-bit"):
         assert config["in_channels"] == 1
-    if "split" in form:  # fold 0 validates on exactly the official val images
+    if "split" in form or form.startswith("Cityscapes"):  # fold 0 validates on exactly the official val images
         written = pd.read_csv(folds)
-        assert sorted(written.loc[written["fold"] == 0, "img"]) == sorted(_name(index) for index in (6, 7))
+        val = [f"frankfurt_{index:06d}_000019" for index in (6, 7)] if form.startswith("Cityscapes") else None
+        assert sorted(written.loc[written["fold"] == 0, "img"]) == (val or sorted(_name(index) for index in (6, 7)))
         assert set(written["split"]) == {"train", "val"}
 
 
@@ -325,9 +326,20 @@ def test_cityscapes_city_folders_and_both_suffixes(tmp_path, caplog):
     assert data.train_ids() == sorted(_name(index) for index in range(8))
     assert np.array_equal(data.read_mask(_name(7)), _scene(7)[1]) and data.splits[_name(7)] == "val"
     # the download's other files beside the masks: said once as a note, not warned of as masks without an image
-    assert "1 file(s) not named *_gtFine_labelTrainIds are not read as masks" in caplog.text
+    assert "1 file(s) named after a mask's id but not *_gtFine_labelTrainIds are not read as masks" in caplog.text
     assert "scene0_1_gtFine_color" in caplog.text and "without an image" not in caplog.text
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def test_a_mask_missing_its_suffix_is_still_warned_of(tmp_path, caplog):
+    root = make_folders(tmp_path)
+    for path in sorted((root / "masks").glob("*.png"))[1:]:
+        path.rename(path.with_name(f"{path.stem}_mask.png"))
+    with caplog.at_level(logging.INFO, logger="competition"):
+        data = open_data(root, mask_suffix="_mask")
+    assert "scene0_1" not in data.train_ids() and len(data.train_ids()) == 7
+    warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert any("1 mask(s) without an image" in line and "scene0_1" in line for line in warned), warned
 
 
 def cityscapes_settings() -> dict:
@@ -369,6 +381,19 @@ def test_unknown_values_ignored_for_class_indices_and_refused_for_colour_masks(t
         open_data(make_camvid(tmp_path / "colours"), split="train=train,val=val,test=test", unknown_values="ignore")
     with pytest.raises(ConfigError, match="--unknown-values is for image/mask folders"):
         open_data(make_pet(tmp_path / "pet"), unknown_values="ignore")
+
+
+def test_unknown_values_ignored_only_where_the_classes_values_are_known(tmp_path):
+    root = make_binary_255(tmp_path)  # 0/255 masks: read as indices, 255 (the foreground) would be ignored
+    with pytest.raises(ConfigError, match="--unknown-values ignore needs each class's stored value"):
+        open_data(root, unknown_values="ignore")
+    with pytest.raises(ConfigError, match="--unknown-values ignore needs"):
+        open_data(root, classes="background,foreground", unknown_values="ignore")
+    data = open_data(root, mask_values="0,255", unknown_values="ignore")
+    mask = data.read_mask(data.train_ids()[0])
+    assert set(np.unique(mask)) == {0, 1}, "the foreground kept"
+    with pytest.raises(ConfigError, match="--snap-mask-values maps every stored value to a class"):
+        open_data(make_folders(tmp_path / "snap"), snap_mask_values=True, unknown_values="ignore")
 
 
 def test_value_lookup_with_unknown_values_ignored():
