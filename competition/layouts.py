@@ -21,6 +21,7 @@ from competition.mask_values import (
     value_lookup,
 )
 from competition.splits import is_id_list, parse_split, read_id_list, resolve, split_folders
+from competition.survey import stored_value_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -383,9 +384,7 @@ class FolderData(SegmentationData):
 
     def values_from_masks(self, images: dict, given: list[str] | None) -> tuple[list[str], list[int] | None]:
         """(names, stored values or None for indices) read from the masks themselves (every mask read once)."""
-        histogram = np.zeros(256, dtype=np.int64)
-        for stem in images:
-            histogram += np.bincount(self._mask(stem)[0].ravel(), minlength=256)
+        histogram = stored_value_histogram(lambda stem: self._mask(stem)[0], list(images))
         present = np.flatnonzero(histogram).tolist()
         if given is None or len(given) == 2:
             binary = binary_values(present, self.snap, histogram)

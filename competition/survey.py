@@ -1,4 +1,4 @@
-"""One pass over a data set's samples before training or splitting: each checked, its classes counted, on threads."""
+"""Passes over a data set's masks before training or splitting: each sample checked, classes or values counted, on threads."""
 
 import logging
 import os
@@ -19,6 +19,16 @@ def survey_threads() -> int:
     """Threads for a survey: Pillow and OpenCV decode with the GIL released, so threads use the idle cores before
     the first step (the loaders start after it)."""
     return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def stored_value_histogram(read_stored, stems, threads: int | None = None) -> np.ndarray:
+    """Pixels of each of the 256 stored values over the masks of ``stems``, each read once on threads by
+    ``read_stored(stem)`` (the mask as stored, before values become classes): how a folder's values are recognised."""
+    total = np.zeros(256, dtype=np.int64)
+    with ThreadPoolExecutor(threads or survey_threads()) as pool:
+        for histogram in pool.map(lambda stem: np.bincount(read_stored(stem).ravel(), minlength=256), stems):
+            total += histogram
+    return total
 
 
 def survey(

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from competition import survey as survey_module
 from competition.data import CarvanaData
 from competition.errors import DataError
 from competition.layouts import open_data
-from competition.survey import survey
+from competition.survey import stored_value_histogram, survey
 from tests.layout_fixtures import make_folders, make_labelme, make_pet
-from tests.shipped_fixtures import make_camvid
+from tests.shipped_fixtures import make_binary_255, make_camvid
 
 
 def counting_reads(data, monkeypatch) -> collections.Counter:
@@ -163,6 +164,25 @@ def test_carvana_counts_on_threads_match_one_by_one(request, archive, mask_sourc
     height, width = data.image_shape(image_ids[0])
     assert (counts.sum(1) == height * width).all() and (counts[:, 1] > 0).all()
     assert len(parses) == (1 if mask_source == "csv" else 0)  # train_masks.csv parsed once, not by each thread
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_stored_values_are_counted_from_one_read_of_each_mask(tmp_path, threads):
+    root = make_binary_255(tmp_path)
+    stems = sorted(path.stem for path in (root / "masks").glob("*.png"))
+    reads: collections.Counter = collections.Counter()
+
+    def read_stored(stem):
+        reads[stem] += 1
+        return np.asarray(Image.open(root / "masks" / f"{stem}.png"))
+
+    expected = sum(
+        np.bincount(np.asarray(Image.open(root / "masks" / f"{stem}.png")).ravel(), minlength=256) for stem in stems
+    )
+    histogram = stored_value_histogram(read_stored, stems, threads)
+    np.testing.assert_array_equal(histogram, expected)
+    assert histogram.dtype == np.int64 and set(np.flatnonzero(histogram)) == {0, 255}
+    assert reads == {stem: 1 for stem in stems}
 
 
 def test_threads_are_the_cores_up_to_a_cap(monkeypatch):
