@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tta", action="store_true", help="average with test-time augmented views (hflip by default)")
     parser.add_argument("--tta-transforms", help=f"comma-separated, from {', '.join(sorted(TTA))}; implies --tta")
-    parser.add_argument("--threshold", type=float, default=0.5, help="car above this probability, in (0, 1)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="foreground above this probability (binary models), in (0, 1)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes and RLE threads")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on a GPU that has it), bf16, fp16, fp32")

@@ -49,7 +49,7 @@ class TrainConfig:
         "", "folder of the training images when named otherwise (relative to data_dir, or absolute), e.g. img"
     )
     masks: str = setting("", "folder of their masks when named otherwise (relative to data_dir, or absolute), e.g. gt")
-    mask_suffix: str = setting("", "a mask's name is its image's id and this, e.g. _mask or _gtFine_labelTrainIds")
+    mask_suffix: str = setting("", "a mask's name is its image's id and this, e.g. _mask or _gtFine_labelIds")
     image_suffix: str = setting(
         "", "an image's name is its id and this, e.g. Cityscapes' _leftImg8bit (default: the id is the whole stem)"
     )

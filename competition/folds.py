@@ -143,7 +143,10 @@ def read_folds(path) -> pd.DataFrame:
     """A folds CSV written by make_folds.py (Carvana's ``img,car_id,fold`` or ``img,group,fold``), checked for
     its columns and for groups crossing folds; ``group`` is always there (Carvana's: the car)."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: folds file not found; make it with `python make_folds.py`")
+        raise DataError(
+            f"{path}: folds file not found; make it with `python make_folds.py` and the data flags given here "
+            "(--data-dir, --config, ...)"
+        )
     try:
         folds = read_csv_file(path, dtype={"img": str, "car_id": str, "group": str}, keep_default_na=False)
     except DataError as error:

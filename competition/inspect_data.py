@@ -83,7 +83,13 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     stored = getattr(data, "stored_ignore_index", data.ignore_index)
     if data.mask_values is not None and stored in data.mask_values:  # 0/255 masks: 255 is the foreground here
         owner = data.classes[list(data.mask_values).index(stored)]
-        lines.append(f"ignore index: none ({stored} is the stored value of class {owner!r})")
+        if getattr(data, "unknown_values", "error") == "ignore":  # the values no class keeps are ignored even so
+            lines.append(
+                f"ignored (stored values no class keeps): {100 * ignored / total:.3f}% of the pixels; "
+                f"{stored} is the stored value of class {owner!r}"
+            )
+        else:
+            lines.append(f"ignore index: none ({stored} is the stored value of class {owner!r})")
     else:
         lines.append(f"ignore index {stored}: {100 * ignored / total:.3f}% of the pixels")
     problems += absent_class_problems(data.classes, counts, None)

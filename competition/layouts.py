@@ -733,7 +733,14 @@ def detect_layout(root: str | Path) -> str:
         return "folders"
     if any(path.suffix == ".json" and not path.name.startswith("._") for path in root.iterdir()):
         return "labelme"
-    raise DataError(f"{root}: no data layout recognised. {LAYOUT_HELP}")
+    raise DataError(f"{root}: no data layout recognised.{known_data_set_hint(root)} {LAYOUT_HELP}")
+
+
+def known_data_set_hint(root: Path) -> str:
+    """A sentence naming the settings of a data set recognised by its folders, when reading it needs them."""
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return " It looks like Cityscapes as downloaded (leftImg8bit/, gtFine/): pass --config configs/cityscapes.toml."
+    return ""
 
 
 # The settings (TrainConfig fields, and make_folds.py's and inspect_data's flags) that say how to read a data folder.
@@ -825,7 +832,7 @@ def open_data(
     if by_id_lists:
         apply_id_lists(data, split_parts, keep_test_images=test_folder is not None)  # --test-images wins
     if not data.images and not data.test_images:
-        raise DataError(f"{root}: no images found as the {layout} layout. {LAYOUT_HELP}")
+        raise DataError(f"{root}: no images found as the {layout} layout.{known_data_set_hint(root)} {LAYOUT_HELP}")
     if test_folder is not None and not data.test_images:
         raise DataError(f"--test-images {test_folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
     if data.ignore_index < data.num_classes:

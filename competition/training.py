@@ -313,7 +313,8 @@ def _fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     if absent:
         raise DataError(
             f"{config.folds_csv}: {len(absent)} image(s) not in {config.data_dir}, e.g. {absent[:3]}; "
-            "make the folds again for this data with `python make_folds.py`"
+            "make the folds again for this data with `python make_folds.py` and the data flags given here "
+            "(--data-dir, --config, ...)"
         )
     held_out = folds["fold"] == config.fold
     return ids[~held_out].tolist(), ids[held_out].tolist()

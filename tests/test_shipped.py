@@ -367,6 +367,28 @@ def test_cityscapes_label_ids_keep_the_19_classes_and_ignore_the_other_ids(tmp_p
         open_data(root, **settings).read_mask(image_id)
 
 
+def test_cityscapes_without_its_config_is_named_with_the_config_to_pass(tmp_path):
+    root = make_cityscapes(tmp_path)
+    for layout in ("auto", "folders"):
+        with pytest.raises(DataError, match=r"looks like Cityscapes .*: pass --config configs/cityscapes.toml"):
+            open_data(root, layout=layout)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data layout recognised") as raised:
+        open_data(tmp_path / "empty")
+    assert "Cityscapes" not in str(raised.value)
+
+
+def test_inspect_says_the_share_ignored_when_the_ignore_index_is_a_class_value(tmp_path, capsys):
+    root = make_folders(tmp_path)  # values 0..3; only 0 and 3 named, 3 also the stored ignore index
+    flags = ["--data-dir", str(root), "--classes", "background,square", "--mask-values", "0,3", "--quiet"]
+    inspect_data([*flags, "--ignore-index", "3", "--unknown-values", "ignore"])
+    report = capsys.readouterr().out
+    assert "any other stored value: the ignore index (--unknown-values ignore)" in report
+    share = float(re.search(r"ignored \(stored values no class keeps\): ([\d.]+)% of the pixels; 3 is", report)[1])
+    assert share > 10, report  # the box and the disc
+    assert "ignore index: none" not in report
+
+
 def test_unknown_values_ignored_for_class_indices_and_refused_for_colour_masks(tmp_path):
     root = make_folders(tmp_path / "indices")
     path = root / "masks" / "scene0_1.png"
