@@ -463,12 +463,20 @@ def _names_an_id(stem: str, ids: dict) -> bool:
 
 
 def suffix_hint(image_stems: list[str], mask_stems: list[str]) -> str:
-    """The flags that would pair these names, when a mask's name is an image's and more (or the reverse)."""
+    """The flags that would pair these names, when a mask's name is an image's and more (or the reverse). Several
+    kinds of file beside each image (Cityscapes' _gtFine_color, _gtFine_labelIds) are each named."""
     images = set(image_stems)
-    for mask in mask_stems[:50]:
-        for end in range(len(mask) - 1, 0, -1):
-            if mask[:end] in images:
-                return f"; their names differ by a suffix: pass --mask-suffix {mask[end:]}"
+    added: list[str] = []
+    for mask in mask_stems[:200]:
+        end = next((end for end in range(len(mask) - 1, 0, -1) if mask[:end] in images), None)
+        if end is not None and mask[end:] not in added:
+            added.append(mask[end:])
+    if len(added) == 1:
+        return f"; their names differ by a suffix: pass --mask-suffix {added[0]}"
+    if added:
+        return (
+            f"; their names add one of {', '.join(sorted(added)[:5])} to an image's: pass the masks' as --mask-suffix"
+        )
     masks = set(mask_stems)
     for image in image_stems[:50]:
         for end in range(len(image) - 1, 0, -1):
@@ -506,7 +514,7 @@ def match_pair(
         raise DataError(
             f"{image_folder}: none of its {len(image_files)} image(s) has a mask in {mask_folder} ({len(stored)} "
             f"there), e.g. {next(iter(image_files.values())).name} and {next(iter(stored.values())).name}"
-            f"{suffix_hint(list(image_files), list(stored))}"
+            f"{suffix_hint(list(images) or list(image_files), list(stored))}"
         )
     unmasked = sorted(set(images) - set(masks))
     orphans = sorted(set(masks) - set(images))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from competition.errors import ConfigError, DataError
 from competition.inspect_data import main as inspect_data
-from competition.layouts import open_data
+from competition.layouts import open_data, suffix_hint
 from competition.mask_values import binary_values, parse_mask_values, value_lookup
 from competition.metrics import main as score
 from competition.metrics import score_test_masks
@@ -376,6 +376,20 @@ def test_cityscapes_without_its_config_is_named_with_the_config_to_pass(tmp_path
     with pytest.raises(DataError, match="no data layout recognised") as raised:
         open_data(tmp_path / "empty")
     assert "Cityscapes" not in str(raised.value)
+
+
+def test_suffix_hints_name_the_flag_and_every_kind_of_file_beside_an_image():
+    assert suffix_hint(["a", "b"], ["a_mask", "b_mask"]) == "; their names differ by a suffix: pass --mask-suffix _mask"
+    several = suffix_hint(["x"], ["x_gtFine_color", "x_gtFine_instanceIds", "x_gtFine_labelIds"])
+    assert "one of _gtFine_color, _gtFine_instanceIds, _gtFine_labelIds" in several and "--mask-suffix" in several
+    assert suffix_hint(["a_leftImg8bit"], ["a"]) == "; their names differ by a suffix: pass --image-suffix _leftImg8bit"
+    assert "a mask is named as its image" in suffix_hint(["a"], ["b"])
+
+
+def test_a_wrong_mask_suffix_on_cityscapes_names_the_suffixes_there(tmp_path):
+    settings = {**cityscapes_settings(), "mask_suffix": "_gtFine_labelTrainIds"}  # not in the download
+    with pytest.raises(DataError, match=r"none of its 6 image\(s\) has a mask .*_gtFine_labelIds to an image's"):
+        open_data(make_cityscapes(tmp_path), **settings)
 
 
 def test_inspect_says_the_share_ignored_when_the_ignore_index_is_a_class_value(tmp_path, capsys):
