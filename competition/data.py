@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from competition.errors import DataError
+from competition.mask_values import value_histogram
 from competition.rle import RLEError, rle_decode, rle_runs
 
 logger = logging.getLogger(__name__)
@@ -395,7 +396,7 @@ class CarvanaData:
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
         """Pixels of each of the 256 mask values (int64), the sample checked first as ``check_sample`` checks it."""
         self.check_sample(image_id)
-        return np.bincount(self.read_mask(image_id).ravel(), minlength=256).astype(np.int64)
+        return value_histogram(self.read_mask(image_id))
 
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""

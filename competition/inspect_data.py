@@ -73,7 +73,8 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         lines.append("masks: stored values " + ", ".join(f"{v}={n}" for v, n in zip(data.mask_values, data.classes)))
     else:
         lines.append("masks: class indices")
-    if table is None and getattr(data, "unknown_values", "error") == "ignore":
+    ignores_other_values = table is None and getattr(data, "unknown_values", "error") == "ignore"
+    if ignores_other_values:
         lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
     counts, ignored, problems = scan_masks(data, train_ids, progress)
     problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
@@ -83,7 +84,7 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     stored = getattr(data, "stored_ignore_index", data.ignore_index)
     if data.mask_values is not None and stored in data.mask_values:  # 0/255 masks: 255 is the foreground here
         owner = data.classes[list(data.mask_values).index(stored)]
-        if getattr(data, "unknown_values", "error") == "ignore":  # the values no class keeps are ignored even so
+        if ignores_other_values:  # the values no class keeps are ignored even so
             lines.append(
                 f"ignored (stored values no class keeps): {100 * ignored / total:.3f}% of the pixels; "
                 f"{stored} is the stored value of class {owner!r}"

@@ -18,6 +18,7 @@ from competition.mask_values import (
     label_ignore_index,
     parse_mask_values,
     skipping_ignore,
+    value_histogram,
     value_lookup,
 )
 from competition.splits import is_id_list, parse_split, read_id_list, resolve, split_folders
@@ -177,7 +178,7 @@ class SegmentationData:
         if self.value_lookup is None:
             self._check_values(mask, source)
             return mask
-        unknown = np.flatnonzero(np.bincount(mask.ravel(), minlength=256) * ~self.known_values)
+        unknown = np.flatnonzero(value_histogram(mask) * ~self.known_values)
         if unknown.size:
             stored = ", ".join(f"{value} {name}" for value, name in zip(self.mask_values, self.classes))
             raise DataError(
@@ -188,7 +189,7 @@ class SegmentationData:
         return self.value_lookup[mask]
 
     def _check_values(self, mask: np.ndarray, source: str) -> None:
-        counts = np.bincount(mask.ravel(), minlength=256)
+        counts = value_histogram(mask)
         counts[self.ignore_index] = 0
         bad = np.flatnonzero(counts[self.num_classes :]) + self.num_classes
         if bad.size:
@@ -226,13 +227,12 @@ class SegmentationData:
 
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
         """Pixels of each class in the image's mask (int64, one per class), the ignore index left out."""
-        counts = np.bincount(self.read_mask(image_id).ravel(), minlength=256).astype(np.int64)
-        return counts[: self.num_classes]
+        return value_histogram(self.read_mask(image_id))[: self.num_classes]
 
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
         """Pixels of each of the 256 mask values (int64), from one read of the sample as training reads it."""
         _, mask = self.read_sample(image_id)
-        return np.bincount(mask.ravel(), minlength=256).astype(np.int64)
+        return value_histogram(mask)
 
 
 class FolderData(SegmentationData):

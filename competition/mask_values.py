@@ -5,6 +5,11 @@ import numpy as np
 from competition.errors import DataError
 
 
+def value_histogram(mask: np.ndarray) -> np.ndarray:
+    """Pixels of each of the 256 values of a uint8 mask (int64): the one count behind class shares and value checks."""
+    return np.bincount(mask.ravel(), minlength=256).astype(np.int64, copy=False)
+
+
 def parse_mask_values(text: str, flag: str = "--mask-values") -> list[int]:
     """``0,255`` -> [0, 255]: the stored value of each class in class order, each 0..255 and none twice."""
     try:

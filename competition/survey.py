@@ -8,6 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from competition.errors import DataError
+from competition.mask_values import value_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def stored_value_histogram(read_stored, stems, threads: int | None = None) -> np
     ``read_stored(stem)`` (the mask as stored, before values become classes): how a folder's values are recognised."""
     total = np.zeros(256, dtype=np.int64)
     with ThreadPoolExecutor(threads or survey_threads()) as pool:
-        for histogram in pool.map(lambda stem: np.bincount(read_stored(stem).ravel(), minlength=256), stems):
+        for histogram in pool.map(lambda stem: value_histogram(read_stored(stem)), stems):
             total += histogram
     return total
 

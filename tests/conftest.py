@@ -49,6 +49,21 @@ def data_copy(data_dir, tmp_path):
     return shutil.copytree(data_dir, tmp_path / "data")
 
 
+def break_carvana_sample(root, image_id: str, part: str) -> None:
+    """Damage one sample of a Carvana folder copy: its ``jpeg``, its ``gif`` mask, or its ``rle`` row in
+    train_masks.csv (runs that overlap)."""
+    if part == "jpeg":
+        (root / "train" / f"{image_id}.jpg").write_bytes(b"not a jpeg")
+    elif part == "gif":
+        (root / "train_masks" / f"{image_id}_mask.gif").write_bytes(b"GIF89a broken")
+    else:
+        import pandas as pd
+
+        frame = pd.read_csv(root / "train_masks.csv")
+        frame.loc[frame["img"] == f"{image_id}.jpg", "rle_mask"] = "1 2 3"
+        frame.to_csv(root / "train_masks.csv", index=False)
+
+
 @pytest.fixture(scope="session")
 def folds_csv(data_dir, tmp_path_factory):
     """5 car-grouped folds of data_dir: 64 training and 16 validation images per fold."""

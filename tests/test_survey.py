@@ -6,7 +6,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +15,7 @@ from competition.data import CarvanaData
 from competition.errors import DataError
 from competition.layouts import open_data
 from competition.survey import stored_value_histogram, survey
+from tests.conftest import break_carvana_sample
 from tests.layout_fixtures import make_folders, make_labelme, make_pet
 from tests.shipped_fixtures import make_binary_255, make_camvid
 
@@ -120,17 +120,9 @@ def test_nothing_asked_reads_nothing(tmp_path, monkeypatch):
     assert not reads
 
 
-def carvana_copy(source, tmp_path, mask_source):
-    root = tmp_path / "data"
-    shutil.copytree(source, root)
-    return root, CarvanaData(root, mask_source=mask_source)
-
-
 @pytest.mark.parametrize("mask_source", ["gif", "csv"])
-def test_carvana_checked_alone_reads_headers_and_still_finds_a_broken_mask(
-    data_dir, tmp_path, monkeypatch, mask_source
-):
-    root, data = carvana_copy(data_dir, tmp_path, mask_source)
+def test_carvana_checked_alone_reads_headers_and_still_finds_a_broken_mask(data_copy, monkeypatch, mask_source):
+    root, data = data_copy, CarvanaData(data_copy, mask_source=mask_source)
     image_ids = data.train_ids()
     decoded = []
     real = data.read_mask
@@ -138,12 +130,7 @@ def test_carvana_checked_alone_reads_headers_and_still_finds_a_broken_mask(
     assert survey(data, image_ids, check=True, count=0, threads=2, progress=False) is None
     assert decoded == []  # the GIF's header, or the CSV row parsed without drawing it
     victim = image_ids[5]
-    if mask_source == "gif":
-        (root / "train_masks" / f"{victim}_mask.gif").write_bytes(b"GIF89a broken")
-    else:
-        frame = pd.read_csv(root / "train_masks.csv")
-        frame.loc[frame["img"] == f"{victim}.jpg", "rle_mask"] = "1 2 3"
-        frame.to_csv(root / "train_masks.csv", index=False)
+    break_carvana_sample(root, victim, "gif" if mask_source == "gif" else "rle")
     data = CarvanaData(root, mask_source=mask_source)
     with pytest.raises(DataError, match=rf"^1 of {len(image_ids)} training samples are broken: .*{victim}"):
         survey(data, image_ids, check=True, count=0, threads=2, progress=False)

@@ -21,7 +21,7 @@ from competition.losses import build_loss, soft_dice_loss
 from competition.models import ModelError, build_model
 from competition.schedules import lr_factor
 from competition.training import NonFiniteLossError, accumulate_gradients, train_fold, train_folds
-from tests.conftest import HEIGHT, WIDTH
+from tests.conftest import HEIGHT, WIDTH, break_carvana_sample
 
 
 def parse(argv):
@@ -530,14 +530,8 @@ def test_broken_training_data_stops_the_run_before_the_first_step(tiny_config, d
 
     data = CarvanaData(data_copy)
     victim = data.train_ids()[-1]  # reached last by the loader
-    if broken == "jpeg":
-        (data_copy / "train" / f"{victim}.jpg").write_bytes(b"not a jpeg")
-    elif broken == "gif":
-        (data_copy / "train_masks" / f"{victim}_mask.gif").write_bytes(b"GIF89a broken")
-    else:
-        frame = pd.read_csv(data_copy / "train_masks.csv")
-        frame.loc[frame["img"] == f"{victim}.jpg", "rle_mask"] = "1 2 3"
-        frame.to_csv(data_copy / "train_masks.csv", index=False)
+    break_carvana_sample(data_copy, victim, broken)
+    if broken == "rle":
         tiny_config.mask_source = "csv"
     tiny_config.data_dir = str(data_copy)
     steps = []
