@@ -29,7 +29,8 @@ def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str
         raise ConfigError(f"--n-folds must be at least 2, got {n_folds}")
     if len(car_ids) < n_folds:
         raise ConfigError(
-            f"{len(car_ids)} cars cannot fill {n_folds} folds; use --n-folds {max(2, len(car_ids))} or fewer"
+            f"{len(car_ids)} cars cannot fill {n_folds} folds; "
+            + (f"use --n-folds {len(car_ids)} or fewer" if len(car_ids) >= 2 else "folds need two cars at least")
         )
     if strata is None:
         order = np.random.default_rng(seed).permutation(len(car_ids))
@@ -103,8 +104,9 @@ def assign_group_folds(
         raise ConfigError(f"--n-folds must be at least 2, got {n_folds}")
     if len(group_names) < n_folds:
         raise ConfigError(
-            f"{len(group_names)} groups cannot fill {n_folds} folds; use --n-folds {max(2, len(group_names))} or "
-            "fewer, or a --group-regex that makes more groups"
+            f"{len(group_names)} groups cannot fill {n_folds} folds; "
+            + (f"use --n-folds {len(group_names)} or fewer, or " if len(group_names) >= 2 else "use ")
+            + "a --group-regex that makes more groups"
         )
     if presence is None:
         order = np.random.default_rng(seed).permutation(len(group_names))

@@ -215,3 +215,13 @@ def test_make_folds_on_each_layout(tmp_path):
         folds = read_folds(out)
         assert list(folds.columns) == ["img", "group", "fold"] and len(folds) == 8, layout
         assert (folds.groupby("group")["fold"].nunique() == 1).all() and set(folds["fold"]) == {0, 1}
+
+
+def test_too_few_groups_suggest_only_a_fix_that_works():
+    with pytest.raises(ConfigError, match=r"^1 cars cannot fill 2 folds; folds need two cars at least$"):
+        assign_folds(image_ids(1), 2, seed=0)
+    with pytest.raises(ConfigError, match=r"3 cars cannot fill 5 folds; use --n-folds 3 or fewer$"):
+        assign_folds(image_ids(3), 5, seed=0)
+    one_group = {f"p0{index}": "p0" for index in range(4)}
+    with pytest.raises(ConfigError, match=r"^1 groups cannot fill 2 folds; use a --group-regex that makes more"):
+        assign_group_folds(one_group, 2, seed=0)
