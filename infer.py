@@ -40,7 +40,6 @@ from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import Deadline, parse_duration
 from competition.cluster import add_cluster_arguments, check_cluster_arguments, connect, shard_runner
 from competition.config import TrainConfig
-from competition.data import CarvanaData
 from competition.environment import default_data_dir, default_work_dir, resolve_device
 from competition.errors import ConfigError
 from competition.inference import (
@@ -48,16 +47,17 @@ from competition.inference import (
     export_onnx,
     find_checkpoints,
     load_member,
-    oof_report,
     predict_image_file,
-    write_submission,
+    prediction_record,
+    write_predictions,
 )
 from competition.layouts import open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
-from competition.masks_out import FORMATS, RLE_ORDERS, class_out_of_fold, write_masks, write_rle_csv
+from competition.out_of_fold import oof_report
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
-from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_submission_on_devices
-from competition.submission import check_resume_flags, keep_finished
+from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
+from competition.submission import check_resume_flags
+from competition.writers import FORMATS, RLE_ORDERS, Output
 
 logger = logging.getLogger("competition.infer")
 
@@ -66,9 +66,9 @@ EXIT_SHARD_FAILED, EXIT_STOPPED_BY_TIME_LIMIT = 1, 3
 MODE_NAMES = {"submission": "the test submission", "oof": "--oof", "image": "--image", "export_onnx": "--export-onnx"}
 # Flags of one mode or two: flag -> (its attribute, the modes it belongs to, its default when not given)
 MODE_FLAGS = {
-    "--out": ("out", ("submission",), lambda: default_work_dir() / "submissions" / "submission.csv"),
+    "--out": ("out", ("submission", "oof"), lambda: None),
     "--resume": ("resume", ("submission",), lambda: False),
-    "--overwrite": ("overwrite", ("submission",), lambda: False),
+    "--overwrite": ("overwrite", ("submission", "oof"), lambda: False),
     "--devices": ("devices", ("submission",), lambda: None),
     "--time-limit": ("time_limit", ("submission",), lambda: None),
     "--shards": ("shards", ("submission",), lambda: None),
@@ -117,9 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the first checkpoint to ONNX, checked against onnxruntime, instead",
     )
     submission = parser.add_argument_group("the test submission")
-    submission.add_argument("--out", type=Path, help="(default: <work dir>/submissions/submission.csv)")
-    submission.add_argument("--resume", action="store_true", default=None, help="keep the rows already written")
-    submission.add_argument("--overwrite", action="store_true", default=None, help="replace a finished --out")
+    submission.add_argument(
+        "--out",
+        type=Path,
+        help="(default: <work dir>/submissions/submission.csv for RLE rows, <work dir>/submissions/masks for PNG "
+        "masks); with --oof, a folder for the out-of-fold masks (none by default)",
+    )
+    submission.add_argument("--resume", action="store_true", default=None, help="keep what was already written")
+    submission.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a finished --out (with --oof: an oof.csv)"
+    )
     submission.add_argument(
         "--devices",
         help="e.g. cuda:0,cuda:1: a shard of the test set on each, in its own process (default: every GPU when "
@@ -131,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     submission.add_argument(
         "--format",
         choices=FORMATS,
-        help="models of any data set but Carvana: png (a palette PNG of class indices per image, the default) or "
-        "rle-csv (Kaggle's ImageId_ClassId,EncodedPixels rows)",
+        help="png (a palette PNG of class indices per image; the default but on Carvana), rle-csv (Kaggle's "
+        "ImageId_ClassId,EncodedPixels rows) or rle (one img,rle_mask row per image, binary models; Carvana's default)",
     )
     submission.add_argument("--rle-order", choices=RLE_ORDERS, help="rle-csv: flatten row-major (default) or column")
     submission.add_argument(
@@ -221,14 +228,13 @@ def score_out_of_fold(args, members, tta, precision) -> None:
         raise ConfigError(f"{trained_on[0]}: trained with --train-on, on every split it names: nothing is out of fold")
     folds_csv = args.folds_csv or members[0].config.folds_csv
     data = open_test_data(args, members[0].config)
-    if data.layout != "carvana":
-        class_out_of_fold(members, data, folds_csv, tta, precision, args.out_dir, args.workers)
-        return
     settings = {
         "threshold": args.threshold,
         "worst": args.worst,
         "batch_size": args.batch_size,
         "workers": args.workers,
+        "masks_out": args.out,
+        "overwrite": args.overwrite,
     }
     oof_report(members, data, folds_csv, tta, precision, args.out_dir, **settings)
 
@@ -269,34 +275,58 @@ def load_members(args, paths, device_name, tta):
     return members, precision
 
 
+def output_of(args, config, data) -> Output:
+    """What the test predictions are written as: --format, else the data's own (Carvana's RLE rows, PNG masks
+    elsewhere), at --out or the format's default place; checked against the models."""
+    format = args.format or data.submission_format
+    if format == "rle" and config.output_channels() != 1:
+        raise ConfigError("--format rle writes one row per image, for binary models; use --format rle-csv or png")
+    if args.overlays and format != "png":
+        raise ConfigError("--overlays belongs to --format png")
+    if args.rle_order != "row" and format != "rle-csv":
+        raise ConfigError("--rle-order belongs to --format rle-csv")
+    default = "masks" if format == "png" else "submission.csv"
+    out = args.out or default_work_dir() / "submissions" / default
+    return Output(format, str(out), config.num_classes(), args.rle_order, bool(args.overlays))
+
+
 def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | None]) -> int:
-    """The submission on one device in this process, on several in worker processes, or on a Ray cluster;
-    the exit status."""
+    """The test predictions on one device in this process, on several in worker processes, or on a Ray cluster,
+    into the writer of --format; the exit status."""
+    checkpoints = [load_checkpoint(path) for path in paths]  # an unreadable one is one line here, not in a shard
+    configs = [checkpoint_config(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
+    data = open_test_data(args, configs[0])
+    output = output_of(args, configs[0], data)
+    if output.writer().keep_finished(args.resume, args.overwrite):
+        logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", output.path)
+        return 0
     if len(devices) > 1 or args.backend == "ray":
-        return predict_on_devices(args, paths, tta, devices, deadline)
+        shapes = {tuple(checkpoint["image_shape"]) for checkpoint in checkpoints if checkpoint.get("image_shape")}
+        shape = shapes.pop() if data.fixed_image_size and len(shapes) == 1 else None
+        return predict_on_devices(args, paths, configs, tta, devices, deadline, data, output, shape)
     members, precision = load_members(args, paths, devices[0], tta)
     settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
-    ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
-    rows = write_submission(
-        ensemble, data, args.out, args.threshold, overwrite=args.overwrite, deadline=deadline, **settings
-    )
-    return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
+    result = write_predictions(
+        Ensemble(members, tta, precision), data, output, args.threshold, overwrite=args.overwrite, deadline=deadline,
+        **settings,
+    )  # fmt: skip
+    return EXIT_STOPPED_BY_TIME_LIMIT if result is None else 0
 
 
-def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline) -> int:
-    # an unreadable checkpoint is one line here, not a failure in every shard
-    configs = [checkpoint_config(load_checkpoint(path), path) for path in paths]
+def predict_on_devices(args, paths, configs, tta, devices: list[str], deadline: Deadline, data, output, shape) -> int:
     run = {}
     if args.backend == "ray":
         resolve_precision(args.precision, torch.device("cpu"))  # its name here; each shard checks it on its GPU
         cluster = connect(args.address)
         devices = [cluster.device] * (args.shards or cluster.slots)
-        run = {"run": shard_runner(cluster, args.out, args.retries)}
+        run = {"run": shard_runner(cluster, Path(output.path), args.retries)}
     names = ", ".join(map(str, paths))
     logger.info("%d model(s): %s; TTA %s, on %s", len(paths), names, "+".join(tta) or "off", describe_devices(devices))
     settings = ShardSettings(
         checkpoints=[str(path) for path in paths],
         data_dir=str(data_dir_of(args, configs[0])),
+        test_images=str(args.test_images) if args.test_images else None,
+        output=output,
         tta=tta,
         precision=args.precision,
         compile=args.compile,
@@ -307,36 +337,12 @@ def predict_on_devices(args, paths, tta, devices: list[str], deadline: Deadline)
         started=deadline.started,
         log_level=logging.getLogger("competition").level,
     )
+    record = prediction_record(paths, tta, args.threshold, configs[0])
     try:
-        data = CarvanaData(settings.data_dir, test_images=args.test_images)
-        rows = write_submission_on_devices(data, args.out, devices, settings, args.resume, **run)
+        result = write_on_devices(shape, data, devices, settings, record, args.resume, args.overwrite, **run)
     except ShardsFailed:
         return EXIT_SHARD_FAILED
-    return EXIT_STOPPED_BY_TIME_LIMIT if rows is None else 0
-
-
-def predict_masks(args, paths, tta, out_given: bool, devices: list[str | None]) -> int:
-    """Models of any other data set: a PNG mask per test image, or the per-class RLE CSV, on one device."""
-    if len(devices) > 1 or args.time_limit or args.backend == "ray":
-        raise ConfigError(
-            "--devices, --backend ray and --time-limit are for Carvana's submission; masks are predicted on --device"
-        )
-    members, precision = load_members(args, paths, devices[0], tta)
-    ensemble, data = Ensemble(members, tta, precision), open_test_data(args, members[0].config)
-    settings = {"threshold": args.threshold, "overwrite": args.overwrite, "workers": args.workers}
-    if args.format == "rle-csv":
-        if args.overlays:
-            raise ConfigError("--overlays belongs to --format png")
-        write_rle_csv(ensemble, data, args.out, order=args.rle_order, **settings)
-        return 0
-    out = args.out if out_given else default_work_dir() / "submissions" / "masks"
-    write_masks(ensemble, data, paths, out, overlays=args.overlays, resume=args.resume, **settings)
-    return 0
-
-
-def trained_on_carvana(paths: list[Path]) -> bool:
-    """Whether the checkpoints are Carvana models (no class names saved), read from the first one."""
-    return not checkpoint_config(load_checkpoint(paths[0]), paths[0]).class_names()
+    return EXIT_STOPPED_BY_TIME_LIMIT if result is None else 0
 
 
 RUN = {"oof": score_out_of_fold, "image": predict_one_image, "export_onnx": export}
@@ -349,7 +355,6 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "infer.py", args.debug, on_interrupt="the rows written are kept: run the same command with --resume to go on"
     ):
-        out_given = args.out is not None
         mode = check_arguments(args)
         tta = tta_of(args)
         deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
@@ -358,15 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = find_checkpoints(args.checkpoints)
         if mode == "submission":
             devices = [None] if args.backend == "ray" else submission_devices(args)  # Ray: the cluster's
-            if not trained_on_carvana(paths):
-                status = predict_masks(args, paths, tta, out_given, devices)
-            elif args.format or args.overlays or args.rle_order != "row":
-                raise ConfigError("--format, --rle-order and --overlays are for models of data sets other than Carvana")
-            elif keep_finished(args.out, args.resume, args.overwrite):
-                logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", args.out)
-                return
-            else:
-                status = predict_test_set(args, paths, tta, deadline, devices)
+            status = predict_test_set(args, paths, tta, deadline, devices)
         else:
             members, precision = load_members(args, paths, args.device, tta)
             status = RUN[mode](args, members, tta, precision)

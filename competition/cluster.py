@@ -412,7 +412,7 @@ def _shard_summary(outcome: dict) -> tuple[bool, str]:
 
 
 def shard_runner(cluster: Cluster, out: Path, retries: int):
-    """A ``run`` for ``write_submission_on_devices``: each shard a Ray task with one GPU (or CPU)."""
+    """A ``run`` for ``write_on_devices``: each shard a Ray task with one GPU (or CPU)."""
 
     def run(jobs, settings) -> list[dict]:
         if not jobs:

@@ -250,6 +250,8 @@ class CarvanaData:
     classes = ("background", "car")
     num_classes = 2
     ignore_index = None  # every pixel is labelled
+    fixed_image_size = True  # every image 1918x1280: test images are checked against the models' size
+    submission_format = "rle"  # the competition's img,rle_mask rows
 
     def __init__(self, root: str | Path, mask_source: str = "auto", test_images: Path | None = None):
         self.splits: dict[str, str] = {}  # no official split: the cars' folds

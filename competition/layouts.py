@@ -116,6 +116,8 @@ class SegmentationData:
     value_lookup: np.ndarray | None = None
     known_values: np.ndarray | None = None
     in_channels = 3  # the image channels models take; open_data sets the run's
+    fixed_image_size = False  # images of any size: each predicted at its own
+    submission_format = "png"  # a palette PNG of class indices per test image
 
     def __init__(
         self,

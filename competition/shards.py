@@ -1,4 +1,5 @@
-"""The test set on several devices at once: shards cut at batch boundaries, a worker process per device, one merge."""
+"""The test set on several devices at once, for every writer: shards cut at batch boundaries, a worker process per
+device (or a Ray task), one finish."""
 
 import itertools
 import logging
@@ -7,30 +8,18 @@ import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import pandas as pd
 import torch
 
 from competition import logs
 from competition.clock import Deadline
-from competition.data import CarvanaData
 from competition.errors import ProjectError
-from competition.files import partial_path
-from competition.inference import Ensemble, load_member, log_stopped, log_validated, predict_rows
+from competition.inference import Ensemble, load_member, log_stopped, log_written, validation_shape
+from competition.layouts import open_data_as
 from competition.prediction import setup_device
-from competition.submission import (
-    complete_rows,
-    finish_rows,
-    gather_rows,
-    interrupted_rows,
-    predicted_by,
-    shard_path,
-    start_rows,
-    submission_order,
-    validate_submission,
-)
+from competition.prediction_stream import image_batches, predict_into
 from competition.workers import stop_when_orphaned
+from competition.writers import Output
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +46,8 @@ class ShardSettings:
 
     checkpoints: list[str]
     data_dir: str
+    test_images: str | None
+    output: Output
     tta: tuple[str, ...]
     precision: str
     compile: bool
@@ -71,12 +62,13 @@ class ShardSettings:
 
 @dataclass
 class ShardJob:
-    """Shard ``index`` of ``count``: its images, in sample-submission order, predicted on ``device`` into ``path``."""
+    """Shard ``index`` of ``count``: its batches of images, predicted on ``device`` into ``path`` (a row file, or the
+    mask folder every shard shares)."""
 
     index: int
     count: int
     device: str
-    image_ids: list[str]
+    batches: list[list[str]]
     path: str
     threads: int | None  # torch threads on a CPU shared by several shards
     workers: int  # its part of --workers (image decoding processes and RLE threads): the shards share the CPU
@@ -85,11 +77,15 @@ class ShardJob:
     def label(self) -> str:
         return f"{self.device} shard {self.index}/{self.count}"
 
+    @property
+    def images(self) -> int:
+        return sum(map(len, self.batches))
+
 
 def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) -> dict:
-    """Predict ``job``'s images in this process into its shard file (``resume``: keeping the complete rows an
-    earlier attempt wrote there); {"finished": bool, "error": str | None, "seconds": float (predicting)}.
-    The shard runner of every backend (local worker processes, Ray's tasks)."""
+    """Predict ``job``'s images in this process into its shard (``resume``: keeping what an earlier attempt wrote
+    there); {"finished": bool, "error": str | None, "seconds": float (predicting)}. The shard runner of every
+    backend (local worker processes, Ray's tasks)."""
     outcome = {"finished": False, "error": None, "seconds": 0.0}
     try:
         if job.threads:
@@ -99,27 +95,30 @@ def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) 
         logger.info(
             "%s: %d test images on %s (worker process %d; --workers %d split across %d shards: %d here)",
             job.label,
-            len(job.image_ids),
+            job.images,
             device,
             os.getpid(),
             settings.workers,
             job.count,
             job.workers,
         )
-        _, outcome["seconds"], outcome["finished"] = predict_rows(
+        data = open_data_as(members[0].config, settings.data_dir, test_images=settings.test_images)
+        sink = settings.output.writer().sink(job.path, data, resume)
+        batches = [kept for kept in ([i for i in batch if i not in sink.done] for batch in job.batches) if kept]
+        _, outcome["seconds"], outcome["finished"] = predict_into(
             Ensemble(members, settings.tta, precision),
-            CarvanaData(settings.data_dir),
-            job.image_ids,
-            job.path,
+            data,
+            batches,
+            sink,
             settings.threshold,
-            settings.batch_size,
             job.workers,
-            resume,
             settings.progress,
             label=job.label,
             position=job.index - 1,
             deadline=Deadline(settings.time_limit, settings.started),
+            total=job.images,
         )
+        sink.close(outcome["finished"])
     except Exception as error:  # noqa: BLE001 - reported to the driver; the other shards go on
         if not isinstance(error, ProjectError):
             traceback.print_exc()
@@ -162,35 +161,30 @@ def run_shards(jobs: list[ShardJob], settings: ShardSettings) -> list[dict]:
                 worker.join()
 
 
-def rows_in(path: str | Path) -> int:
-    """The complete rows of a shard file, finished (``path``) or not (``path.partial``)."""
-    files = [file for file in (Path(path), partial_path(path)) if file.is_file()]
-    return sum(1 for file in files for _ in complete_rows(file))
-
-
-def write_submission_on_devices(
-    data: CarvanaData,
-    out: str | Path,
+def write_on_devices(
+    ensemble_shape,
+    data,
     devices: list[str],
     settings: ShardSettings,
+    record: dict,
     resume: bool = False,
+    overwrite: bool = False,
     run: Callable[[list[ShardJob], ShardSettings], list[dict]] = run_shards,
-) -> pd.DataFrame | None:
+):
     """The test images still to predict cut into one shard per device (see ``shard_bounds``), each predicted by
     ``run`` (by default a worker process each, all at once; Ray's tasks with ``competition.cluster``) into its
-    shard file, then every row merged into ``out`` in sample-submission order
-    and validated; returns the rows. With ``resume`` the rows of an interrupted run (its ``.partial`` and shard
-    files, whatever devices it ran on) are kept. Returns None when ``--time-limit`` stopped the shards, their
-    rows kept; raises ShardsFailed, each failure logged, when a shard failed."""
-    out, order = Path(out), submission_order(data)
-    start_rows(out, predicted_by(settings.checkpoints, settings.tta, settings.threshold), resume)
-    if resume:
-        gather_rows(out, order)
-    partial = partial_path(out)
-    done = {name for name, _, _ in complete_rows(partial)} if partial.is_file() else set()
-    todo = [image_id for image_id in order if f"{image_id}.jpg" not in done]
-    count = min(len(devices), -(-len(todo) // settings.batch_size))
-    jobs = _jobs(out, todo, devices[:count], settings)
+    shard of ``settings.output``, then finished as one device's run is (rows gathered in submission order and
+    validated; a mask folder checked complete); returns what the writer's ``finish`` returns. With ``resume``
+    what an interrupted run wrote (whatever devices it ran on) is kept. Returns None when ``--time-limit``
+    stopped the shards, what they wrote kept; raises ShardsFailed, each failure logged, when a shard failed.
+    ``ensemble_shape``: the one image size of the models' data, or None (each image at its own)."""
+    writer = settings.output.writer()
+    order = writer.order(data)
+    done = writer.begin(record, order, resume, overwrite)
+    todo = [image_id for image_id in order if image_id not in done]
+    batches = image_batches(data, todo, "test", settings.batch_size, ensemble_shape is not None)
+    count = min(len(devices), len(batches))
+    jobs = _jobs(writer, batches, devices[:count], settings)
     if jobs:
         logger.info(
             "%d test images to predict (%d kept from an interrupted run) in %d shard(s) on %s",
@@ -205,25 +199,21 @@ def write_submission_on_devices(
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
     for job, outcome in failed:
         logger.error(
-            "%s: FAILED: %s; its %d row(s) and the other shards' rows are kept: run the same command with --resume "
-            "to continue",
+            "%s: FAILED: %s; what it wrote and the other shards' predictions are kept: run the same command with "
+            "--resume to continue",
             job.label,
             outcome["error"],
-            rows_in(job.path),
         )
     if failed:
         raise ShardsFailed(f"{len(failed)} of {len(jobs)} shard(s) failed")
     if not all(outcome["finished"] for outcome in outcomes):
-        log_stopped(out, interrupted_rows(out), len(order), Deadline(settings.time_limit, settings.started))
+        log_stopped(settings.output.path, writer.written(), len(order), Deadline(settings.time_limit, settings.started))
         return None
-    gather_rows(out, order)
-    os.replace(partial, out)
-    rows = validate_submission(out, [f"{image_id}.jpg" for image_id in order], data.image_shape(order[0], "test"))
-    finish_rows(out)
+    result = writer.finish(order, data, validation_shape(ensemble_shape, data, order), in_order=False)
     # The shards predict at once: the longest one's prediction time (without spawning and model loading)
     # is the time the images took, as in the one-device run's line.
-    log_validated(out, rows, len(todo), max((outcome["seconds"] for outcome in outcomes), default=0.0))
-    return rows
+    log_written(writer.summary(result), len(todo), max((outcome["seconds"] for outcome in outcomes), default=0.0))
+    return result
 
 
 def describe_devices(devices: list[str]) -> str:
@@ -233,7 +223,7 @@ def describe_devices(devices: list[str]) -> str:
     return ", ".join(f"{devices.count(device)} x {device}" for device in dict.fromkeys(devices))
 
 
-def _jobs(out: Path, todo: list[str], devices: list[str], settings: ShardSettings) -> list[ShardJob]:
+def _jobs(writer, batches: list[list[str]], devices: list[str], settings: ShardSettings) -> list[ShardJob]:
     if not devices:  # nothing left to predict
         return []
     cpu_shards = sum(device.startswith("cpu") for device in devices)
@@ -241,14 +231,14 @@ def _jobs(out: Path, todo: list[str], devices: list[str], settings: ShardSetting
     # Likewise the decoders of every shard share the cores: --workers in all, not per shard (0 stays 0: each
     # shard decodes in its own process)
     workers = max(1, settings.workers // max(1, len(devices))) if settings.workers else 0
-    bounds = shard_bounds(len(todo), len(devices), settings.batch_size)
+    bounds = shard_bounds(len(batches), len(devices), 1)
     return [
         ShardJob(
             index,
             len(devices),
             device,
-            todo[start:end],
-            str(shard_path(out, index, len(devices))),
+            batches[start:end],
+            writer.target(index, len(devices)),
             threads if device.startswith("cpu") else None,
             workers,
         )

@@ -1,6 +1,6 @@
-"""Submission files: rows in sample_submission order, written to a temporary file and renamed when complete,
-resumable (from one file or from the shard files of several devices), never replacing a finished file unasked,
-and validated.
+"""Submission files of RLE rows (Carvana's ``img,rle_mask`` row per image, or Kaggle's ``ImageId_ClassId`` row per
+image and class): rows in submission order, written to a temporary file and renamed when complete, resumable (from
+one file or from the shard files of several devices), never replacing a finished file unasked, and validated.
 
 Files beside ``--out`` (``submission.csv``):
 ``submission.csv.partial``              the rows of a run in progress or interrupted, renamed when complete;
@@ -22,19 +22,75 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data import CarvanaData, image_id_of
+from competition.data import image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output, partial_path
-from competition.rle import RLEError, rle_runs
+from competition.rle import RLEError, rle_encode, rle_runs
 
 logger = logging.getLogger(__name__)
 
 HEADER = "img,rle_mask\n"
 SAMPLE = "sample_submission.csv"
+
+
+class ImageRows:
+    """One row per image, ``img,rle_mask`` (Carvana's): the image's file name and its binary mask's RLE, row-major."""
+
+    header = HEADER
+
+    def names(self, image_id: str) -> list[str]:
+        return [f"{image_id}.jpg"]
+
+    def image_of(self, name: str) -> str:
+        return image_id_of(name)
+
+    def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
+        return [(f"{image_id}.jpg", rle_encode(mask))]
+
+    def order(self, data) -> list[str]:
+        return sample_submission_order(data)
+
+
+class ClassRows:
+    """A row per image and class 1..K-1, Kaggle's ``ImageId_ClassId,EncodedPixels`` (``<image>_<class>``), each
+    class's RLE flattened row-major, or column-major with ``order="column"`` (the transposed mask read row by row)."""
+
+    header = "ImageId_ClassId,EncodedPixels\n"
+
+    def __init__(self, num_classes: int, order: str = "row"):
+        self.num_classes, self.order = num_classes, order
+
+    def names(self, image_id: str) -> list[str]:
+        return [f"{image_id}_{index}" for index in range(1, self.num_classes)]
+
+    def image_of(self, name: str) -> str:
+        return name.rsplit("_", 1)[0]
+
+    def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
+        return list(zip(self.names(image_id), class_rles(mask, self.num_classes, self.order)))
+
+    def order(self, data) -> list[str]:
+        """The test images in sorted order (no sample submission is read for these rows)."""
+        test_ids = data.test_ids()
+        if not test_ids:
+            raise DataError(f"{data.root}: no test images (a test/ folder, a test split, or --test-images DIR)")
+        return test_ids
+
+
+def class_rles(mask: np.ndarray, num_classes: int, order: str = "row") -> list[str]:
+    """RLE of each class 1..K-1 of a class-index mask (1-indexed start/length pairs), flattened row-major, or
+    column-major with ``order="column"``."""
+    if order == "column":
+        mask = np.ascontiguousarray(mask.T)
+    return [rle_encode((mask == index).astype(np.uint8)) for index in range(1, num_classes)]
+
+
+IMAGE_ROWS = ImageRows()
+HEADERS = (ImageRows.header.encode(), ClassRows.header.encode())
 RESTORE_SAMPLE = f"restore the competition's full {SAMPLE}, or remove it to predict every test image in sorted order"
 
 
-def submission_order(data: CarvanaData) -> list[str]:
+def sample_submission_order(data) -> list[str]:
     """The test image ids in the order of ``sample_submission.csv`` (or its .zip), which must list every
     test image once and nothing else; without the file, every test image in sorted order."""
     test_ids = data.test_ids()
@@ -45,7 +101,7 @@ def submission_order(data: CarvanaData) -> list[str]:
         logger.info("%s: no %s: predicting all %d test images in sorted order", data.root, SAMPLE, len(test_ids))
         return test_ids
     try:
-        frame = data.read_csv(SAMPLE, [])  # a file that is there but unreadable is an error, never skipped
+        frame = read_csv_file(path, dtype=str, keep_default_na=False)  # there but unreadable: an error, not skipped
     except DataError as error:
         raise DataError(f"{error}; {RESTORE_SAMPLE}") from None
     if list(frame.columns) != HEADER.strip().split(","):
@@ -72,6 +128,11 @@ def submission_order(data: CarvanaData) -> list[str]:
     return order
 
 
+def submission_order(data, rows: "ImageRows | ClassRows" = IMAGE_ROWS) -> list[str]:
+    """The test image ids in the order the rows of ``rows``' format are written."""
+    return rows.order(data)
+
+
 def shard_path(path: str | Path, index: int, count: int) -> Path:
     """``submission.csv`` -> ``submission.csv.shard2of3``: the file shard ``index`` of ``count`` writes
     (as ``<it>.partial`` until the shard is complete), beside ``path`` so that ``--resume`` finds it."""
@@ -94,7 +155,7 @@ def complete_rows(path: str | Path) -> Iterator[tuple[str, int, int]]:
     """(image name, byte offset, byte length) of each complete row of a submission file; nothing when the
     header is not ours, and a torn last line (a run killed mid-write) is not a row."""
     with open(path, "rb") as handle:
-        if handle.readline() != HEADER.encode():
+        if handle.readline() not in HEADERS:
             return
         offset = handle.tell()
         for line in handle:
@@ -185,11 +246,12 @@ def finish_rows(path: str | Path) -> None:
     predicted_by_path(path).unlink(missing_ok=True)
 
 
-def gather_rows(path: str | Path, order: list[str]) -> int:
+def gather_rows(path: str | Path, order: list[str], rows: "ImageRows | ClassRows" = IMAGE_ROWS) -> int:
     """Every complete row that unfinished runs left (``<path>.partial`` and every shard file) written into
-    ``<path>.partial`` in ``order`` (image ids), each image once, rows of other images dropped; then the shard
-    files removed. Returns the number of rows kept. Rows are copied by byte offset, never held all in memory
-    (a full Carvana submission is hundreds of megabytes)."""
+    ``<path>.partial`` in ``order`` (image ids), each row once, the rows of an image kept only when all of them
+    are there (``rows``: the format), rows of other images dropped; then the shard files removed. Returns the
+    number of rows kept. Rows are copied by byte offset, never held all in memory (a full Carvana submission is
+    hundreds of megabytes)."""
     sources = interrupted_files(path)
     where: dict[str, tuple[Path, int, int]] = {}
     for source in sources:
@@ -199,9 +261,11 @@ def gather_rows(path: str | Path, order: list[str]) -> int:
     kept = 0
     try:
         with atomic_output(partial_path(path)) as temporary, open(temporary, "wb") as out:
-            out.write(HEADER.encode())
-            for name in (f"{image_id}.jpg" for image_id in order):
-                if name in where:
+            out.write(rows.header.encode())
+            for names in map(rows.names, order):
+                if not all(name in where for name in names):
+                    continue
+                for name in names:
                     source, offset, length = where[name]
                     handles[source].seek(offset)
                     out.write(handles[source].read(length))
@@ -240,26 +304,30 @@ def keep_finished(path: str | Path, resume: bool, overwrite: bool) -> bool:
 
 
 class SubmissionWriter:
-    """Appends ``img,rle_mask`` rows to ``<path>.partial``; ``close`` renames it to ``path``.
+    """Appends rows of ``rows``' format to ``<path>.partial``; ``close`` renames it to ``path``.
 
-    With ``resume`` the rows of an interrupted run are kept (a torn last line is dropped) and
-    ``done`` holds their image names, so that the caller skips them.
+    With ``resume`` the rows of an interrupted run are kept (a torn last line is dropped, and so are the rows of
+    an image that lacks some of its rows) and ``done`` holds their image ids, so that the caller skips them.
     """
 
-    def __init__(self, path: str | Path, resume: bool = False):
+    def __init__(self, path: str | Path, resume: bool = False, rows: "ImageRows | ClassRows" = IMAGE_ROWS):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = partial_path(self.path)
-        self.done: list[str] = []
+        self.done: set[str] = set()
         if resume and self.partial.exists():
             text = self.partial.read_text()
-            complete = text[: text.rfind("\n") + 1] if text.startswith(HEADER) else HEADER
-            self.done = [line.split(",", 1)[0] for line in complete.splitlines()[1:]]
-            self.partial.write_text(complete)
+            lines = text[: text.rfind("\n") + 1].splitlines()[1:] if text.startswith(rows.header) else []
+            by_image: dict[str, list[str]] = {}
+            for line in lines:
+                by_image.setdefault(rows.image_of(line.split(",", 1)[0]), []).append(line)
+            kept = {image: found for image, found in by_image.items() if len(found) == len(rows.names(image))}
+            self.done = set(kept)
+            self.partial.write_text(rows.header + "".join(line + "\n" for found in kept.values() for line in found))
             self.handle = open(self.partial, "a")  # noqa: SIM115 - the writer holds it until close()
         else:
             self.handle = open(self.partial, "w")  # noqa: SIM115 - the writer holds it until close()
-            self.handle.write(HEADER)
+            self.handle.write(rows.header)
 
     def write(self, rows: list[tuple[str, str]]) -> None:
         self.handle.write("".join(f"{img},{rle}\n" for img, rle in rows))
@@ -271,14 +339,18 @@ class SubmissionWriter:
         return self.path
 
 
-def validate_submission(path: str | Path, expected_images: list[str], shape: tuple[int, int]) -> pd.DataFrame:
-    """Check the header, that every expected image appears exactly once, and that every RLE
-    decodes within an image of ``shape``. Returns the rows with each mask's area fraction."""
+def validate_submission(
+    path: str | Path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS
+) -> pd.DataFrame:
+    """Check the header, that every expected row name appears exactly once, and that every RLE decodes within
+    an image of ``shape`` (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function. Returns the rows
+    (columns ``img``, ``rle_mask``) with each mask's area fraction."""
     path = Path(path)
     with open(path) as handle:
-        if handle.readline() != HEADER:
-            raise DataError(f"{path}: the header must be {HEADER.strip()!r}")
+        if handle.readline() != rows.header:
+            raise DataError(f"{path}: the header must be {rows.header.strip()!r}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.columns = ["img", "rle_mask"]
     duplicated = frame["img"][frame["img"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{path}: {len(duplicated)} image(s) appear twice, e.g. {duplicated[:3]}")
@@ -289,9 +361,10 @@ def validate_submission(path: str | Path, expected_images: list[str], shape: tup
             f"{path}: {len(missing)} test image(s) missing (e.g. {missing[:3]}), "
             f"{len(extra)} unknown (e.g. {extra[:3]})"
         )
-    n_pixels = shape[0] * shape[1]
     areas = []
     for img, rle in zip(frame["img"], frame["rle_mask"]):
+        height, width = shape(rows.image_of(img)) if callable(shape) else shape
+        n_pixels = height * width
         try:
             starts, ends = rle_runs(rle, n_pixels)
         except RLEError as error:

@@ -23,11 +23,13 @@ from competition.data import (
     to_chw,
 )
 from competition.errors import CheckpointError
-from competition.inference import Ensemble, Member, PredictionImages, overlay
+from competition.inference import Ensemble, Member
 from competition.losses import build_loss
 from competition.models import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, ModelError, build_model
+from competition.prediction_stream import PredictionImages
 from competition.synthetic import encode_jpeg
 from competition.training import train_transform
+from competition.writers import overlay
 from tests.conftest import HEIGHT, WIDTH
 
 PALETTE = [10, 20, 30, 200, 100, 50]  # colours 0 and 1

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from competition.layouts import open_data
-from competition.masks_out import class_rles, palette
 from competition.metrics import score_mask_folders
 from competition.rle import rle_decode
+from competition.submission import class_rles
 from competition.synthetic import PARTS, generate_parts
+from competition.writers import palette
 from infer import main as infer
 from make_folds import main as make_folds
 from tests.layout_fixtures import make_labelme, make_pet

@@ -1,0 +1,256 @@
+"""The prediction stream: images decoded by loader processes in batches of one size, through an ensemble, into
+class masks handed to a writer's sink, on the deadline's clock."""
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
+from competition.data import resize_image, to_chw
+from competition.environment import explain_out_of_memory
+from competition.errors import CheckpointError, DataError
+from competition.workers import loader_start_method
+
+logger = logging.getLogger(__name__)
+
+
+class PredictionImages(torch.utils.data.Dataset):
+    """Images at each input size the ensemble needs (uint8 (C, H, W), C the data's ``in_channels``), their
+    full size, and (for scoring) the mask.
+
+    A failure is returned, not raised, so that it reaches the user as one message rather than
+    as a DataLoader worker's traceback.
+    """
+
+    def __init__(
+        self,
+        data,
+        image_ids: list[str],
+        split: str,
+        sizes: dict[str, tuple[int, int] | None],
+        expected_shape: tuple[int, int] | None = None,
+        with_masks: bool = False,
+    ):
+        self.data, self.image_ids, self.split, self.sizes = data, image_ids, split, sizes
+        self.expected_shape, self.with_masks = expected_shape, with_masks
+        reduced = [size for size in sizes.values() if size is not None]
+        # Decode at a reduced DCT scale only when every consumer is at least that small.
+        self.reduce_to = max(reduced) if reduced and None not in sizes.values() else None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.image_ids[index]
+        try:
+            image, shape = self.data.read_image_and_shape(image_id, self.split, self.reduce_to)
+            if self.expected_shape is not None and shape != self.expected_shape:
+                raise DataError(
+                    f"{self.data.image_path(image_id, self.split)}: image is {shape[1]}x{shape[0]}, but the models "
+                    f"were trained on {self.expected_shape[1]}x{self.expected_shape[0]} images; predict it with "
+                    "models trained on images of its size"
+                )
+            sample = {"index": index, "shape": torch.tensor(shape), "images": {}}
+            for key, size in self.sizes.items():
+                resized = image if size is None else resize_image(image, size)
+                sample["images"][key] = to_chw(resized)
+            if self.with_masks:
+                sample["mask"] = torch.from_numpy(self.data.read_mask(image_id, shape)).unsqueeze(0)
+            return sample
+        except DataError as error:
+            return {"error": str(error)}
+
+
+def _collate(samples: list[dict]) -> dict:
+    for sample in samples:
+        if "error" in sample:
+            return sample
+    return torch.utils.data.default_collate(samples)
+
+
+def same_size_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` images of one size, in order within each size: full-resolution
+    masks of different sizes (Oxford-IIIT Pet, people's own photos) cannot be stacked into one batch."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(index)
+    return [
+        group[start : start + batch_size] for group in by_shape.values() for start in range(0, len(group), batch_size)
+    ]
+
+
+def expected_shape(ensemble, data) -> tuple[int, int] | None:
+    """The one image size the ensemble's models were trained on when the data's images all share one size
+    (Carvana's 1918x1280), else None: each image is then predicted at its own size."""
+    if not data.fixed_image_size:
+        return None
+    shapes = {member.image_shape for member in ensemble.members if member.image_shape}
+    if len(shapes) > 1:
+        raise CheckpointError(f"the checkpoints were trained on images of different sizes: {sorted(shapes)}")
+    return shapes.pop() if shapes else None
+
+
+def image_batches(data, image_ids: list[str], split: str, batch_size: int, fixed: bool) -> list[list[str]]:
+    """``image_ids`` in batches of at most ``batch_size``: in order when every image has one size (``fixed``),
+    else grouped by size (each image's header read once)."""
+    if fixed:
+        return [image_ids[start : start + batch_size] for start in range(0, len(image_ids), batch_size)]
+    shapes = [data.image_shape(image_id, split) for image_id in image_ids]
+    return [[image_ids[index] for index in batch] for batch in same_size_batches(shapes, batch_size)]
+
+
+def prediction_loader(dataset, batches: list[list[int]], workers: int, device: torch.device):
+    """The loader of ``dataset`` in ``batches`` (lists of indices), its errors returned as one-line batches."""
+    workers = min(workers, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        multiprocessing_context=loader_start_method(workers),
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def device_batches(loader, device: torch.device):
+    """(the loader's batch, its images at each size on ``device``); a sample that failed is one DataError."""
+    for batch in loader:
+        if "error" in batch:
+            raise DataError(batch["error"])
+        images = {key: value.to(device, non_blocking=True) for key, value in batch["images"].items()}
+        yield batch, images
+
+
+def class_masks(probabilities: torch.Tensor, threshold: float) -> np.ndarray:
+    """(N, C, H, W) probabilities -> uint8 (N, H, W) class indices: above ``threshold`` for one channel (binary),
+    the most probable class for several."""
+    if probabilities.shape[1] == 1:
+        return (probabilities[:, 0] > threshold).to(torch.uint8).cpu().numpy()
+    return probabilities.argmax(1).to(torch.uint8).cpu().numpy()
+
+
+class PredictionPace:
+    """The pace of a prediction on the deadline's clock: whether the next batch fits in the time left (the
+    longest batch so far taken as its length), and one projection of the time the rest takes, made after
+    PROJECT_AFTER_SECONDS of predicting or at the end if sooner (a WARNING when it does not fit)."""
+
+    def __init__(self, deadline: Deadline, label: str, images: int, models: int, views: int):
+        self.deadline, self.label, self.images, self.models, self.views = deadline, label, images, models, views
+        self.started = self.batch_started = deadline.elapsed()
+        self.longest_batch, self.done, self.projected = 0.0, 0, False
+
+    def next_batch_fits(self) -> bool:
+        now = self.deadline.elapsed()
+        if self.done:
+            self.longest_batch = max(self.longest_batch, now - self.batch_started)
+        self.batch_started = now
+        return self.deadline.fits(self.longest_batch)
+
+    def batch_done(self, images: int) -> None:
+        self.done += images
+        if not self.projected and self.deadline.elapsed() - self.started >= PROJECT_AFTER_SECONDS:
+            self.project()
+
+    def finish(self) -> None:
+        if not self.projected and self.done:
+            self.project()
+
+    def project(self) -> None:
+        self.projected = True
+        measured = self.deadline.elapsed() - self.started
+        rate, left = self.done / max(measured, 1e-9), self.images - self.done
+        work = f"x {self.models} model(s) x {self.views} view(s)"
+        if not left:  # done within the first minute: the pace alone
+            logger.info(
+                "%s: %d image(s) %s in %s (%.1f img/s); %s",
+                self.label,
+                self.done,
+                work,
+                format_duration(measured),
+                rate,
+                self.deadline.describe(),
+            )
+            return
+        needed, remaining = left / rate, self.deadline.remaining()
+        if self.deadline.limit is None:
+            verdict, fits = "no time limit", True
+        else:
+            fits = needed <= remaining
+            verdict = f"{self.deadline.describe()}, {format_duration(remaining)} left: " + (
+                "it fits" if fits else f"it does not fit, about {int(rate * max(remaining, 0))} of them do"
+            )
+        (logger.info if fits else logger.warning)(
+            "%s: projected %s for the %d image(s) left %s (from %.1f img/s over %s); %s",
+            self.label,
+            format_duration(needed),
+            left,
+            work,
+            rate,
+            format_duration(measured),
+            verdict,
+        )
+
+
+@torch.no_grad()
+def predict_into(
+    ensemble, data, batches: list[list[str]], sink, threshold: float, workers: int, progress: bool = True,
+    label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
+) -> tuple[int, float, bool]:  # fmt: skip
+    """The streaming pipeline with bounded memory: loader workers decode and resize the test images of
+    ``batches``, the device predicts a batch and turns it into class masks, and a thread pool encodes them
+    (``sink.encode``: the numba RLE and zlib release the GIL) while the next batch is on the device; ``sink.write``
+    stores them in order. Stops before a batch that ``deadline`` leaves no time for, what was written kept.
+    Returns (images predicted, seconds, whether every image of ``batches`` was written)."""
+    image_ids = [image_id for batch in batches for image_id in batch]
+    positions = {image_id: index for index, image_id in enumerate(image_ids)}
+    data.in_channels = ensemble.in_channels  # the models decide the channels they take
+    dataset = PredictionImages(data, image_ids, "test", ensemble.input_sizes, expected_shape(ensemble, data))
+    index_batches = [[positions[image_id] for image_id in batch] for batch in batches]
+    views = 1 + len(ensemble.tta)
+    pace = PredictionPace(deadline or Deadline(None), label, len(image_ids), len(ensemble.members), views)
+    total = len(image_ids) if total is None else total
+    started, predicted = time.perf_counter(), 0
+    bar = tqdm(
+        total=total,
+        initial=total - len(image_ids),
+        unit="img",
+        desc=label,
+        position=position,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    batch_size = max((len(batch) for batch in batches), default=1)
+    fix = f"lower --batch-size (now {batch_size}); what is already written is kept and --resume continues from it"
+    loader = prediction_loader(dataset, index_batches, workers, ensemble.device)
+    with explain_out_of_memory(f"a batch of {batch_size} test images", fix), ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = []
+        try:
+            for batch, images in device_batches(loader, ensemble.device):
+                if not pace.next_batch_fits():
+                    break
+                shape = tuple(batch["shape"][0].tolist())
+                masks = class_masks(ensemble.probabilities(images, shape), threshold)
+                names = [image_ids[index] for index in batch["index"].tolist()]
+                pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
+                predicted += len(names)
+                pace.batch_done(len(names))
+                while len(pending) > 2:  # bounded: at most three batches of masks in memory
+                    _write_done(sink, pending.pop(0), bar)
+        finally:
+            while pending:  # also when the loop stopped early: what was predicted is kept for --resume
+                _write_done(sink, pending.pop(0), bar)
+            bar.close()
+            sink.flush()
+    pace.finish()
+    return predicted, time.perf_counter() - started, predicted == len(image_ids)
+
+
+def _write_done(sink, items, bar) -> None:
+    sink.write([(name, future.result()) for name, future in items])
+    bar.update(len(items))

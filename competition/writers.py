@@ -1,0 +1,302 @@
+"""Where predicted masks go: RLE rows (Carvana's row per image, Kaggle's row per image and class) or a folder of
+palette PNGs (with colour overlays); each writer resumable, shardable over devices, and checked when finished."""
+
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from competition.data import as_rgb
+from competition.errors import ConfigError, DataError
+from competition.files import atomic_output, partial_path
+from competition.submission import (
+    ClassRows,
+    ImageRows,
+    SubmissionWriter,
+    complete_rows,
+    finish_rows,
+    gather_rows,
+    interrupted_rows,
+    keep_finished,
+    shard_files,
+    shard_path,
+    start_rows,
+    validate_submission,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("png", "rle-csv", "rle")  # rle: one img,rle_mask row per image (Carvana's; binary models)
+RLE_ORDERS = ("row", "column")  # flatten row-major (Carvana, most competitions) or column-major (e.g. TGS, SIIM)
+RECORD_NAME = "predicted-by.json"
+# The first colours of the mask palette: background black, then distinct hues; more classes repeat them darker.
+BASE_COLOURS = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(256, 3) uint8 colours of the class indices: viewers show the mask in colour, the values stay indices."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(min(num_classes, 255)):
+        base = np.array(BASE_COLOURS[index % len(BASE_COLOURS)])
+        colours[index] = base // (1 + index // len(BASE_COLOURS))
+    colours[255] = (255, 255, 255)  # the ignore index of truth masks
+    return colours
+
+
+def encode_mask_png(mask: np.ndarray, colours: np.ndarray) -> bytes:
+    """A class-index mask as a palette PNG."""
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(colours.ravel().tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    with atomic_output(path) as partial:
+        partial.write_bytes(encode_png(array))
+
+
+def colour_overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, opacity: float = 0.45) -> np.ndarray:
+    """The photo with each non-background class tinted in its palette colour."""
+    tinted = image.astype(np.float32)
+    labelled = mask > 0
+    tinted[labelled] = (1 - opacity) * tinted[labelled] + opacity * colours[mask[labelled]]
+    return tinted.astype(np.uint8)
+
+
+def outlines(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """``canvas`` with the outlines of ``mask``'s non-zero regions drawn on it in ``colour``."""
+    thickness = max(1, canvas.shape[1] // 640)
+    contours, _ = cv2.findContours((mask != 0).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(canvas, contours, -1, colour, thickness)
+    return canvas
+
+
+def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
+    """The photo with the predicted outline in red and, when given, the true outline in green
+    (a grey (H, W, 1) photo is drawn on in colour)."""
+    canvas = as_rgb(image).copy()
+    if truth is not None:
+        outlines(canvas, truth, (0, 200, 0))
+    return outlines(canvas, predicted, (230, 30, 30))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What predictions are written as, and where: picklable, so that every shard worker builds the same writer."""
+
+    format: str  # one of FORMATS
+    path: str
+    num_classes: int
+    rle_order: str = "row"
+    overlays: bool = False
+
+    def writer(self) -> "RowsFile | MaskFolder":
+        return MaskFolder(self) if self.format == "png" else RowsFile(self)
+
+
+class RowsFile:
+    """A CSV of RLE rows: written to ``<path>.partial`` (one device) or shard files, gathered in submission order,
+    renamed when complete and validated."""
+
+    def __init__(self, output: Output):
+        self.path = Path(output.path)
+        if self.path.is_dir():
+            raise ConfigError(f"--out {self.path}: RLE rows go to a CSV file; name one, e.g. {self.path / 'out.csv'}")
+        self.rows = ImageRows() if output.format == "rle" else ClassRows(output.num_classes, output.rle_order)
+        self.description = "RLE rows" if output.format == "rle" else f"per-class RLE rows, {output.rle_order}-major"
+
+    def order(self, data) -> list[str]:
+        return self.rows.order(data)
+
+    def keep_finished(self, resume: bool, overwrite: bool) -> bool:
+        return keep_finished(self.path, resume, overwrite)
+
+    def begin(self, record: dict, order: list[str], resume: bool, overwrite: bool) -> set[str]:
+        """The rows of an interrupted run kept with ``resume`` (when ``record`` matches theirs), gathered into
+        ``<path>.partial``; the image ids they hold."""
+        start_rows(self.path, record, resume)
+        if resume and (shard_files(self.path) or partial_path(self.path).is_file()):
+            gather_rows(self.path, order, self.rows)
+        partial = partial_path(self.path)
+        names = {name for name, _, _ in complete_rows(partial)} if partial.is_file() else set()
+        return {image_id for image_id in order if all(name in names for name in self.rows.names(image_id))}
+
+    def target(self, index: int | None = None, count: int = 1) -> str:
+        """The file a worker appends to (as ``<it>.partial``): the output itself, or shard ``index`` of ``count``."""
+        return str(self.path if index is None else shard_path(self.path, index, count))
+
+    def sink(self, target: str, data, resume: bool) -> "RowsSink":
+        return RowsSink(SubmissionWriter(target, resume, self.rows), self.rows, target != str(self.path))
+
+    def written(self) -> int:
+        """Rows an unfinished run has kept."""
+        return interrupted_rows(self.path)
+
+    def finish(self, order: list[str], data, shape, in_order: bool = True):
+        """Every row in ``order`` (gathered first unless the rows were written ``in_order``), renamed to the output
+        and validated (each RLE within ``shape``, or ``shape(image_id)``); the rows, with each mask's area."""
+        if not in_order:
+            gather_rows(self.path, order, self.rows)
+        os.replace(partial_path(self.path), self.path)
+        names = [name for image_id in order for name in self.rows.names(image_id)]
+        rows = validate_submission(self.path, names, shape, self.rows)
+        finish_rows(self.path)
+        return rows
+
+    def summary(self, rows) -> str:
+        return f"{self.path}: {len(rows)} {self.description}, mean mask area {100 * rows['area'].mean():.1f}%"
+
+
+class RowsSink:
+    """Encodes masks into rows and appends them to a row file; a shard's file is renamed when it is complete."""
+
+    def __init__(self, writer: SubmissionWriter, rows, rename_when_complete: bool):
+        self.writer, self.rows, self.rename_when_complete = writer, rows, rename_when_complete
+        self.done = writer.done
+
+    def encode(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
+        return self.rows.rows(image_id, mask)
+
+    def write(self, items: list[tuple[str, list[tuple[str, str]]]]) -> None:
+        self.writer.write([row for _, rows in items for row in rows])
+
+    def flush(self) -> None:
+        self.writer.handle.flush()
+
+    def close(self, finished: bool) -> None:
+        if finished and self.rename_when_complete:
+            self.writer.close()
+        else:
+            self.writer.handle.close()
+
+
+class MaskFolder:
+    """A folder of palette PNGs of class indices, one per image (same stem), each written whole under a temporary
+    name, with ``overlays/<stem>.png`` when asked; every worker writes into the folder itself."""
+
+    def __init__(self, output: Output):
+        self.path, self.output = Path(output.path), output
+        if self.path.suffix.lower() == ".csv":
+            raise ConfigError(f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV")
+        self.description = "palette PNG masks"
+
+    def order(self, data) -> list[str]:
+        test_ids = data.test_ids()
+        if not test_ids:
+            raise DataError(f"{data.root}: no test images (a test/ folder, a test split, or --test-images DIR)")
+        return test_ids
+
+    def keep_finished(self, resume: bool, overwrite: bool) -> bool:
+        return False  # a folder is finished when every mask is in it: begin() finds that out
+
+    def begin(self, record: dict, order: list[str], resume: bool, overwrite: bool) -> set[str]:
+        """The stems already predicted by the same checkpoints and settings (kept with ``resume``); a folder of
+        other masks is never written into without ``overwrite``."""
+        out = self.path
+        written = {path.stem for path in out.glob("*.png")} if out.is_dir() else set()
+        record_path = out / RECORD_NAME
+        if written and not (resume or overwrite):
+            raise ConfigError(
+                f"{out} already holds {len(written)} predicted masks; pass --resume to keep them and predict the "
+                "rest, or --overwrite to predict them all again"
+            )
+        if resume and written:
+            recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+            if not isinstance(recorded, dict) or _comparable(recorded) != _comparable(record):
+                raise ConfigError(f"{out}: its masks were predicted by other checkpoints or settings; pass --overwrite")
+        if overwrite and out.is_dir():
+            for path in out.glob("*.png"):
+                path.unlink()
+            shutil.rmtree(out / "overlays", ignore_errors=True)
+            written = set()
+        out.mkdir(parents=True, exist_ok=True)
+        if self.output.overlays:
+            (out / "overlays").mkdir(exist_ok=True)
+        with atomic_output(record_path) as partial:
+            partial.write_text(json.dumps(record, indent=2) + "\n")
+        return written & set(order) if resume else set()
+
+    def target(self, index: int | None = None, count: int = 1) -> str:
+        return str(self.path)
+
+    def sink(self, target: str, data, resume: bool) -> "MaskSink":
+        sink = MaskSink(Path(target), data, palette(self.output.num_classes), self.output.overlays)
+        if resume:  # a retried shard: the masks its lost attempt wrote are whole (each renamed into place)
+            sink.done = {path.stem for path in Path(target).glob("*.png")}
+        return sink
+
+    def written(self) -> int:
+        return len(list(self.path.glob("*.png")))
+
+    def finish(self, order: list[str], data, shape, in_order: bool = True) -> int:
+        """Checks that every image of ``order`` has its mask; their number."""
+        missing = [image_id for image_id in order if not (self.path / f"{image_id}.png").is_file()]
+        if missing:
+            raise DataError(f"{self.path}: no mask for {len(missing)} test image(s), e.g. {missing[:3]}")
+        return len(order)
+
+    def summary(self, count: int) -> str:
+        overlays = f", overlays in {self.path / 'overlays'}/" if self.output.overlays else ""
+        return f"{self.path}/: {count} {self.description} (classes {self.output.num_classes}){overlays}"
+
+
+def _comparable(record: dict) -> dict:
+    """What must match for masks to be kept by --resume: checkpoints, TTA, threshold (not the settings record)."""
+    return json.loads(json.dumps({key: record.get(key) for key in ("checkpoints", "tta", "threshold")}))
+
+
+class MaskSink:
+    """Encodes masks as palette PNGs (and overlays) and writes each whole into the folder."""
+
+    def __init__(self, folder: Path, data, colours: np.ndarray, overlays: bool):
+        self.folder, self.data, self.colours, self.overlays = folder, data, colours, overlays
+        self.done: set[str] = set()
+
+    def encode(self, image_id: str, mask: np.ndarray) -> tuple[bytes, bytes | None]:
+        tinted = None
+        if self.overlays:
+            image = as_rgb(self.data.read_image(image_id, "test"))
+            tinted = encode_png(colour_overlay(image, mask, self.colours))
+        return encode_mask_png(mask, self.colours), tinted
+
+    def write(self, items: list[tuple[str, tuple[bytes, bytes | None]]]) -> None:
+        for image_id, (mask, tinted) in items:
+            with atomic_output(self.folder / f"{image_id}.png") as partial:
+                partial.write_bytes(mask)
+            if tinted is not None:
+                with atomic_output(self.folder / "overlays" / f"{image_id}.png") as partial:
+                    partial.write_bytes(tinted)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass
