@@ -219,8 +219,8 @@ def log_written(summary: str, predicted: int, seconds: float) -> None:
 
 def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline) -> None:
     logger.warning(
-        "%s: stopped by the %s at a batch boundary: %d of the %d test images' predictions are written and kept, "
-        "not finished; run the same command with --resume to finish",
+        "%s: stopped by the %s at a batch boundary: %d of the %d test images are written and kept, no submission "
+        "yet; run the same command with --resume to finish",
         out,
         deadline.describe(),
         written,

@@ -199,10 +199,10 @@ def write_on_devices(
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
     for job, outcome in failed:
         logger.error(
-            "%s: FAILED: %s; what it wrote and the other shards' predictions are kept: run the same command with "
-            "--resume to continue",
+            "%s: FAILED: %s; %s: run the same command with --resume to continue",
             job.label,
             outcome["error"],
+            writer.kept_in(job.path, [image_id for batch in job.batches for image_id in batch]),
         )
     if failed:
         raise ShardsFailed(f"{len(failed)} of {len(jobs)} shard(s) failed")

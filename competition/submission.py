@@ -58,7 +58,7 @@ class ClassRows:
     header = "ImageId_ClassId,EncodedPixels\n"
 
     def __init__(self, num_classes: int, order: str = "row"):
-        self.num_classes, self.order = num_classes, order
+        self.num_classes, self.flatten = num_classes, order
 
     def names(self, image_id: str) -> list[str]:
         return [f"{image_id}_{index}" for index in range(1, self.num_classes)]
@@ -67,7 +67,7 @@ class ClassRows:
         return name.rsplit("_", 1)[0]
 
     def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
-        return list(zip(self.names(image_id), class_rles(mask, self.num_classes, self.order)))
+        return list(zip(self.names(image_id), class_rles(mask, self.num_classes, self.flatten)))
 
     def order(self, data) -> list[str]:
         """The test images in sorted order (no sample submission is read for these rows)."""

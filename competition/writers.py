@@ -157,8 +157,14 @@ class RowsFile:
         return RowsSink(SubmissionWriter(target, resume, self.rows), self.rows, target != str(self.path))
 
     def written(self) -> int:
-        """Rows an unfinished run has kept."""
-        return interrupted_rows(self.path)
+        """The images whose rows an unfinished run has kept."""
+        return interrupted_rows(self.path) // len(self.rows.names(""))
+
+    def kept_in(self, target: str, image_ids: list[str]) -> str:
+        """What a shard that failed keeps, in words."""
+        files = [file for file in (Path(target), partial_path(target)) if file.is_file()]
+        rows = sum(1 for file in files for _ in complete_rows(file))
+        return f"its {rows} row(s) and the other shards' rows are kept"
 
     def finish(self, order: list[str], data, shape, in_order: bool = True):
         """Every row in ``order`` (gathered first unless the rows were written ``in_order``), renamed to the output
@@ -255,6 +261,10 @@ class MaskFolder:
 
     def written(self) -> int:
         return len(list(self.path.glob("*.png")))
+
+    def kept_in(self, target: str, image_ids: list[str]) -> str:
+        masks = sum((self.path / f"{image_id}.png").is_file() for image_id in image_ids)
+        return f"its {masks} mask(s) and the other shards' masks are kept"
 
     def finish(self, order: list[str], data, shape, in_order: bool = True) -> int:
         """Checks that every image of ``order`` has its mask; their number."""

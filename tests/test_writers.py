@@ -1,0 +1,196 @@
+"""One prediction stream, every writer: PNG masks and per-class RLE rows on several devices, stopped by the clock,
+resumed after a killed worker; out-of-fold scores, masks and worst overlays of a multi-class model."""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from competition.inference import Ensemble, find_checkpoints, load_member, write_predictions
+from competition.layouts import open_data
+from competition.out_of_fold import out_of_fold
+from competition.synthetic import generate_parts
+from competition.writers import Output
+from make_folds import main as make_folds
+from tests.conftest import ManualDeadline
+from tests.test_inference import run_infer
+from tests.test_shards import session_processes
+from train import main as train
+
+TRAIN_FLAGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--workers", "0", "--quiet", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """(the synthetic car-parts data set: 32 training and 32 test images of 144x96, 5 classes; its folds file;
+    a run of fold 0, one epoch at 64x96)."""
+    root = tmp_path_factory.mktemp("parts")
+    data = generate_parts(root / "data", cars=2, test_cars=2, width=144, height=96, seed=1, jobs=1)
+    folds = root / "folds.csv"
+    make_folds(["--data-dir", str(data), "--n-folds", "2", "--group-regex", r"^(.+)_\d+$", "--out", str(folds)])
+    run = root / "run"
+    flags = ["--data-dir", str(data), "--folds-csv", str(folds), "--out", str(run), "--fold", "0"]
+    train([*flags, "--size", "64x96", "--epochs", "1", *TRAIN_FLAGS])
+    return data, folds, run
+
+
+def masks_of(folder: Path) -> dict[str, bytes]:
+    """Every PNG under ``folder`` (masks and overlays) by its path inside it, as bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*.png"))}
+
+
+@pytest.mark.slow
+def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_path, capfd):
+    run = parts[2]
+    common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--batch-size", "2", "--overlays"]
+    infer.main([*common, "--out", str(tmp_path / "one")])
+    infer.main([*common, "--out", str(tmp_path / "two"), "--devices", "cpu,cpu"])
+    one, two = masks_of(tmp_path / "one"), masks_of(tmp_path / "two")
+    assert len(one) == 2 * 32 and one == two
+    printed = capfd.readouterr().out
+    assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s) on 2 x cpu" in printed
+    assert "cpu shard 2/2: 16 test images on cpu" in printed and "32 palette PNG masks" in printed
+
+
+@pytest.mark.slow
+def test_per_class_rle_rows_stopped_by_the_clock_and_resumed_are_the_uninterrupted_file(
+    parts, tmp_path, monkeypatch, caplog, capsys
+):
+    caplog.set_level(logging.INFO, logger="competition")
+    data, _, run = parts
+    deadline = ManualDeadline(95.0, started=0.0)
+    real = Ensemble.probabilities
+
+    def thirty_seconds_a_batch(self, images, output_size):
+        deadline.now += 30.0
+        return real(self, images, output_size)
+
+    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([run])]
+    out = tmp_path / "parts.csv"
+    output = Output("rle-csv", str(out), 5, "column")
+    settings = {"workers": 0, "progress": False, "deadline": deadline}
+    assert write_predictions(Ensemble(members, ("hflip",)), open_data(data), output, **settings) is None
+    # batches of 4 at 0, 30 and 60 s; 12 images of 4 rows each kept
+    assert not out.exists() and len((tmp_path / "parts.csv.partial").read_text().splitlines()) == 1 + 12 * 4
+    assert f"{out}: stopped by the time limit 1m35s at a batch boundary: 12 of the 32 test images" in caplog.text
+    monkeypatch.setattr(Ensemble, "probabilities", real)
+    common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--format", "rle-csv", "--rle-order", "column"]
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*common, "--out", str(out)])  # the rows kept are never dropped unasked
+    assert exit_info.value.code == 2 and "pass --resume to keep them" in capsys.readouterr().err
+    infer.main([*common, "--out", str(out), "--resume"])
+    infer.main([*common, "--out", str(tmp_path / "uninterrupted.csv")])
+    assert out.read_bytes() == (tmp_path / "uninterrupted.csv").read_bytes()
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert list(rows.columns) == ["ImageId_ClassId", "EncodedPixels"] and len(rows) == 32 * 4
+    # the CLI's own clock: spent before the first batch, exit 3, then --resume on two devices finishes it
+    stopped = tmp_path / "stopped.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*common, "--out", str(stopped), "--time-limit", "0.001s"])
+    assert exit_info.value.code == 3 and not stopped.exists()
+    infer.main([*common, "--out", str(stopped), "--resume", "--devices", "cpu,cpu"])
+    assert stopped.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_killed_shard_worker_of_a_png_run_resumed_gives_the_same_files(parts, tmp_path):
+    run = parts[2]
+    out = tmp_path / "masks"
+    flags = ["--checkpoints", str(run), "--workers", "0", "--batch-size", "1", "--out", str(out)]
+    driver = subprocess.Popen(
+        [sys.executable, "infer.py", *flags, "--devices", "cpu,cpu"],
+        cwd=Path(infer.__file__).parent,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.png"))) < 2:  # the shards are writing masks
+            assert driver.poll() is None and time.monotonic() < deadline, "the shards did not start"
+            time.sleep(0.02)
+        workers = [pid for pid in session_processes(driver.pid) if pid != driver.pid]
+        for pid in workers:  # paused first: none finishes while the victim is chosen
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        shard_workers = [pid for pid in workers if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(shard_workers) == 2, "a worker process per shard, both still predicting"
+        victim = shard_workers[0]
+        os.kill(victim, signal.SIGKILL)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # the victim's signal is moot
+        _, error = driver.communicate(timeout=300)
+    finally:
+        for pid in session_processes(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert driver.returncode == 1 and "FAILED: its worker process died (exit code -9)" in error
+    assert 0 < len(list(out.glob("*.png"))) < 32, "killed mid-way"
+    assert not list(out.glob("*.partial")), "no half-written mask"
+    infer.main([*flags, "--devices", "cpu,cpu", "--resume"])
+    infer.main(["--checkpoints", str(run), "--workers", "0", "--batch-size", "1", "--out", str(tmp_path / "uninterrupted")])
+    assert masks_of(out) == masks_of(tmp_path / "uninterrupted") and len(masks_of(out)) == 32
+
+
+def numpy_confusion(predicted: np.ndarray, truth: np.ndarray, classes: int, ignore_index: int) -> np.ndarray:
+    """The confusion matrix by plain numpy: rows truth, columns prediction, ignored truth pixels left out."""
+    labelled = truth != ignore_index
+    pairs = truth[labelled].astype(np.int64) * classes + predicted[labelled]
+    return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+@pytest.mark.slow
+def test_out_of_fold_of_a_multi_class_model_scores_writes_masks_and_draws_the_worst(parts, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    data, folds, run = parts
+    flags = ["--oof", "--tta", "--checkpoints", str(run), "--workers", "0", "--out-dir", str(tmp_path / "scores")]
+    infer.main([*flags, "--out", str(tmp_path / "oof_masks"), "--worst", "3"])
+    scores = pd.read_csv(tmp_path / "scores" / "oof.csv")
+    held_out = pd.read_csv(folds).query("fold == 0")
+    assert sorted(scores["img"]) == sorted(held_out["img"]) and "miou" in scores.columns
+    worst = scores.nsmallest(3, "miou")
+    expected = [f"worst{rank:02d}_{img}_miou{score:.4f}.png" for rank, (img, score) in
+                enumerate(zip(worst["img"], worst["miou"]), start=1)]  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "scores").glob("worst*.png")) == expected
+    assert "lights" in caplog.text and "out of fold with TTA hflip" in caplog.text
+    # the confusion matrix agrees with numpy over the masks it wrote and the truth as training reads it
+    dataset = open_data(data)
+    truth = {image_id: dataset.read_mask(image_id) for image_id in scores["img"]}
+    written = {image_id: np.asarray(Image.open(tmp_path / "oof_masks" / f"{image_id}.png")) for image_id in truth}
+    expected_confusion = sum(numpy_confusion(written[i], truth[i], 5, 255) for i in truth)
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([run])]
+    fold_scores = out_of_fold(members, dataset, folds, ("hflip",), "fp32", workers=0)
+    np.testing.assert_array_equal(np.asarray(fold_scores.confusion["tta"]), expected_confusion)
+    for image_id, row in zip(scores["img"], scores["miou"]):  # each image's mIoU, classes in neither left out
+        matrix = numpy_confusion(written[image_id], truth[image_id], 5, 255).astype(float)
+        union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+        assert row == pytest.approx(np.mean(np.diag(matrix)[union > 0] / union[union > 0]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_out_of_fold_file_of_other_checkpoints_is_not_replaced_unasked(parts, tmp_path, capsys):
+    run = parts[2]
+    other = tmp_path / "other" / "fold0"
+    other.mkdir(parents=True)
+    (other / "best.pt").write_bytes((run / "fold0" / "best.pt").read_bytes())
+    flags = ["--oof", "--workers", "0", "--worst", "0", "--out-dir", str(tmp_path / "scores")]
+    infer.main([*flags, "--checkpoints", str(run)])
+    infer.main([*flags, "--checkpoints", str(run)])  # the same models scored again: replaced
+    written = (tmp_path / "scores" / "oof.csv").read_bytes()
+    error = run_infer([*flags, "--checkpoints", str(other.parent)], capsys)
+    assert "oof.csv holds the out-of-fold scores of other checkpoints; pass --overwrite" in error
+    assert (tmp_path / "scores" / "oof.csv").read_bytes() == written
+    infer.main([*flags, "--checkpoints", str(other.parent), "--overwrite"])
