@@ -11,21 +11,24 @@ python infer.py --image path/to/car.jpg                                one image
 python infer.py --export-onnx unet.onnx --checkpoints runs/x/fold0/best.pt   one model -> ONNX
 python infer.py --tta --checkpoints runs/parts --out submissions/parts/   any other data set: a PNG mask per image
 python infer.py --tta --checkpoints runs/parts --format rle-csv --out parts.csv   ... or per-class RLE rows
+python infer.py --oof --tta --checkpoints runs/parts --out predictions/oof-masks/   ... out of fold, masks written
 
-Models trained on any layout but Carvana's write one palette PNG of class indices per test image (the data
-folder's test/ or test split, or --test-images DIR) into the --out folder (default: <work dir>/submissions/masks), --overlays
-adding colour overlays; --format rle-csv writes Kaggle's ImageId_ClassId,EncodedPixels rows instead.
+Every output is one stream into a writer (--format): rle, one img,rle_mask row per image in sample-submission
+order (Carvana's, the default of its models); rle-csv, Kaggle's ImageId_ClassId,EncodedPixels rows; png, a
+palette PNG of class indices per test image (the data folder's test/ or test split, or --test-images DIR) in the
+--out folder (default: <work dir>/submissions/masks), --overlays adding colour overlays (the default of every
+other data set).
 
-The test submission on several devices (--devices; by default every GPU when there are several): the test
-images are cut into contiguous shards in sample-submission order, one worker process per device, each writing
-<out>.shard<i>of<n> (<out>.shard<i>of<n>.partial until complete) beside --out; the shards are merged into --out,
-validated, and removed. --resume keeps every complete row of an interrupted run, whatever devices it ran on.
-With --backend ray the shards (--shards, default one per GPU of the cluster) are Ray tasks, one GPU each, writing
-the same shard files into --out's folder, which every node must see; the merge is this process's, as above.
+On several devices (--devices; by default every GPU when there are several) the test images are cut into
+contiguous shards at batch boundaries, one worker process per device: row files are written to
+<out>.shard<i>of<n> (<out>.shard<i>of<n>.partial until complete) beside --out and gathered into --out, validated,
+and removed; masks go straight into the --out folder. --resume keeps everything complete an interrupted run
+wrote, whatever devices it ran on. With --backend ray the shards (--shards, default one per GPU of the cluster)
+are Ray tasks, one GPU each, writing into --out's folder, which every node must see.
 
-Exit status: 0 done; 1 a shard failed (its line names the device and the error; every shard's rows are kept
+Exit status: 0 done; 1 a shard failed (its line names the device and the error; what every shard wrote is kept
 for --resume); 2 an error in the input, the settings or the machine (one line); 3 stopped by --time-limit
-at a batch boundary, no submission yet (the rows written are kept for --resume); 130 interrupted (Ctrl-C).
+at a batch boundary, not finished (what was written is kept for --resume); 130 interrupted (Ctrl-C).
 """
 
 import argparse

@@ -213,7 +213,7 @@ def write_submission(ensemble: Ensemble, data, out: str | Path, threshold: float
 
 def log_written(summary: str, predicted: int, seconds: float) -> None:
     logger.info(
-        "%s; %d predicted in %.1f s (%.1f img/s), validated", summary, predicted, seconds, predicted / max(seconds, 1e-9)
+        "%s, %d predicted in %.1f s (%.1f img/s), validated", summary, predicted, seconds, predicted / max(seconds, 1e-9)
     )
 
 

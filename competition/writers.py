@@ -131,7 +131,7 @@ class RowsFile:
         if self.path.is_dir():
             raise ConfigError(f"--out {self.path}: RLE rows go to a CSV file; name one, e.g. {self.path / 'out.csv'}")
         self.rows = ImageRows() if output.format == "rle" else ClassRows(output.num_classes, output.rle_order)
-        self.description = "RLE rows" if output.format == "rle" else f"per-class RLE rows, {output.rle_order}-major"
+        self.description = "" if output.format == "rle" else f" (per class, {output.rle_order}-major RLE)"
 
     def order(self, data) -> list[str]:
         return self.rows.order(data)
@@ -178,7 +178,7 @@ class RowsFile:
         return rows
 
     def summary(self, rows) -> str:
-        return f"{self.path}: {len(rows)} {self.description}, mean mask area {100 * rows['area'].mean():.1f}%"
+        return f"{self.path}: {len(rows)} rows{self.description}, mean mask area {100 * rows['area'].mean():.1f}%"
 
 
 class RowsSink:

@@ -24,6 +24,8 @@ from competition.synthetic import generate_parts
 from competition.writers import Output
 from make_folds import main as make_folds
 from tests.conftest import ManualDeadline
+from tests.test_cluster import ray_installed
+from tests.test_cluster import run as run_command
 from tests.test_inference import run_infer
 from tests.test_shards import session_processes
 from train import main as train
@@ -194,3 +196,16 @@ def test_an_out_of_fold_file_of_other_checkpoints_is_not_replaced_unasked(parts,
     assert "oof.csv holds the out-of-fold scores of other checkpoints; pass --overwrite" in error
     assert (tmp_path / "scores" / "oof.csv").read_bytes() == written
     infer.main([*flags, "--checkpoints", str(other.parent), "--overwrite"])
+
+
+@pytest.mark.slow
+@ray_installed
+def test_png_masks_as_ray_shards_are_the_files_of_one_device(parts, tmp_path):
+    data, _, run = parts
+    common = ["--checkpoints", str(run), "--data-dir", str(data), "--tta", "--workers", "0", "--batch-size", "2"]
+    infer.main([*common, "--out", str(tmp_path / "one")])
+    finished = run_command("infer.py", *common, "--out", str(tmp_path / "ray"), "--backend", "ray", "--shards", "3")
+    assert finished.returncode == 0, finished.stderr
+    assert "32 test images to predict (0 kept from an interrupted run) in 3 shard(s) on 3 x cpu" in finished.stdout
+    assert masks_of(tmp_path / "ray") == masks_of(tmp_path / "one") and len(masks_of(tmp_path / "one")) == 32
+    assert not list(tmp_path.glob(".ray-attempts-*")), "the attempts record removed"
