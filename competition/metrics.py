@@ -3,7 +3,8 @@ pixel accuracy and per-class IoU/F1.
 
 Batched torch versions for training, numpy versions for scoring, and a scorer for submission files
 (``python -m competition.metrics submission.csv truth.csv``) or folders of PNG masks
-(``python -m competition.metrics predicted/ truth/``).
+(``python -m competition.metrics predicted/ truth/``: the truth read by the data layer's rules, with the settings
+of the model recorded beside the predictions unless flags give them).
 """
 
 import argparse
