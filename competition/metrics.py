@@ -178,6 +178,7 @@ def recorded_settings(predicted_dir: Path) -> tuple[dict, str]:
     ``config`` of its predicted-by.json, else its first checkpoint's; ({}, "") when neither is there."""
     from competition.checkpoints import checkpoint_config, load_checkpoint
     from competition.masks_out import RECORD_NAME
+    from competition.splits import resolve
 
     path = predicted_dir / RECORD_NAME
     if not path.is_file():
@@ -196,6 +197,10 @@ def recorded_settings(predicted_dir: Path) -> tuple[dict, str]:
             return {}, ""
         config, path = asdict(checkpoint_config(load_checkpoint(first), first)), Path(first)
     settings = {name: config[name] for name in TRUTH_DEFAULTS if name in config}
+    colors = settings.pop("colors", "")
+    table = resolve(Path(config.get("data_dir") or "."), colors) if colors else None
+    if table is not None and table.is_file():  # relative to the training data; gone from there: found beside the truth
+        settings["colors"] = str(table.resolve())
     if len([name for name in settings.get("classes", "").split(",") if name.strip()]) == 2:
         # Two classes: the truth's own two values say which is which, as training reads two-valued masks;
         # the values of the training masks (0/1) would make another truth's foreground (255) the ignore index.

@@ -185,3 +185,35 @@ def test_a_truth_value_no_class_means_is_one_line_naming_the_file_and_value(tmp_
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"{truth_dir / 'img_0.png'}: mask value(s) [2]" in err
+
+
+def test_the_records_colour_table_is_found_in_the_training_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
+    colours = np.array([(0, 0, 0), (128, 64, 128), (0, 0, 192)], dtype=np.uint8)
+    drawn = []
+
+    def painted(rng, shape):
+        drawn.append(rng.integers(0, 3, shape).astype(np.uint8))
+        return colours[drawn[-1]]
+
+    predicted_dir, truth_dir, pairs = make_folders(tmp_path, painted, 3, seed=6)
+    (tmp_path / "train" / "tables").mkdir(parents=True)
+    (tmp_path / "train" / "tables" / "camvid.csv").write_text("sky,0,0,0\nroad,128,64,128\ncar,0,0,192\n")
+    config = asdict(config_from({"data_dir": str(tmp_path / "train"), "colors": "tables/camvid.csv"}))
+    config["classes"] = "sky,road,car"  # as training saves it, resolved from the table
+    record = {"checkpoints": [], "tta": [], "threshold": 0.5, "config": config}
+    (predicted_dir / "predicted-by.json").write_text(json.dumps(record))
+    scores = score_mask_folders(predicted_dir, truth_dir)
+    assert list(scores["per_class"].index) == ["sky", "road", "car"]
+    assert_scores_match(scores, [(p, classes) for (p, _), classes in zip(pairs, drawn)], 3, ignore=255)
+
+
+def test_trimaps_scored_for_a_model_trained_on_oxford_pet(tmp_path):
+    """Trimaps store 1 pet, 2 background, 3 border: the record's layout says so, the border left out."""
+    predicted_dir, truth_dir, pairs = make_folders(tmp_path, lambda rng, shape: rng.integers(1, 4, shape, np.uint8), 2)
+    config = asdict(config_from({"layout": "pet", "classes": "background,pet"}))
+    record = {"checkpoints": [], "tta": [], "threshold": 0.5, "config": config}
+    (predicted_dir / "predicted-by.json").write_text(json.dumps(record))
+    scores = score_mask_folders(predicted_dir, truth_dir)
+    classes = [(p, np.select([t == 2, t == 1], [0, 1], 3)) for p, t in pairs]
+    assert_scores_match(scores, classes, 2, ignore=3)
