@@ -877,3 +877,49 @@ def apply_id_lists(data: SegmentationData, parts: dict[str, str], keep_test_imag
         )
     data.images = {image_id: path for image_id, path in data.images.items() if listed.get(image_id, "test") != "test"}
     data.splits = {image_id: name for image_id, name in listed.items() if name != "test"}
+
+
+class MaskFolder(FolderData):
+    """A folder of masks without images (the truth that predicted masks are scored against), read by the folders
+    layout's rules: two-valued masks, ``mask_values``, a colour table, the ignore index. A colour table or
+    classes.txt is looked for in the folder, then in its parent. Ids are the masks' stems."""
+
+    def __init__(
+        self,
+        folder: Path,
+        classes: str = "",
+        ignore_index: int = 255,
+        *,
+        colors: str = "",
+        unknown_colors: str = "error",
+        mask_values: str = "",
+        unknown_values: str = "error",
+        snap_mask_values: bool = False,
+    ):
+        folder = Path(folder)
+        self.root, self.ignore_index = folder, ignore_index
+        self.unknown_colors, self.unknown_values, self.snap = unknown_colors, unknown_values, snap_mask_values
+        self.masks, self.test_masks = files_by_stem(folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS), {}
+        if not self.masks:
+            raise DataError(f"{folder}: no mask files ({', '.join(MASK_EXTENSIONS)})")
+        self.refuse_lossy_masks()
+        self.table = self.cache = None
+        table_path = color_table_path(folder, colors) or (None if colors else color_table_path(folder.parent, ""))
+        class_file = next(
+            (place / "classes.txt" for place in (folder, folder.parent) if (place / "classes.txt").is_file()), None
+        )
+        # Where the class names come from, for the line that says it: the caller's, a file's, or the masks' values.
+        self.classes_from = "" if classes else str(table_path or class_file or "the masks' values")
+        if table_path is not None:
+            if unknown_values != "error":
+                raise ConfigError(
+                    f"--unknown-values is for masks of stored values; {table_path} makes these colour masks: "
+                    "pass --unknown-colors ignore instead"
+                )
+            names = self.open_color_table(table_path, classes)
+        else:
+            given = _classes_from(class_file.parent if class_file else folder, classes, ("classes.txt",))
+            names = self.resolve_values(self.masks, given, mask_values)
+        SegmentationData.__init__(
+            self, folder, dict(self.masks), names, label_ignore_index(ignore_index, len(names)), {}, ignore_index
+        )

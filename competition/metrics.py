@@ -3,10 +3,14 @@ pixel accuracy and per-class IoU/F1.
 
 Batched torch versions for training, numpy versions for scoring, and a scorer for submission files
 (``python -m competition.metrics submission.csv truth.csv``) or folders of PNG masks
-(``python -m competition.metrics predicted/ truth/``).
+(``python -m competition.metrics predicted/ truth/``: the truth read by the data layer's rules, with the settings
+of the model recorded beside the predictions unless flags give them).
 """
 
 import argparse
+import json
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,8 @@ import torch
 from competition.data import read_csv_file
 from competition.errors import DataError, ProjectError
 from competition.rle import RLEError, rle_runs
+
+logger = logging.getLogger("competition.metrics")
 
 
 def dice_per_image(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -154,46 +160,99 @@ def read_mask_png(path: Path) -> np.ndarray:
     return read_index_mask(path.read_bytes(), str(path))
 
 
-def score_mask_folders(predicted_dir: Path, truth_dir: Path, classes: list[str] | None, ignore_index: int) -> dict:
-    """segmentation_scores of every truth mask in ``truth_dir`` against the prediction of the same stem."""
-    from competition.layouts import MASK_EXTENSIONS, files_by_stem, read_class_names
+# The settings that say how truth masks are stored, as TrainConfig names them, and their defaults.
+TRUTH_DEFAULTS = {
+    "classes": "",
+    "ignore_index": 255,
+    "mask_values": "",
+    "colors": "",
+    "unknown_colors": "error",
+    "unknown_values": "error",
+    "snap_mask_values": False,
+}
+PET_STORED = {"ignore": "2,1", "class": "2,1,3"}  # Oxford-IIIT Pet trimaps: 2 background, 1 pet, 3 border
 
-    truth_files, predicted_files = (
-        files_by_stem(truth_dir, MASK_EXTENSIONS),
-        files_by_stem(predicted_dir, MASK_EXTENSIONS),
-    )
-    if not truth_files:
-        raise DataError(f"{truth_dir}: no mask files ({', '.join(MASK_EXTENSIONS)})")
-    missing = sorted(set(truth_files) - set(predicted_files))
+
+def recorded_settings(predicted_dir: Path) -> tuple[dict, str]:
+    """The truth settings of the model that wrote ``predicted_dir`` and the file they were read from: the
+    ``config`` of its predicted-by.json, else its first checkpoint's; ({}, "") when neither is there."""
+    from competition.checkpoints import checkpoint_config, load_checkpoint
+    from competition.splits import resolve
+    from competition.writers import RECORD_NAME
+
+    path = predicted_dir / RECORD_NAME
+    if not path.is_file():
+        return {}, ""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"{path}: not readable JSON ({error}); delete it and give the truth's classes as flags"
+        ) from None
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict):  # written before records held the config: the first checkpoint's
+        checkpoints = record.get("checkpoints") if isinstance(record, dict) else None
+        first = checkpoints[0].get("path") if checkpoints and isinstance(checkpoints[0], dict) else None
+        if not first or not Path(first).is_file():
+            return {}, ""
+        config, path = asdict(checkpoint_config(load_checkpoint(first), first)), Path(first)
+    settings = {name: config[name] for name in TRUTH_DEFAULTS if name in config}
+    colors = settings.pop("colors", "")
+    table = resolve(Path(config.get("data_dir") or "."), colors) if colors else None
+    if table is not None and table.is_file():  # relative to the training data; gone from there: found beside the truth
+        settings["colors"] = str(table.resolve())
+    if len([name for name in settings.get("classes", "").split(",") if name.strip()]) == 2:
+        # Two classes: the truth's own two values say which is which, as training reads two-valued masks;
+        # the values of the training masks (0/1) would make another truth's foreground (255) the ignore index.
+        settings.pop("mask_values", None)
+        settings.pop("unknown_values", None)  # it needs the values popped just above
+    if config.get("layout") == "pet":  # trained on trimaps: truth trimaps are read as PetData reads them
+        border = config.get("pet_border", "ignore")
+        settings["mask_values"] = PET_STORED.get(border, PET_STORED["ignore"])
+        if border != "class":
+            settings["ignore_index"] = 3
+    return settings, str(path)
+
+
+def score_mask_folders(
+    predicted_dir: Path, truth_dir: Path, classes: list[str] | None = None, ignore_index: int | None = None, **given
+) -> dict:
+    """segmentation_scores of every truth mask in ``truth_dir``, read by the data layer's rules (MaskFolder),
+    against the predicted class indices of the same stem. How the truth is stored: ``classes``,
+    ``ignore_index`` and ``given`` (TRUTH_DEFAULTS' other names) where not None, else the record beside the
+    predictions (recorded_settings), else the defaults."""
+    from competition.layouts import MASK_EXTENSIONS, MaskFolder, files_by_stem
+
+    predicted_dir, truth_dir = Path(predicted_dir), Path(truth_dir)
+    recorded, record_path = recorded_settings(predicted_dir)
+    flags = {**given, "classes": ",".join(classes) if classes else None, "ignore_index": ignore_index}
+    settings = TRUTH_DEFAULTS | recorded | {name: value for name, value in flags.items() if value is not None}
+    if settings["colors"] and Path(settings["colors"]).is_file():  # named from here rather than the truth folder
+        settings["colors"] = str(Path(settings["colors"]).resolve())
+    truth = MaskFolder(truth_dir, **settings)
+    source = "--classes" if classes else record_path if recorded.get("classes") else truth.classes_from
+    logger.info("%s: %d classes (%s) from %s", truth_dir, truth.num_classes, ", ".join(truth.classes), source)
+    predicted_files = files_by_stem(predicted_dir, MASK_EXTENSIONS)
+    missing = sorted(set(truth.masks) - set(predicted_files))
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} truth mask(s), e.g. {missing[:3]}")
-    if classes is None:
-        found = next(
-            (folder / "classes.txt" for folder in (truth_dir, truth_dir.parent) if (folder / "classes.txt").is_file()),
-            None,
-        )
-        classes = read_class_names(found) if found else None
-    pairs = [(read_mask_png(predicted_files[stem]), read_mask_png(path), path) for stem, path in truth_files.items()]
-    if classes is None:
-        largest = max(int(np.max(np.where(truth == ignore_index, 0, truth))) for _, truth, _ in pairs)
-        largest = max([largest, *(int(predicted.max()) for predicted, _, _ in pairs)])
-        classes = [f"class_{index}" for index in range(largest + 1)]
-    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.int64)
-    for predicted, truth, path in pairs:
-        if predicted.shape != truth.shape:
+    confusion = torch.zeros((truth.num_classes, truth.num_classes), dtype=torch.int64)
+    for stem in truth.train_ids():
+        predicted, truth_mask = read_mask_png(predicted_files[stem]), truth.read_mask(stem)
+        if predicted.shape != truth_mask.shape:
             raise DataError(
-                f"{predicted_files[path.stem]}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth {path} is "
-                f"{truth.shape[1]}x{truth.shape[0]}"
+                f"{predicted_files[stem]}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth "
+                f"{truth.mask_source(stem)} is {truth_mask.shape[1]}x{truth_mask.shape[0]}; predict at the truth's size"
             )
-        if predicted.max() >= len(classes):
-            raise DataError(f"{predicted_files[path.stem]}: class {int(predicted.max())} beyond {len(classes)} classes")
-        try:
-            confusion += confusion_matrix(
-                torch.from_numpy(predicted), torch.from_numpy(truth), len(classes), ignore_index
+        if predicted.max() >= truth.num_classes:
+            raise DataError(
+                f"{predicted_files[stem]}: class {int(predicted.max())}, beyond the truth's {truth.num_classes} "
+                f"classes ({', '.join(truth.classes)}); give the model's classes with --classes"
             )
-        except ValueError as error:
-            raise DataError(f"{path}: {error}") from None
-    return {**segmentation_scores(confusion, classes), "images": len(pairs)}
+        confusion += confusion_matrix(
+            torch.from_numpy(predicted), torch.from_numpy(truth_mask), truth.num_classes, truth.ignore_index
+        )
+    return {**segmentation_scores(confusion, truth.classes), "images": len(truth.masks)}
 
 
 def score_test_masks(predicted_dir: Path, data) -> dict:
@@ -222,23 +281,30 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Score a submission CSV against a truth CSV (both img,rle_mask), or a folder of predicted PNG "
-        "masks against a folder of truth masks (class indices, matched by name), or against the test masks of a "
-        "--data-dir read with the data flags of train.py (a test split's colour masks, say)."
+        "masks (class indices, as infer.py writes them) against a folder of truth masks matched by name and read "
+        "as training reads masks (two-valued masks, colour tables, --mask-values; the settings of the model "
+        "recorded beside the predictions unless flags say otherwise), or against the test masks of a --data-dir "
+        "read with the data flags of train.py (a test split's colour masks, say)."
     )
     parser.add_argument("submission", help="a submission CSV, or a folder of predicted masks")
     parser.add_argument(
         "truth", nargs="?", help="e.g. input/test_masks.csv, or input-parts/test_masks/ (or --data-dir instead)"
     )
     parser.add_argument("--size", default="1280x1918", help="CSV: image HEIGHTxWIDTH (default: %(default)s)")
-    parser.add_argument("--classes", help="folders: class names a,b,c (default: classes.txt beside the truth masks)")
     parser.add_argument(
-        "--ignore-index", type=int, default=255, help="folders: truth value scored nowhere (default: 255)"
+        "--classes",
+        help="class names a,b,c (default: the model's, from predicted-by.json beside the predictions; else a colour "
+        "table or classes.txt beside the truth masks or in their parent folder; else from the masks' values)",
     )
+    parser.add_argument("--ignore-index", type=int, help="truth value scored nowhere (default: the model's, else 255)")
     from competition.config import add_config_arguments, resolve_config
-    from competition.layouts import DATA_FLAGS, open_data_as
+    from competition.layouts import DATA_FLAGS, open_data_as, parse_classes
+    from competition.logs import add_logging_arguments, configure_from
 
     add_config_arguments(parser, tuple(name for name in DATA_FLAGS if name not in ("classes", "ignore_index")))
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
+    configure_from(args)
     if args.truth is None:
         try:
             data = open_data_as(resolve_config(args, DATA_FLAGS))
@@ -249,10 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         print(format_class_table(scores))
         return
     if Path(args.submission).is_dir() or Path(args.truth).is_dir():
-        classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+        given = {name: getattr(args, name) for name in TRUTH_DEFAULTS if name not in ("classes", "ignore_index")}
         try:
-            scores = score_mask_folders(Path(args.submission), Path(args.truth), classes, args.ignore_index)
-        except DataError as error:
+            classes = parse_classes(args.classes) if args.classes else None
+            scores = score_mask_folders(Path(args.submission), Path(args.truth), classes, args.ignore_index, **given)
+        except ProjectError as error:
             parser.exit(2, f"metrics: error: {error}\n")
         print(f"{scores['images']} masks")
         print(format_class_table(scores))

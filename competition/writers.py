@@ -118,8 +118,8 @@ class Output:
     rle_order: str = "row"
     overlays: bool = False
 
-    def writer(self) -> "RowsFile | MaskFolder":
-        return MaskFolder(self) if self.format == "png" else RowsFile(self)
+    def writer(self) -> "RowsFile | PngFolder":
+        return PngFolder(self) if self.format == "png" else RowsFile(self)
 
 
 class RowsFile:
@@ -204,7 +204,7 @@ class RowsSink:
             self.writer.handle.close()
 
 
-class MaskFolder:
+class PngFolder:
     """A folder of palette PNGs of class indices, one per image (same stem), each written whole under a temporary
     name, with ``overlays/<stem>.png`` when asked; every worker writes into the folder itself."""
 
