@@ -19,6 +19,7 @@ from PIL import Image
 import infer
 from competition.inference import Ensemble, find_checkpoints, load_member, write_predictions
 from competition.layouts import open_data
+from competition.metrics import score_mask_folders
 from competition.out_of_fold import out_of_fold
 from competition.synthetic import generate_parts
 from competition.writers import Output
@@ -53,8 +54,8 @@ def masks_of(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_path, capfd):
-    run = parts[2]
+def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_path, capfd, caplog):
+    data, _, run = parts
     common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--batch-size", "2", "--overlays"]
     infer.main([*common, "--out", str(tmp_path / "one")])
     infer.main([*common, "--out", str(tmp_path / "two"), "--devices", "cpu,cpu"])
@@ -63,6 +64,17 @@ def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_pat
     printed = capfd.readouterr().out
     assert "32 test images to predict (0 kept from an interrupted run) in 2 shard(s) on 2 x cpu" in printed
     assert "cpu shard 2/2: 16 test images on cpu" in printed and "32 palette PNG masks" in printed
+    # scored with no flags: the classes come from the record infer.py left beside the masks
+    caplog.set_level(logging.INFO, logger="competition")
+    scores = score_mask_folders(tmp_path / "two", data / "test_masks")
+    assert f"5 classes (background, body, glass, wheels, lights) from {tmp_path / 'two' / 'predicted-by.json'}" in (
+        caplog.text
+    )
+    truth = {path.stem: np.asarray(Image.open(path)) for path in (data / "test_masks").glob("*.png")}
+    predicted = {stem: np.asarray(Image.open(tmp_path / "two" / f"{stem}.png")) for stem in truth}
+    matrix = sum(numpy_confusion(predicted[stem], truth[stem], 5, 255) for stem in truth).astype(float)
+    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert scores["miou"] == pytest.approx(np.mean(np.diag(matrix)[union > 0] / union[union > 0]), abs=1e-6)
 
 
 @pytest.mark.slow
