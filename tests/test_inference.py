@@ -144,7 +144,7 @@ def test_out_of_device_memory_keeps_the_written_rows_for_resume(trained_run, dat
     assert "Tried to allocate 8.00 GiB. (a batch of 2 test images): lower --batch-size (now 2)" in error
     assert "allocator report" not in error and "lower --batch-size" in error.splitlines()[-1]  # after the bar
     assert not out.exists() and len((tmp_path / "submission.csv.partial").read_text().splitlines()) == 1 + 2 * 2
-    monkeypatch.setattr(Ensemble, "probabilities", real)
+    monkeypatch.undo()
     infer.main([*common, "--resume"])
     validate_submission(out, pd.read_csv(data_dir / "sample_submission.csv")["img"].tolist(), (HEIGHT, WIDTH))
 
@@ -491,14 +491,7 @@ def test_time_limit_stops_at_a_batch_boundary_and_resume_finishes_the_same_file(
     trained_run, data_dir, tmp_path, monkeypatch, caplog
 ):
     caplog.set_level(logging.INFO, logger="competition")
-    deadline = ManualDeadline(95.0, started=0.0)
-    real = Ensemble.probabilities
-
-    def thirty_seconds_a_batch(self, images, output_size):
-        deadline.now += 30.0
-        return real(self, images, output_size)
-
-    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    deadline = thirty_seconds_a_batch(monkeypatch)
     members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([trained_run])]
     out = tmp_path / "submission.csv"
     settings = {"workers": 0, "progress": False, "deadline": deadline}
@@ -514,7 +507,7 @@ def test_time_limit_stops_at_a_batch_boundary_and_resume_finishes_the_same_file(
         f"{out}: stopped by the time limit 1m35s at a batch boundary: 12 of the 32 test images are written and kept, "
         "no submission yet; run the same command with --resume to finish" in caplog.text
     )
-    monkeypatch.setattr(Ensemble, "probabilities", real)
+    monkeypatch.undo()
     common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--tta"]
     infer.main([*common, "--out", str(out), "--resume"])
     infer.main([*common, "--out", str(tmp_path / "uninterrupted.csv")])
@@ -543,20 +536,27 @@ def test_a_bad_time_limit_is_one_line(argv, message, tmp_path, capsys):
     assert message in one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))
 
 
-def run_stopped_after_three_batches(checkpoints, data_dir, out, monkeypatch) -> None:
-    """A submission with TTA stopped by a time limit after three batches of 4: 12 rows in ``<out>.partial``."""
+def thirty_seconds_a_batch(monkeypatch) -> ManualDeadline:
+    """A time limit of 95 s on a clock that moves 30 s with each batch the ensemble predicts: three batches fit.
+    ``monkeypatch.undo()`` predicts at full speed again."""
     deadline = ManualDeadline(95.0, started=0.0)
     real = Ensemble.probabilities
 
-    def thirty_seconds_a_batch(self, images, output_size):
+    def slow(self, images, output_size):
         deadline.now += 30.0
         return real(self, images, output_size)
 
-    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    monkeypatch.setattr(Ensemble, "probabilities", slow)
+    return deadline
+
+
+def run_stopped_after_three_batches(checkpoints, data_dir, out, monkeypatch) -> None:
+    """A submission with TTA stopped by a time limit after three batches of 4: 12 rows in ``<out>.partial``."""
+    deadline = thirty_seconds_a_batch(monkeypatch)
     members = [load_member(path, torch.device("cpu")) for path in find_checkpoints(checkpoints)]
     settings = {"workers": 0, "progress": False, "deadline": deadline}
     assert write_submission(Ensemble(members, ("hflip",)), CarvanaData(data_dir), out, **settings) is None
-    monkeypatch.setattr(Ensemble, "probabilities", real)
+    monkeypatch.undo()
 
 
 def best_checkpoints(trained_run: Path, folder: Path) -> Path:

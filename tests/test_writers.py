@@ -24,10 +24,9 @@ from competition.out_of_fold import out_of_fold
 from competition.synthetic import generate_parts
 from competition.writers import Output
 from make_folds import main as make_folds
-from tests.conftest import ManualDeadline
 from tests.test_cluster import ray_installed
 from tests.test_cluster import run as run_command
-from tests.test_inference import run_infer
+from tests.test_inference import run_infer, thirty_seconds_a_batch
 from tests.test_shards import session_processes
 from train import main as train
 
@@ -83,14 +82,7 @@ def test_per_class_rle_rows_stopped_by_the_clock_and_resumed_are_the_uninterrupt
 ):
     caplog.set_level(logging.INFO, logger="competition")
     data, _, run = parts
-    deadline = ManualDeadline(95.0, started=0.0)
-    real = Ensemble.probabilities
-
-    def thirty_seconds_a_batch(self, images, output_size):
-        deadline.now += 30.0
-        return real(self, images, output_size)
-
-    monkeypatch.setattr(Ensemble, "probabilities", thirty_seconds_a_batch)
+    deadline = thirty_seconds_a_batch(monkeypatch)
     members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([run])]
     out = tmp_path / "parts.csv"
     output = Output("rle-csv", str(out), 5, "column")
@@ -99,7 +91,7 @@ def test_per_class_rle_rows_stopped_by_the_clock_and_resumed_are_the_uninterrupt
     # batches of 4 at 0, 30 and 60 s; 12 images of 4 rows each kept
     assert not out.exists() and len((tmp_path / "parts.csv.partial").read_text().splitlines()) == 1 + 12 * 4
     assert f"{out}: stopped by the time limit 1m35s at a batch boundary: 12 of the 32 test images" in caplog.text
-    monkeypatch.setattr(Ensemble, "probabilities", real)
+    monkeypatch.undo()
     common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--format", "rle-csv", "--rle-order", "column"]
     with pytest.raises(SystemExit) as exit_info:
         infer.main([*common, "--out", str(out)])  # the rows kept are never dropped unasked
