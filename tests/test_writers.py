@@ -21,6 +21,7 @@ from competition.inference import Ensemble, find_checkpoints, load_member, write
 from competition.layouts import open_data
 from competition.metrics import score_mask_folders
 from competition.out_of_fold import out_of_fold
+from competition.rle import rle_decode
 from competition.synthetic import generate_parts
 from competition.writers import Output
 from make_folds import main as make_folds
@@ -213,3 +214,23 @@ def test_png_masks_as_ray_shards_are_the_files_of_one_device(parts, tmp_path):
     assert "32 test images to predict (0 kept from an interrupted run) in 3 shard(s) on 3 x cpu" in finished.stdout
     assert masks_of(tmp_path / "ray") == masks_of(tmp_path / "one") and len(masks_of(tmp_path / "one")) == 32
     assert not list(tmp_path.glob(".ray-attempts-*")), "the attempts record removed"
+
+
+@pytest.mark.slow
+def test_every_writer_stores_the_same_masks_of_a_carvana_model(trained_run, data_dir, tmp_path):
+    """The default RLE rows, per-class rows and PNG masks of one ensemble decode to the same masks."""
+    common = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0"]
+    infer.main([*common, "--out", str(tmp_path / "submission.csv")])
+    infer.main([*common, "--format", "rle-csv", "--out", str(tmp_path / "classes.csv")])
+    infer.main([*common, "--format", "png", "--out", str(tmp_path / "masks")])
+    rows = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
+    per_class = pd.read_csv(tmp_path / "classes.csv", keep_default_na=False)
+    assert per_class["ImageId_ClassId"].tolist() == [f"{img[:-4]}_1" for img in sorted(rows["img"])]
+    by_class = dict(zip(per_class["ImageId_ClassId"], per_class["EncodedPixels"]))
+    for img, rle in zip(rows["img"], rows["rle_mask"]):
+        png = np.asarray(Image.open(tmp_path / "masks" / f"{img[:-4]}.png"))
+        np.testing.assert_array_equal(rle_decode(rle, png.shape), png)
+        assert by_class[f"{img[:-4]}_1"] == rle
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*common, "--format", "rle", "--overlays", "--out", str(tmp_path / "again.csv")])
+    assert exit_info.value.code == 2
