@@ -16,9 +16,9 @@ import torch
 import train
 from competition import training
 from competition.config import TrainConfig, add_config_arguments, config_from, resolve_config
-from competition.errors import ConfigError
+from competition.errors import ConfigError, ModelError
 from competition.losses import build_loss, soft_dice_loss
-from competition.models import ModelError, build_model
+from competition.models import build_model
 from competition.schedules import lr_factor
 from competition.training import NonFiniteLossError, accumulate_gradients, train_fold, train_folds
 from tests.conftest import HEIGHT, WIDTH, break_carvana_sample
