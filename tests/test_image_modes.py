@@ -23,11 +23,11 @@ from competition.data import (
     to_chw,
 )
 from competition.errors import CheckpointError, ModelError
+from competition.fold_data import train_transform
 from competition.inference import Ensemble, Member, PredictionImages, overlay
 from competition.losses import build_loss
 from competition.models import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, build_model
 from competition.synthetic import encode_jpeg
-from competition.training import train_transform
 from tests.conftest import HEIGHT, WIDTH
 
 PALETTE = [10, 20, 30, 200, 100, 50]  # colours 0 and 1
