@@ -1,4 +1,4 @@
-"""Folds in parallel: each fold's worker on a free device slot, its outcome, the driver's progress lines, fault injection."""
+"""Folds in parallel: workers on free device slots, each fold's outcome, the driver's progress lines, fault injection."""
 
 import contextlib
 import csv
@@ -31,7 +31,8 @@ FAULT_VARIABLE = "CARVANA_FAULT_EXIT_AFTER_EPOCHS"
 
 def _exit_if_fault_injected(fold: int, epochs_this_run: int, resumed: bool) -> None:
     """Fault injection for the tests of retries: with ``$CARVANA_FAULT_EXIT_AFTER_EPOCHS`` = N, a fold started
-    from scratch kills its own process after N epochs, hard, as a lost machine would; its resumed run goes on."""
+    from scratch kills its own process after N epochs, hard, as a lost machine would; its resumed run goes on.
+    ``run_fold_on`` hands it to the loop as ``epoch_ended``: it acts in the fold workers of every backend."""
     after = os.environ.get(FAULT_VARIABLE)
     if after and not resumed and epochs_this_run == int(after):
         logger.warning("fold %d: %s=%s: the process exits now, as if killed", fold, FAULT_VARIABLE, after)

@@ -1,4 +1,4 @@
-"""The training loop: a fold's model and optimiser, its epochs (steps, validation, checkpoints), stopping at the time limit."""
+"""The training loop: a fold's model and optimiser, its epochs (steps, validation, checkpoints) up to the time limit."""
 
 import logging
 import math
