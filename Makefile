@@ -55,10 +55,12 @@ parts: setup
 
 test: setup setup-cluster
 	$(BIN)/ruff check .
+	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/ruff check .
+	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup

@@ -10,8 +10,11 @@ from competition.cluster import add_cluster_arguments, check_cluster_arguments, 
 from competition.config import add_config_arguments, resolve_config
 from competition.environment import resolve_device
 from competition.errors import ConfigError
+from competition.fold_data import fold_numbers
+from competition.fold_runner import train_folds
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
-from competition.training import fold_numbers, inspect_run_dir, train_fold, train_folds
+from competition.run_folder import inspect_run_dir
+from competition.training import train_fold
 
 logger = logging.getLogger("competition.train")
 

@@ -32,13 +32,13 @@ from competition.clock import format_duration, parse_duration
 from competition.config import config_from
 from competition.data import CarvanaData, SegmentationDataset
 from competition.errors import ConfigError
+from competition.fold_data import train_transform
 from competition.inference import Ensemble, load_member
 from competition.logs import configure, exit_on_project_error
 from competition.models import build_model
 from competition.prediction import check_tta, setup_device
 from competition.prediction_stream import PredictionImages
 from competition.rle import rle_encode
-from competition.training import train_transform
 
 CARVANA_TRAIN_IMAGES = 5088
 CARVANA_TEST_IMAGES = 100_064

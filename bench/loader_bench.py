@@ -16,7 +16,7 @@ import torch
 
 from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, SegmentationDataset, decode_image, resize_image
-from competition.training import train_transform
+from competition.fold_data import train_transform
 
 
 def milliseconds(function, items, repeats: int) -> float:

@@ -16,10 +16,11 @@ from bench.device import describe, speed_bench_parser, synchronize
 from competition.config import TrainConfig, parse_size
 from competition.data import CarvanaData, SegmentationDataset
 from competition.environment import resolve_device
+from competition.fold_data import train_transform
 from competition.losses import build_loss
 from competition.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from competition.prediction import model_input, prepare_model, resolve_precision, tune_for
-from competition.training import accumulate_gradients, optimizer_step, train_transform
+from competition.training import accumulate_gradients, optimizer_step
 
 
 def timed(step, batches, warmup: int, device: torch.device) -> float:

@@ -1,14 +1,13 @@
 """Checkpoints: saved atomically, loaded without running code (``weights_only``), checked, and resumed from."""
 
 import hashlib
-import pickle
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from competition.config import TrainConfig, config_from
-from competition.errors import CheckpointError, ConfigError
+from competition.errors import CheckpointError, ConfigError, refusal
 from competition.files import atomic_output
 
 # Bumped when what a checkpoint means changes; files without the key are format 1.
@@ -54,20 +53,6 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
     """Write ``payload`` under a temporary name and rename it: a kill never leaves half a checkpoint."""
     with atomic_output(path) as partial:
         torch.save({"format": FORMAT_VERSION, **payload}, partial)
-
-
-def refusal(path: Path, error: Exception, what: str = "checkpoint") -> str:
-    """One line for a file ``torch.load(weights_only=True)`` refused, instead of PyTorch's paragraphs."""
-    text = str(error)
-    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
-        return (
-            f"{path}: not a weights file of this project: it holds pickled Python objects, refused unread "
-            "(nothing in it was run)"
-        )
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if isinstance(error, pickle.UnpicklingError):
-        first_line = "not a PyTorch file of tensors"
-    return f"{path}: not a readable {what} ({first_line}); it is corrupt or incomplete"
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -9,6 +9,8 @@ import logging
 import torch
 from torch import nn
 
+from competition.errors import ModelError
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,8 +29,6 @@ def _conv_block(in_channels: int, out_channels: int, convolutions: int = 2) -> n
 def _own_encoder(arch: str, encoder_name: str, encoder_weights) -> None:
     """Say once that the encoder flags do not apply; a weights file cannot fit an encoder of our own making."""
     if encoder_weights not in (None, "none", "imagenet", True):
-        from competition.models import ModelError  # imported here: models imports this module
-
         raise ModelError(f"--arch {arch} has an encoder of its own: --encoder-weights {encoder_weights} cannot fit it")
     if encoder_weights in ("imagenet", True):
         logger.info("%s has no pretrained encoder: it trains from scratch (--encoder %s not used)", arch, encoder_name)

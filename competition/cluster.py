@@ -20,9 +20,10 @@ from competition import logs
 from competition.config import config_from
 from competition.errors import ConfigError, ProjectError
 from competition.files import exclusive_lock
+from competition.fold_data import open_training_data
+from competition.fold_runner import FoldOutcome, fold_progress, run_fold_on
+from competition.run_folder import LOCK_NAME as RUN_LOCK_NAME
 from competition.shards import predict_shard
-from competition.training import LOCK_NAME as RUN_LOCK_NAME
-from competition.training import FoldOutcome, fold_progress, open_training_data, run_fold_on
 
 logger = logging.getLogger(__name__)
 

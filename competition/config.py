@@ -135,7 +135,7 @@ class TrainConfig:
 
     def class_names(self) -> list[str]:
         """The class names, background first; empty for Carvana, and until set up (``classes`` given, or
-        resolved from the data by training.open_training_data)."""
+        resolved from the data by fold_data.open_training_data)."""
         return [name.strip() for name in self.classes.split(",") if name.strip()]
 
     def num_classes(self) -> int:

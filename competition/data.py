@@ -475,3 +475,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = to_chw(image)
         mask = torch.from_numpy(np.ascontiguousarray(mask))
         return image, mask.unsqueeze(0).float() if self.binary else mask.long()
+
+
+def same_size_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` images of one size, in order within each size: full-resolution
+    masks of different sizes (Oxford-IIIT Pet, people's own photos) cannot be stacked into one batch."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(index)
+    return [
+        group[start : start + batch_size] for group in by_shape.values() for start in range(0, len(group), batch_size)
+    ]

@@ -1,8 +1,12 @@
 """The errors a user can fix: one small hierarchy, each message one line naming the file or flag and the fix.
 
 Entry points catch ``ProjectError`` alone and print its message; anything else is a bug and keeps its
-traceback.
+traceback. ``refusal`` is the one line for a weights file ``torch.load`` refused: checkpoints and encoder
+weights files both say it, without importing each other.
 """
+
+import pickle
+from pathlib import Path
 
 
 class ProjectError(Exception):
@@ -31,3 +35,21 @@ class TrainingError(ProjectError):
 
 class DeviceMemoryError(DeviceError):
     """The device ran out of memory; the message says which setting to lower."""
+
+
+class ModelError(ConfigError):
+    """A model that cannot be built as asked; the message says what to pass instead."""
+
+
+def refusal(path: Path, error: Exception, what: str = "checkpoint") -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused, instead of PyTorch's paragraphs."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
+        return (
+            f"{path}: not a weights file of this project: it holds pickled Python objects, refused unread "
+            "(nothing in it was run)"
+        )
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        first_line = "not a PyTorch file of tensors"
+    return f"{path}: not a readable {what} ({first_line}); it is corrupt or incomplete"

@@ -17,9 +17,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from competition.checkpoints import checkpoint_config, load_checkpoint
+from competition.config import add_config_arguments, resolve_config
 from competition.data import read_csv_file
 from competition.errors import DataError, ProjectError
+from competition.layouts import (
+    DATA_FLAGS,
+    MASK_EXTENSIONS,
+    MaskFolder,
+    files_by_stem,
+    open_data_as,
+    parse_classes,
+    read_index_mask,
+)
+from competition.logs import add_logging_arguments, configure_from
 from competition.rle import RLEError, rle_runs
+from competition.splits import resolve
+from competition.submission import RECORD_NAME
 
 logger = logging.getLogger("competition.metrics")
 
@@ -155,7 +169,6 @@ def score_submission(submission: pd.DataFrame, truth: pd.DataFrame, n_pixels: in
 
 def read_mask_png(path: Path) -> np.ndarray:
     """A mask PNG's class indices, read as stored (palette or greyscale), never through RGB."""
-    from competition.layouts import read_index_mask  # imported here: layouts imports data, which this module needs
 
     return read_index_mask(path.read_bytes(), str(path))
 
@@ -176,9 +189,6 @@ PET_STORED = {"ignore": "2,1", "class": "2,1,3"}  # Oxford-IIIT Pet trimaps: 2 b
 def recorded_settings(predicted_dir: Path) -> tuple[dict, str]:
     """The truth settings of the model that wrote ``predicted_dir`` and the file they were read from: the
     ``config`` of its predicted-by.json, else its first checkpoint's; ({}, "") when neither is there."""
-    from competition.checkpoints import checkpoint_config, load_checkpoint
-    from competition.splits import resolve
-    from competition.writers import RECORD_NAME
 
     path = predicted_dir / RECORD_NAME
     if not path.is_file():
@@ -221,7 +231,6 @@ def score_mask_folders(
     against the predicted class indices of the same stem. How the truth is stored: ``classes``,
     ``ignore_index`` and ``given`` (TRUTH_DEFAULTS' other names) where not None, else the record beside the
     predictions (recorded_settings), else the defaults."""
-    from competition.layouts import MASK_EXTENSIONS, MaskFolder, files_by_stem
 
     predicted_dir, truth_dir = Path(predicted_dir), Path(truth_dir)
     recorded, record_path = recorded_settings(predicted_dir)
@@ -297,9 +306,6 @@ def main(argv: list[str] | None = None) -> None:
         "table or classes.txt beside the truth masks or in their parent folder; else from the masks' values)",
     )
     parser.add_argument("--ignore-index", type=int, help="truth value scored nowhere (default: the model's, else 255)")
-    from competition.config import add_config_arguments, resolve_config
-    from competition.layouts import DATA_FLAGS, open_data_as, parse_classes
-    from competition.logs import add_logging_arguments, configure_from
 
     add_config_arguments(parser, tuple(name for name in DATA_FLAGS if name not in ("classes", "ignore_index")))
     add_logging_arguments(parser)

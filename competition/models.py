@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from competition.classic_models import OriginalUnet, SegNet
-from competition.errors import ConfigError
+from competition.errors import ModelError, refusal
 
 ARCHITECTURES = {
     "Unet": smp.Unet,
@@ -32,10 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MEAN = (sum(IMAGENET_MEAN) / 3,)
 GREY_STD = (sum(IMAGENET_STD) / 3,)
 STRIDE = 32
-
-
-class ModelError(ConfigError):
-    """A model that cannot be built as asked; the message says what to pass instead."""
 
 
 class SegmentationModel(nn.Module):
@@ -122,8 +118,6 @@ def _load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> Non
     except FileNotFoundError:
         raise ModelError(f"{path}: encoder weights file not found") from None
     except Exception as error:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "unreadable"
-        from competition.checkpoints import refusal  # imported here: checkpoints imports this module
-
         raise ModelError(
             f"{refusal(path, error, 'weights file')}; pass a state dict saved with torch.save or a .safetensors file"
         ) from None

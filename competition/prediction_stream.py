@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
-from competition.data import resize_image, to_chw
+from competition.data import resize_image, same_size_batches, to_chw
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.workers import loader_start_method
@@ -71,17 +71,6 @@ def _collate(samples: list[dict]) -> dict:
         if "error" in sample:
             return sample
     return torch.utils.data.default_collate(samples)
-
-
-def same_size_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
-    """Indices in batches of at most ``batch_size`` images of one size, in order within each size: full-resolution
-    masks of different sizes (Oxford-IIIT Pet, people's own photos) cannot be stacked into one batch."""
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for index, shape in enumerate(shapes):
-        by_shape.setdefault(tuple(shape), []).append(index)
-    return [
-        group[start : start + batch_size] for group in by_shape.values() for start in range(0, len(group), batch_size)
-    ]
 
 
 def expected_shape(ensemble, data) -> tuple[int, int] | None:

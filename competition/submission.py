@@ -30,6 +30,7 @@ from competition.rle import RLEError, rle_encode, rle_runs
 logger = logging.getLogger(__name__)
 
 HEADER = "img,rle_mask\n"
+RECORD_NAME = "predicted-by.json"  # beside a folder's predictions: what predicted them (``predicted_by``)
 SAMPLE = "sample_submission.csv"
 
 

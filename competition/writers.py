@@ -17,6 +17,7 @@ from competition.data import as_rgb
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output, partial_path
 from competition.submission import (
+    RECORD_NAME,
     ClassRows,
     ImageRows,
     SubmissionWriter,
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("png", "rle-csv", "rle")  # rle: one img,rle_mask row per image (Carvana's; binary models)
 RLE_ORDERS = ("row", "column")  # flatten row-major (Carvana, most competitions) or column-major (e.g. TGS, SIIM)
-RECORD_NAME = "predicted-by.json"
 # The first colours of the mask palette: background black, then distinct hues; more classes repeat them darker.
 BASE_COLOURS = (
     (0, 0, 0),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from competition.classic_models import SegNet
-from competition.models import OWN_ENCODER, ModelError, build_model
+from competition.errors import ModelError
+from competition.models import OWN_ENCODER, build_model
 from competition.sampling import SAMPLERS, class_balanced_weights
 from competition.schedules import step_factor
 

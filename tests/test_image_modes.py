@@ -22,13 +22,13 @@ from competition.data import (
     resize_image,
     to_chw,
 )
-from competition.errors import CheckpointError
+from competition.errors import CheckpointError, ModelError
+from competition.fold_data import train_transform
 from competition.inference import Ensemble, Member
 from competition.losses import build_loss
-from competition.models import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, ModelError, build_model
+from competition.models import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, build_model
 from competition.prediction_stream import PredictionImages
 from competition.synthetic import encode_jpeg
-from competition.training import train_transform
 from competition.writers import overlay
 from tests.conftest import HEIGHT, WIDTH
 

@@ -185,7 +185,7 @@ def test_mask_outputs_are_not_overwritten_unasked_and_resume(tmp_path, capsys):
 
 def test_monitor_picks_the_score_of_best_pt():
     from competition.config import MONITORS, TrainConfig
-    from competition.training import MONITOR_COLUMNS, monitored
+    from competition.run_folder import MONITOR_COLUMNS, monitored
 
     assert monitored(TrainConfig()) == ("val_dice", "val Dice")  # Carvana: binary
     assert monitored(TrainConfig(classes="background,pet")) == ("val_dice", "val Dice")

@@ -180,7 +180,7 @@ def test_threads_are_the_cores_up_to_a_cap(monkeypatch):
 
 
 def test_a_fold_set_up_on_another_layout_reads_each_mask_once(tmp_path, monkeypatch):
-    from competition.training import _set_up_fold, open_training_data
+    from competition.fold_data import open_training_data, set_up_fold
     from make_folds import main as make_folds
     from tests.conftest import small_config
 
@@ -190,6 +190,6 @@ def test_a_fold_set_up_on_another_layout_reads_each_mask_once(tmp_path, monkeypa
     config = replace(small_config(root, folds, tmp_path / "run", class_weights="inverse"), batch_size=2)
     config, data = open_training_data(config)
     reads = counting_reads(data, monkeypatch)
-    fold = _set_up_fold(config, data, torch.device("cpu"), "fp32", progress=False)
+    fold = set_up_fold(config, data, torch.device("cpu"), progress=False)
     assert reads == {image_id: 1 for image_id in data.train_ids()}  # checked, counted and weighed from one read
     assert len(fold.config.class_weight_values.split(",")) == data.num_classes

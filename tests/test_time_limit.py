@@ -14,7 +14,8 @@ import torch
 import train
 from competition import training
 from competition.config import resolve_config
-from competition.training import FoldResult, known_epoch_seconds, train_fold, train_fold_within
+from competition.epoch_budget import known_epoch_seconds
+from competition.training import FoldResult, train_fold, train_fold_within
 from tests.conftest import ManualDeadline
 from tests.test_training import cli_flags, run_train
 

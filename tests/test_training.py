@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import train
-from competition import training
+from competition import fold_runner, run_folder, training
 from competition.config import TrainConfig, add_config_arguments, config_from, resolve_config
-from competition.errors import ConfigError
+from competition.errors import CheckpointError, ConfigError, ModelError
+from competition.fold_runner import train_folds
 from competition.losses import build_loss, soft_dice_loss
-from competition.models import ModelError, build_model
+from competition.models import build_model
 from competition.schedules import lr_factor
-from competition.training import NonFiniteLossError, accumulate_gradients, train_fold, train_folds
+from competition.training import NonFiniteLossError, accumulate_gradients, train_fold
 from tests.conftest import HEIGHT, WIDTH, break_carvana_sample
 
 
@@ -380,9 +381,9 @@ def test_fold_progress_reads_new_epochs_and_skips_rows_that_are_not_whole(tiny_c
     run_dir = tiny_config.run_dir()
     run_dir.mkdir(parents=True)
     (run_dir / "train.log").write_text("12:00:00 fold 0 on cuda:3 (worker process 7)\n")
-    header = ",".join(training.LOG_COLUMNS)
+    header = ",".join(run_folder.LOG_COLUMNS)
     (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n")  # an earlier run's row
-    progress = training._FoldProgress(tiny_config, [0, 1])  # fold 1 has no folder yet
+    progress = fold_runner._FoldProgress(tiny_config, [0, 1])  # fold 1 has no folder yet
     (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n1,0.001,0.4,0.3,0.95\n")
     progress._look()  # a row that is not whole (never written so: log.csv is renamed into place) is passed over
     whole = "1,0.001,0.4,0.3,0.97,0.9,41.3,3.0,0"
@@ -516,11 +517,11 @@ def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
 
     tiny_config.run_dir().mkdir(parents=True)
     torch.save({"format": 99, "model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")
-    with pytest.raises(training.CheckpointError, match="format 99, and this code reads formats 1, 2"):
+    with pytest.raises(CheckpointError, match="format 99, and this code reads formats 1, 2"):
         load_checkpoint(tiny_config.run_dir() / "last.pt")
     torch.save({"model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")  # format 1: no key
-    with pytest.raises(training.CheckpointError, match="earlier version of this code .*--overwrite"):
-        training.inspect_run_dir(tiny_config, resume=True, overwrite=False)
+    with pytest.raises(CheckpointError, match="earlier version of this code .*--overwrite"):
+        run_folder.inspect_run_dir(tiny_config, resume=True, overwrite=False)
 
 
 @pytest.mark.parametrize("broken", ["jpeg", "gif", "rle"])
@@ -583,9 +584,9 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tiny_config):
     from competition.files import exclusive_lock
 
     tiny_config.run_dir().mkdir(parents=True)
-    with exclusive_lock(tiny_config.run_dir() / training.LOCK_NAME) as locked:
+    with exclusive_lock(tiny_config.run_dir() / run_folder.LOCK_NAME) as locked:
         assert locked
-        with pytest.raises(training.CheckpointError, match=r"being trained by another process \(pid \d+\)"):
+        with pytest.raises(CheckpointError, match=r"being trained by another process \(pid \d+\)"):
             train_fold(tiny_config, "cpu", progress=False)
     assert not (tiny_config.run_dir() / "last.pt").exists()
 
@@ -711,7 +712,7 @@ def test_resume_with_another_split_is_refused(tiny_config, tmp_path):
     assert set(other.loc[other["fold"] == 0, "img"]) != set(folds.loc[folds["fold"] == 0, "img"])
     before = folder_bytes(tiny_config.run_dir())
     tiny_config.folds_csv = str(tmp_path / "other.csv")
-    with pytest.raises(training.CheckpointError, match="holds other validation images"):
+    with pytest.raises(CheckpointError, match="holds other validation images"):
         train_fold(tiny_config, "cpu", resume=True, progress=False)
     after = folder_bytes(tiny_config.run_dir())
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
