@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from competition.carvana import assign_folds
 from competition.data import DataError
 from competition.errors import ConfigError
-from competition.folds import assign_folds, read_folds
+from competition.folds import read_folds
 
 
 def image_ids(n_cars: int, views: int = 16) -> list[str]:
@@ -71,7 +72,7 @@ def test_make_folds_stratified_by_make(data_dir, tmp_path):
     byte-identically on a rerun."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from competition.data import CarvanaData, car_id_of
+    from competition.carvana import CarvanaData, car_id_of
 
     flags = ("--data-dir", str(data_dir), "--n-folds", "2", "--stratify", "make", "--seed", "42")
     outputs = []

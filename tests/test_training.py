@@ -701,7 +701,8 @@ def test_a_checkpoint_names_its_weights_file_without_needing_it(tiny_config, cap
 
 @pytest.mark.slow
 def test_resume_with_another_split_is_refused(tiny_config, tmp_path):
-    from competition.folds import assign_folds, read_folds
+    from competition.carvana import assign_folds
+    from competition.folds import read_folds
 
     tiny_config.epochs = 1
     train_fold(tiny_config, "cpu", progress=False)
