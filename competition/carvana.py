@@ -11,7 +11,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from competition.data import _image_shape, decode_image_and_shape, decode_mask, image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
-from competition.layout_registry import LAYOUTS
 from competition.mask_values import value_histogram
 from competition.rle import RLEError, rle_decode, rle_runs
 
@@ -129,7 +128,9 @@ def _open_files(root: Path, name: str, suffix: str) -> "_Folder | _Zip | None":
 
 
 class CarvanaData:
-    """One Carvana-format data folder. Every folder may instead be the competition's ``<name>.zip``.
+    """One Carvana-format data folder. Every folder may instead be the competition's ``<name>.zip``. It has the
+    methods and facts of the other layouts' base (competition.segmentation_data.SegmentationData), so that training,
+    folds, inference and inspect_data take either; it shares none of their reading, so it does not subclass it.
 
     ``mask_source``: ``gif`` (train_masks/), ``csv`` (train_masks.csv) or ``auto`` (GIFs when present).
     ``in_channels`` (set after construction, e.g. from the config): images are read as RGB (3) or grey (1).
@@ -142,7 +143,7 @@ class CarvanaData:
     fixed_image_size = True  # every image 1918x1280: validation batches need no same-size grouping
     fixed_classes = True  # background and car: the run's settings are kept as given, no classes saved
     smooth_mask_resize = True  # 0/1 masks: an area-averaged resize thresholded at half keeps edges smooth
-    reads_folder_settings = False
+    reads_folder_settings = False  # --images, --masks, --colors, ... are refused
     class_description = "classes: background, car (Carvana)"
 
     @staticmethod
@@ -334,6 +335,3 @@ class CarvanaData:
                 f"{mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image, replace it"
             )
         return image, mask
-
-
-LAYOUTS["carvana"] = CarvanaData

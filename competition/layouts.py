@@ -493,8 +493,9 @@ def open_data(
     in_channels: int = 3,
     **folder_options,
 ):
-    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds). ``folder_options``
-    are FOLDER_SETTINGS, for the image/mask-folder layout."""
+    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
+    ``open``, given these settings by name, ``--split`` parsed (``split_parts``; ``by_id_lists`` when they are id
+    lists, else ``folder_split``) and ``folder_options``: FOLDER_SETTINGS, for the image/mask-folder layout."""
     root = Path(root)
     given = [name for name, value in folder_options.items() if value and value != "error"]
     split_parts = parse_split(split) if split else {}
