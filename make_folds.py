@@ -4,17 +4,13 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from competition.config import add_config_arguments, resolve_config
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
-from competition.folds import assign_folds, assign_group_folds, fold_summary, groups_of
+from competition.folds import fold_summary
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
-from competition.survey import survey
 
 logger = logging.getLogger("competition.make_folds")
 
@@ -43,56 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def carvana_folds(data, args):
-    """Carvana's car-grouped folds (``img,car_id,fold``), stratified by a metadata column when asked."""
-    if args.group_regex:
-        raise ConfigError("--group-regex is for other layouts; Carvana's folds are grouped by car")
-    strata = None
-    if args.stratify:
-        metadata = data.read_csv("metadata.csv", ["id", args.stratify])
-        strata = dict(zip(metadata["id"], metadata[args.stratify]))
-    folds = assign_folds(data.train_ids(), args.n_folds, args.seed, strata)
-    text = folds[["img", "car_id", "fold"]].to_csv(index=False)
-    if strata is not None:
-        folds[args.stratify] = [strata[car_id] for car_id in folds["car_id"]]
-    return folds, text
-
-
-def class_presence(data, image_ids: list[str], progress: bool) -> dict[str, np.ndarray]:
-    """image id -> which classes its mask holds (every mask read once, on threads)."""
-    counts = survey(data, image_ids, check=False, count=len(image_ids), progress=progress)
-    return {image_id: row > 0 for image_id, row in zip(image_ids, counts)}
-
-
-def group_folds(data, args):
-    """Folds of any other layout (``img,group,fold``): grouped by --group-regex, stratified by class."""
-    if args.stratify:
-        raise ConfigError("--stratify names a Carvana metadata column; other layouts stratify by class")
-    image_ids = data.train_ids()
-    if data.splits:
-        logger.info("the split has no val part: %d folds over its %d labelled images", args.n_folds, len(image_ids))
-    groups = groups_of(image_ids, args.group_regex)
-    presence = class_presence(data, image_ids, not args.quiet) if args.stratify_classes else None
-    folds = assign_group_folds(groups, args.n_folds, args.seed, presence)
-    if presence is not None:
-        for index, name in enumerate(data.classes):
-            folds[f"with {name}"] = [bool(presence[image_id][index]) for image_id in folds["img"]]
-    return folds, folds[["img", "group", "fold"]].to_csv(index=False)
-
-
-def split_folds(data, args):
-    """An official split with a val part: fold 0 holds exactly the val images, fold 1 everything else, so that
-    fold 0's scores compare with published tables (``img,group,fold,split``)."""
-    if args.group_regex:
-        raise ConfigError("--group-regex with --split: the official split decides which images validate")
-    image_ids = data.train_ids()
-    splits = [data.splits[image_id] for image_id in image_ids]
-    folds = pd.DataFrame(
-        {"img": image_ids, "group": image_ids, "fold": [0 if name == "val" else 1 for name in splits], "split": splits}
-    )
-    return folds, folds.to_csv(index=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_from(args)
@@ -103,12 +49,14 @@ def main(argv: list[str] | None = None) -> None:
             raise DataError(f"{config.data_dir}: no training images to split")
         if args.out.is_dir():
             raise ConfigError(f"--out {args.out} is a folder; name the folds file, e.g. {args.out / 'folds.csv'}")
-        if data.layout == "carvana":
-            folds, text = carvana_folds(data, args)
-        elif "val" in set(data.splits.values()):
-            folds, text = split_folds(data, args)
-        else:
-            folds, text = group_folds(data, args)
+        folds, text = data.folds(
+            args.n_folds,
+            args.seed,
+            group_regex=args.group_regex,
+            stratify=args.stratify,
+            stratify_classes=args.stratify_classes,
+            progress=not args.quiet,
+        )
         if args.out.exists() and args.out.read_text() != text and not args.overwrite:
             raise ConfigError(
                 f"{args.out} exists and holds other folds (runs trained on it would no longer match); "

@@ -16,10 +16,10 @@ import torch
 
 from bench.device import describe, speed_bench_parser, synchronize
 from bench.kaggle_plan import CARVANA_TEST_IMAGES
+from competition.carvana import CarvanaData
 from competition.checkpoints import save_checkpoint, summary
 from competition.clock import format_duration
 from competition.config import TrainConfig
-from competition.data import CarvanaData
 from competition.inference import Ensemble, load_member, write_submission
 from competition.models import build_model
 from competition.prediction import setup_device

@@ -27,10 +27,11 @@ import torch
 
 from bench.device import describe, synchronize
 from bench.train_bench import trainer_step_factory
+from competition.carvana import CarvanaData
 from competition.checkpoints import save_checkpoint, summary
 from competition.clock import format_duration, parse_duration
 from competition.config import config_from
-from competition.data import CarvanaData, SegmentationDataset
+from competition.data import SegmentationDataset
 from competition.errors import ConfigError
 from competition.fold_data import train_transform
 from competition.inference import Ensemble, load_member

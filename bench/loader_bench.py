@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 import torch
 
+from competition.carvana import CarvanaData
 from competition.config import TrainConfig, parse_size
-from competition.data import CarvanaData, SegmentationDataset, decode_image, resize_image
+from competition.data import SegmentationDataset, decode_image, resize_image
 from competition.fold_data import train_transform
 
 

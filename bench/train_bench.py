@@ -13,8 +13,9 @@ import segmentation_models_pytorch as smp
 import torch
 
 from bench.device import describe, speed_bench_parser, synchronize
+from competition.carvana import CarvanaData
 from competition.config import TrainConfig, parse_size
-from competition.data import CarvanaData, SegmentationDataset
+from competition.data import SegmentationDataset
 from competition.environment import resolve_device
 from competition.fold_data import train_transform
 from competition.losses import build_loss

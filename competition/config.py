@@ -12,7 +12,7 @@ import tomllib
 from competition.clock import parse_duration
 from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError
-from competition.layouts import LAYOUTS
+from competition.layouts import LAYOUT_CHOICES
 from competition.losses import CLASS_WEIGHTINGS, LOSSES
 from competition.mask_values import label_ignore_index
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
@@ -39,7 +39,7 @@ class TrainConfig:
         lambda: str(default_data_dir()),
         "data folder: Carvana (folders or the competition's zips), images/+masks/, VOC, labelme or Oxford-IIIT Pet",
     )
-    layout: str = setting("auto", "auto (recognised by what the data folder holds), " + ", ".join(LAYOUTS[1:]))
+    layout: str = setting("auto", "auto (recognised by what the data folder holds), " + ", ".join(LAYOUT_CHOICES[1:]))
     classes: str = setting(
         "", "class names a,b,c, background first; empty: classes.txt, labelme's labels.txt or the layout's rule"
     )
@@ -138,6 +138,10 @@ class TrainConfig:
         resolved from the data by fold_data.open_training_data)."""
         return [name.strip() for name in self.classes.split(",") if name.strip()]
 
+    def fixed_classes(self) -> bool:
+        """Whether the run's classes are its layout's own (Carvana's background and car): none were saved with it."""
+        return not self.class_names()
+
     def num_classes(self) -> int:
         """Classes, background included: Carvana's two (background, car) when none are named."""
         return len(self.class_names()) or 2
@@ -174,7 +178,7 @@ CHOICES = {
     "schedule": tuple(SCHEDULES),
     "precision": PRECISIONS,
     "mask_source": ("auto", "gif", "csv"),
-    "layout": LAYOUTS,
+    "layout": LAYOUT_CHOICES,
     "pet_border": PET_BORDERS,
     "unknown_colors": ("error", "ignore"),
     "unknown_values": ("error", "ignore"),

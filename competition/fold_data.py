@@ -71,7 +71,7 @@ def open_training_data(config: TrainConfig):
     infer.py, a resumed run and every fold agree on them, whatever the folder holds later. Carvana's settings
     stay as given (its classes are fixed)."""
     data = open_data_as(config)
-    if data.layout != "carvana":
+    if not data.fixed_classes:
         values = ",".join(str(value) for value in data.mask_values) if data.mask_values else config.mask_values
         config = replace(config, classes=",".join(data.classes), mask_values=values)
     return config, data
@@ -150,7 +150,7 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
     train_loader = torch.utils.data.DataLoader(
         train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options
     )
-    if data.layout == "carvana":  # every image 1918x1280
+    if data.fixed_image_size:  # every image one size (Carvana's 1918x1280): no same-size batches needed
         return train_loader, order, torch.utils.data.DataLoader(val_set, config.val_batch_size, **options)
     batches = same_size_batches([data.image_shape(image_id) for image_id in val_ids], config.val_batch_size)
     return train_loader, order, torch.utils.data.DataLoader(val_set, batch_sampler=batches, **options)
@@ -189,16 +189,14 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
 def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool) -> FoldData:
     seed_everything(config.seed)
     train_ids, val_ids = _fold_ids(config, data)
-    # Carvana's classes are fixed: its masks are counted only for the weights or the sampler, on the training images.
-    # Elsewhere a class no training mask holds is said before training, so every mask is counted.
+    # The layout says which masks are counted: with fixed classes (Carvana's) the training images' alone, and only
+    # for the weights or the sampler; elsewhere every mask, so that a class no training mask holds is said first.
     ids = train_ids + val_ids
-    if data.layout == "carvana":
-        count = len(train_ids) if config.class_weights != "none" or config.sampler != "random" else 0
-    else:
-        count = len(ids)
+    pixel_counts_needed = config.class_weights != "none" or config.sampler != "random"
+    count = data.masks_to_count(len(train_ids), len(ids), pixel_counts_needed)
     counts = survey(data, ids, check=config.check, count=count, progress=progress)
     pixel_counts = None if counts is None else counts[: len(train_ids)]
-    if data.layout != "carvana":
+    if not data.fixed_classes:
         val_counts = counts[len(train_ids) :].sum(0)
         report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)
     if config.class_weights != "none":

@@ -1,5 +1,6 @@
 """Grouped cross-validation folds: all 16 views of a car (or all frames of a room, all photos of a pet) in one fold."""
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -8,49 +9,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from competition.data import car_id_of, read_csv_file
+from competition.data import read_csv_file
 from competition.errors import ConfigError, DataError
+from competition.survey import survey
 
+logger = logging.getLogger("competition.make_folds")
 FOLD_COLUMNS = ["img", "car_id", "fold"]  # Carvana's folds file
 GROUP_FOLD_COLUMNS = ["img", "group", "fold"]  # any other layout's: img is the image id (the file's stem)
-
-
-def assign_folds(image_ids: list[str], n_folds: int, seed: int, strata: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per image (``img``, ``car_id``, ``fold``), sorted by ``img``.
-
-    Without ``strata`` the cars are shuffled with ``seed`` and dealt round-robin, so fold
-    sizes differ by at most one car. With ``strata`` (car_id -> label, e.g. the make)
-    scikit-learn's StratifiedGroupKFold balances the labels across folds instead.
-    The result depends on the set of ids only, never on their order.
-    """
-    image_ids = sorted(set(image_ids))
-    car_ids = sorted({car_id_of(image_id) for image_id in image_ids})
-    if n_folds < 2:
-        raise ConfigError(f"--n-folds must be at least 2, got {n_folds}")
-    if len(car_ids) < n_folds:
-        raise ConfigError(
-            f"{len(car_ids)} cars cannot fill {n_folds} folds; "
-            + (f"use --n-folds {len(car_ids)} or fewer" if len(car_ids) >= 2 else "folds need two cars at least")
-        )
-    if strata is None:
-        order = np.random.default_rng(seed).permutation(len(car_ids))
-        fold_of_car = {car_ids[index]: position % n_folds for position, index in enumerate(order)}
-    else:
-        missing = [car_id for car_id in car_ids if car_id not in strata]
-        if missing:
-            raise DataError(f"metadata.csv: {len(missing)} cars have no stratification label, e.g. {missing[:3]}")
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        labels = [strata[car_id] for car_id in car_ids]
-        fold_of_car = {}
-        for fold, (_, held_out) in enumerate(splitter.split(car_ids, labels, groups=car_ids)):
-            fold_of_car.update({car_ids[index]: fold for index in held_out})
-    return pd.DataFrame(
-        {
-            "img": [f"{image_id}.jpg" for image_id in image_ids],
-            "car_id": [car_id_of(image_id) for image_id in image_ids],
-            "fold": [fold_of_car[car_id_of(image_id)] for image_id in image_ids],
-        }
-    )
 
 
 def groups_of(image_ids: list[str], pattern: str | None) -> dict[str, str]:
@@ -127,6 +92,49 @@ def assign_group_folds(
             "fold": [fold_of_group[groups[image_id]] for image_id in image_ids],
         }
     )
+
+
+def labelled_folds(data, n_folds: int, seed: int, *, group_regex, stratify, stratify_classes, progress):
+    """(folds, the folds file's text) of any layout but Carvana's: by its official split when that has a val part,
+    else grouped by ``group_regex`` and stratified by class."""
+    if "val" in set(data.splits.values()):
+        return split_folds(data, group_regex)
+    return group_folds(data, n_folds, seed, group_regex, stratify, stratify_classes, progress)
+
+
+def class_presence(data, image_ids: list[str], progress: bool) -> dict[str, np.ndarray]:
+    """image id -> which classes its mask holds (every mask read once, on threads)."""
+    counts = survey(data, image_ids, check=False, count=len(image_ids), progress=progress)
+    return {image_id: row > 0 for image_id, row in zip(image_ids, counts)}
+
+
+def group_folds(data, n_folds: int, seed: int, group_regex, stratify, stratify_classes: bool, progress: bool):
+    """Folds (``img,group,fold``): grouped by --group-regex, stratified by class."""
+    if stratify:
+        raise ConfigError("--stratify names a Carvana metadata column; other layouts stratify by class")
+    image_ids = data.train_ids()
+    if data.splits:
+        logger.info("the split has no val part: %d folds over its %d labelled images", n_folds, len(image_ids))
+    groups = groups_of(image_ids, group_regex)
+    presence = class_presence(data, image_ids, progress) if stratify_classes else None
+    folds = assign_group_folds(groups, n_folds, seed, presence)
+    if presence is not None:
+        for index, name in enumerate(data.classes):
+            folds[f"with {name}"] = [bool(presence[image_id][index]) for image_id in folds["img"]]
+    return folds, folds[["img", "group", "fold"]].to_csv(index=False)
+
+
+def split_folds(data, group_regex):
+    """An official split with a val part: fold 0 holds exactly the val images, fold 1 everything else, so that
+    fold 0's scores compare with published tables (``img,group,fold,split``)."""
+    if group_regex:
+        raise ConfigError("--group-regex with --split: the official split decides which images validate")
+    image_ids = data.train_ids()
+    splits = [data.splits[image_id] for image_id in image_ids]
+    folds = pd.DataFrame(
+        {"img": image_ids, "group": image_ids, "fold": [0 if name == "val" else 1 for name in splits], "split": splits}
+    )
+    return folds, folds.to_csv(index=False)
 
 
 def fold_summary(folds: pd.DataFrame, strata_column: str | None = None) -> pd.DataFrame:

@@ -64,8 +64,8 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     (labelled, broken), (tests, broken_tests) = image_formats(data, train_ids), image_formats(data, test_ids, "test")
     lines += [f"  {count} labelled image(s) {size} {mode}" for (size, mode), count in labelled.most_common(5)]
     lines += [f"  {count} test image(s) {size} {mode}" for (size, mode), count in tests.most_common(3)]
-    if data.layout == "carvana":
-        return lines + ["classes: background, car (Carvana)"], broken + broken_tests
+    if data.fixed_classes:  # nothing to read from the masks: the layout names its classes
+        return lines + [data.class_description], broken + broken_tests
     table = getattr(data, "table", None)
     if table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")

@@ -1,35 +1,38 @@
-"""Data layouts beyond Carvana: image/mask folders (VOC's names too), labelme JSON and Oxford-IIIT Pet trimaps."""
+"""The layouts' registry lines and open_data; the image/mask-folder layout (VOC's names too) and Oxford-IIIT Pet trimaps."""
 
-import base64
-import io
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
 
-from competition.data import CarvanaData, _decoding, _image_shape, decode_image_and_shape, image_to_array
+from competition.carvana import CarvanaData
+from competition.colors import MaskCache, read_color_table
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
+from competition.labelme import LabelmeData
+from competition.layout_registry import LAYOUT_HELP, LAYOUTS, detect_layout, layout_choices
 from competition.mask_values import (
     binary_values,
     describe_binary,
     label_ignore_index,
     parse_mask_values,
     skipping_ignore,
-    value_histogram,
     value_lookup,
 )
-from competition.splits import is_id_list, parse_split, read_id_list, resolve, split_folders
+from competition.segmentation_data import (
+    IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
+    SegmentationData,
+    classes_from,
+    files_by_stem,
+    parse_classes,
+    read_index_mask,
+)
+from competition.splits import is_id_list, parse_split, resolve, split_folders
 from competition.survey import stored_value_histogram
 
 logger = logging.getLogger(__name__)
 
-EXIF_ORIENTATION = 0x0112  # the EXIF tag of a photo's orientation
-LAYOUTS = ("auto", "carvana", "folders", "labelme", "pet")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")
 LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg")  # found so that they can be refused with the reason, or snapped
 # Colour tables looked for in the data folder when --colors names none: Kaggle CamVid's, CamVid's, generic names.
 COLOR_TABLE_NAMES = ("class_dict.csv", "label_colors.txt", "colors.csv", "colors.txt")
@@ -41,200 +44,6 @@ FOLDER_PAIRS = (
 )
 # Oxford-IIIT Pet trimap values: 1 pet, 2 background, 3 border (the undecided pixels around the pet).
 PET_TRIMAP = {"pet": 1, "background": 2, "border": 3}
-LAYOUT_HELP = (
-    "Expected one of: Carvana (train/ + train_masks/ or their zips); image/mask folders (images/ + masks/, or "
-    "VOC's JPEGImages/ + SegmentationClass/ or SegmentationClassPNG/, masks named as their images); labelme JSON "
-    "files beside their images; Oxford-IIIT Pet (images/ + annotations/trimaps/). Force one with --layout"
-)
-
-
-def files_by_stem(folder: Path, extensions: tuple[str, ...], recursive: bool = False) -> dict[str, Path]:
-    """stem -> file of the given extensions in ``folder`` (and its subfolders when ``recursive``: Cityscapes keeps
-    one folder per city), macOS ``._`` shadow files left out; a stem given twice (``a.jpg`` and ``a.png``, or
-    the same name in two subfolders) is refused, since it would be unclear which one is meant."""
-    found: dict[str, Path] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        if path.suffix.lower() not in extensions or path.name.startswith("._") or not path.is_file():
-            continue
-        if path.stem in found:
-            first, second = (found[path.stem].relative_to(folder), path.relative_to(folder))
-            raise DataError(f"{folder}: {first} and {second} share a name; keep one of them")
-        found[path.stem] = path
-    return found
-
-
-def read_class_names(path: Path) -> list[str]:
-    """Class names from ``classes.txt`` (one a line, background first) or labelme's ``labels.txt``
-    (``__ignore__`` left out: it names the ignore index; ``_background_`` is the background)."""
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return [name for name in names if name != "__ignore__"]
-
-
-def parse_classes(text: str) -> list[str]:
-    """``--classes background,cat,dog`` -> its names, checked: at least two, none twice."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if len(names) < 2:
-        raise DataError(f"--classes {text!r}: name at least two classes, background first, e.g. background,cat")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise DataError(f"--classes {text!r}: {repeated} given more than once")
-    return names
-
-
-def read_index_mask(data: bytes, source: str, lossy: bool = False) -> np.ndarray:
-    """A mask file -> its class indices (H, W) uint8, read as stored: palette ('P') indices or greyscale values,
-    never through an RGB conversion (which would turn indices into colours). ``lossy`` (a JPEG mask to be
-    snapped) takes a colour JPEG's grey levels, since JPEG encoders often store grey masks as colour."""
-    with _decoding(source, "mask"), Image.open(io.BytesIO(data)) as image:
-        mode = image.mode
-        if lossy and mode in ("RGB", "CMYK", "YCbCr"):
-            image, mode = image.convert("L"), "L"
-        if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
-            raise DataError(
-                f"{source}: the mask is {mode}; masks must hold class indices (a palette or greyscale PNG), or "
-                "colours listed in a colour table: pass --colors with a name,r,g,b CSV"
-            )
-        values = np.asarray(image)
-    if values.dtype == bool:
-        return values.astype(np.uint8)
-    if values.max(initial=0) > 255:
-        raise DataError(f"{source}: mask values up to {values.max()}; class indices must be 0..255")
-    return values.astype(np.uint8)
-
-
-class SegmentationData:
-    """A data folder of images and class-index masks, read through one layout's ``_mask`` rule.
-
-    The methods match ``CarvanaData``'s, so training and inference take either. Image ids are file stems.
-    """
-
-    layout = "folders"
-    # Set by layouts whose stored mask values are not the class indices (see mask_values.value_lookup).
-    mask_values: list[int] | None = None
-    value_lookup: np.ndarray | None = None
-    known_values: np.ndarray | None = None
-    in_channels = 3  # the image channels models take; open_data sets the run's
-    fixed_image_size = False  # images of any size: each predicted at its own
-    submission_format = "png"  # a palette PNG of class indices per test image
-
-    def __init__(
-        self,
-        root: Path,
-        images: dict[str, Path],
-        classes: list[str],
-        ignore_index: int,
-        test: dict,
-        stored_ignore_index: int | None = None,
-    ):
-        self.root = root
-        self.images = images
-        self.test_images = test
-        self.classes = classes
-        self.ignore_index = ignore_index  # as read: what losses and metrics skip
-        self.stored_ignore_index = ignore_index if stored_ignore_index is None else stored_ignore_index
-        self.splits: dict[str, str] = {}  # image id -> its official split (--split), when one is given
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def train_ids(self) -> list[str]:
-        return sorted(self.images)
-
-    def test_ids(self) -> list[str]:
-        return sorted(self.test_images)
-
-    def _image_file(self, image_id: str, split: str) -> Path:
-        files = self.images if split == "train" else self.test_images
-        if image_id not in files:
-            raise DataError(f"{self.root}: no {split} image {image_id}")
-        return files[image_id]
-
-    def image_path(self, image_id: str, split: str = "train") -> str:
-        return str(self._image_file(image_id, split))
-
-    def read_image(self, image_id: str, split: str = "train", reduce_to=None) -> np.ndarray:
-        return self.read_image_and_shape(image_id, split, reduce_to)[0]
-
-    def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to=None):
-        path = self._image_file(image_id, split)
-        return decode_image_and_shape(path.read_bytes(), str(path), reduce_to, self.in_channels)
-
-    def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        path = self._image_file(image_id, split)
-        return _image_shape(path.read_bytes(), str(path))
-
-    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
-        """(the mask's class indices before checking, the file they came from)."""
-        raise NotImplementedError
-
-    def mask_source(self, image_id: str) -> str:
-        raise NotImplementedError
-
-    def read_mask(self, image_id: str, shape: tuple[int, int] | None = None, split: str = "train") -> np.ndarray:
-        """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops.
-        ``split`` "test": a test image's mask (a test split's), for scoring predictions."""
-        mask, source = self._mask(image_id, split)
-        if self.value_lookup is None:
-            self._check_values(mask, source)
-            return mask
-        unknown = np.flatnonzero(value_histogram(mask) * ~self.known_values)
-        if unknown.size:
-            stored = ", ".join(f"{value} {name}" for value, name in zip(self.mask_values, self.classes))
-            raise DataError(
-                f"{source}: mask value(s) {unknown[:5].tolist()} are neither a class's value ({stored}) nor the "
-                f"ignore index {self.stored_ignore_index}; fix the mask, give each class's value with --mask-values, "
-                "or pass --unknown-values ignore to make such pixels the ignore index"
-            )
-        return self.value_lookup[mask]
-
-    def _check_values(self, mask: np.ndarray, source: str) -> None:
-        counts = value_histogram(mask)
-        counts[self.ignore_index] = 0
-        bad = np.flatnonzero(counts[self.num_classes :]) + self.num_classes
-        if bad.size:
-            raise DataError(
-                f"{source}: mask value(s) {bad[:5].tolist()} are neither a class (0..{self.num_classes - 1}: "
-                f"{', '.join(self.classes)}) nor the ignore index {self.ignore_index}; name the classes in "
-                "classes.txt or --classes, fix the mask, or pass --unknown-values ignore to make such pixels ignored"
-            )
-
-    def test_mask_ids(self) -> list[str]:
-        """The test images that have a mask (a test split with its masks): what infer.py's masks are scored on."""
-        return [image_id for image_id in self.test_ids() if self.mask_source_exists(image_id)]
-
-    def mask_source_exists(self, image_id: str) -> bool:
-        return False
-
-    def check_masks(self, image_ids: list[str]) -> None:
-        missing = [image_id for image_id in image_ids if image_id not in self.images]
-        if missing:
-            raise DataError(f"{self.root}: {len(missing)} image(s) without a mask, e.g. {missing[:3]}")
-
-    def check_sample(self, image_id: str) -> None:
-        self.read_sample(image_id)
-
-    def read_sample(self, image_id: str, reduce_to=None) -> tuple[np.ndarray, np.ndarray]:
-        """(image, mask) of one training image, checked to be the same size before any reduction."""
-        image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
-        mask = self.read_mask(image_id)
-        if mask.shape != full_shape:
-            raise DataError(
-                f"{self.image_path(image_id)}: image is {full_shape[1]}x{full_shape[0]} but its mask "
-                f"{self.mask_source(image_id)} is {mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image"
-            )
-        return image, mask
-
-    def class_pixel_counts(self, image_id: str) -> np.ndarray:
-        """Pixels of each class in the image's mask (int64, one per class), the ignore index left out."""
-        return value_histogram(self.read_mask(image_id))[: self.num_classes]
-
-    def checked_mask_histogram(self, image_id: str) -> np.ndarray:
-        """Pixels of each of the 256 mask values (int64), from one read of the sample as training reads it."""
-        _, mask = self.read_sample(image_id)
-        return value_histogram(mask)
 
 
 class FolderData(SegmentationData):
@@ -244,6 +53,22 @@ class FolderData(SegmentationData):
     recognised), or colours of a colour table."""
 
     layout = "folders"
+    reads_folder_settings = True
+
+    @staticmethod
+    def detect(root: Path) -> bool:
+        return any((root / a).is_dir() and (root / b).is_dir() for a, b in FOLDER_PAIRS)
+
+    @classmethod
+    def read(cls, root: Path, test_folder: Path | None, options: dict) -> "FolderData":
+        return cls(
+            root,
+            options["classes"],
+            options["ignore_index"],
+            test_folder,
+            split_folders_by_name=options["folder_split"],
+            **options["folder_options"],
+        )
 
     def __init__(
         self,
@@ -285,7 +110,7 @@ class FolderData(SegmentationData):
                 )
             names = self.open_color_table(table_path, classes)
         else:
-            names = self.resolve_values(found, _classes_from(root, classes, ("classes.txt",)), mask_values)
+            names = self.resolve_values(found, classes_from(root, classes, ("classes.txt",)), mask_values)
         super().__init__(root, found, names, label_ignore_index(ignore_index, len(names)), test, ignore_index)
         self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
 
@@ -318,7 +143,6 @@ class FolderData(SegmentationData):
 
     def open_color_table(self, path: Path, classes: str) -> list[str]:
         """Masks painted in colours: the table's class names; masks decoded once into a cache in the work dir."""
-        from competition.colors import MaskCache, read_color_table
 
         self.table = read_color_table(path)  # first for its classes, then with the ignore index they leave
         label_ignore = label_ignore_index(self.ignore_index, len(self.table.names))
@@ -565,6 +389,14 @@ class PetData(SegmentationData):
 
     layout = "pet"
 
+    @staticmethod
+    def detect(root: Path) -> bool:
+        return (root / "annotations" / "trimaps").is_dir()
+
+    @classmethod
+    def read(cls, root: Path, test_folder: Path | None, options: dict) -> "PetData":
+        return cls(root, options["classes"], options["ignore_index"], options["pet_border"], test_folder)
+
     def __init__(self, root: Path, classes: str, ignore_index: int, pet_border: str, test_images: Path | None):
         images = files_by_stem(root / "images", IMAGE_EXTENSIONS)
         self.trimaps = files_by_stem(root / "annotations" / "trimaps", (".png",))
@@ -601,157 +433,12 @@ class PetData(SegmentationData):
         return self.lookup[trimap], str(path)
 
 
-class LabelmeData(SegmentationData):
-    """labelme JSON files beside their images: each shape drawn in file order, later over earlier.
-
-    Rasterised here with Pillow rather than with labelme's own ``shapes_to_label``: the labelme package
-    installs PyQt5 and imports Qt at start-up, which a headless notebook or CI machine does not have."""
-
-    layout = "labelme"
-
-    def __init__(self, root: Path, classes: str, ignore_index: int, test_images: Path | None):
-        self.annotations = {path.stem: path for path in sorted(root.glob("*.json")) if not path.name.startswith("._")}
-        images = files_by_stem(root, IMAGE_EXTENSIONS)
-        unlabelled = sorted(set(images) - set(self.annotations))
-        if unlabelled:
-            logger.info("%s: %d image(s) without a labelme JSON are not training images", root, len(unlabelled))
-        images = {stem: path for stem, path in images.items() if stem in self.annotations}
-        missing = sorted(set(self.annotations) - set(images))
-        if missing:
-            logger.warning("%s: %d labelme JSON(s) without their image, e.g. %s", root, len(missing), missing[:3])
-        names = _classes_from(root, classes, ("labels.txt", "classes.txt"))
-        if not names:
-            labels = sorted({shape["label"] for stem in images for shape in self._shapes(stem)} - {"__ignore__"})
-            names = ["_background_"] + [label for label in labels if label != "_background_"]
-            logger.warning("%s: no labels.txt: classes from the JSON files' labels: %s", root, ", ".join(names))
-        super().__init__(
-            root, images, names, ignore_index, files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
-        )
-
-    def read_image_and_shape(self, image_id: str, split: str = "train", reduce_to=None):
-        """The image turned by its EXIF orientation, as labelme shows it and as its points are drawn."""
-        path = self._image_file(image_id, split)
-        with _decoding(str(path)), Image.open(path) as image:
-            array = image_to_array(ImageOps.exif_transpose(image), str(path), self.in_channels)
-        return array, array.shape[:2]
-
-    def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        path = self._image_file(image_id, split)
-        with _decoding(str(path)), Image.open(path) as image:
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
-            return (image.width, image.height) if turned else (image.height, image.width)
-
-    def _shapes(self, image_id: str) -> list[dict]:
-        path = self.annotations[image_id]
-        try:
-            shapes = json.loads(path.read_text())["shapes"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DataError(f"{path}: not a labelme JSON file ({type(error).__name__}: {error})") from None
-        return shapes
-
-    def mask_source(self, image_id: str) -> str:
-        return str(self.annotations[image_id])
-
-    def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
-        height, width = self.image_shape(image_id)
-        index = {name: value for value, name in enumerate(self.classes)} | {"__ignore__": self.ignore_index}
-        source = str(self.annotations[image_id])
-        canvas = Image.new("L", (width, height), 0)
-        for shape in self._shapes(image_id):
-            label = shape.get("label")
-            if label not in index:
-                raise DataError(
-                    f"{source}: label {label!r} is not a class ({', '.join(self.classes)}); add it to labels.txt "
-                    "or --classes"
-                )
-            draw_shape(canvas, shape, index[label], source)
-        return np.array(canvas, dtype=np.uint8), source  # a writable copy, as every other layout gives
-
-
-LABELME_LINE_WIDTH, LABELME_POINT_RADIUS = 10, 5  # as labelme's own shape_to_mask draws lines and points
-
-
-def draw_shape(canvas: Image.Image, shape: dict, value: int, source: str) -> None:
-    """One labelme shape filled with ``value``, as labelme's own conversion draws it: polygon, rectangle, circle
-    (centre, a point on the rim), line and linestrip (10 px wide), point (a disc of radius 5), and labelme 5's
-    ``mask`` (a base64 PNG of the box from its first point)."""
-    kind = shape.get("shape_type") or "polygon"
-    try:
-        points = [(float(x), float(y)) for x, y in shape.get("points") or []]
-    except (TypeError, ValueError):
-        raise DataError(f"{source}: shape {shape.get('label')!r} has malformed points") from None
-    draw = ImageDraw.Draw(canvas)
-    if kind == "mask" and points:
-        _paste_mask_shape(canvas, shape, points[0], value, source)
-    elif kind == "polygon" and len(points) >= 3:
-        draw.polygon(points, fill=value)
-    elif kind == "rectangle" and len(points) == 2:
-        (x0, y0), (x1, y1) = points
-        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value)
-    elif kind == "circle" and len(points) == 2:
-        (cx, cy), (px, py) = points
-        radius = ((px - cx) ** 2 + (py - cy) ** 2) ** 0.5
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
-    elif kind in ("line", "linestrip") and len(points) >= 2:
-        draw.line(points, fill=value, width=LABELME_LINE_WIDTH)
-    elif kind == "point" and len(points) == 1:
-        (cx, cy), radius = points[0], LABELME_POINT_RADIUS
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
-    else:
-        raise DataError(
-            f"{source}: shape {shape.get('label')!r} is a {kind} with {len(points)} point(s), which cannot be "
-            "drawn; fix or delete it in labelme"
-        )
-
-
-def _paste_mask_shape(canvas: Image.Image, shape: dict, corner, value: int, source: str) -> None:
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(shape["mask"]))) as image:
-            inside = np.asarray(image.convert("L")) > 0
-    except (KeyError, ValueError, OSError):
-        raise DataError(f"{source}: shape {shape.get('label')!r} of type mask has no readable mask") from None
-    pixels = np.array(canvas)
-    top, left = int(corner[1]), int(corner[0])
-    region = pixels[top : top + inside.shape[0], left : left + inside.shape[1]]
-    region[inside[: region.shape[0], : region.shape[1]]] = value
-    canvas.paste(Image.fromarray(pixels))
-
-
-def _classes_from(root: Path, classes: str, file_names: tuple[str, ...]) -> list[str] | None:
-    """``--classes`` when given, else the first classes file found in the data folder, else None."""
-    if classes:
-        return parse_classes(classes)
-    for name in file_names:
-        if (root / name).is_file():
-            names = read_class_names(root / name)
-            if len(names) < 2:
-                raise DataError(f"{root / name}: name at least two classes, one a line, background first")
-            return names
-    return None
-
-
-def detect_layout(root: str | Path) -> str:
-    """The layout a data folder holds, from its folder names (the same on every copy of a data set)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
-    if any((root / name).exists() for name in ("train", "train.zip", "train_masks", "train_masks.zip")):
-        return "carvana"
-    if (root / "annotations" / "trimaps").is_dir():
-        return "pet"
-    if any((root / a).is_dir() and (root / b).is_dir() for a, b in FOLDER_PAIRS):
-        return "folders"
-    if any(path.suffix == ".json" and not path.name.startswith("._") for path in root.iterdir()):
-        return "labelme"
-    raise DataError(f"{root}: no data layout recognised.{known_data_set_hint(root)} {LAYOUT_HELP}")
-
-
-def known_data_set_hint(root: Path) -> str:
-    """A sentence naming the settings of a data set recognised by its folders, when reading it needs them."""
-    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
-        return " It looks like Cityscapes as downloaded (leftImg8bit/, gtFine/): pass --config configs/cityscapes.toml."
-    return ""
-
+# The registry: adding a layout is its module and one line here. Detection tries them in this order.
+LAYOUTS["carvana"] = CarvanaData
+LAYOUTS["pet"] = PetData
+LAYOUTS["folders"] = FolderData
+LAYOUTS["labelme"] = LabelmeData
+LAYOUT_CHOICES = layout_choices()  # the values --layout takes (a layout registered later is opened by name too)
 
 # The settings (TrainConfig fields, and make_folds.py's and inspect_data's flags) that say how to read a data folder.
 DATA_SETTINGS = (
@@ -805,8 +492,9 @@ def open_data(
     in_channels: int = 3,
     **folder_options,
 ):
-    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds). ``folder_options``
-    are FOLDER_SETTINGS, for the image/mask-folder layout."""
+    """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
+    ``open``, given these settings by name, ``--split`` parsed (``split_parts``; ``by_id_lists`` when they are id
+    lists, else ``folder_split``) and ``folder_options``: FOLDER_SETTINGS, for the image/mask-folder layout."""
     root = Path(root)
     given = [name for name, value in folder_options.items() if value and value != "error"]
     split_parts = parse_split(split) if split else {}
@@ -818,65 +506,27 @@ def open_data(
     test_folder = Path(test_images) if test_images else None
     if test_folder is not None and not test_folder.exists() and (root / test_folder).is_dir():
         test_folder = root / test_folder  # named relative to the data folder, as --images and --masks are
-    if layout in ("carvana", "pet", "labelme") and given:
+    reader = LAYOUTS.get(layout)
+    if reader is None:
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
+        raise DataError(f"--layout {layout!r}: choose one of {', '.join(layout_choices())}")
+    if given and not reader.reads_folder_settings:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
-    if layout == "carvana":
-        if split:
-            raise ConfigError("--split is for other layouts; Carvana's test set is test/ and its folds are by car")
-        data = CarvanaData(root, mask_source, test_images=test_folder)
-        data.in_channels = in_channels
-        return data
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
-    if layout == "folders":
-        data = FolderData(
-            root, classes, ignore_index, test_folder, split_folders_by_name=folder_split, **folder_options
-        )
-    elif layout == "pet":
-        data = PetData(root, classes, ignore_index, pet_border, test_folder)
-    elif layout == "labelme":
-        data = LabelmeData(root, classes, ignore_index, test_folder)
-    else:
-        raise DataError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    options = {
+        "classes": classes,
+        "ignore_index": ignore_index,
+        "pet_border": pet_border,
+        "mask_source": mask_source,
+        "split": split,
+        "split_parts": split_parts,
+        "by_id_lists": by_id_lists,
+        "folder_split": folder_split,
+        "folder_options": folder_options,
+    }
+    data = reader.open(root, test_folder, options)
     data.in_channels = in_channels
-    if by_id_lists:
-        apply_id_lists(data, split_parts, keep_test_images=test_folder is not None)  # --test-images wins
-    if not data.images and not data.test_images:
-        raise DataError(f"{root}: no images found as the {layout} layout.{known_data_set_hint(root)} {LAYOUT_HELP}")
-    if test_folder is not None and not data.test_images:
-        raise DataError(f"--test-images {test_folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
-    if data.ignore_index < data.num_classes:
-        raise DataError(f"--ignore-index {data.ignore_index} is one of the {data.num_classes} classes; use 255")
     return data
-
-
-def apply_id_lists(data: SegmentationData, parts: dict[str, str], keep_test_images: bool = False) -> None:
-    """An official split given as id lists: each image's split noted; the test list's images become the test
-    images (their masks unused); labelled images in no list are left out, since no published score uses them."""
-    listed: dict[str, str] = {}
-    for name, spec in parts.items():
-        path = resolve(data.root, spec)
-        ids = read_id_list(path)
-        pool = data.images if name != "test" else {**data.test_images, **data.images}
-        missing = [image_id for image_id in ids if image_id not in pool]
-        if missing:
-            raise DataError(
-                f"{path}: {len(missing)} of its {len(ids)} id(s) have no image{' and mask' * (name != 'test')} "
-                f"in {data.root}, e.g. {missing[:3]}"
-            )
-        for image_id in ids:
-            if listed.setdefault(image_id, name) != name:
-                raise DataError(f"{path}: {image_id} is also in the {listed[image_id]} list; splits must not overlap")
-    test_ids = [image_id for image_id, name in listed.items() if name == "test"]
-    if "test" in parts and not keep_test_images:
-        data.test_images = {image_id: data.images.get(image_id) or data.test_images[image_id] for image_id in test_ids}
-    unlisted = sorted(set(data.images) - set(listed))
-    if unlisted:
-        logger.info(
-            "%s: %d labelled image(s) in no split list are left out, e.g. %s", data.root, len(unlisted), unlisted[:3]
-        )
-    data.images = {image_id: path for image_id, path in data.images.items() if listed.get(image_id, "test") != "test"}
-    data.splits = {image_id: name for image_id, name in listed.items() if name != "test"}
 
 
 class MaskFolder(FolderData):
@@ -918,7 +568,7 @@ class MaskFolder(FolderData):
                 )
             names = self.open_color_table(table_path, classes)
         else:
-            given = _classes_from(class_file.parent if class_file else folder, classes, ("classes.txt",))
+            given = classes_from(class_file.parent if class_file else folder, classes, ("classes.txt",))
             names = self.resolve_values(self.masks, given, mask_values)
         SegmentationData.__init__(
             self, folder, dict(self.masks), names, label_ignore_index(ignore_index, len(names)), {}, ignore_index

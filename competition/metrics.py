@@ -21,17 +21,10 @@ from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.config import add_config_arguments, resolve_config
 from competition.data import read_csv_file
 from competition.errors import DataError, ProjectError
-from competition.layouts import (
-    DATA_FLAGS,
-    MASK_EXTENSIONS,
-    MaskFolder,
-    files_by_stem,
-    open_data_as,
-    parse_classes,
-    read_index_mask,
-)
+from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
 from competition.logs import add_logging_arguments, configure_from
 from competition.rle import RLEError, rle_runs
+from competition.segmentation_data import MASK_EXTENSIONS, files_by_stem, parse_classes, read_index_mask
 from competition.splits import resolve
 from competition.submission import RECORD_NAME
 

@@ -227,7 +227,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
             num_classes=config.num_classes(),
             bce_weight=config.bce_weight,
             dice_weight=config.dice_weight,
-            ignore_index=config.label_ignore_index() if config.class_names() else None,  # Carvana labels all
+            ignore_index=None if config.fixed_classes() else config.label_ignore_index(),  # Carvana labels all
             class_weights=weights,
         ),
         optimizer=optimizer,

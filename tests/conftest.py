@@ -67,8 +67,7 @@ def break_carvana_sample(root, image_id: str, part: str) -> None:
 @pytest.fixture(scope="session")
 def folds_csv(data_dir, tmp_path_factory):
     """5 car-grouped folds of data_dir: 64 training and 16 validation images per fold."""
-    from competition.data import CarvanaData
-    from competition.folds import assign_folds
+    from competition.carvana import CarvanaData, assign_folds
 
     path = tmp_path_factory.mktemp("folds") / "folds.csv"
     assign_folds(CarvanaData(data_dir).train_ids(), 5, 42).to_csv(path, index=False)

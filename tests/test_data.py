@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from competition.carvana import CarvanaData, car_id_of
 from competition.data import (
-    CarvanaData,
     DataError,
     SegmentationDataset,
-    car_id_of,
     decode_image,
     image_id_of,
     resize_image,

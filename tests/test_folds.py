@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from competition.carvana import assign_folds
 from competition.data import DataError
 from competition.errors import ConfigError
-from competition.folds import assign_folds, read_folds
+from competition.folds import read_folds
 
 
 def image_ids(n_cars: int, views: int = 16) -> list[str]:
@@ -71,7 +72,7 @@ def test_make_folds_stratified_by_make(data_dir, tmp_path):
     byte-identically on a rerun."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from competition.data import CarvanaData, car_id_of
+    from competition.carvana import CarvanaData, car_id_of
 
     flags = ("--data-dir", str(data_dir), "--n-folds", "2", "--stratify", "make", "--seed", "42")
     outputs = []
@@ -225,3 +226,23 @@ def test_too_few_groups_suggest_only_a_fix_that_works():
     one_group = {f"p0{index}": "p0" for index in range(4)}
     with pytest.raises(ConfigError, match=r"^1 groups cannot fill 2 folds; use a --group-regex that makes more"):
         assign_group_folds(one_group, 2, seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")  # some makes have one car
+def test_carvana_folds_are_those_make_folds_wrote_before_the_layout_registry(tmp_path):
+    """The same images and seed give the same Carvana folds file, byte for byte, as make_folds.py wrote before
+    Carvana became a registered layout (sha256 taken then, on ``competition.synthetic --cars 24``'s ids)."""
+    import hashlib
+
+    from competition.synthetic import generate
+    from make_folds import main as make_folds_main
+
+    root = generate(tmp_path / "data", cars=24, test_cars=1, width=192, height=128, jobs=1)
+    written_before = {
+        (): "e78f1dc53eb64ceb18d678a162eb975bf322deada0dffe540cc7aca07858863f",
+        ("--stratify", "make"): "9f37a61fba7dab553b0e4ae66d62e2df5368aae669dd00e4e7e4527f50839dff",
+    }
+    for flags, digest in written_before.items():
+        out = tmp_path / f"folds{len(flags)}.csv"
+        make_folds_main(["--data-dir", str(root), "--n-folds", "5", "--seed", "42", "--out", str(out), *flags])
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == digest

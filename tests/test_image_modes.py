@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from competition import memory
+from competition.carvana import CarvanaData
 from competition.config import TrainConfig
 from competition.data import (
     DRAFT_SHORTFALL,
-    CarvanaData,
     DataError,
     SegmentationDataset,
     decode_image,

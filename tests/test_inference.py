@@ -14,7 +14,8 @@ from PIL import Image
 
 import infer
 from competition import errors, inference
-from competition.data import CarvanaData, DataError
+from competition.carvana import CarvanaData
+from competition.data import DataError
 from competition.errors import ConfigError, ProjectError
 from competition.inference import CheckpointError, Ensemble, Member, find_checkpoints, load_member, write_submission
 from competition.metrics import score_submission

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from competition.errors import DataError
-from competition.layouts import LAYOUTS, detect_layout, open_data, read_index_mask
+from competition.layouts import LAYOUT_CHOICES, detect_layout, open_data, read_index_mask
 from tests.layout_fixtures import _scene, make_folders, make_labelme, make_pet
 
 
@@ -85,7 +85,7 @@ def test_every_layout_is_detected(tmp_path, data_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data layout recognised"):
         detect_layout(tmp_path / "empty")
-    for layout in LAYOUTS[1:]:  # and each forced by name
+    for layout in LAYOUT_CHOICES[1:]:  # and each forced by name
         root = {"carvana": data_dir, "folders": tmp_path / "f", "labelme": tmp_path / "l", "pet": tmp_path / "p"}[
             layout
         ]
@@ -152,7 +152,7 @@ def test_labelme_lines_points_and_mask_shapes_as_labelme_draws_them():
     import base64
     import io
 
-    from competition.layouts import draw_shape
+    from competition.labelme import draw_shape
 
     canvas = Image.new("L", (40, 30), 0)
     draw_shape(canvas, {"label": "a", "shape_type": "linestrip", "points": [[5, 15], [35, 15]]}, 1, "x.json")

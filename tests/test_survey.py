@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from competition import survey as survey_module
-from competition.data import CarvanaData
+from competition.carvana import CarvanaData
 from competition.errors import DataError
 from competition.layouts import open_data
 from competition.survey import stored_value_histogram, survey

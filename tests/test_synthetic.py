@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from competition.data import CarvanaData, car_id_of
+from competition.carvana import CarvanaData, car_id_of
 from competition.rle import rle_decode
 from competition.synthetic import VIEWS, generate
 from tests.conftest import HEIGHT, WIDTH
@@ -106,7 +106,7 @@ def test_parts_set_in_the_folder_layout(tmp_path):
     assert (counts > 0).all() and shares[PARTS.index("lights")] < 0.02  # every part, the lights a small one
     # the same cars as the Carvana set of the same seed: a car pixel there is a part here
     carvana = generate(tmp_path / "carvana", cars=2, test_cars=1, width=192, height=128, seed=3, jobs=1)
-    from competition.data import CarvanaData
+    from competition.carvana import CarvanaData
 
     binary = CarvanaData(carvana)
     for image_id in data.train_ids()[:4]:

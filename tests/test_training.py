@@ -527,7 +527,8 @@ def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
 @pytest.mark.parametrize("broken", ["jpeg", "gif", "rle"])
 @pytest.mark.slow
 def test_broken_training_data_stops_the_run_before_the_first_step(tiny_config, data_copy, monkeypatch, broken):
-    from competition.data import CarvanaData, DataError
+    from competition.carvana import CarvanaData
+    from competition.data import DataError
 
     data = CarvanaData(data_copy)
     victim = data.train_ids()[-1]  # reached last by the loader
@@ -702,7 +703,8 @@ def test_a_checkpoint_names_its_weights_file_without_needing_it(tiny_config, cap
 
 @pytest.mark.slow
 def test_resume_with_another_split_is_refused(tiny_config, tmp_path):
-    from competition.folds import assign_folds, read_folds
+    from competition.carvana import assign_folds
+    from competition.folds import read_folds
 
     tiny_config.epochs = 1
     train_fold(tiny_config, "cpu", progress=False)
