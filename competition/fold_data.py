@@ -167,6 +167,7 @@ class FoldData:
     val_loader: torch.utils.data.DataLoader
     image_shape: tuple[int, int]
     split: str
+    classes: tuple[str, ...]  # the data's classes, Carvana's fixed ones too: validation's confusion matrix
     held_out: bool = True  # False when --train-on trains on the validation images too
 
     @property
@@ -210,5 +211,6 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
         val_loader=val_loader,
         image_shape=data.image_shape(val_ids[0]),  # inference checks test images against it
         split=split_digest(val_ids),
+        classes=tuple(data.classes),
         held_out=not set(val_ids) & set(train_ids),
     )

@@ -358,9 +358,9 @@ def _run_epoch(
     started = clock()
     train_loss, skipped_steps = train_one_epoch(parts, fold.train_loader, config, epoch, run_dir, progress, budget)
     train_seconds = clock() - started
-    scored_classes = config.class_names() or None
-    if scored_classes is None and monitored(config)[0] != "val_dice":  # Carvana scored by the confusion matrix
-        scored_classes = ["background", "car"]
+    # Carvana's Dice needs no confusion matrix unless another score is monitored
+    by_confusion = not config.fixed_classes() or monitored(config)[0] != "val_dice"
+    scored_classes = list(fold.classes) if by_confusion else None
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
         metrics = evaluate(
             parts.evaluated,
