@@ -173,7 +173,7 @@ def oof_report(
     _log_tables(scores, table, tta)
     _draw_worst(members, data, scores, table, tta, precision, out_dir, worst)
     if masks_out is not None:
-        logger.info("out-of-fold masks (TTA, palette PNGs) -> %s/", masks_out)
+        logger.info("out-of-fold masks (palette PNGs, with the TTA asked for, at the threshold) -> %s/", masks_out)
     return table
 
 
