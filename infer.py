@@ -50,6 +50,7 @@ from competition.inference import (
     export_onnx,
     find_checkpoints,
     load_member,
+    output_record,
     predict_image_file,
     prediction_record,
     write_predictions,
@@ -340,7 +341,7 @@ def predict_on_devices(args, paths, configs, tta, devices: list[str], deadline: 
         started=deadline.started,
         log_level=logging.getLogger("competition").level,
     )
-    record = prediction_record(paths, tta, args.threshold, configs[0])
+    record = output_record(prediction_record(paths, tta, args.threshold, configs[0]), output)
     try:
         result = write_on_devices(shape, data, devices, settings, record, args.resume, args.overwrite, **run)
     except ShardsFailed:

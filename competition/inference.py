@@ -156,6 +156,11 @@ def prediction_record(checkpoints: list[str | Path], tta: tuple[str, ...], thres
     return predicted_by(checkpoints, tta, threshold) | {"config": dataclasses.asdict(config)}
 
 
+def output_record(record: dict, output: Output) -> dict:
+    """``record`` with the output's format, which --resume must find unchanged too."""
+    return record | {"output": {"format": output.format, "rle_order": output.rle_order, "overlays": output.overlays}}
+
+
 def validation_shape(expected: tuple[int, int] | None, data, order: list[str]):
     """The size each row's RLE must fit: the one size of the data's images (the models' ``expected``, else the first
     test image's), else each image's own."""
@@ -185,9 +190,9 @@ def write_predictions(
     order = writer.order(data)
     if writer.keep_finished(resume, overwrite):
         logger.info("%s: already complete (--resume); nothing to predict, --overwrite predicts it again", output.path)
-        return writer.finish(order, data, validation_shape(expected_shape(ensemble, data), data, order))
+        return writer.finish(order, data, validation_shape(expected_shape(ensemble, data), data, order), finished=True)
     paths = [member.path for member in ensemble.members]
-    record = prediction_record(paths, ensemble.tta, threshold, ensemble.members[0].config)
+    record = output_record(prediction_record(paths, ensemble.tta, threshold, ensemble.members[0].config), output)
     done = writer.begin(record, order, resume, overwrite)
     todo = [image_id for image_id in order if image_id not in done]
     fixed = expected_shape(ensemble, data) is not None

@@ -26,12 +26,13 @@ from competition.prediction_stream import (
     image_batches,
     prediction_loader,
 )
+from competition.submission import RECORD_NAME
 from competition.writers import Output, colour_overlay, outlines, overlay, palette, save_png
 
 logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-RECORD_NAME = "oof.predicted-by.json"
+OOF_RECORD_NAME = "oof.predicted-by.json"
 
 
 def dice_column(threshold: float) -> str:
@@ -77,18 +78,22 @@ class FoldScores:
         return dice_column(self.threshold) if self.binary else "miou"
 
 
-def check_oof_file(out_dir: Path, record: dict, overwrite: bool) -> None:
-    """An oof.csv of other checkpoints is never replaced unasked; the same models' one is scored again."""
-    scores, record_path = out_dir / "oof.csv", out_dir / RECORD_NAME
-    if not scores.is_file() or overwrite:
-        return
+def same_checkpoints(record_path: Path, record: dict) -> bool:
+    """Whether the record at ``record_path`` names the checkpoints of ``record`` (the same files, unchanged)."""
     try:
         recorded = json.loads(record_path.read_text())["checkpoints"]
     except (OSError, ValueError, KeyError, TypeError):
-        recorded = None
-    if recorded != json.loads(json.dumps(record["checkpoints"])):
+        return False
+    return recorded == json.loads(json.dumps(record["checkpoints"]))
+
+
+def check_oof_file(out_dir: Path, record: dict, overwrite: bool) -> None:
+    """An oof.csv of other checkpoints is never replaced unasked; the same models' one is scored again."""
+    if not (out_dir / "oof.csv").is_file() or overwrite:
+        return
+    if not same_checkpoints(out_dir / OOF_RECORD_NAME, record):
         raise ConfigError(
-            f"{scores} holds the out-of-fold scores of other checkpoints; pass --overwrite to replace them, or "
+            f"{out_dir / 'oof.csv'} holds the out-of-fold scores of other checkpoints; pass --overwrite to replace them, or "
             "another --out-dir"
         )
 
@@ -116,8 +121,9 @@ def out_of_fold(
     sink = None
     if masks_out is not None:
         writer = Output("png", str(masks_out), len(classes)).writer()
-        paths = [member.path for member in members]
-        writer.begin(prediction_record(paths, tta, threshold, members[0].config), [], False, overwrite)
+        record = prediction_record([member.path for member in members], tta, threshold, members[0].config)
+        same = same_checkpoints(Path(masks_out) / RECORD_NAME, record)  # the same models' masks: written again
+        writer.begin(record, [], False, overwrite or same)
         sink = writer.sink(str(masks_out), data, False)
     for fold, ensemble in fold_ensembles(members, tta, precision).items():
         names = folds.loc[folds["fold"] == fold, "img"].tolist()
@@ -168,7 +174,7 @@ def oof_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "oof.csv") as partial:
         table.to_csv(partial, index=False)
-    with atomic_output(out_dir / RECORD_NAME) as partial:
+    with atomic_output(out_dir / OOF_RECORD_NAME) as partial:
         partial.write_text(json.dumps(record, indent=2) + "\n")
     _log_tables(scores, table, tta)
     _draw_worst(members, data, scores, table, tta, precision, out_dir, worst)

@@ -211,6 +211,8 @@ def _changes(recorded: dict, current: dict) -> list[str]:
         changes.append(f"TTA {_views(recorded.get('tta'))} -> {_views(current['tta'])}")
     if recorded.get("threshold") != current["threshold"]:
         changes.append(f"threshold {recorded.get('threshold')} -> {current['threshold']}")
+    if recorded.get("output") != current.get("output"):
+        changes.append(f"output {recorded.get('output')} -> {current.get('output')}")
     return changes
 
 

@@ -166,12 +166,14 @@ class RowsFile:
         rows = sum(1 for file in files for _ in complete_rows(file))
         return f"its {rows} row(s) and the other shards' rows are kept"
 
-    def finish(self, order: list[str], data, shape, in_order: bool = True):
+    def finish(self, order: list[str], data, shape, in_order: bool = True, finished: bool = False):
         """Every row in ``order`` (gathered first unless the rows were written ``in_order``), renamed to the output
-        and validated (each RLE within ``shape``, or ``shape(image_id)``); the rows, with each mask's area."""
-        if not in_order:
-            gather_rows(self.path, order, self.rows)
-        os.replace(partial_path(self.path), self.path)
+        (unless the output was ``finished`` before) and validated (each RLE within ``shape``, or
+        ``shape(image_id)``); the rows, with each mask's area."""
+        if not finished:
+            if not in_order:
+                gather_rows(self.path, order, self.rows)
+            os.replace(partial_path(self.path), self.path)
         names = [name for image_id in order for name in self.rows.names(image_id)]
         rows = validate_submission(self.path, names, shape, self.rows)
         finish_rows(self.path)
@@ -210,7 +212,7 @@ class PngFolder:
 
     def __init__(self, output: Output):
         self.path, self.output = Path(output.path), output
-        if self.path.suffix.lower() == ".csv":
+        if self.path.suffix.lower() == ".csv" or (self.path.exists() and not self.path.is_dir()):
             raise ConfigError(f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV")
         self.description = "palette PNG masks"
 
@@ -229,6 +231,11 @@ class PngFolder:
         out = self.path
         written = {path.stem for path in out.glob("*.png")} if out.is_dir() else set()
         record_path = out / RECORD_NAME
+        if written and not record_path.is_file():  # the user's own PNGs (the test images themselves, say)
+            raise ConfigError(
+                f"--out {out} holds {len(written)} PNG file(s) that infer.py did not write (no {RECORD_NAME}); "
+                "name another folder for the masks"
+            )
         if written and not (resume or overwrite):
             raise ConfigError(
                 f"{out} already holds {len(written)} predicted masks; pass --resume to keep them and predict the "
@@ -266,7 +273,7 @@ class PngFolder:
         masks = sum((self.path / f"{image_id}.png").is_file() for image_id in image_ids)
         return f"its {masks} mask(s) and the other shards' masks are kept"
 
-    def finish(self, order: list[str], data, shape, in_order: bool = True) -> int:
+    def finish(self, order: list[str], data, shape, in_order: bool = True, finished: bool = False) -> int:
         """Checks that every image of ``order`` has its mask; their number."""
         missing = [image_id for image_id in order if not (self.path / f"{image_id}.png").is_file()]
         if missing:
@@ -279,8 +286,9 @@ class PngFolder:
 
 
 def _comparable(record: dict) -> dict:
-    """What must match for masks to be kept by --resume: checkpoints, TTA, threshold (not the settings record)."""
-    return json.loads(json.dumps({key: record.get(key) for key in ("checkpoints", "tta", "threshold")}))
+    """What must match for masks to be kept by --resume: checkpoints, TTA, threshold and the output's format
+    (not the settings record)."""
+    return json.loads(json.dumps({key: record.get(key) for key in ("checkpoints", "tta", "threshold", "output")}))
 
 
 class MaskSink:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import infer
+from competition.errors import ConfigError
 from competition.inference import Ensemble, find_checkpoints, load_member, write_predictions
 from competition.layouts import open_data
 from competition.metrics import score_mask_folders
@@ -234,3 +235,30 @@ def test_every_writer_stores_the_same_masks_of_a_carvana_model(trained_run, data
     with pytest.raises(SystemExit) as exit_info:
         infer.main([*common, "--format", "rle", "--overlays", "--out", str(tmp_path / "again.csv")])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_resume_never_mixes_formats_nor_touches_pngs_it_did_not_write(parts, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    data, _, run = parts
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([run])]
+    out = tmp_path / "parts.csv"
+    settings = {"workers": 0, "progress": False}
+    deadline = thirty_seconds_a_batch(monkeypatch)  # stopped after 3 batches, column-major
+    column = Output("rle-csv", str(out), 5, "column")
+    assert write_predictions(Ensemble(members), open_data(data), column, deadline=deadline, **settings) is None
+    monkeypatch.undo()
+    row = Output("rle-csv", str(out), 5, "row")
+    write_predictions(Ensemble(members), open_data(data), row, resume=True, **settings)
+    assert "predicted by other models or settings (output" in caplog.text
+    write_predictions(Ensemble(members), open_data(data), Output("rle-csv", str(tmp_path / "fresh.csv"), 5), **settings)
+    assert out.read_bytes() == (tmp_path / "fresh.csv").read_bytes()
+    # a finished output resumed: validated as it is
+    assert len(write_predictions(Ensemble(members), open_data(data), row, resume=True, **settings)) == 32 * 4
+    # a folder of PNGs infer.py did not write is neither written into nor emptied, even with --overwrite
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "photo.png").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match="holds 1 PNG file"):
+        infer.main(["--checkpoints", str(run), "--workers", "0", "--out", str(own), "--overwrite", "--debug"])
+    assert (own / "photo.png").read_bytes() == b"not ours"
