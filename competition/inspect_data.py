@@ -77,6 +77,7 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     if ignores_other_values:
         lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
     counts, ignored, problems = scan_masks(data, train_ids, progress)
+    problems = list(data.class_problems) + problems  # first: what every other line's classes depend on
     problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
     total = max(int(counts.sum()) + ignored, 1)
     lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")

@@ -17,6 +17,7 @@ from competition.mask_values import (
     label_ignore_index,
     parse_mask_values,
     skipping_ignore,
+    unnamed_values_problem,
     value_lookup,
 )
 from competition.segmentation_data import (
@@ -231,13 +232,18 @@ class FolderData(SegmentationData):
         largest = max((value for value in present if value != self.ignore_index), default=0)
         count = largest + (0 if self.ignore_index <= largest else 1)  # values skip an ignore index among them
         names = [f"class_{index}" for index in range(max(count, 2))]
-        logger.warning(
-            "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
-            "name them in classes.txt (one a line, background first)",
-            self.root,
-            len(names),
-            len(names) - 1,
-        )
+        problem = unnamed_values_problem(present, self.ignore_index)
+        self.class_problems = (f"{self.root}: {problem}",) if problem else ()
+        if problem:  # a void value may be trained as a class: said with both fixes, and a problem to inspect_data
+            logger.warning("%s", self.class_problems[0])
+        else:
+            logger.warning(
+                "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
+                "name them with --classes or in classes.txt (one a line, background first)",
+                self.root,
+                len(names),
+                len(names) - 1,
+            )
         return names, None
 
     def mask_source(self, image_id: str) -> str:

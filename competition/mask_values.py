@@ -42,6 +42,43 @@ def describe_binary(values: list[int], ignore_index: int) -> str:
     )
 
 
+def describe_runs(values: list[int]) -> str:
+    """[0, 1, 2, 3, 200] -> ``0..3, 200``: sorted values as their runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(f"{first}..{last}" if last > first else str(first) for first, last in runs)
+
+
+def unnamed_values_problem(present: list[int], ignore_index: int) -> str:
+    """The sentence that says a void value may be trained as a class, or "" when nothing suggests one: no class is
+    named (each stored value is read as its index) and the masks hold more than two values, of which one stands apart
+    from the run of the others (0..10 and 200), or none is the ignore index (SegNet's CamVid: 0..10 the classes and 11
+    void, the run unbroken). Its fix is named: --ignore-index V (the largest value, void's usual place) or --classes."""
+    values = sorted(value for value in present if value != ignore_index)
+    if len(values) <= 2:
+        return ""
+    run_end = next((index for index in range(1, len(values)) if values[index] != values[index - 1] + 1), len(values))
+    apart = values[run_end:]
+    if not apart and ignore_index in present:  # the void has its value already (VOC's 255, ADE20K's 0 when given)
+        return ""
+    largest = values[-1]
+    as_class = f"class_{largest - (1 if ignore_index < largest else 0)}"
+    if apart:
+        why = f"{describe_runs(apart)} {'stands' if len(apart) == 1 else 'stand'} apart from the run {describe_runs(values[:run_end])}"
+    else:
+        why = f"no pixel holds the ignore index {ignore_index}"
+    return (
+        f"no classes are named and the masks hold the values {describe_runs(values)}, {why}: each value is read as a "
+        f"class, so {largest} is trained as {as_class}; if {largest} marks void (unlabelled) pixels pass "
+        f"--ignore-index {largest} (another void value likewise), else name the classes with --classes or classes.txt "
+        "(one a line, background first)"
+    )
+
+
 def label_ignore_index(ignore_index: int, num_classes: int) -> int:
     """The value ignored pixels hold once read: the stored ignore index, or 255 when that is below the number of
     classes (ADE20K stores 0 for unlabelled pixels and its classes as 1..150, read as 0..149)."""

@@ -96,6 +96,9 @@ class SegmentationData:
     value_lookup: np.ndarray | None = None
     known_values: np.ndarray | None = None
     in_channels = 3  # the image channels models take; open_data sets the run's
+    # Problems with the classes themselves, found while reading the data (a void value read as a class), one a line:
+    # inspect_data lists them, training warns of them.
+    class_problems: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -221,9 +224,14 @@ class SegmentationData:
         counts[self.ignore_index] = 0
         bad = np.flatnonzero(counts[self.num_classes :]) + self.num_classes
         if bad.size:
+            void = (
+                f"if {bad[0]} marks void (unlabelled) pixels pass --ignore-index {bad[0]}; else "
+                if bad.size == 1
+                else ""
+            )
             raise DataError(
                 f"{source}: mask value(s) {bad[:5].tolist()} are neither a class (0..{self.num_classes - 1}: "
-                f"{', '.join(self.classes)}) nor the ignore index {self.ignore_index}; name the classes in "
+                f"{', '.join(self.classes)}) nor the ignore index {self.ignore_index}; {void}name every class in "
                 "classes.txt or --classes, fix the mask, or pass --unknown-values ignore to make such pixels ignored"
             )
 

