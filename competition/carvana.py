@@ -14,6 +14,8 @@ from competition.errors import ConfigError, DataError
 from competition.mask_values import value_histogram
 from competition.rle import RLEError, rle_decode, rle_runs
 
+# What makes a folder Carvana's: its masks, as GIFs (a folder or the competition's zip) or run-length rows.
+CARVANA_MASKS = ("train_masks", "train_masks.zip", "train_masks.csv", "train_masks.csv.zip")
 # Module-level, not an attribute: a data set is pickled into loader workers, and a lock cannot be.
 _CSV_PARSING = threading.Lock()
 
@@ -149,7 +151,8 @@ class CarvanaData:
 
     @staticmethod
     def detect(root: Path) -> bool:
-        return any((root / name).exists() for name in ("train", "train.zip", "train_masks", "train_masks.zip"))
+        """Carvana's masks are there: a ``train/`` alone is any data set's (CamVid's beside ``trainannot/``)."""
+        return any((root / name).exists() for name in CARVANA_MASKS)
 
     @classmethod
     def open(cls, root: Path, test_folder: Path | None, options: dict) -> "CarvanaData":

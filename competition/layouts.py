@@ -1,5 +1,6 @@
 """The layouts' registry lines and open_data; the image/mask-folder layout (VOC's names too) and Oxford-IIIT Pet trimaps."""
 
+import collections
 import logging
 from pathlib import Path
 
@@ -29,7 +30,17 @@ from competition.segmentation_data import (
     parse_classes,
     read_index_mask,
 )
-from competition.splits import is_id_list, parse_split, resolve, split_folders
+from competition.splits import (
+    MASK_FOLDER_SUFFIXES,
+    SPLIT_NAMES,
+    find_listed_file,
+    is_id_list,
+    lists_pair_files,
+    parse_split,
+    read_split_list,
+    resolve,
+    split_folders,
+)
 from competition.survey import stored_value_histogram
 
 logger = logging.getLogger(__name__)
@@ -68,6 +79,7 @@ class FolderData(SegmentationData):
             options["ignore_index"],
             test_folder,
             split_folders_by_name=options["folder_split"],
+            listed_files=options["listed_files"],
             **options["folder_options"],
         )
 
@@ -83,6 +95,7 @@ class FolderData(SegmentationData):
         mask_suffix: str = "",
         image_suffix: str = "",
         split_folders_by_name: dict[str, str] | None = None,
+        listed_files: dict[str, str] | None = None,
         colors: str = "",
         unknown_colors: str = "error",
         mask_values: str = "",
@@ -91,13 +104,16 @@ class FolderData(SegmentationData):
     ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
         self.unknown_colors, self.unknown_values, self.snap = unknown_colors, unknown_values, snap_mask_values
-        parts = (
-            [(name, *split_folders(root, name, spec, masks)) for name, spec in split_folders_by_name.items()]
-            if split_folders_by_name
-            else [(None, *pair_folders(root, images, masks))]
-        )
-        explicit = bool(split_folders_by_name or images or masks)
-        found, test, folder_splits = self.find_pairs(parts, (image_suffix, mask_suffix), explicit)
+        if listed_files:  # lists naming each image and its mask (SegNet's): the files they name, nothing searched
+            found, test, folder_splits = self.find_listed(listed_files)
+        else:
+            parts = (
+                [(name, *split_folders(root, name, spec, masks)) for name, spec in split_folders_by_name.items()]
+                if split_folders_by_name
+                else [(None, *pair_folders(root, images, masks))]
+            )
+            explicit = bool(split_folders_by_name or images or masks)
+            found, test, folder_splits = self.find_pairs(parts, (image_suffix, mask_suffix), explicit)
         self.refuse_lossy_masks()
         if test_images is not None or not test:  # --test-images wins over a test split
             test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
@@ -132,6 +148,29 @@ class FolderData(SegmentationData):
                 folder_splits[stem] = name
             found.update(split_images)
             self.masks.update(split_masks)
+        return found, test, folder_splits
+
+    def find_listed(self, lists: dict[str, str]) -> tuple[dict, dict, dict]:
+        """find_pairs' (images, test images, splits) of split lists whose lines name an image and its mask: each
+        file found by its name and the folders above it (lists written on another machine name its paths); the id
+        is the image's stem, the mask the line's second file. A test list's lines may name the image alone."""
+        found, test, folder_splits = {}, {}, {}
+        self.masks, self.test_masks = {}, {}
+        for name, spec in lists.items():
+            listing = resolve(self.root, spec)
+            for image_id, image_text, mask_text in read_split_list(listing):
+                if not image_text or (not mask_text and name != "test"):
+                    raise DataError(
+                        f"{listing}: the line of {image_id} names {'no mask' if image_text else 'no file'}; list each "
+                        "image and its mask on one line (as SegNet's lists do) in every list, or ids alone"
+                    )
+                image = find_listed_file(self.root, image_text, listing, "image")
+                mask = find_listed_file(self.root, mask_text, listing, "mask") if mask_text else None
+                (test if name == "test" else found)[image_id] = image
+                if mask is not None:
+                    (self.test_masks if name == "test" else self.masks)[image_id] = mask
+                if name != "test":
+                    folder_splits[image_id] = name
         return found, test, folder_splits
 
     def refuse_lossy_masks(self) -> None:
@@ -280,6 +319,37 @@ def pair_folders(root: Path, images: str, masks: str) -> tuple[Path, Path]:
         ((root / a, root / b) for a, b in FOLDER_PAIRS if (root / a).is_dir() and (root / b).is_dir()),
         (root / "images", root / "masks"),
     )
+
+
+def image_folders_hint(root: Path) -> str:
+    """A sentence naming the data folder's folders of images (``train/ holds 367 PNGs``) and the flags that would
+    read them: ``--split`` when they are split folders with their mask folders beside (CamVid's), else ``--images``
+    and ``--masks``; "" when no folder holds images."""
+    held = {}
+    for folder in sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        kinds = collections.Counter(
+            path.suffix[1:].upper() for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if kinds:
+            held[folder.name] = " and ".join(
+                f"{count} {kind}{'s' * (count > 1)}" for kind, count in kinds.most_common()
+            )
+    if not held:
+        return ""
+    shown = ", ".join(f"{name}/ holds {files}" for name, files in list(held.items())[:8])
+    paired = [
+        name
+        for name in SPLIT_NAMES
+        if name in held and (name == "test" or any(name + suffix in held for suffix in MASK_FOLDER_SUFFIXES))
+    ]
+    if "train" in paired:
+        split = ",".join(f"{name}={name}" for name in paired)
+        lists = [name for name in paired if (root / f"{name}.txt").is_file()]
+        listed = f" (or its lists: --split {','.join(f'{name}={name}.txt' for name in lists)})" if lists else ""
+        flags = f"one folder pair per split: pass --split {split}{listed}; or name the image and mask folders"
+    else:
+        flags = "name the image and mask folders"
+    return f" {shown}{' ...' * (len(held) > 8)}: {flags} with --images DIR --masks DIR."
 
 
 def by_id(files: dict[str, Path], suffix: str) -> tuple[dict[str, Path], list[str]]:
@@ -506,9 +576,11 @@ def open_data(
     split_parts = parse_split(split) if split else {}
     by_id_lists = bool(split_parts) and is_id_list(next(iter(split_parts.values())))
     folder_split = {} if by_id_lists else split_parts
-    if folder_options.get("images") or folder_options.get("masks") or folder_split:
-        layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
-    layout = detect_layout(root) if layout == "auto" else layout
+    # Lists naming each image and its mask (SegNet's CamVid) say where the files are: the folders layout reads them.
+    listed_files = split_parts if by_id_lists and root.is_dir() and lists_pair_files(root, split_parts) else {}
+    if folder_options.get("images") or folder_options.get("masks") or folder_split or listed_files:
+        layout = "folders" if layout == "auto" else layout
+    layout = detect_layout(root, found_hint=image_folders_hint) if layout == "auto" else layout
     test_folder = Path(test_images) if test_images else None
     if test_folder is not None and not test_folder.exists() and (root / test_folder).is_dir():
         test_folder = root / test_folder  # named relative to the data folder, as --images and --masks are
@@ -528,6 +600,7 @@ def open_data(
         "split_parts": split_parts,
         "by_id_lists": by_id_lists,
         "folder_split": folder_split,
+        "listed_files": listed_files,
         "folder_options": folder_options,
     }
     data = reader.open(root, test_folder, options)

