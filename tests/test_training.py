@@ -293,7 +293,8 @@ def test_data_folder_without_masks(tiny_config, tmp_path, capsys):
         ],
         capsys,
     )
-    assert code == 2 and "train_masks.csv: not found" in error
+    assert code == 2 and "no data layout recognised" in error, error  # a train/ alone is not Carvana's
+    assert "train/ holds 80 JPGs" in error and "Carvana (train/ + train_masks/ or train_masks.csv" in error, error
 
 
 def test_unreadable_weights_file(tmp_path):
