@@ -205,7 +205,9 @@ def write_predictions(
     if not finished:
         log_stopped(output.path, writer.written(), len(order), deadline)
         return None
-    result = writer.finish(order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done)
+    result = writer.finish(
+        order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done
+    )
     log_written(writer.summary(result), predicted, seconds)
     return result
 
@@ -218,7 +220,11 @@ def write_submission(ensemble: Ensemble, data, out: str | Path, threshold: float
 
 def log_written(summary: str, predicted: int, seconds: float) -> None:
     logger.info(
-        "%s, %d predicted in %.1f s (%.1f img/s), validated", summary, predicted, seconds, predicted / max(seconds, 1e-9)
+        "%s, %d predicted in %.1f s (%.1f img/s), validated",
+        summary,
+        predicted,
+        seconds,
+        predicted / max(seconds, 1e-9),
     )
 
 

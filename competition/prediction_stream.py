@@ -217,7 +217,10 @@ def predict_into(
     batch_size = max((len(batch) for batch in batches), default=1)
     fix = f"lower --batch-size (now {batch_size}); what is already written is kept and --resume continues from it"
     loader = prediction_loader(dataset, index_batches, workers, ensemble.device)
-    with explain_out_of_memory(f"a batch of {batch_size} test images", fix), ThreadPoolExecutor(max(1, workers)) as pool:
+    with (
+        explain_out_of_memory(f"a batch of {batch_size} test images", fix),
+        ThreadPoolExecutor(max(1, workers)) as pool,
+    ):
         pending = []
         try:
             for batch, images in device_batches(loader, ensemble.device):

@@ -213,7 +213,9 @@ class PngFolder:
     def __init__(self, output: Output):
         self.path, self.output = Path(output.path), output
         if self.path.suffix.lower() == ".csv" or (self.path.exists() and not self.path.is_dir()):
-            raise ConfigError(f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV")
+            raise ConfigError(
+                f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV"
+            )
         self.description = "palette PNG masks"
 
     def order(self, data) -> list[str]:

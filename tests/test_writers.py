@@ -149,7 +149,9 @@ def test_a_killed_shard_worker_of_a_png_run_resumed_gives_the_same_files(parts, 
     assert 0 < len(list(out.glob("*.png"))) < 32, "killed mid-way"
     assert not list(out.glob("*.partial")), "no half-written mask"
     infer.main([*flags, "--devices", "cpu,cpu", "--resume"])
-    infer.main(["--checkpoints", str(run), "--workers", "0", "--batch-size", "1", "--out", str(tmp_path / "uninterrupted")])
+    infer.main(
+        ["--checkpoints", str(run), "--workers", "0", "--batch-size", "1", "--out", str(tmp_path / "uninterrupted")]
+    )
     assert masks_of(out) == masks_of(tmp_path / "uninterrupted") and len(masks_of(out)) == 32
 
 
