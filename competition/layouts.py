@@ -444,6 +444,7 @@ LAYOUT_CHOICES = layout_choices()  # the values --layout takes (a layout registe
 DATA_SETTINGS = (
     "layout",
     "classes",
+    "labels",
     "ignore_index",
     "pet_border",
     "mask_source",
@@ -490,6 +491,7 @@ def open_data(
     *,
     split: str = "",
     in_channels: int = 3,
+    labels: str = "",
     **folder_options,
 ):
     """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
@@ -513,8 +515,11 @@ def open_data(
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(layout_choices())}")
     if given and not reader.reads_folder_settings:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
+    if labels and layout != "labelme":
+        raise ConfigError(f"--labels is for labelme JSON files (--layout labelme); {root} is read as {layout}")
     options = {
         "classes": classes,
+        "labels": labels,
         "ignore_index": ignore_index,
         "pet_border": pet_border,
         "mask_source": mask_source,
