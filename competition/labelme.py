@@ -33,6 +33,7 @@ class LabelmeData(SegmentationData):
     installs PyQt5 and imports Qt at start-up, which a headless notebook or CI machine does not have."""
 
     layout = "labelme"
+    needs = "labelme JSON files (*.json) beside their images"
 
     @staticmethod
     def detect(root: Path) -> bool:
@@ -53,7 +54,7 @@ class LabelmeData(SegmentationData):
         if missing:
             logger.warning("%s: %d labelme JSON(s) without their image, e.g. %s", root, len(missing), missing[:3])
         names, self.labels_file = labelme_classes(root, classes, labels)
-        if not names:
+        if not names and images:
             found = sorted({shape["label"] for stem in images for shape in self._shapes(stem)} - {IGNORE_NAME})
             names = [BACKGROUND_NAME] + [label for label in found if label != BACKGROUND_NAME]
             logger.warning(
@@ -65,6 +66,7 @@ class LabelmeData(SegmentationData):
                 BACKGROUND_NAME,
                 ", ".join(names),
             )
+        names = names or [BACKGROUND_NAME]  # no image: nothing is read, and open() says what the folder lacks
         super().__init__(
             root, images, names, ignore_index, files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
         )

@@ -53,6 +53,10 @@ class FolderData(SegmentationData):
     recognised), or colours of a colour table."""
 
     layout = "folders"
+    needs = (
+        "images/ + masks/ (or VOC's JPEGImages/ + SegmentationClass/ or SegmentationClassPNG/), or the folders "
+        "--images and --masks name"
+    )
     reads_folder_settings = True
 
     @staticmethod
@@ -388,6 +392,7 @@ class PetData(SegmentationData):
     3 border). Classes: background, pet; the border is ignored, or a class of its own with ``pet_border=class``."""
 
     layout = "pet"
+    needs = "Oxford-IIIT Pet as downloaded: images/ + annotations/trimaps/"
 
     @staticmethod
     def detect(root: Path) -> bool:
@@ -504,6 +509,7 @@ def open_data(
     folder_split = {} if by_id_lists else split_parts
     if folder_options.get("images") or folder_options.get("masks") or folder_split:
         layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
+    forced = layout != "auto"
     layout = detect_layout(root) if layout == "auto" else layout
     test_folder = Path(test_images) if test_images else None
     if test_folder is not None and not test_folder.exists() and (root / test_folder).is_dir():
@@ -518,6 +524,7 @@ def open_data(
     if labels and layout != "labelme":
         raise ConfigError(f"--labels is for labelme JSON files (--layout labelme); {root} is read as {layout}")
     options = {
+        "forced": forced,
         "classes": classes,
         "labels": labels,
         "ignore_index": ignore_index,

@@ -61,6 +61,40 @@ def test_labelme_label_outside_the_classes_names_the_file(tmp_path):
         open_data(root).read_mask("scene0_1")
 
 
+@pytest.mark.parametrize(
+    "held, forced, needs",
+    [
+        ("folders", "labelme", "labelme JSON files"),
+        ("folders", "pet", "images/ + annotations/trimaps/"),
+        ("labelme", "folders", "images/ + masks/"),
+        ("labelme", "pet", "images/ + annotations/trimaps/"),
+        ("pet", "labelme", "labelme JSON files"),
+        ("pet", "folders", "images/ + masks/"),
+        (None, "labelme", "labelme JSON files"),
+    ],
+)
+def test_a_forced_layout_that_does_not_match_says_what_it_needs_not_to_force_one(tmp_path, held, forced, needs):
+    import shutil
+
+    root = tmp_path / "data"
+    root.mkdir()
+    if held:
+        {"folders": make_folders, "labelme": make_labelme, "pet": make_pet}[held](root)
+        shutil.rmtree(root / "test")  # no test images either: nothing at all as the forced layout
+    with pytest.raises(DataError) as error:
+        open_data(root, layout=forced)
+    message = str(error.value)
+    assert f"no images found as --layout {forced}: it needs " in message and needs in message
+    assert "Force one" not in message
+    if held:
+        assert f"(read as the {held} layout: --layout {held}, or auto)" in message
+        assert {"folders": "images/, masks/", "labelme": "scene0_1.json", "pet": "annotations/, images/"}[
+            held
+        ] in message
+    else:
+        assert message.endswith("found nothing")
+
+
 LABELME_ORDER = "__ignore__\n_background_\nsquare\ndisc\nbox\n"  # labelme's labels.txt, not alphabetical
 
 
