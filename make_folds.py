@@ -8,7 +8,7 @@ from competition.config import add_config_arguments, resolve_config
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
-from competition.folds import fold_summary
+from competition.folds import fold_summary_text
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
 
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as partial:
         partial.write_text(text)
-    summary = fold_summary(folds, args.stratify)
-    for column in [column for column in folds.columns if column.startswith("with ")]:
-        summary[f"images {column}"] = folds.groupby("fold")[column].sum()
-    logger.info("%s", summary.to_string())
+    logger.info("%s", fold_summary_text(folds, args.stratify))
     groups = folds["car_id" if "car_id" in folds.columns else "group"].nunique()
     logger.info("%d images of %d groups in %d folds -> %s", len(folds), groups, folds["fold"].nunique(), args.out)
 

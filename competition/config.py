@@ -43,6 +43,12 @@ class TrainConfig:
     classes: str = setting(
         "", "class names a,b,c, background first; empty: classes.txt, labelme's labels.txt or the layout's rule"
     )
+    labels: str = setting(
+        "",
+        "labelme: its classes file, labelme's labels.txt (__ignore__, _background_, then the classes) or "
+        "labelme2voc's class_names.txt, numbered as labelme numbers them (default: labels.txt beside the JSON "
+        "files, then one folder up)",
+    )
     ignore_index: int = setting(255, "mask value left out of losses and metrics (VOC's border)")
     pet_border: str = setting("ignore", "Oxford-IIIT Pet trimap border: ignore, or class (a class of its own)")
     images: str = setting(

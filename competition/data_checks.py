@@ -6,20 +6,34 @@ from competition.errors import DataError
 
 
 def absent_class_problems(names: list[str], train_counts: np.ndarray, val_counts: np.ndarray | None) -> list[str]:
-    """One line for each class no training mask holds (pixel counts per class, the ignore index left out):
-    a mislabelled classes file or shifted indices, found before hours are spent training on it."""
-    problems = []
+    """One line naming every class no training mask holds (pixel counts per class, the ignore index left out),
+    however many there are: a mislabelled classes file or shifted indices, found before hours are spent
+    training on it. Empty when every class is there."""
+    nowhere, validation_only = [], []
     for index, name in enumerate(names):
         if train_counts[index] > 0:
             continue
         in_val = int(val_counts[index]) if val_counts is not None else 0
-        where = f"only in validation ({in_val} pixels)" if in_val else "in no mask"
-        problems.append(f"class {index} {name!r} is {where}: 0 of {int(train_counts.sum())} training pixels")
-    return problems
+        if in_val:
+            validation_only.append(f"{index} {name!r} ({in_val} pixels)")
+        else:
+            nowhere.append(f"{index} {name!r}")
+    if not nowhere and not validation_only:
+        return []
+    parts = []
+    if nowhere:
+        parts.append(f"{', '.join(nowhere)} {'is' if len(nowhere) == 1 else 'are'} in no mask")
+    if validation_only:
+        parts.append(f"{', '.join(validation_only)} {'is' if len(validation_only) == 1 else 'are'} only in validation")
+    absent = len(nowhere) + len(validation_only)
+    return [
+        f"{absent} of the {len(names)} classes {'has' if absent == 1 else 'have'} 0 of the {int(train_counts.sum())} training pixels: class "
+        + "; class ".join(parts)
+    ]
 
 
 def report_absent_classes(names: list[str], train_counts, val_counts, strict: bool, warn) -> None:
-    """Warn of each absent class (``warn``: a logger's warning), or stop with them all under ``strict``."""
+    """Warn once of the absent classes (``warn``: a logger's warning), or stop naming them under ``strict``."""
     problems = absent_class_problems(
         names, np.asarray(train_counts), None if val_counts is None else np.asarray(val_counts)
     )

@@ -149,6 +149,28 @@ def fold_summary(folds: pd.DataFrame, strata_column: str | None = None) -> pd.Da
     return summary
 
 
+SUMMARY_WIDTH = 100  # columns the fold summary fits in, however many classes and folds
+SUMMARY_NAME_WIDTH = 40  # a longer class name is cut to this many characters in the summary
+
+
+def fold_summary_text(folds: pd.DataFrame, strata_column: str | None = None, width: int = SUMMARY_WIDTH) -> str:
+    """The fold summary as printed: groups (or cars) and images per fold, then, when the folds were stratified by
+    class, the images holding each class per fold, one class a row (so that 40 classes make 40 short lines, not
+    one 800-character row); folds past ``width`` wrap onto further blocks."""
+    text = fold_summary(folds, strata_column).to_string(line_width=width)
+    columns = [column for column in folds.columns if column.startswith("with ")]
+    if not columns:
+        return text
+    per_class = folds.groupby("fold")[columns].sum().T
+    per_class.index = [_cut(column.removeprefix("with "), SUMMARY_NAME_WIDTH) for column in columns]
+    per_class.index.name = "images with"
+    return f"{text}\n{per_class.to_string(line_width=width)}"
+
+
+def _cut(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
 def read_folds(path) -> pd.DataFrame:
     """A folds CSV written by make_folds.py (Carvana's ``img,car_id,fold`` or ``img,group,fold``), checked for
     its columns and for groups crossing folds; ``group`` is always there (Carvana's: the car)."""

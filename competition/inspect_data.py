@@ -79,21 +79,23 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     counts, ignored, problems = scan_masks(data, train_ids, progress)
     problems = list(data.class_problems) + problems  # first: what every other line's classes depend on
     problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
-    total = max(int(counts.sum()) + ignored, 1)
+    labelled, every = max(int(counts.sum()), 1), max(int(counts.sum()) + ignored, 1)  # ignored pixels: apart
     lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
-    lines += [f"  {index:3d} {name:<20} {100 * counts[index] / total:7.3f}%" for index, name in enumerate(data.classes)]
+    lines += [
+        f"  {index:3d} {name:<20} {100 * counts[index] / labelled:7.3f}%" for index, name in enumerate(data.classes)
+    ]
     stored = getattr(data, "stored_ignore_index", data.ignore_index)
     if data.mask_values is not None and stored in data.mask_values:  # 0/255 masks: 255 is the foreground here
         owner = data.classes[list(data.mask_values).index(stored)]
         if ignores_other_values:  # the values no class keeps are ignored even so
             lines.append(
-                f"ignored (stored values no class keeps): {100 * ignored / total:.3f}% of the pixels; "
+                f"ignored (stored values no class keeps): {100 * ignored / every:.3f}% of all pixels; "
                 f"{stored} is the stored value of class {owner!r}"
             )
         else:
             lines.append(f"ignore index: none ({stored} is the stored value of class {owner!r})")
     else:
-        lines.append(f"ignore index {stored}: {100 * ignored / total:.3f}% of the pixels")
+        lines.append(f"ignore index {stored}: {100 * ignored / every:.3f}% of all pixels, left out of the shares above")
     problems += absent_class_problems(data.classes, counts, None)
     return lines, problems
 

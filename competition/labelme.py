@@ -11,11 +11,19 @@ from PIL import Image, ImageDraw, ImageOps
 
 from competition.data import _decoding, image_to_array
 from competition.errors import DataError
-from competition.segmentation_data import IMAGE_EXTENSIONS, SegmentationData, classes_from, files_by_stem
+from competition.segmentation_data import (
+    IMAGE_EXTENSIONS,
+    SegmentationData,
+    files_by_stem,
+    parse_classes,
+    read_class_names,
+)
+from competition.splits import resolve
 
 logger = logging.getLogger("competition.layouts")
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of a photo's orientation
+IGNORE_NAME, BACKGROUND_NAME = "__ignore__", "_background_"  # labelme's names: the ignore index, class 0
 
 
 class LabelmeData(SegmentationData):
@@ -25,6 +33,7 @@ class LabelmeData(SegmentationData):
     installs PyQt5 and imports Qt at start-up, which a headless notebook or CI machine does not have."""
 
     layout = "labelme"
+    needs = "labelme JSON files (*.json) beside their images"
 
     @staticmethod
     def detect(root: Path) -> bool:
@@ -32,9 +41,9 @@ class LabelmeData(SegmentationData):
 
     @classmethod
     def read(cls, root: Path, test_folder: Path | None, options: dict) -> "LabelmeData":
-        return cls(root, options["classes"], options["ignore_index"], test_folder)
+        return cls(root, options["classes"], options["ignore_index"], test_folder, options.get("labels", ""))
 
-    def __init__(self, root: Path, classes: str, ignore_index: int, test_images: Path | None):
+    def __init__(self, root: Path, classes: str, ignore_index: int, test_images: Path | None, labels: str = ""):
         self.annotations = {path.stem: path for path in sorted(root.glob("*.json")) if not path.name.startswith("._")}
         images = files_by_stem(root, IMAGE_EXTENSIONS)
         unlabelled = sorted(set(images) - set(self.annotations))
@@ -44,11 +53,20 @@ class LabelmeData(SegmentationData):
         missing = sorted(set(self.annotations) - set(images))
         if missing:
             logger.warning("%s: %d labelme JSON(s) without their image, e.g. %s", root, len(missing), missing[:3])
-        names = classes_from(root, classes, ("labels.txt", "classes.txt"))
-        if not names:
-            labels = sorted({shape["label"] for stem in images for shape in self._shapes(stem)} - {"__ignore__"})
-            names = ["_background_"] + [label for label in labels if label != "_background_"]
-            logger.warning("%s: no labels.txt: classes from the JSON files' labels: %s", root, ", ".join(names))
+        names, self.labels_file = labelme_classes(root, classes, labels)
+        if not names and images:
+            found = sorted({shape["label"] for stem in images for shape in self._shapes(stem)} - {IGNORE_NAME})
+            names = [BACKGROUND_NAME] + [label for label in found if label != BACKGROUND_NAME]
+            logger.warning(
+                "%s: no labels.txt here or in %s: classes from the JSON files' labels, %s first, then in "
+                "alphabetical order: %s; their indices will differ from labelme's (labelme2voc numbers the classes "
+                "in its labels.txt's order): pass --labels FILE, labelme's labels.txt or labelme2voc's class_names.txt",
+                root,
+                root.parent,
+                BACKGROUND_NAME,
+                ", ".join(names),
+            )
+        names = names or [BACKGROUND_NAME]  # no image: nothing is read, and open() says what the folder lacks
         super().__init__(
             root, images, names, ignore_index, files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
         )
@@ -79,18 +97,70 @@ class LabelmeData(SegmentationData):
 
     def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         height, width = self.image_shape(image_id)
-        index = {name: value for value, name in enumerate(self.classes)} | {"__ignore__": self.ignore_index}
+        index = {name: value for value, name in enumerate(self.classes)} | {IGNORE_NAME: self.ignore_index}
         source = str(self.annotations[image_id])
         canvas = Image.new("L", (width, height), 0)
         for shape in self._shapes(image_id):
             label = shape.get("label")
             if label not in index:
                 raise DataError(
-                    f"{source}: label {label!r} is not a class ({', '.join(self.classes)}); add it to labels.txt "
-                    "or --classes"
+                    f"{source}: label {label!r} is not a class ({', '.join(self.classes)}); add it to "
+                    f"{self.labels_file or 'labels.txt'}, or name the classes with --labels FILE or --classes"
                 )
             draw_shape(canvas, shape, index[label], source)
         return np.array(canvas, dtype=np.uint8), source  # a writable copy, as every other layout gives
+
+
+def labelme_classes(root: Path, classes: str, labels: str) -> tuple[list[str] | None, str]:
+    """(the class names, the file they came from): ``--classes``; else ``--labels FILE``; else ``labels.txt`` or
+    ``classes.txt`` beside the JSON files; else ``labels.txt`` one folder up, where labelme's own example keeps it
+    (``data_annotated/`` beside ``labels.txt``); else (None, ""). A labels file is labelme's ``labels.txt``
+    (``__ignore__``, the ignore index, then ``_background_``, class 0, then the classes) or labelme2voc's
+    ``class_names.txt`` (``_background_``, then the classes): the classes are numbered as labelme2voc numbers
+    them. ``--classes`` with ``--labels`` (as a run's saved settings give them back) must agree, when the file
+    is here to compare."""
+    path = _labels_path(root, labels) if labels else None
+    if classes:
+        given = parse_classes(classes)
+        if path is not None and path.is_file() and read_labels_file(path) != given:
+            raise DataError(
+                f"--classes {classes!r} and --labels {labels} ({read_labels_file(path)}) disagree; give one of them"
+            )
+        return given, str(path or "")
+    if path is not None:
+        if not path.is_file():
+            raise DataError(
+                f"--labels {labels}: labels file not found (relative to --data-dir {root}, or to the current folder)"
+            )
+        return read_labels_file(path), str(path)
+    for place in (root / "labels.txt", root / "classes.txt", root.parent / "labels.txt"):
+        if place.is_file():
+            names = read_labels_file(place)
+            if place.parent != root:
+                logger.info("%s: classes from %s (one folder up): %s", root, place, ", ".join(names))
+            return names, str(place)
+    return None, ""
+
+
+def _labels_path(root: Path, labels: str) -> Path:
+    """``--labels``: relative to the data folder (as --colors is), else to the current folder, or absolute."""
+    path = resolve(root, labels)
+    return path if path.is_file() or not Path(labels).expanduser().is_file() else Path(labels).expanduser()
+
+
+def read_labels_file(path: Path) -> list[str]:
+    """The class names of labelme's ``labels.txt`` or labelme2voc's ``class_names.txt``, in labelme2voc's order
+    (``__ignore__`` left out: it names the ignore index), checked: two at least, none twice, ``_background_``
+    (when named) first, as labelme2voc requires."""
+    names = read_class_names(path)
+    if len(names) < 2:
+        raise DataError(f"{path}: name at least two classes, one a line, background first")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: {repeated} listed more than once")
+    if BACKGROUND_NAME in names and names[0] != BACKGROUND_NAME:
+        raise DataError(f"{path}: {BACKGROUND_NAME} is class 0 in labelme2voc: list it first (after __ignore__)")
+    return names
 
 
 LABELME_LINE_WIDTH, LABELME_POINT_RADIUS = 10, 5  # as labelme's own shape_to_mask draws lines and points

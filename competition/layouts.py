@@ -65,6 +65,10 @@ class FolderData(SegmentationData):
     recognised), or colours of a colour table."""
 
     layout = "folders"
+    needs = (
+        "images/ + masks/ (or VOC's JPEGImages/ + SegmentationClass/ or SegmentationClassPNG/), or the folders "
+        "--images and --masks name"
+    )
     reads_folder_settings = True
 
     @staticmethod
@@ -464,6 +468,7 @@ class PetData(SegmentationData):
     3 border). Classes: background, pet; the border is ignored, or a class of its own with ``pet_border=class``."""
 
     layout = "pet"
+    needs = "Oxford-IIIT Pet as downloaded: images/ + annotations/trimaps/"
 
     @staticmethod
     def detect(root: Path) -> bool:
@@ -520,6 +525,7 @@ LAYOUT_CHOICES = layout_choices()  # the values --layout takes (a layout registe
 DATA_SETTINGS = (
     "layout",
     "classes",
+    "labels",
     "ignore_index",
     "pet_border",
     "mask_source",
@@ -566,6 +572,7 @@ def open_data(
     *,
     split: str = "",
     in_channels: int = 3,
+    labels: str = "",
     **folder_options,
 ):
     """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
@@ -579,7 +586,8 @@ def open_data(
     # Lists naming each image and its mask (SegNet's CamVid) say where the files are: the folders layout reads them.
     listed_files = split_parts if by_id_lists and root.is_dir() and lists_pair_files(root, split_parts) else {}
     if folder_options.get("images") or folder_options.get("masks") or folder_split or listed_files:
-        layout = "folders" if layout == "auto" else layout
+        layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
+    forced = layout != "auto"
     layout = detect_layout(root, found_hint=image_folders_hint) if layout == "auto" else layout
     test_folder = Path(test_images) if test_images else None
     if test_folder is not None and not test_folder.exists() and (root / test_folder).is_dir():
@@ -591,8 +599,12 @@ def open_data(
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(layout_choices())}")
     if given and not reader.reads_folder_settings:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
+    if labels and layout != "labelme":
+        raise ConfigError(f"--labels is for labelme JSON files (--layout labelme); {root} is read as {layout}")
     options = {
+        "forced": forced,
         "classes": classes,
+        "labels": labels,
         "ignore_index": ignore_index,
         "pet_border": pet_border,
         "mask_source": mask_source,

@@ -10,7 +10,7 @@ from PIL import Image
 from competition.data import _decoding, _image_shape, decode_image_and_shape
 from competition.errors import DataError
 from competition.folds import labelled_folds
-from competition.layout_registry import LAYOUT_HELP, known_data_set_hint
+from competition.layout_registry import LAYOUT_HELP, LAYOUTS, known_data_set_hint
 from competition.mask_values import value_histogram
 from competition.splits import read_id_list, resolve
 
@@ -86,6 +86,7 @@ class SegmentationData:
     """
 
     layout = "folders"
+    needs = ""  # what the layout needs in a data folder, said when --layout names it and the folder holds none
     fixed_image_size = False  # images of any size: validation batches group images of one size
     fixed_classes = False  # classes (and stored mask values) come from the data and are saved into the run's config
     submission_format = "png"  # a palette PNG of class indices per test image
@@ -131,12 +132,15 @@ class SegmentationData:
     def open(cls, root: Path, test_folder: Path | None, options: dict) -> "SegmentationData":
         """The data folder read by ``read``, its official split applied (``options["split_parts"]`` given as id
         lists), checked to hold images and an ignore index outside the classes."""
+        forced = options.get("forced", False)  # named by --layout: the help then says what it needs, not to force one
         if not root.is_dir():
-            raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
+            raise DataError(f"{root}: data folder not found. {'Check --data-dir' if forced else LAYOUT_HELP}")
         data = cls.read(root, test_folder, options)
         if options["by_id_lists"]:  # --test-images wins over the test list
             apply_id_lists(data, options["split_parts"], keep_test_images=test_folder is not None)
         if not data.images and not data.test_images:
+            if forced:
+                raise DataError(f"{root}: no images found as --layout {cls.layout}: {not_this_layout(cls, root)}")
             raise DataError(
                 f"{root}: no images found as the {data.layout} layout.{known_data_set_hint(root)} {LAYOUT_HELP}"
             )
@@ -282,6 +286,18 @@ def classes_from(root: Path, classes: str, file_names: tuple[str, ...]) -> list[
                 raise DataError(f"{root / name}: name at least two classes, one a line, background first")
             return names
     return None
+
+
+def not_this_layout(layout: type, root: Path) -> str:
+    """What a layout named by --layout needs, what ``root`` holds instead, and the layout that holds, if one
+    does: e.g. ``it needs labelme JSON files (*.json) beside their images; found images/, masks/, classes.txt
+    (read as the folders layout: --layout folders, or auto)``."""
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    shown = [entry.name + "/" * entry.is_dir() for entry in entries if not entry.name.startswith(".")][:8]
+    found = ", ".join(shown) + (f" and {len(entries) - len(shown)} more" if len(entries) > len(shown) else "")
+    others = [name for name, other in LAYOUTS.items() if other is not layout and other.detect(root)]
+    hint = f" (read as the {others[0]} layout: --layout {others[0]}, or auto)" if others else ""
+    return f"it needs {layout.needs or LAYOUT_HELP}; found {found or 'nothing'}{hint}{known_data_set_hint(root)}"
 
 
 def apply_id_lists(data: SegmentationData, parts: dict[str, str], keep_test_images: bool = False) -> None:

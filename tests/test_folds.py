@@ -246,3 +246,48 @@ def test_carvana_folds_are_those_make_folds_wrote_before_the_layout_registry(tmp
         out = tmp_path / f"folds{len(flags)}.csv"
         make_folds_main(["--data-dir", str(root), "--n-folds", "5", "--seed", "42", "--out", str(out), *flags])
         assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+def _many_classes(root, count: int) -> list[str]:
+    """The folders fixture (classes 0..3 in its masks) with ``count`` classes named, the rest in no mask."""
+    from tests.layout_fixtures import make_folders
+
+    names = ["background", "box", "disc", "square"] + [f"a_class_of_a_long_name_{index}" for index in range(4, count)]
+    make_folders(root)
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+@pytest.mark.parametrize("count", [21, 40])
+def test_the_fold_summary_fits_100_columns_however_many_classes(tmp_path, caplog, count):
+    import logging
+
+    from make_folds import main as make_folds
+
+    names = _many_classes(tmp_path / "data", count)
+    with caplog.at_level(logging.INFO, logger="competition"):
+        make_folds(["--data-dir", str(tmp_path / "data"), "--n-folds", "4", "--out", str(tmp_path / "f.csv")])
+    text = next(record.getMessage() for record in caplog.records if "groups" in record.getMessage())
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert all(name in text for name in names)  # every class's count is still there, one class a row
+
+
+def test_the_classes_no_training_mask_holds_are_one_warning(caplog):
+    import logging
+
+    import numpy as np
+
+    from competition.data_checks import report_absent_classes
+
+    names = ["background"] + [f"class_{index}" for index in range(1, 21)]
+    train = np.array([100] * 7 + [0] * 14)
+    val = np.array([10] * 7 + [5] + [0] * 13)
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        report_absent_classes(names, train, val, False, logging.getLogger("competition.fold_data").warning)
+    assert len(caplog.records) == 1, caplog.text
+    message = caplog.records[0].getMessage()
+    assert message.startswith("14 of the 21 classes have 0 of the 700 training pixels")
+    assert all(f"{index} 'class_{index}'" in message for index in range(7, 21))
+    assert "7 'class_7' (5 pixels) is only in validation" in message
+    with pytest.raises(DataError, match="14 of the 21 classes"):
+        report_absent_classes(names, train, val, True, logging.getLogger("competition.fold_data").warning)

@@ -62,6 +62,107 @@ def test_labelme_label_outside_the_classes_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "held, forced, needs",
+    [
+        ("folders", "labelme", "labelme JSON files"),
+        ("folders", "pet", "images/ + annotations/trimaps/"),
+        ("labelme", "folders", "images/ + masks/"),
+        ("labelme", "pet", "images/ + annotations/trimaps/"),
+        ("pet", "labelme", "labelme JSON files"),
+        ("pet", "folders", "images/ + masks/"),
+        (None, "labelme", "labelme JSON files"),
+    ],
+)
+def test_a_forced_layout_that_does_not_match_says_what_it_needs_not_to_force_one(tmp_path, held, forced, needs):
+    import shutil
+
+    root = tmp_path / "data"
+    root.mkdir()
+    if held:
+        {"folders": make_folders, "labelme": make_labelme, "pet": make_pet}[held](root)
+        shutil.rmtree(root / "test")  # no test images either: nothing at all as the forced layout
+    with pytest.raises(DataError) as error:
+        open_data(root, layout=forced)
+    message = str(error.value)
+    assert f"no images found as --layout {forced}: it needs " in message and needs in message
+    assert "Force one" not in message
+    if held:
+        assert f"(read as the {held} layout: --layout {held}, or auto)" in message
+        assert {"folders": "images/, masks/", "labelme": "scene0_1.json", "pet": "annotations/, images/"}[
+            held
+        ] in message
+    else:
+        assert message.endswith("found nothing")
+
+
+LABELME_ORDER = "__ignore__\n_background_\nsquare\ndisc\nbox\n"  # labelme's labels.txt, not alphabetical
+
+
+def _labelme2voc_mask(tmp_path, image_id: str) -> np.ndarray:
+    """The mask labelme2voc writes with LABELME_ORDER: each class its line's number less one (_background_ 0,
+    square 1, disc 2, box 3), __ignore__ -1, which its uint8 PNG stores as 255; drawn as the fixture draws it."""
+    alphabetical = open_data(make_labelme(tmp_path / "alphabetical")).read_mask(image_id)  # box 1, disc 2, square 3
+    lookup = np.arange(256, dtype=np.uint8)
+    lookup[[1, 2, 3]] = [3, 2, 1]
+    return lookup[alphabetical]
+
+
+def test_labelme_labels_txt_one_folder_up_numbers_the_classes_as_labelme(tmp_path, caplog):
+    """labelme's example as shipped: data_annotated/*.json, labels.txt one level up."""
+    root = make_labelme(tmp_path / "example" / "data_annotated", labels_file=False)
+    (tmp_path / "example" / "labels.txt").write_text(LABELME_ORDER)
+    with caplog.at_level(logging.INFO, logger="competition"):
+        data = open_data(root)
+    assert data.classes == ["_background_", "square", "disc", "box"]
+    assert data.classes.index("box") == 3  # its line in labels.txt, less one (__ignore__ is -1)
+    assert "labels.txt (one folder up)" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    for image_id in ("scene0_1", "scene1_2"):  # scene0_1 holds the square (drawn over the box) and the ignore strip
+        np.testing.assert_array_equal(data.read_mask(image_id), _labelme2voc_mask(tmp_path, image_id))
+
+
+@pytest.mark.parametrize(
+    "text", [LABELME_ORDER, "_background_\nsquare\ndisc\nbox\n"], ids=["labels.txt", "labelme2voc class_names.txt"]
+)
+def test_labelme_labels_flag_takes_labelme_and_labelme2voc_files_and_is_saved(tmp_path, text):
+    from competition.config import config_from
+    from competition.fold_data import open_training_data
+
+    root = make_labelme(tmp_path / "data", labels_file=False)
+    (tmp_path / "names").mkdir()
+    (tmp_path / "names" / "class_names.txt").write_text(text)
+    config, data = open_training_data(config_from({"data_dir": str(root), "labels": "../names/class_names.txt"}))
+    assert data.classes == ["_background_", "square", "disc", "box"]
+    np.testing.assert_array_equal(data.read_mask("scene0_1"), _labelme2voc_mask(tmp_path, "scene0_1"))
+    # The run's saved settings (classes resolved, --labels kept) read the folder again, as infer.py does.
+    assert config.classes == "_background_,square,disc,box" and config.labels == "../names/class_names.txt"
+    assert open_training_data(config)[1].classes == data.classes
+    with pytest.raises(DataError, match=r"--classes '_background_,box,disc,square' and --labels .* disagree"):
+        open_data(root, classes="_background_,box,disc,square", labels="../names/class_names.txt")
+
+
+def test_labelme_without_a_labels_file_warns_that_the_indices_differ_and_names_the_flag(tmp_path, caplog):
+    root = make_labelme(tmp_path / "data_annotated", labels_file=False)
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        open_data(root)
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "--labels" in message and "will differ from labelme's" in message and str(tmp_path) in message
+
+
+def test_labelme_labels_flag_refusals(tmp_path):
+    from competition.errors import ConfigError
+
+    root = make_labelme(tmp_path / "data", labels_file=False)
+    with pytest.raises(DataError, match=r"--labels nowhere.txt: labels file not found"):
+        open_data(root, labels="nowhere.txt")
+    (root / "bad.txt").write_text("__ignore__\nbox\n_background_\n")
+    with pytest.raises(DataError, match=r"bad.txt: _background_ is class 0 in labelme2voc: list it first"):
+        open_data(root, labels="bad.txt")
+    with pytest.raises(ConfigError, match=r"--labels is for labelme JSON files"):
+        open_data(make_folders(tmp_path / "folders"), labels="bad.txt")
+
+
+@pytest.mark.parametrize(
     "border, classes, value", [("ignore", ["background", "pet"], 255), ("class", ["background", "pet", "border"], 2)]
 )
 def test_pet_trimaps_by_the_documented_rule(tmp_path, border, classes, value):

@@ -395,13 +395,25 @@ def test_a_wrong_mask_suffix_on_cityscapes_names_the_suffixes_there(tmp_path):
         open_data(make_cityscapes(tmp_path), **settings)
 
 
+def test_inspect_class_shares_add_up_to_100_percent_and_the_ignored_share_is_apart(tmp_path, capsys):
+    root = make_folders(tmp_path, voc=True)  # VOC's 255 outline: about a tenth of the pixels ignored
+    assert inspect_data(["--data-dir", str(root), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    shares = [float(share) for share in re.findall(r"^\s+\d+ \S+\s+([\d.]+)%$", report, re.MULTILINE)]
+    assert len(shares) == 4 and abs(sum(shares) - 100) < 0.01, report
+    ignored = float(
+        re.search(r"^ignore index 255: ([\d.]+)% of all pixels, left out of the shares above$", report, re.MULTILINE)[1]
+    )
+    assert 1 < ignored < 50, report
+
+
 def test_inspect_says_the_share_ignored_when_the_ignore_index_is_a_class_value(tmp_path, capsys):
     root = make_folders(tmp_path)  # values 0..3; only 0 and 3 named, 3 also the stored ignore index
     flags = ["--data-dir", str(root), "--classes", "background,square", "--mask-values", "0,3", "--quiet"]
     inspect_data([*flags, "--ignore-index", "3", "--unknown-values", "ignore"])
     report = capsys.readouterr().out
     assert "any other stored value: the ignore index (--unknown-values ignore)" in report
-    share = float(re.search(r"ignored \(stored values no class keeps\): ([\d.]+)% of the pixels; 3 is", report)[1])
+    share = float(re.search(r"ignored \(stored values no class keeps\): ([\d.]+)% of all pixels; 3 is", report)[1])
     assert share > 10, report  # the box and the disc
     assert "ignore index: none" not in report
 
