@@ -56,7 +56,7 @@ from competition.inference import (
     write_predictions,
 )
 from competition.layouts import open_data_as
-from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.out_of_fold import oof_report
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
@@ -87,7 +87,7 @@ MODE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

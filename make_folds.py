@@ -10,13 +10,13 @@ from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
 from competition.folds import fold_summary_text
 from competition.layouts import DATA_FLAGS, open_data_as
-from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 
 logger = logging.getLogger("competition.make_folds")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     add_config_arguments(parser, DATA_FLAGS)
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)

@@ -12,7 +12,7 @@ from competition.environment import resolve_device
 from competition.errors import ConfigError
 from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
-from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.run_folder import inspect_run_dir
 from competition.training import train_fold
 
@@ -20,7 +20,7 @@ logger = logging.getLogger("competition.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     add_config_arguments(parser)
     parser.add_argument("--device", help="for one fold: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--folds", help="several folds, e.g. 0,1,2,3,4 (run in parallel with --gpus or --jobs)")

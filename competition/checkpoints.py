@@ -13,8 +13,11 @@ from competition.files import atomic_output
 # Bumped when what a checkpoint means changes; files without the key are format 1.
 # 2: an epoch's last micro-batches that do not fill --accum-steps make a step (format 1 dropped them), and
 #    last.pt records the validation split.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # the weights and config of format 1 load as they are
+# 3: epochs count from 1 (a checkpoint's "epoch" is the epoch it ended, as the log and log.csv say); earlier
+#    formats counted from 0 and are read as format 3 numbers.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)  # the weights and config of format 1 load as they are
+RESUMABLE_FORMATS = (2, 3)  # format 1's schedule counted steps differently
 # Settings a resumed run may change: where things are and how fast they go, not what is learned; and the
 # time limit, since a new session resumes with the time it has.
 RESUMABLE_CHANGES = {
@@ -72,6 +75,16 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: written in checkpoint format {version}, and this code reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))}; use the version of the repository that trained it, or train again"
         )
+    return _epochs_from_one(checkpoint, version)
+
+
+def _epochs_from_one(checkpoint: dict, version: int) -> dict:
+    """A checkpoint whose epoch (and last.pt's log rows) count from 1, whatever format wrote it."""
+    if version < 3:
+        if "epoch" in checkpoint:
+            checkpoint["epoch"] += 1
+        for row in checkpoint.get("log", []):
+            row["epoch"] += 1
     return checkpoint
 
 
@@ -91,7 +104,7 @@ RESOLVED_FROM_DATA = ("classes", "mask_values")
 def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume a run with settings that change what it learns (epochs, sizes, model, ...), or
     from a last.pt written before the current format."""
-    if checkpoint.get("format", 1) != FORMAT_VERSION:
+    if checkpoint.get("format", 1) not in RESUMABLE_FORMATS:
         raise CheckpointError(
             f"{path}: written by an earlier version of this code (checkpoint format {checkpoint.get('format', 1)}), "
             "whose schedule counted steps differently; start again with --overwrite (best.pt still predicts)"

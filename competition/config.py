@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import json
+import logging
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,9 @@ def setting(default, description: str):
     if callable(default):
         return field(default_factory=default, metadata={"help": description})
     return field(default=default, metadata={"help": description})
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,7 +101,9 @@ class TrainConfig:
     accum_steps: int = setting(1, "forward passes per optimizer step: effective batch = batch_size x accum_steps")
     lr: float = setting(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = setting(1e-4, "AdamW weight decay")
-    warmup_epochs: float = setting(1.0, "linear warm-up length, in epochs (cosine schedule)")
+    warmup_epochs: float = setting(
+        1.0, "linear warm-up length, in epochs; not given: 1, or a quarter of a run of under 4 epochs"
+    )
     schedule: str = setting("cosine", "cosine (warm-up, then cosine decay), onecycle or step")
     step_epochs: int = setting(10, "step schedule: epochs between learning-rate decays")
     step_factor: float = setting(0.1, "step schedule: the factor the learning rate is multiplied by at each decay")
@@ -305,6 +311,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]
             parser.add_argument(flag, type=f.type, default=None, help=text)
 
 
+# The default warm-up's share of the run at most: --epochs 1 must not spend its whole run warming up.
+WARMUP_SHARE = 0.25
+
+
+def _fit_warmup(values: dict) -> None:
+    """The default warm-up cut to a quarter of a short run (said in a line); a warm-up that was asked for and
+    is not shorter than the run is refused. Only on the command line: a checkpoint's config is kept as saved."""
+    epochs = values.get("epochs", TrainConfig.epochs)
+    if not isinstance(epochs, int) or epochs < 1:
+        return  # config_from names the bad value
+    if "warmup_epochs" in values:
+        warmup = values["warmup_epochs"]
+        if isinstance(warmup, int | float) and warmup >= epochs > 0:
+            raise ConfigError(
+                f"--warmup-epochs {warmup:g} is not shorter than the {epochs}-epoch run: the whole run would be warm-up; "
+                f"give less (e.g. {epochs * WARMUP_SHARE:g}) or 0 for none"
+            )
+        return
+    if TrainConfig.warmup_epochs > epochs * WARMUP_SHARE:
+        values["warmup_epochs"] = epochs * WARMUP_SHARE
+        logger.info(
+            "warm-up: %g epochs, a quarter of the %d-epoch run (--warmup-epochs sets it)",
+            values["warmup_epochs"],
+            epochs,
+        )
+
+
 def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> TrainConfig:
     """Defaults, then ``--config``, then the flags given on the command line (those of ``names``, when the
     command took only some: make_folds.py's own ``--out`` is not a run folder)."""
@@ -314,6 +347,7 @@ def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = Non
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    _fit_warmup(values)
     config = config_from(values, str(args.config or "flags"))
     # Here and not in config_from: a checkpoint's config names the weights file it started from, which
     # need not exist where the checkpoint is used.

@@ -157,7 +157,7 @@ class _FoldProgress:
         try:
             best = max(float(other[self.score_column]) for other in rows)
             return (
-                f"{self._device(fold)} fold {fold}: epoch {int(row['epoch']) + 1}/{self.epochs}, {self.score_name} "
+                f"{self._device(fold)} fold {fold}: epoch {row['epoch']}/{self.epochs}, {self.score_name} "
                 f"{float(row[self.score_column]):.5f}, {float(row['train_img_per_s']):.1f} img/s, best {best:.5f}"
             )
         except (KeyError, TypeError, ValueError):  # a row that is not whole: not worth a line

@@ -1,6 +1,5 @@
 """What the project understood of a data folder, before any training: python -m competition.inspect_data --data-dir D."""
 
-import argparse
 import collections
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ from competition.data import _decoding
 from competition.data_checks import absent_class_problems
 from competition.errors import DataError
 from competition.layouts import DATA_FLAGS, open_data_as
-from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 
 logger = logging.getLogger("competition.inspect_data")
 SHOWN_PROBLEMS = 10  # problems listed one a line; the rest are counted
@@ -101,7 +100,7 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     add_config_arguments(parser, DATA_FLAGS)
     parser.add_argument("--test-images", type=Path, help="a folder of test images instead of the data's test/")
     add_logging_arguments(parser)

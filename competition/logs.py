@@ -15,6 +15,14 @@ WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes (an unknown flag, a missing value, two flags that exclude each other)
+    end in one line and exit code 2, like every other refusal; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("messages")
     loudness = group.add_mutually_exclusive_group()

@@ -12,14 +12,13 @@ the transient gradients of the backward pass and the allocator's slack;
 ``python -m bench.memory_bench`` measures them on a GPU side by side with this count.
 """
 
-import argparse
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from competition.config import TrainConfig, add_config_arguments, resolve_config
-from competition.logs import add_logging_arguments, configure_from, exit_on_project_error
+from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.losses import build_loss
 from competition.models import build_model
 from competition.prediction import autocast
@@ -123,7 +122,7 @@ def estimate_training_memory(config: TrainConfig, precision: str) -> MemoryEstim
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="batch sizes to print, e.g. 2,4,8")
     add_logging_arguments(parser)

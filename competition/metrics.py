@@ -7,7 +7,6 @@ Batched torch versions for training, numpy versions for scoring, and a scorer fo
 of the model recorded beside the predictions unless flags give them).
 """
 
-import argparse
 import json
 import logging
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from competition.config import add_config_arguments, resolve_config
 from competition.data import read_csv_file
 from competition.errors import DataError, ProjectError
 from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
-from competition.logs import add_logging_arguments, configure_from
+from competition.logs import OneLineParser, add_logging_arguments, configure_from
 from competition.rle import RLEError, rle_runs
 from competition.segmentation_data import MASK_EXTENSIONS, files_by_stem, parse_classes, read_index_mask
 from competition.splits import resolve
@@ -262,7 +261,11 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
     masks (colours, stored values, suffixes, splits): a CamVid testannot/, Oxford-IIIT Pet's test trimaps."""
     image_ids = data.test_mask_ids()
     if not image_ids:
-        raise DataError(f"{data.root}: no test image has a mask to score against (a test split with masks)")
+        raise DataError(
+            f"{data.root}: no test image has a mask to score against; without test masks, score the held-out "
+            "folds with infer.py --oof (--out DIR writes their masks), or name a test split with masks "
+            "(--split test=IMAGES:MASKS)"
+        )
     missing = [image_id for image_id in image_ids if not (predicted_dir / f"{image_id}.png").is_file()]
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} test mask(s), e.g. {missing[:3]}")
@@ -281,7 +284,7 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Score a submission CSV against a truth CSV (both img,rle_mask), or a folder of predicted PNG "
         "masks (class indices, as infer.py writes them) against a folder of truth masks matched by name and read "
         "as training reads masks (two-valued masks, colour tables, --mask-values; the settings of the model "

@@ -117,7 +117,7 @@ def plot_curves(rows: list[dict], path: Path, column: str = "val_dice", name: st
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    epochs = [row["epoch"] + 1 for row in rows]
+    epochs = [row["epoch"] for row in rows]
     figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(epochs, [row["train_loss"] for row in rows], label="train")
     loss_axis.plot(epochs, [row["val_loss"] for row in rows], label="validation")

@@ -9,7 +9,6 @@ jitter, noised and JPEG-compressed. The mask is the union of the same polygons, 
 exact. The real data is under Kaggle's licence; this lets every command and test run.
 """
 
-import argparse
 import io
 import os
 import shutil
@@ -24,6 +23,7 @@ from joblib import Parallel, delayed
 from PIL import Image
 
 from competition.files import atomic_output, partial_path
+from competition.logs import OneLineParser
 from competition.rle import rle_encode
 
 VIEWS = 16
@@ -510,7 +510,7 @@ def generate_parts(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
     parser.add_argument(
         "--parts",

@@ -195,9 +195,9 @@ class _Parts:
             raise CheckpointError(f"{path}: cannot resume from it ({type(error).__name__}: {error})") from None
         rows = _epochs_done(checkpoint)
         logger.info(
-            "resumed from %s: epoch %d done, best score %.5f", path, checkpoint["epoch"] + 1, checkpoint["best_dice"]
+            "resumed from %s: epoch %d done, best score %.5f", path, checkpoint["epoch"], checkpoint["best_dice"]
         )
-        return _State(checkpoint["epoch"] + 1, checkpoint["best_dice"], rows)
+        return _State(checkpoint["epoch"], checkpoint["best_dice"], rows)
 
 
 def _epochs_done(checkpoint: dict | None) -> list[dict]:
@@ -371,7 +371,7 @@ def _run_epoch(
             config.label_ignore_index(),
         )
     return {
-        "epoch": epoch,
+        "epoch": epoch + 1,  # counted from 1 in log.csv and checkpoints, as the log says it
         "lr": parts.scheduler.get_last_lr()[0],
         "train_loss": train_loss,
         **metrics,
@@ -499,7 +499,7 @@ def _log_best(config: TrainConfig, result: FoldResult, run_dir: Path) -> None:
         config.fold,
         name,
         result.best[column],
-        result.best["epoch"] + 1,
+        result.best["epoch"],
         run_dir / "best.pt",
     )
 
@@ -549,7 +549,7 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], epoch: int, run_dir: 
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
             last = run_dir / "last.pt"
-            good = f"{last} (end of epoch {load_checkpoint(last)['epoch'] + 1})" if last.exists() else "none"
+            good = f"{last} (end of epoch {load_checkpoint(last)['epoch']})" if last.exists() else "none"
             raise NonFiniteLossError(
                 f"loss is {value} at epoch {epoch + 1}, step {step + 1}; stopped without saving these weights. "
                 f"Last good checkpoint: {good}. Lower --lr, keep --clip-grad on, or use --precision bf16/fp32 "

@@ -279,7 +279,7 @@ def test_train_on_official_splits_holds_nothing_out(tmp_path, caplog):
         train([*flags, "--split", split, "--train-on", "train,val", "--epochs", "2"])  # no folds file needed
     assert "not held out" in caplog.text and "best.pt is the last epoch" in caplog.text
     best = torch.load(run / "fold0" / "best.pt", weights_only=True)
-    assert best["epoch"] == 1 and best["config"]["train_on"] == "train,val"  # the second (last) epoch, 0-based
+    assert best["epoch"] == 2 and best["config"]["train_on"] == "train,val"  # the second (last) epoch
     last = torch.load(run / "fold0" / "last.pt", weights_only=True)
     assert all(torch.equal(best["model"][name], weights) for name, weights in last["model"].items())
     with pytest.raises(SystemExit):  # nothing is out of fold
@@ -566,7 +566,8 @@ def test_resume_after_values_were_found_in_the_masks(tmp_path):
 def test_carvana_refuses_the_split_settings_in_one_line(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         score([str(tmp_path), "--data-dir", str(data_dir)])
-    assert stop.value.code == 2 and "no test image has a mask" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "no test image has a mask" in error and "infer.py --oof" in error
     with pytest.raises(SystemExit) as stop:
         train(["--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--train-on", "train", *TRAIN_FLAGS])
     assert stop.value.code == 2 and "--train-on names official splits" in capsys.readouterr().err

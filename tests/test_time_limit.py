@@ -47,8 +47,8 @@ def test_training_stops_after_the_last_epoch_that_fits_and_resume_trains_the_res
         "train the other 2" in caplog.text
     )
     run_dir = tiny_config.run_dir()
-    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0, 1]
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1 and (run_dir / "best.pt").exists()
+    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1, 2]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2 and (run_dir / "best.pt").exists()
 
     # fold 1's turn comes now, 1m20s left: fold 0's 2m40s epochs say that none of its epochs fits
     sibling = replace(tiny_config, fold=1)
@@ -59,14 +59,14 @@ def test_training_stops_after_the_last_epoch_that_fits_and_resume_trains_the_res
     # fold 0 resumed in a new session with 1m20s left: not started, its files as they were
     written = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
     result = train_fold_within(tiny_config, ManualDeadline(400.0, 0.0, now=320.0), "cpu", resume=True, progress=False)
-    assert (result.best["epoch"], result.epochs_done, result.not_started) == (1, 2, not_started)
+    assert (result.best["epoch"], result.epochs_done, result.not_started) == (2, 2, not_started)
     assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == written
 
     monkeypatch.setattr(training, "accumulate_gradients", real)
     caplog.clear()
     tiny_config.time_limit = "1h"  # a new session, a new limit: not a change that refuses the resume
     train_fold(tiny_config, "cpu", resume=True, progress=False)
-    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0, 1, 2, 3]
+    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1, 2, 3, 4]
     assert "for the 2 epoch(s) to train" in caplog.text and "it fits" in caplog.text
     assert "stopped by the time limit" not in caplog.text
 

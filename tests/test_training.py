@@ -95,7 +95,7 @@ def test_training_learns_and_writes_its_run_folder(tiny_config):
     for name in ("best.pt", "last.pt", "log.csv", "curves.png", "config.json"):
         assert (run_dir / name).exists(), name
     log = pd.read_csv(run_dir / "log.csv")
-    assert log["epoch"].tolist() == [0, 1, 2, 3] and log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    assert log["epoch"].tolist() == [1, 2, 3, 4] and log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
     # An all-background guess scores 0 on images with a car, an all-car guess about 0.4.
     assert best["val_dice"] > 0.8 and best["val_dice"] == log["val_dice"].max()
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
@@ -138,14 +138,14 @@ def test_resume_after_an_interruption_mid_epoch(tiny_config, monkeypatch):
     with pytest.raises(Interrupt):
         train_fold(tiny_config, "cpu", progress=False)
     run_dir = tiny_config.run_dir()
-    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [0]
+    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1]
     first_epoch = pd.read_csv(run_dir / "log.csv").iloc[0]
     monkeypatch.setattr(training, "accumulate_gradients", real)
     train_fold(tiny_config, "cpu", resume=True, progress=False)
     log = pd.read_csv(run_dir / "log.csv")
-    assert log["epoch"].tolist() == [0, 1, 2]
+    assert log["epoch"].tolist() == [1, 2, 3]
     assert log.iloc[0]["train_loss"] == first_epoch["train_loss"]
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
     tiny_config.out = str(Path(tiny_config.out).parent / "uninterrupted")
     train_fold(tiny_config, "cpu", progress=False)
     uninterrupted = pd.read_csv(tiny_config.run_dir() / "log.csv")
@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, monkeypatch):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 5.*Last good checkpoint: .*last\.pt"):
         train_fold(tiny_config, "cpu", progress=False)
     checkpoint = torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 0
+    assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
@@ -383,12 +383,12 @@ def test_fold_progress_reads_new_epochs_and_skips_rows_that_are_not_whole(tiny_c
     run_dir.mkdir(parents=True)
     (run_dir / "train.log").write_text("12:00:00 fold 0 on cuda:3 (worker process 7)\n")
     header = ",".join(run_folder.LOG_COLUMNS)
-    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n")  # an earlier run's row
+    (run_dir / "log.csv").write_text(f"{header}\n1,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n")  # an earlier run's row
     progress = fold_runner._FoldProgress(tiny_config, [0, 1])  # fold 1 has no folder yet
-    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n1,0.001,0.4,0.3,0.95\n")
+    (run_dir / "log.csv").write_text(f"{header}\n1,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n2,0.001,0.4,0.3,0.95\n")
     progress._look()  # a row that is not whole (never written so: log.csv is renamed into place) is passed over
-    whole = "1,0.001,0.4,0.3,0.97,0.9,41.3,3.0,0"
-    (run_dir / "log.csv").write_text(f"{header}\n0,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n{whole}\n")
+    whole = "2,0.001,0.4,0.3,0.97,0.9,41.3,3.0,0"
+    (run_dir / "log.csv").write_text(f"{header}\n1,0.001,0.5,0.4,0.9,0.8,40.0,3.0,0\n{whole}\n")
     progress._look()
     progress._look()  # nothing new: nothing said
     printed = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
@@ -438,7 +438,7 @@ def test_resume_from_a_last_pt_whose_log_has_no_skipped_steps_column(tiny_config
     monkeypatch.setattr(training, "train_one_epoch", real)
     train_fold(tiny_config, "cpu", resume=True, progress=False)
     log = pd.read_csv(tiny_config.run_dir() / "log.csv")
-    assert log["epoch"].tolist() == [0, 1]
+    assert log["epoch"].tolist() == [1, 2]
     assert math.isnan(log["skipped_steps"][0]) and log["skipped_steps"][1] == 0
 
 
@@ -518,7 +518,7 @@ def test_a_checkpoint_of_another_format_is_refused(tiny_config, capsys):
 
     tiny_config.run_dir().mkdir(parents=True)
     torch.save({"format": 99, "model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")
-    with pytest.raises(CheckpointError, match="format 99, and this code reads formats 1, 2"):
+    with pytest.raises(CheckpointError, match="format 99, and this code reads formats 1, 2, 3"):
         load_checkpoint(tiny_config.run_dir() / "last.pt")
     torch.save({"model": {}, "config": {}}, tiny_config.run_dir() / "last.pt")  # format 1: no key
     with pytest.raises(CheckpointError, match="earlier version of this code .*--overwrite"):
