@@ -168,7 +168,8 @@ LABELME_LINE_WIDTH, LABELME_POINT_RADIUS = 10, 5  # as labelme's own shape_to_ma
 
 def draw_shape(canvas: Image.Image, shape: dict, value: int, source: str) -> None:
     """One labelme shape filled with ``value``, as labelme's own conversion draws it: polygon, rectangle, circle
-    (centre, a point on the rim), line and linestrip (10 px wide), point (a disc of radius 5), and labelme 5's
+    (centre, a point on the rim), line and linestrip (10 px wide), point (a disc of radius 5), each filled and
+    outlined as labelme's shape_to_mask draws it (the outline adds edge pixels a fill alone leaves out), and labelme 5's
     ``mask`` (a base64 PNG of the box from its first point)."""
     kind = shape.get("shape_type") or "polygon"
     try:
@@ -179,19 +180,20 @@ def draw_shape(canvas: Image.Image, shape: dict, value: int, source: str) -> Non
     if kind == "mask" and points:
         _paste_mask_shape(canvas, shape, points[0], value, source)
     elif kind == "polygon" and len(points) >= 3:
-        draw.polygon(points, fill=value)
+        draw.polygon(points, fill=value, outline=value)
     elif kind == "rectangle" and len(points) == 2:
         (x0, y0), (x1, y1) = points
-        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value)
+        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value, outline=value)
     elif kind == "circle" and len(points) == 2:
         (cx, cy), (px, py) = points
         radius = ((px - cx) ** 2 + (py - cy) ** 2) ** 0.5
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
     elif kind in ("line", "linestrip") and len(points) >= 2:
-        draw.line(points, fill=value, width=LABELME_LINE_WIDTH)
+        # labelme rounds a linestrip's joints, so that a wide line has no notch where it turns
+        draw.line(points, fill=value, width=LABELME_LINE_WIDTH, joint="curve" if kind == "linestrip" else None)
     elif kind == "point" and len(points) == 1:
         (cx, cy), radius = points[0], LABELME_POINT_RADIUS
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
     else:
         raise DataError(
             f"{source}: shape {shape.get('label')!r} is a {kind} with {len(points)} point(s), which cannot be "

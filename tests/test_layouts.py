@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from competition.errors import DataError
 from competition.layouts import LAYOUT_CHOICES, detect_layout, open_data, read_index_mask
@@ -273,6 +273,19 @@ def test_labelme_lines_points_and_mask_shapes_as_labelme_draws_them():
     assert (pixels[25:28, 1:5] == 3).all() and pixels[28, 1] == 0
     with pytest.raises(DataError, match="is a line with 1 point"):
         draw_shape(canvas, {"label": "a", "shape_type": "line", "points": [[1, 1]]}, 1, "x.json")
+
+
+def test_labelme_linestrip_turns_with_rounded_joints_as_labelme_draws_them():
+    from competition.labelme import draw_shape
+
+    bend = [[3, 3], [25, 5], [5, 25]]
+    canvas = Image.new("L", (30, 30), 0)
+    draw_shape(canvas, {"label": "a", "shape_type": "linestrip", "points": bend}, 1, "x.json")
+    rounded, notched = Image.new("L", (30, 30), 0), Image.new("L", (30, 30), 0)
+    ImageDraw.Draw(rounded).line([tuple(point) for point in bend], fill=1, width=10, joint="curve")
+    ImageDraw.Draw(notched).line([tuple(point) for point in bend], fill=1, width=10)
+    assert (np.asarray(rounded) != np.asarray(notched)).sum() > 10  # the joint is what differs
+    assert np.array_equal(np.asarray(canvas), np.asarray(rounded))
 
 
 def test_labelme_images_are_turned_by_their_exif_orientation(tmp_path):
