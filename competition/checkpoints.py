@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from competition.config import TrainConfig, config_from
+from competition.config import TrainConfig, config_from, short_run_warmup
 from competition.errors import CheckpointError, ConfigError, refusal
 from competition.files import atomic_output
 
@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = {
     "check",
     "time_limit",
     "class_weight_values",  # derived from the fold's masks at set-up: the same fold gives the same values
+    "labels",  # where the classes were read: the classes themselves are compared as resolved
 }
 
 
@@ -110,6 +111,10 @@ def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
             "whose schedule counted steps differently; start again with --overwrite (best.pt still predicts)"
         )
     saved = checkpoint_config(checkpoint, path)
+    # Format 2 had no short-run warm-up: a run it began with the default goes on with the warm-up it began with.
+    old_default = checkpoint.get("format") == 2 and saved.warmup_epochs == TrainConfig.warmup_epochs
+    if old_default and config.warmup_epochs == short_run_warmup(config.epochs):
+        config.warmup_epochs = saved.warmup_epochs
     changed = [
         f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)

@@ -315,22 +315,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]
 WARMUP_SHARE = 0.25
 
 
-def _fit_warmup(values: dict) -> None:
-    """The default warm-up cut to a quarter of a short run (said in a line); a warm-up that was asked for and
-    is not shorter than the run is refused. Only on the command line: a checkpoint's config is kept as saved."""
+def short_run_warmup(epochs: int) -> float:
+    """The default warm-up of a run of ``epochs``: 1 epoch, or a quarter of a shorter run."""
+    return min(TrainConfig.warmup_epochs, epochs * WARMUP_SHARE)
+
+
+def _fit_warmup(values: dict, source: str) -> None:
+    """The default warm-up cut to a quarter of a short run (said in a line); a warm-up that was asked for (in
+    ``source``: a flag or a config file) and is not shorter than the run is refused. Only on the command line: a
+    checkpoint's config is kept as saved. One-cycle has a warm-up of its own, and is left alone."""
     epochs = values.get("epochs", TrainConfig.epochs)
-    if not isinstance(epochs, int) or epochs < 1:
-        return  # config_from names the bad value
+    if not isinstance(epochs, int) or epochs < 1 or values.get("schedule", TrainConfig.schedule) == "onecycle":
+        return  # config_from names a bad value
     if "warmup_epochs" in values:
         warmup = values["warmup_epochs"]
         if isinstance(warmup, int | float) and warmup >= epochs > 0:
             raise ConfigError(
-                f"--warmup-epochs {warmup:g} is not shorter than the {epochs}-epoch run: the whole run would be warm-up; "
+                f"{source} {warmup:g} is not shorter than the {epochs}-epoch run: the whole run would be warm-up; "
                 f"give less (e.g. {epochs * WARMUP_SHARE:g}) or 0 for none"
             )
         return
-    if TrainConfig.warmup_epochs > epochs * WARMUP_SHARE:
-        values["warmup_epochs"] = epochs * WARMUP_SHARE
+    if short_run_warmup(epochs) < TrainConfig.warmup_epochs:
+        values["warmup_epochs"] = short_run_warmup(epochs)
         logger.info(
             "warm-up: %g epochs, a quarter of the %d-epoch run (--warmup-epochs sets it)",
             values["warmup_epochs"],
@@ -347,7 +353,9 @@ def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = Non
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    _fit_warmup(values)
+    if names is None:  # a run's own settings (make_folds takes the data settings alone)
+        given = getattr(args, "warmup_epochs", None) is not None
+        _fit_warmup(values, flag("warmup_epochs") if given else f"{args.config}: warmup_epochs")
     config = config_from(values, str(args.config or "flags"))
     # Here and not in config_from: a checkpoint's config names the weights file it started from, which
     # need not exist where the checkpoint is used.

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         data = open_data_as(config, test_images=args.test_images)
         lines, problems = describe(data, config, progress=not args.quiet)
     print("\n".join(lines))
+    if data.class_doubts:
+        print(f"to check ({len(data.class_doubts)}):")
+        print("\n".join(f"  {doubt}" for doubt in data.class_doubts))
     if not problems:
         print("problems: none found")
         return 0

@@ -117,16 +117,11 @@ def labelme_classes(root: Path, classes: str, labels: str) -> tuple[list[str] | 
     (``data_annotated/`` beside ``labels.txt``); else (None, ""). A labels file is labelme's ``labels.txt``
     (``__ignore__``, the ignore index, then ``_background_``, class 0, then the classes) or labelme2voc's
     ``class_names.txt`` (``_background_``, then the classes): the classes are numbered as labelme2voc numbers
-    them. ``--classes`` with ``--labels`` (as a run's saved settings give them back) must agree, when the file
-    is here to compare."""
-    path = _labels_path(root, labels) if labels else None
+    them. ``--classes`` wins: a run's saved settings give back the classes its labels file named, which then
+    need not be on the machine that predicts."""
     if classes:
-        given = parse_classes(classes)
-        if path is not None and path.is_file() and read_labels_file(path) != given:
-            raise DataError(
-                f"--classes {classes!r} and --labels {labels} ({read_labels_file(path)}) disagree; give one of them"
-            )
-        return given, str(path or "")
+        return parse_classes(classes), ""
+    path = _labels_path(root, labels) if labels else None
     if path is not None:
         if not path.is_file():
             raise DataError(
@@ -189,7 +184,7 @@ def draw_shape(canvas: Image.Image, shape: dict, value: int, source: str) -> Non
         radius = ((px - cx) ** 2 + (py - cy) ** 2) ** 0.5
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
     elif kind in ("line", "linestrip") and len(points) >= 2:
-        # labelme rounds a linestrip's joints, so that a wide line has no notch where it turns
+        # labelme (since 7.0, June 2026) rounds a linestrip's joints, so that a wide line has no notch at a turn
         draw.line(points, fill=value, width=LABELME_LINE_WIDTH, joint="curve" if kind == "linestrip" else None)
     elif kind == "point" and len(points) == 1:
         (cx, cy), radius = points[0], LABELME_POINT_RADIUS

@@ -53,30 +53,32 @@ def describe_runs(values: list[int]) -> str:
     return ", ".join(f"{first}..{last}" if last > first else str(first) for first, last in runs)
 
 
-def unnamed_values_problem(present: list[int], ignore_index: int) -> str:
-    """The sentence that says a void value may be trained as a class, or "" when nothing suggests one: no class is
-    named (each stored value is read as its index) and the masks hold more than two values, of which one stands apart
-    from the run of the others (0..10 and 200), or none is the ignore index (SegNet's CamVid: 0..10 the classes and 11
-    void, the run unbroken). Its fix is named: --ignore-index V (the largest value, void's usual place) or --classes."""
+def unnamed_values_problem(present: list[int], ignore_index: int) -> tuple[str, bool]:
+    """(the sentence that says a void value may be trained as a class, or "" when nothing suggests one; whether it is
+    a problem rather than a doubt). No class is named (each stored value is read as its index) and the masks hold more
+    than two values: a problem when some stand apart from the run of the others (0..10 and 200: a gap no class
+    explains); a doubt when the run is unbroken and no pixel holds the ignore index (SegNet's CamVid: 0..10 the
+    classes and 11 void), since a set of fully labelled classes looks just the same. Its fix is named: --ignore-index V
+    (the largest value, void's usual place) or --classes."""
     values = sorted(value for value in present if value != ignore_index)
     if len(values) <= 2:
-        return ""
+        return "", False
     run_end = next((index for index in range(1, len(values)) if values[index] != values[index - 1] + 1), len(values))
     apart = values[run_end:]
     if not apart and ignore_index in present:  # the void has its value already (VOC's 255, ADE20K's 0 when given)
-        return ""
+        return "", False
     largest = values[-1]
     as_class = f"class_{largest - (1 if ignore_index < largest else 0)}"
     if apart:
-        why = f"{describe_runs(apart)} {'stands' if len(apart) == 1 else 'stand'} apart from the run {describe_runs(values[:run_end])}"
+        held = f"the run {describe_runs(values[:run_end])} and, apart from it, {describe_runs(apart)}"
     else:
-        why = f"no pixel holds the ignore index {ignore_index}"
-    return (
-        f"no classes are named and the masks hold the values {describe_runs(values)}, {why}: each value is read as a "
-        f"class, so {largest} is trained as {as_class}; if {largest} marks void (unlabelled) pixels pass "
-        f"--ignore-index {largest} (another void value likewise), else name the classes with --classes or classes.txt "
-        "(one a line, background first)"
+        held = f"the values {describe_runs(values)} and no pixel the ignore index {ignore_index}"
+    sentence = (
+        f"no classes are named and the masks hold {held}: each value is read as a class, so {largest} is trained as "
+        f"{as_class}; if {largest} marks void (unlabelled) pixels pass --ignore-index {largest} (another void value "
+        "likewise), else name the classes with --classes or classes.txt (one a line, background first)"
     )
+    return sentence, bool(apart)
 
 
 def label_ignore_index(ignore_index: int, num_classes: int) -> int:

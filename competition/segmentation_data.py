@@ -100,6 +100,9 @@ class SegmentationData:
     # Problems with the classes themselves, found while reading the data (a void value read as a class), one a line:
     # inspect_data lists them, training warns of them.
     class_problems: tuple[str, ...] = ()
+    # What may be wrong with them and the data cannot tell (an unbroken run of values whose last may be void):
+    # inspect_data lists them to check, without calling them problems.
+    class_doubts: tuple[str, ...] = ()
 
     def __init__(
         self,

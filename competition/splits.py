@@ -59,7 +59,7 @@ def read_split_list(path: Path) -> list[tuple[str, str, str]]:
     for words in (line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")):
         image = words[0] if _names_a_file(words[0]) else ""
         mask = words[1] if image and len(words) > 1 and _names_a_file(words[1]) else ""
-        entries.append((Path(words[0]).stem, image, mask))
+        entries.append((Path(words[0].replace("\\", "/")).stem, image, mask))
     if not entries:
         raise DataError(f"{path}: the split list holds no ids (one a line)")
     return entries
@@ -77,19 +77,35 @@ def read_id_list(path: Path) -> list[str]:
 
 
 def lists_pair_files(root: Path, parts: dict[str, str]) -> bool:
-    """Whether the split's lists name each image and its mask (two files a line) rather than ids."""
-    return any(mask for spec in parts.values() for _, _, mask in read_split_list(resolve(root, spec)))
+    """Whether the split's lists name each image and its mask (two files a line) rather than ids: a line of two
+    files whose image is found in the data folder by its path (else the lines' stems are ids, paired by the layout's
+    own folders, as a list of ``x.png x.png`` beside ``images/`` and ``masks/`` always was)."""
+    for spec in parts.values():
+        for _, image, mask in read_split_list(resolve(root, spec)):
+            if mask:
+                return _listed_file(root, image) is not None
+    return False
+
+
+def _tails(text: str) -> list[Path]:
+    """A listed path's tails, longest first: ``/SegNet/CamVid/train/x.png`` -> ``SegNet/CamVid/train/x.png``, ...,
+    ``x.png`` (a list written on Windows, ``C:\\SegNet\\...``, likewise)."""
+    parts = [part for part in text.replace("\\", "/").split("/") if part and not part.endswith(":")]
+    return [Path(*parts[start:]) for start in range(len(parts))]
+
+
+def _listed_file(root: Path, text: str) -> Path | None:
+    path = Path(text)
+    candidates = ([path] if path.is_absolute() else []) + [root / tail for tail in _tails(text)]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def find_listed_file(root: Path, text: str, listing: Path, kind: str) -> Path:
     """The file a list's path names: the path itself when it is there, else the data folder's file of the same name
     under the same folders, the longest tail of the path found (``/SegNet/CamVid/train/x.png``: ``CamVid/train/x.png``,
     then ``train/x.png``, then ``x.png``), since lists are often written on another machine."""
-    path = Path(text)
-    parts = path.parts[1:] if path.is_absolute() else path.parts
-    tails = [Path(*parts[start:]) for start in range(len(parts))]
-    candidates = ([path] if path.is_absolute() else []) + [root / tail for tail in tails]
-    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    found = _listed_file(root, text)
+    tails = _tails(text)
     if found is None:
         tried = ", ".join(str(tail) for tail in tails[-3:])
         raise DataError(

@@ -67,8 +67,27 @@ def test_a_warm_up_as_long_as_the_run_is_refused(capsys, tmp_path):
     settings.write_text("epochs = 2\nwarmup_epochs = 3\n")
     with pytest.raises(SystemExit):
         train.main(["--config", str(settings), "--out", str(tmp_path / "runs")])
-    assert "--warmup-epochs 3 is not shorter than the 2-epoch run" in capsys.readouterr().err
+    assert "short.toml: warmup_epochs 3 is not shorter than the 2-epoch run" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_cycle_keeps_its_own_warm_up():
+    assert config_of(["--epochs", "1", "--schedule", "onecycle"]).warmup_epochs == 1.0  # unused: not cut, not said
+
+
+def test_a_format_2_run_with_the_default_warm_up_resumes_with_it(tmp_path):
+    from dataclasses import asdict, replace
+
+    from competition.checkpoints import check_resumable
+
+    config = config_of(["--epochs", "2", "--encoder-weights", "none"])
+    assert config.warmup_epochs == 0.5
+    began = asdict(replace(config, warmup_epochs=1.0))  # format 2 saved the old default
+    check_resumable({"format": 2, "config": began}, config, tmp_path / "last.pt")
+    assert config.warmup_epochs == 1.0  # the run goes on as it began
+    fresh = config_of(["--epochs", "2", "--encoder-weights", "none"])
+    with pytest.raises(Exception, match="warmup_epochs=1.0, now 0.5"):  # a format 3 run of 1.0 was asked for it
+        check_resumable({"format": 3, "config": began}, fresh, tmp_path / "last.pt")
 
 
 def test_a_checkpoint_of_format_2_counts_its_epochs_from_1(tmp_path):

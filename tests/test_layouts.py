@@ -136,8 +136,9 @@ def test_labelme_labels_flag_takes_labelme_and_labelme2voc_files_and_is_saved(tm
     # The run's saved settings (classes resolved, --labels kept) read the folder again, as infer.py does.
     assert config.classes == "_background_,square,disc,box" and config.labels == "../names/class_names.txt"
     assert open_training_data(config)[1].classes == data.classes
-    with pytest.raises(DataError, match=r"--classes '_background_,box,disc,square' and --labels .* disagree"):
-        open_data(root, classes="_background_,box,disc,square", labels="../names/class_names.txt")
+    # --classes wins, as a checkpoint's resolved classes do where its labels file is not (or is another folder)
+    assert open_data(root, classes="_background_,box,disc,square", labels="nowhere.txt").classes[1] == "box"
+    assert open_data(make_folders(tmp_path / "folders"), classes="a,b,c,d", labels="nowhere.txt").classes[0] == "a"
 
 
 def test_labelme_without_a_labels_file_warns_that_the_indices_differ_and_names_the_flag(tmp_path, caplog):
