@@ -148,6 +148,7 @@ class CarvanaData:
     smooth_mask_resize = True  # 0/1 masks: an area-averaged resize thresholded at half keeps edges smooth
     reads_folder_settings = False  # --images, --masks, --colors, ... are refused
     class_description = "classes: background, car (Carvana)"
+    class_problems = class_doubts = ()  # its classes are the competition's: nothing in the masks to doubt
 
     @staticmethod
     def detect(root: Path) -> bool:
