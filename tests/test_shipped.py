@@ -52,7 +52,7 @@ INSPECTED = {
     "folders named their own way": "images: 8 labelled, 0 test",  # its test images: infer.py --test-images
     "an official split as id lists": "split: train 6, val 2, test 0",
     "one folder pair per split, colour-coded masks": "masks: colours of",
-    "one folder pair per split, index masks with a void value": "ignore index 11: 3.125% of the pixels",
+    "one folder pair per split, index masks with a void value": "ignore index 11: 3.125% of all pixels",
     "binary masks 0/255": "masks: stored values 0=background, 255=foreground",
     "0 is unlabelled, the classes from 1": "masks: stored values 1=background, 2=box, 3=disc, 4=square",
     "16-bit greyscale or RGBA images": "I;16",
