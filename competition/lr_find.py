@@ -28,14 +28,15 @@ from competition.training import accumulate_gradients, build_parts, micro_batch_
 
 logger = logging.getLogger(__name__)
 
-SMOOTHING = 0.98  # the loss's exponential moving average, as fastai's finder keeps it
+SMOOTHING = 0.98  # the loss's exponential moving average, as fastai's finder keeps it, to see the blow-up
+CENTRED_HALF_WIDTH = 2  # the curve judged at the end: each loss averaged with 2 steps either side, no lag
 BLOW_UP = 4.0  # stop once the smoothed loss is this many times its lowest: the rates beyond teach nothing
 SKIP_START = 10  # the first steps' losses are noise: no rate among them is suggested
 
 
 @dataclass
 class RangeTest:
-    """The rates tried, the loss of each step, its smoothed curve and the suggested rate."""
+    """The rates tried, the loss of each step, its smoothed curve (``centred``) and the suggested rate."""
 
     rates: list[float]
     losses: list[float]
@@ -56,6 +57,13 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
         average = beta * average + (1 - beta) * loss
         smoothed.append(average / (1 - beta**step))
     return smoothed
+
+
+def centred(losses: list[float], half_width: int = CENTRED_HALF_WIDTH) -> list[float]:
+    """Each loss averaged with up to ``half_width`` losses either side: the finished curve smoothed without the
+    moving average's lag, which puts a 100-step test's steepest descent about a decade too high."""
+    values = np.asarray(losses, dtype=float)
+    return [float(values[max(0, index - half_width) : index + half_width + 1].mean()) for index in range(len(values))]
 
 
 def suggest(rates: list[float], smoothed: list[float]) -> float:
@@ -111,8 +119,8 @@ def range_test(config, device: str | None, steps: int, start_lr: float, end_lr: 
     finite = len(losses) - (not math.isfinite(losses[-1]))  # the test stops at the first non-finite loss
     if finite < 2:
         raise ConfigError(f"--start-lr {start_lr:g}: the loss was not finite from the first steps; start lower")
-    smoothed = smooth(losses[:finite])
-    return RangeTest(rates, losses, smoothed, suggest(rates[:finite], smoothed), steps)
+    curve = centred(losses[:finite])
+    return RangeTest(rates, losses, curve, suggest(rates[:finite], curve), steps)
 
 
 def write_curve(result: RangeTest, folder: Path) -> tuple[Path, Path]:
@@ -133,7 +141,7 @@ def write_curve(result: RangeTest, folder: Path) -> tuple[Path, Path]:
     axis.scatter(result.rates, result.losses, s=4, alpha=0.3, label="loss of the step")
     axis.axvline(result.suggestion, color="tab:red", linestyle="--", label=f"suggested {result.suggestion:.2e}")
     axis.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
-    finite = [loss for loss in result.smoothed if math.isfinite(loss)]
+    finite = [loss for loss in result.losses + result.smoothed if math.isfinite(loss)]
     axis.set_ylim(min(finite) * 0.9, min(max(finite), BLOW_UP * min(finite)) * 1.1)
     axis.legend()
     figure.tight_layout()
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     stopped = "" if len(result.losses) == args.steps else f" (stopped after {len(result.losses)}: the loss blew up)"
     logger.info("%d steps%s; curve: %s, figures: %s", len(result.losses), stopped, picture, table)
     print(
-        f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss); train with --lr {result.suggestion:.2g}"
+        f"suggested lr: {result.suggestion:.2e} (where the loss falls fastest); train with --lr {result.suggestion:.2g}"
     )
 
 

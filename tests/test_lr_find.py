@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition.lr_find import BLOW_UP, blown_up, main, range_test, rate_schedule, smooth, suggest
+from competition.lr_find import BLOW_UP, blown_up, centred, main, range_test, rate_schedule, smooth, suggest
 
 
 def test_rates_grow_by_one_factor_from_start_to_end():
@@ -19,6 +19,12 @@ def test_rates_grow_by_one_factor_from_start_to_end():
 def test_smoothing_is_bias_corrected():
     assert smooth([2.0] * 5) == pytest.approx([2.0] * 5)  # no pull towards 0 at the start
     assert smooth([1.0, 3.0], beta=0.5) == pytest.approx([1.0, (0.25 * 1 + 0.5 * 3) / 0.75])
+
+
+def test_the_finished_curve_is_smoothed_without_lag():
+    line = [float(step) for step in range(10)]
+    assert centred(line)[2:-2] == pytest.approx(line[2:-2])  # a moving average would trail by ~its window
+    assert centred([0.0, 3.0, 0.0, 3.0, 0.0]) == pytest.approx([1.0, 1.5, 1.2, 1.5, 1.0])
 
 
 def test_the_suggestion_is_the_steepest_descent_before_the_lowest_loss():
@@ -44,7 +50,7 @@ def test_the_range_test_is_the_same_for_a_seed_and_stops_at_the_blow_up(tiny_con
     assert first.rates == list(rate_schedule(1e-5, 10.0, 24)[: len(first.rates)])
     assert 1e-5 <= first.suggestion <= 10.0
     stopped = len(first.losses) < 24
-    assert stopped == (not math.isfinite(first.losses[-1]) or blown_up(first.smoothed)), first.losses
+    assert stopped == (not math.isfinite(first.losses[-1]) or blown_up(smooth(first.losses))), first.losses
 
 
 @pytest.mark.slow
