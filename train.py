@@ -13,6 +13,7 @@ from competition.errors import ConfigError
 from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.lr_find import with_found_lr
 from competition.run_folder import inspect_run_dir
 from competition.training import train_fold
 
@@ -54,8 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
+        find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_config(args)
         progress = not args.quiet
+        if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)
+            if not args.resume:
+                inspect_run_dir(config, resume=False, overwrite=args.overwrite)
+            config = with_found_lr(config, args.device, progress, args.resume)
         check_cluster_arguments(args, {"--device": args.device, "--gpus": args.gpus, "--jobs": args.jobs})
         if not args.folds and args.backend != "ray":
             if args.gpus or args.jobs:

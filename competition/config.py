@@ -99,7 +99,7 @@ class TrainConfig:
     epochs: int = setting(30, "epochs")
     batch_size: int = setting(8, "images per forward pass")
     accum_steps: int = setting(1, "forward passes per optimizer step: effective batch = batch_size x accum_steps")
-    lr: float = setting(3e-4, "peak learning rate (AdamW)")
+    lr: float = setting(3e-4, "peak learning rate (AdamW); train.py takes auto: the range test's suggestion")
     weight_decay: float = setting(1e-4, "AdamW weight decay")
     warmup_epochs: float = setting(
         1.0, "linear warm-up length, in epochs; not given: 1, or a quarter of a run of under 4 epochs"
@@ -295,6 +295,15 @@ def config_from(values: dict, source: str = "config") -> TrainConfig:
     return config
 
 
+def rate_or_auto(text: str) -> float | str:
+    """``--lr``: a rate, or ``auto`` (train.py runs the learning-rate range test and trains at its suggestion)."""
+    return "auto" if text.strip().lower() == "auto" else float(text)
+
+
+# Flags that take more than their field's type: resolved by the command before the settings are checked.
+FLAG_TYPES = {"lr": rate_or_auto}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """One ``--flag`` per TrainConfig field (or per field in ``names``: make_folds.py takes the data settings
     alone), defaulting to None so that only given flags override."""
@@ -308,7 +317,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=text)
+            parser.add_argument(flag, type=FLAG_TYPES.get(f.name, f.type), default=None, help=text)
 
 
 # The default warm-up's share of the run at most: --epochs 1 must not spend its whole run warming up.
@@ -347,6 +356,8 @@ def _fit_warmup(values: dict, source: str) -> None:
 def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> TrainConfig:
     """Defaults, then ``--config``, then the flags given on the command line (those of ``names``, when the
     command took only some: make_folds.py's own ``--out`` is not a run folder)."""
+    if getattr(args, "lr", None) == "auto":
+        raise ConfigError("--lr auto is train.py's (it runs the range test first); give a rate here, e.g. --lr 3e-4")
     values = _read_file(args.config) if args.config else {}
     _reject_unknown(values, str(args.config))  # before the flags mix in, so the message names the file
     for name in names or [f.name for f in fields(TrainConfig)]:

@@ -12,12 +12,13 @@ import csv
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.config import add_config_arguments, resolve_config
 from competition.errors import ConfigError
 from competition.files import atomic_output
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 SMOOTHING = 0.98  # the loss's exponential moving average, as fastai's finder keeps it, to see the blow-up
 CENTRED_HALF_WIDTH = 2  # the curve judged at the end: each loss averaged with 2 steps either side, no lag
 BLOW_UP = 4.0  # stop once the smoothed loss is this many times its lowest: the rates beyond teach nothing
+DEFAULT_STEPS, DEFAULT_START_LR, DEFAULT_END_LR = 100, 1e-7, 1.0
 SKIP_START = 10  # the first steps' losses are noise: no rate among them is suggested
 
 
@@ -123,6 +125,21 @@ def range_test(config, device: str | None, steps: int, start_lr: float, end_lr: 
     return RangeTest(rates, losses, curve, suggest(rates[:finite], curve), steps)
 
 
+def with_found_lr(config, device: str | None, progress: bool, resume: bool = False):
+    """``config`` with the rate the range test suggests on its fold (``--lr auto``), rounded to two figures and said
+    in a line; the curve goes to ``<out>/lr_find.png``. A resumed run takes the rate its last.pt was trained at."""
+    last = config.run_dir() / "last.pt"
+    if resume and last.is_file():
+        rate = checkpoint_config(load_checkpoint(last), last).lr
+        logger.info("--lr auto: %.2g, the rate %s was trained at", rate, last)
+        return replace(config, lr=rate)
+    result = range_test(config, device, DEFAULT_STEPS, DEFAULT_START_LR, DEFAULT_END_LR, progress)
+    picture, _ = write_curve(result, Path(config.out))
+    rate = float(f"{result.suggestion:.2g}")
+    logger.info("--lr auto: %.2g, from the range test on fold %d (%s)", rate, config.fold, picture)
+    return replace(config, lr=rate)
+
+
 def write_curve(result: RangeTest, folder: Path) -> tuple[Path, Path]:
     """``lr_find.png`` (loss against rate, log axis, the suggestion marked) and ``lr_find.csv`` in ``folder``."""
     import matplotlib
@@ -155,9 +172,11 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: the GPU when there is one)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps at most (default: 100)")
-    parser.add_argument("--start-lr", type=float, default=1e-7, help="the first rate (default: 1e-7)")
-    parser.add_argument("--end-lr", type=float, default=1.0, help="the last rate (default: 1)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps at most ({DEFAULT_STEPS})")
+    parser.add_argument(
+        "--start-lr", type=float, default=DEFAULT_START_LR, help=f"the first rate ({DEFAULT_START_LR:g})"
+    )
+    parser.add_argument("--end-lr", type=float, default=DEFAULT_END_LR, help=f"the last rate ({DEFAULT_END_LR:g})")
     parser.add_argument("--out-dir", type=Path, help="where lr_find.png and .csv go (default: the fold's run folder)")
     add_logging_arguments(parser)
     return parser

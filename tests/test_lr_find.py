@@ -70,3 +70,39 @@ def test_the_command_writes_the_curve_and_prints_the_rate(tiny_config, tmp_path,
     with pytest.raises(SystemExit) as stop:
         main([*flags, "--start-lr", "1", "--end-lr", "0.1"])
     assert stop.value.code == 2 and "need 0 < start < end" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_lr_auto_trains_at_the_suggested_rate_and_resumes_at_it(tiny_config, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    import train
+
+    out = tmp_path / "auto"
+    flags = [
+        "--data-dir", tiny_config.data_dir, "--folds-csv", tiny_config.folds_csv, "--out", str(out),
+        "--encoder", "resnet18", "--encoder-weights", "none", "--size", "64x96", "--batch-size", "8",
+        "--workers", "0", "--epochs", "1", "--lr", "auto",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="competition"):
+        train.main(flags)
+    rate = torch.load(out / "fold0" / "last.pt", weights_only=True)["config"]["lr"]
+    assert 1e-7 <= rate <= 1.0 and rate == float(f"{rate:.2g}") and (out / "lr_find.png").is_file()
+    assert f"--lr auto: {rate:.2g}, from the range test on fold 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="competition"):
+        train.main([*flags, "--resume"])  # no second test: the rate last.pt was trained at
+    assert f"--lr auto: {rate:.2g}, the rate" in caplog.text and "range test on fold" not in caplog.text
+
+
+def test_lr_auto_is_train_pys_alone(capsys):
+    from competition import memory
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--lr", "auto"])
+    assert stop.value.code == 2 and "--lr auto is train.py's" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        memory.main(["--lr", "fast"])
+    assert stop.value.code == 2 and "--lr: invalid rate_or_auto value: 'fast'" in capsys.readouterr().err
