@@ -94,7 +94,7 @@ def range_test(config, device: str | None, steps: int, start_lr: float, end_lr: 
     config = fold.config
     parts = build_parts(config, torch_device, precision, steps_per_epoch=max(1, len(fold.train_loader)))
     fold.order.manual_seed(config.seed * 100_003)  # the first epoch's order, as training draws it
-    if hasattr(fold.train_loader.dataset, "transform") and fold.train_loader.dataset.transform is not None:
+    if fold.train_loader.dataset.transform is not None:  # the first epoch's augmentation, as training draws it
         fold.train_loader.dataset.transform.set_random_seed(config.seed)
     batches = (
         (model_input(images.to(torch_device), config.channels_last), masks.to(torch_device))
@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         result = range_test(config, args.device, args.steps, args.start_lr, args.end_lr, not args.quiet)
         picture, table = write_curve(result, args.out_dir or config.run_dir())
-    stopped = "" if len(result.losses) == args.steps else f" (stopped after {len(result.losses)}: the loss blew up)"
-    logger.info("%d steps%s; curve: %s, figures: %s", len(result.losses), stopped, picture, table)
+    done = len(result.losses)
+    stopped = "" if done == result.steps_planned else f" of {result.steps_planned} (stopped: the loss blew up)"
+    logger.info("%d steps%s; curve: %s, figures: %s", done, stopped, picture, table)
     print(
         f"suggested lr: {result.suggestion:.2e} (where the loss falls fastest); train with --lr {result.suggestion:.2g}"
     )
