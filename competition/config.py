@@ -23,6 +23,8 @@ from competition.schedules import SCHEDULES
 
 MONITORS = ("auto", "dice", "miou", "macro_f1", "pixel_accuracy")
 PET_BORDERS = ("ignore", "class")
+AUGMENTATIONS = ("full", "flip", "none")
+RECIPES = ("auto", "carvana")
 
 
 def setting(default, description: str):
@@ -91,6 +93,11 @@ class TrainConfig:
     folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
     out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
     fold: int = setting(0, "the held-out fold")
+    recipe: str = setting(
+        "auto",
+        "auto: the defaults by situation (pretrained or from scratch, binary or multi-class, small or large data; "
+        "README); carvana: the defaults below, Carvana's winners' recipe, whatever the data",
+    )
     arch: str = setting("Unet", ", ".join(ARCHITECTURES))
     encoder: str = setting("resnet34", "an smp encoder, or any timm model as tu-NAME")
     encoder_weights: str = setting("imagenet", "imagenet, none, or the path of a local encoder weights file")
@@ -126,7 +133,9 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     clip_grad: float = setting(1.0, "max gradient norm; 0 turns clipping off")
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, e.g. 0.999; 0 is off")
-    augment: bool = setting(True, "flip, shift-scale-rotate, brightness/contrast and hue augmentation")
+    augment: str = setting(
+        "full", "full (flips, shift-scale-rotate, brightness/contrast, hue), flip (horizontal flips alone) or none"
+    )
     val_batch_size: int = setting(2, "images per validation batch (full-resolution masks)")
     workers: int = setting(4, "data loader processes (capped at the CPU count)")
     mask_source: str = setting("auto", "auto (GIFs when present), gif or csv (train_masks.csv)")
@@ -197,6 +206,8 @@ CHOICES = {
     "class_weights": CLASS_WEIGHTINGS,
     "sampler": SAMPLERS,
     "monitor": MONITORS,
+    "augment": AUGMENTATIONS,
+    "recipe": RECIPES,
 }
 # Architectures whose image-level pooling feeds a batch norm: training fails on a batch of one image.
 ONE_IMAGE_BATCH_NORM = ("DeepLabV3Plus",)
@@ -284,6 +295,8 @@ def config_from(values: dict, source: str = "config") -> TrainConfig:
     wrong types and values outside their choices or bounds are rejected."""
     known = {f.name: f for f in fields(TrainConfig)}
     _reject_unknown(values, source)
+    if isinstance(values.get("augment"), bool):  # before the levels (checkpoints of format 3, old config files)
+        values = {**values, "augment": "full" if values["augment"] else "none"}
     config = TrainConfig(**values)
     for name, value in asdict(config).items():
         expected = known[name].type
@@ -351,6 +364,12 @@ def _fit_warmup(values: dict, source: str) -> None:
             values["warmup_epochs"],
             epochs,
         )
+
+
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The settings a command's ``--config`` file or flags name: the defaults by situation leave them as given."""
+    in_file = set(_read_file(args.config)) if args.config else set()
+    return in_file | {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
 
 
 def resolve_config(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> TrainConfig:

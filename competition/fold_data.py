@@ -31,9 +31,10 @@ def train_transform(config: TrainConfig) -> A.Compose | None:
     transforms = []
     if config.crop:
         transforms += [A.PadIfNeeded(config.crop, config.crop), A.RandomCrop(config.crop, config.crop)]
-    if config.augment:
+    if config.augment != "none":
+        transforms.append(A.HorizontalFlip(p=0.5))
+    if config.augment == "full":
         transforms += [
-            A.HorizontalFlip(p=0.5),
             A.Affine(
                 scale=(0.9, 1.1),
                 translate_percent=(-0.05, 0.05),
@@ -102,7 +103,7 @@ def _split_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     return train_ids, val_ids
 
 
-def _fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
+def fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     if config.train_on:
         return _split_ids(config, data)
     folds = read_folds(config.folds_csv)
@@ -189,7 +190,7 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
 
 def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool) -> FoldData:
     seed_everything(config.seed)
-    train_ids, val_ids = _fold_ids(config, data)
+    train_ids, val_ids = fold_ids(config, data)
     # The layout says which masks are counted: with fixed classes (Carvana's) the training images' alone, and only
     # for the weights or the sampler; elsewhere every mask, so that a class no training mask holds is said first.
     ids = train_ids + val_ids

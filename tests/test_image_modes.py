@@ -237,10 +237,10 @@ def test_carvana_data_reads_grey_for_one_channel(data_dir):
 
 
 def test_augmentation_keeps_one_channel_and_leaves_hue_out(data_dir):
-    grey_transform = train_transform(TrainConfig(in_channels=1, augment=True))
+    grey_transform = train_transform(TrainConfig(in_channels=1, augment="full"))
     names = [type(transform).__name__ for transform in grey_transform.transforms]
     assert "HueSaturationValue" not in names and "Affine" in names and "RandomBrightnessContrast" in names
-    colour_names = [type(t).__name__ for t in train_transform(TrainConfig(augment=True)).transforms]
+    colour_names = [type(t).__name__ for t in train_transform(TrainConfig(augment="full")).transforms]
     assert colour_names == [*names, "HueSaturationValue"]
     grey = colour_photo(64, 64)[..., :1]
     mask = (grey[..., 0] > 127).astype(np.uint8)
@@ -250,7 +250,7 @@ def test_augmentation_keeps_one_channel_and_leaves_hue_out(data_dir):
         assert out["image"].shape == (64, 64, 1) and out["image"].dtype == np.uint8 and out["mask"].shape == (64, 64)
         changed += not np.array_equal(out["image"], grey)
     assert changed > 0  # the augmentations did act
-    cropping = train_transform(TrainConfig(in_channels=1, augment=True, crop=48))
+    cropping = train_transform(TrainConfig(in_channels=1, augment="full", crop=48))
     assert cropping(image=grey, mask=mask)["image"].shape == (48, 48, 1)
     data = CarvanaData(data_dir)
     data.in_channels = 1

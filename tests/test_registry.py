@@ -173,7 +173,7 @@ def test_schedule_peaks_at_lr_and_decays(name):
 @pytest.mark.slow
 def test_ema_weights_are_the_ones_evaluated_and_kept_as_best(tiny_config):
     tiny_config.epochs, tiny_config.ema = 1, 0.9
-    tiny_config.size, tiny_config.augment = "32x64", False  # the smallest run that still trains 8 steps
+    tiny_config.size, tiny_config.augment = "32x64", "none"  # the smallest run that still trains 8 steps
     train_fold(tiny_config, "cpu", progress=False)
     run_dir = tiny_config.run_dir()
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
