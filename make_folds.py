@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 from competition.config import add_config_arguments, resolve_config
-from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output
 from competition.folds import fold_summary_text
@@ -33,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="other layouts: balance the classes the images hold across folds (default: on)",
     )
-    parser.add_argument("--out", type=Path, default=default_work_dir() / "folds" / "folds.csv")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the folds file (default: --config's folds_csv, which train.py reads; else folds/folds.csv)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folds file that differs")
     add_logging_arguments(parser)
     return parser
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_from(args)
     with exit_on_project_error("make_folds.py", args.debug):
         config = resolve_config(args, DATA_FLAGS)
+        args.out = args.out or Path(config.folds_csv)  # the file the same --config trains on
         data = open_data_as(config)
         if not data.train_ids():
             raise DataError(f"{config.data_dir}: no training images to split")
