@@ -7,13 +7,14 @@ import sys
 import time
 
 from competition.cluster import add_cluster_arguments, check_cluster_arguments, train_folds_on_ray
-from competition.config import add_config_arguments, resolve_config
+from competition.config import add_config_arguments
 from competition.environment import resolve_device
 from competition.errors import ConfigError
 from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.lr_find import with_found_lr
+from competition.recipes import resolve_run_config
 from competition.run_folder import inspect_run_dir
 from competition.training import train_fold
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
-        config = resolve_config(args)
+        config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
         progress = not args.quiet
         if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)
             if not args.resume:

@@ -19,12 +19,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from competition.checkpoints import checkpoint_config, load_checkpoint
-from competition.config import add_config_arguments, resolve_config
+from competition.config import add_config_arguments
 from competition.errors import ConfigError
 from competition.files import atomic_output
 from competition.fold_data import open_training_data, set_up_fold
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.prediction import model_input, setup_device
+from competition.recipes import resolve_run_config
 from competition.training import accumulate_gradients, build_parts, micro_batch_groups, optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--steps {args.steps}: take at least 2 (100 is usual)")
         if not 0 < args.start_lr < args.end_lr or not math.isfinite(args.end_lr):
             raise ConfigError(f"--start-lr {args.start_lr:g} --end-lr {args.end_lr:g}: need 0 < start < end")
-        config = resolve_config(args)
+        config = resolve_run_config(args)
         logger.info(
             "lr range test: at most %d steps of %d image(s), rates %.1e to %.1e",
             args.steps,
