@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
+        if not args.folds and args.backend != "ray":
+            resolve_device(args.device)  # a GPU this torch cannot use is said before the data is read
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
         progress = not args.quiet

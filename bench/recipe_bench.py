@@ -11,6 +11,7 @@ masks as well: for the README's table, once the recipe was chosen on validation.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
@@ -96,9 +97,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             f"--test: {config.data_dir} has no test masks (name a test split with masks: --split test=IMAGES:MASKS)"
         )
-    size, ignore = config.input_size(), config.label_ignore_index()
-    torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    with cpu_threads(args.threads):
+        compare(args, shared, config, data, train_ids, val_ids)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's CPU threads set to ``count``, then set back: a caller's process (the tests') keeps its own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare(args, shared: list[str], config, data, train_ids: list[str], val_ids: list[str]) -> None:
+    """Train every variant and the plain loop, then print (and write, for the test set) their tables."""
+    size, ignore = config.input_size(), config.label_ignore_index()
 
     variants = ([] if args.no_defaults else [("defaults", [])]) + [
         (text.partition("=")[0], shlex.split(text.partition("=")[2])) for text in args.variant
