@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
-        if not args.folds and args.backend != "ray":
+        one_fold_here = not args.folds and args.backend != "ray"
+        if one_fold_here:
             resolve_device(args.device)  # a GPU this torch cannot use is said before the data is read
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                 inspect_run_dir(config, resume=False, overwrite=args.overwrite)
             config = with_found_lr(config, args.device, progress, args.resume)
         check_cluster_arguments(args, {"--device": args.device, "--gpus": args.gpus, "--jobs": args.jobs})
-        if not args.folds and args.backend != "ray":
+        if one_fold_here:
             if args.gpus or args.jobs:
                 raise ConfigError("--gpus and --jobs are for several folds (--folds 0,1,...); one fold takes --device")
             train_fold(config, args.device, args.resume, args.overwrite, progress, started)

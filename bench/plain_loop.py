@@ -6,8 +6,10 @@ It is what a tutorial writes, kept short on purpose: no validation, no checkpoin
 import segmentation_models_pytorch as smp
 import torch
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+from competition.models import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
 class PlainModel(torch.nn.Module):

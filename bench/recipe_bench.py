@@ -5,7 +5,8 @@
 
 Everything after ``--`` is train.py's flags, shared by every variant; the plain loop (bench/plain_loop.py) trains
 the same Unet encoder on the same fold's images at the same size, epochs, batch size and CPU threads. Both are
-scored here, by one confusion matrix over the labelled pixels at full resolution, on the fold's validation images:
+scored here, by one confusion matrix over the labelled pixels at full resolution, on the fold's validation images
+(numpy, apart from competition.metrics, so that it checks train.py's own validation scores too):
 the model after its last epoch, so no recipe picks its epoch on what it is scored on. ``--test`` scores the test
 masks as well: for the README's table, once the recipe was chosen on validation.
 """
@@ -27,6 +28,7 @@ import train
 from bench.plain_loop import train_plain
 from competition.config import resolve_config
 from competition.data import SegmentationDataset, resize_image, to_chw
+from competition.files import atomic_output
 from competition.fold_data import fold_ids, open_training_data
 from competition.inference import load_member
 
@@ -149,7 +151,8 @@ def compare(args, shared: list[str], config, data, train_ids: list[str], val_ids
         }
         table = markdown_table(title, len(image_ids), data.classes, ious, seconds, images_trained)
         if split == "test":
-            (args.work_dir / "test.md").write_text(table)
+            with atomic_output(args.work_dir / "test.md") as partial:
+                partial.write_text(table)
             print(f"\ntest scores: {args.work_dir / 'test.md'}")
         else:
             print(table)
