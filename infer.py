@@ -72,7 +72,7 @@ MODE_NAMES = {"submission": "the test submission", "oof": "--oof", "image": "--i
 MODE_FLAGS = {
     "--out": ("out", ("submission", "oof"), lambda: None),
     "--resume": ("resume", ("submission",), lambda: False),
-    "--overwrite": ("overwrite", ("submission", "oof"), lambda: False),
+    "--overwrite": ("overwrite", ("submission", "oof", "export_onnx"), lambda: False),
     "--devices": ("devices", ("submission",), lambda: None),
     "--time-limit": ("time_limit", ("submission",), lambda: None),
     "--shards": ("shards", ("submission",), lambda: None),
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average with test-time augmented views (hflip by default)")
     parser.add_argument("--tta-transforms", help=f"comma-separated, from {', '.join(sorted(TTA))}; implies --tta")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="foreground above this probability (binary models), in (0, 1)"
+        "--threshold", type=float, help="foreground above this probability (binary models), in (0, 1) (default: 0.5)"
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes and RLE threads")
@@ -176,8 +176,12 @@ def check_arguments(args: argparse.Namespace) -> str:
         if getattr(args, name) is None:
             setattr(args, name, default())
         elif mode not in modes:
-            owners = " and ".join(MODE_NAMES[owner] for owner in modes)
+            names = [MODE_NAMES[owner] for owner in modes]
+            owners = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
             raise ConfigError(f"{flag} belongs to {owners}, not to {MODE_NAMES[mode]}")
+    if mode == "export_onnx":
+        check_export(args)
+    args.threshold = 0.5 if args.threshold is None else args.threshold
     if not 0 < args.threshold < 1:
         raise ConfigError(f"--threshold {args.threshold}: a probability strictly between 0 and 1, e.g. 0.5")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
@@ -195,6 +199,19 @@ def check_arguments(args: argparse.Namespace) -> str:
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
     return mode
+
+
+def check_export(args: argparse.Namespace) -> None:
+    """--export-onnx writes the model alone: what infer.py does around the model is refused, not dropped silently."""
+    values = {"--tta": args.tta, "--tta-transforms": args.tta_transforms, "--threshold": args.threshold}
+    around = [flag for flag, value in values.items() if value is not None and value is not False]
+    if around:
+        raise ConfigError(
+            f"--export-onnx writes the model alone (its logits for one view): leave out {' and '.join(around)}, "
+            "which infer.py applies around the model, and apply that to the ONNX model's output yourself"
+        )
+    if args.export_onnx.exists() and not args.overwrite:
+        raise ConfigError(f"--export-onnx {args.export_onnx}: the file exists; pass --overwrite to replace it")
 
 
 def tta_of(args: argparse.Namespace) -> tuple[str, ...]:

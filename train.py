@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
-        one_fold_here = not args.folds and args.backend != "ray"
+        if args.folds is not None and args.fold is not None:
+            raise ConfigError("--fold and --folds: give one (--fold 2 trains one fold, --folds 0,1 several)")
+        folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4") if args.folds is not None else None
+        one_fold_here = folds is None and args.backend != "ray"
         if one_fold_here:
             resolve_device(args.device)  # a GPU this torch cannot use is said before the data is read
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.device:
             raise ConfigError("--device is for one fold; several folds take --gpus")
-        folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4") if args.folds else [config.fold]
+        folds = folds or [config.fold]
         available = fold_numbers(config.folds_csv)
         absent = [fold for fold in folds if fold not in available]
         if absent:

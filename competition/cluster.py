@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,7 +135,9 @@ def connect(address: str | None) -> Cluster:
         runtime_env = {"py_modules": [str(Path(competition.__file__).parent)]}
         try:
             # Workers' own output stays on their nodes: folds log to their train.log, shards report to the driver.
-            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+            with warnings.catch_warnings():  # Ray's client warns in two lines before the error said below
+                warnings.simplefilter("ignore", UserWarning)
+                ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as error:
             raise ClusterError(
                 f"--address {address}: no Ray cluster answers there ({error}); start one with ray start --head, "
@@ -157,10 +160,10 @@ def connect(address: str | None) -> Cluster:
 
 def _check_answers(address: str | None, seconds: float = 10.0) -> None:
     """One line when nothing listens at a ``host:port`` address: Ray itself retries such an address for minutes.
-    ``auto``, ``ray://`` and Ray's default say what is wrong with them themselves."""
-    if not address or address == "auto" or "://" in address:
+    ``auto`` and Ray's default say what is wrong with them themselves."""
+    if not address or address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     try:
@@ -169,7 +172,8 @@ def _check_answers(address: str | None, seconds: float = 10.0) -> None:
     except OSError as error:
         raise ClusterError(
             f"--address {address}: nothing answers there ({error.strerror or error}); start the head there with "
-            f"ray start --head --port {port}, or give the head's host:port (auto on a machine of the cluster)"
+            f"ray start --head --{'ray-client-server-' if '://' in address else ''}port {port}, or give the head's "
+            "host:port (auto on a machine of the cluster)"
         ) from None
 
 

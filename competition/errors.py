@@ -8,6 +8,9 @@ weights files both say it, without importing each other.
 import pickle
 from pathlib import Path
 
+# How torch.save's files begin: a zip archive, or the legacy format's pickle protocol byte.
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
 
 class ProjectError(Exception):
     """A mistake in the input or the settings, or a state of the machine, that the message tells how to fix."""
@@ -49,7 +52,24 @@ def refusal(path: Path, error: Exception, what: str = "checkpoint") -> str:
             f"{path}: not a weights file of this project: it holds pickled Python objects, refused unread "
             "(nothing in it was run)"
         )
+    foreign = None if path.suffix == ".safetensors" else _foreign_start(path)
+    if foreign:  # PyTorch's own error for these says nothing a user can read (a text file gives "KeyError: 101")
+        return f"{path}: not a PyTorch {what} ({foreign}, where PyTorch's files begin as a zip archive); check the path"
     first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     if isinstance(error, pickle.UnpicklingError):
         first_line = "not a PyTorch file of tensors"
     return f"{path}: not a readable {what} ({first_line}); it is corrupt or incomplete"
+
+
+def _foreign_start(path: Path) -> str | None:
+    """What a file is instead, when its first bytes are not PyTorch's; None when they are (or it cannot be read)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(16)
+    except OSError:
+        return None
+    if not start:
+        return "the file is empty"
+    if start.startswith(TORCH_FILE_STARTS):
+        return None
+    return f"it begins {start!r}"

@@ -245,6 +245,13 @@ def test_export_onnx_matches_pytorch(trained_run, tmp_path, capsys):
     with torch.no_grad():
         expected = member.model(images).numpy()
     assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() < 1e-3
+    exported = out.read_bytes()
+    error = one_line(run_infer(["--export-onnx", str(out), "--checkpoints", str(trained_run)], capsys))
+    assert f"--export-onnx {out}: the file exists; pass --overwrite to replace it" in error
+    assert out.read_bytes() == exported
+    out.write_bytes(b"an older export")
+    infer.main(["--export-onnx", str(out), "--checkpoints", str(trained_run / "fold0" / "best.pt"), "--overwrite"])
+    onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the model again, not the old file
 
 
 @settings(max_examples=50, deadline=None)
@@ -331,7 +338,19 @@ def test_batch_size_and_workers_are_checked(tmp_path, capsys):
         (["--out-dir", "d"], "--out-dir belongs to --oof and --image, not to the test submission"),
         (["--oof", "--resume"], "--resume belongs to the test submission, not to --oof"),
         (["--image", "a.jpg", "--out", "s.csv"], "--out belongs to the test submission and --oof, not to --image"),
-        (["--image", "a.jpg", "--overwrite"], "--overwrite belongs to the test submission and --oof, not to --image"),
+        (
+            ["--image", "a.jpg", "--overwrite"],
+            "--overwrite belongs to the test submission, --oof and --export-onnx, not to --image",
+        ),
+        (
+            ["--export-onnx", "m.onnx", "--tta"],
+            "--export-onnx writes the model alone (its logits for one view): leave out --tta, which",
+        ),
+        (
+            ["--export-onnx", "m.onnx", "--tta-transforms", "vflip"],
+            "leave out --tta-transforms, which infer.py applies",
+        ),
+        (["--export-onnx", "m.onnx", "--threshold", "0.4"], "leave out --threshold, which infer.py applies"),
         (["--image", "a.jpg", "--worst", "2"], "--worst belongs to --oof, not to --image"),
         (["--export-onnx", "m.onnx", "--out-dir", "d"], "--out-dir belongs to --oof and --image, not to --export-onnx"),
         (["--resume", "--overwrite"], "--resume keeps the rows already written and --overwrite starts again"),
