@@ -1,14 +1,17 @@
 """Checkpoints: saved atomically, loaded without running code (``weights_only``), checked, and resumed from."""
 
 import hashlib
+import logging
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from competition.config import TrainConfig, config_from, short_run_warmup
+from competition.config import RECIPE_SETTINGS, TrainConfig, config_from, short_run_warmup
 from competition.errors import CheckpointError, ConfigError, refusal
 from competition.files import atomic_output
+
+logger = logging.getLogger(__name__)
 
 # Bumped when what a checkpoint means changes; files without the key are format 1.
 # 2: an epoch's last micro-batches that do not fill --accum-steps make a step (format 1 dropped them), and
@@ -97,6 +100,25 @@ def checkpoint_config(checkpoint: dict, path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{error}; the file was altered or comes from another code version") from None
 
 
+def _go_on_as_begun(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
+    """A run begun before the defaults by situation had TrainConfig's defaults where the rule now picks others:
+    it goes on with those it began with, said in one line."""
+    defaults = TrainConfig()
+    kept = [
+        name
+        for name in RECIPE_SETTINGS
+        if getattr(saved, name) == getattr(defaults, name) and getattr(config, name) != getattr(saved, name)
+    ]
+    for name in kept:
+        setattr(config, name, getattr(saved, name))
+    if kept:
+        logger.info(
+            "%s was begun before the defaults by situation: it goes on with the settings it began with (%s)",
+            path,
+            ", ".join(f"{name} {getattr(saved, name)}" for name in kept),
+        )
+
+
 # Settings that, left empty, are resolved from the data as a run starts and saved: empty on a resumed run's command
 # line means "as the data says", which is what the checkpoint holds.
 RESOLVED_FROM_DATA = ("classes", "mask_values")
@@ -115,6 +137,8 @@ def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
     old_default = checkpoint.get("format") == 2 and saved.warmup_epochs == TrainConfig.warmup_epochs
     if old_default and config.warmup_epochs == short_run_warmup(config.epochs):
         config.warmup_epochs = saved.warmup_epochs
+    if "recipe" not in checkpoint["config"]:
+        _go_on_as_begun(saved, config, path)
     changed = [
         f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)

@@ -37,6 +37,10 @@ def setting(default, description: str):
 logger = logging.getLogger(__name__)
 
 
+# The settings competition/recipes.py's rule may pick by situation (a run begun before the rule had the defaults).
+RECIPE_SETTINGS = ("lr", "schedule", "augment", "class_weights")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint so infer.py needs nothing else."""

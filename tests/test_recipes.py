@@ -2,13 +2,16 @@
 real folders (Carvana's kept to the bit), and the settings files of before (augment as a bool) still read."""
 
 import logging
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
 
 import make_folds
 import train
-from competition.config import TrainConfig, config_from, given_settings
+from competition.checkpoints import FORMAT_VERSION, check_resumable
+from competition.config import RECIPE_SETTINGS, TrainConfig, config_from, given_settings
+from competition.errors import ConfigError
 from competition.recipes import SCRATCH_LR, SMALL_DATA, Situation, recipe, resolve_run_config, with_recipe
 from tests.layout_fixtures import make_folders
 
@@ -103,3 +106,30 @@ def test_make_folds_writes_the_folds_file_its_config_names(tmp_path, monkeypatch
     settings.write_text(f'data_dir = "{folders}"\nfolds_csv = "{tmp_path / "folds" / "shapes.csv"}"\n')
     make_folds.main(["--config", str(settings), "--n-folds", "2", "--quiet"])
     assert (tmp_path / "folds" / "shapes.csv").is_file()
+
+
+def test_the_rule_picks_only_the_settings_a_run_of_before_goes_on_with():
+    situations = [Situation(False, pretrained, classes, images) for pretrained in (True, False)
+                  for classes in (2, 5) for images in (10, SMALL_DATA)]  # fmt: skip
+    assert set().union(*(recipe(situation) for situation in situations)) == set(RECIPE_SETTINGS)
+
+
+def checkpoint_of(config: TrainConfig, before_the_rule: bool) -> dict:
+    saved = asdict(config)
+    if before_the_rule:
+        del saved["recipe"]
+    return {"format": FORMAT_VERSION, "config": saved}
+
+
+def test_a_run_begun_before_the_rule_resumes_with_the_settings_it_began_with(tmp_path, caplog):
+    begun = TrainConfig(encoder_weights="none", classes="a,b,c", fold=0)
+    now = replace(begun, lr=SCRATCH_LR, schedule="onecycle", augment="flip", class_weights="median")
+    with caplog.at_level(logging.INFO, logger="competition"):
+        check_resumable(checkpoint_of(begun, before_the_rule=True), now, tmp_path / "last.pt")
+    assert (now.lr, now.schedule, now.augment, now.class_weights) == (begun.lr, "cosine", "full", "none")
+    assert "was begun before the defaults by situation: it goes on with the settings it began with (lr 0.0003" in (
+        caplog.text
+    )
+    again = replace(begun, lr=SCRATCH_LR)
+    with pytest.raises(ConfigError, match="was trained with lr=0.0003, now 0.002"):  # begun under the rule: as before
+        check_resumable(checkpoint_of(begun, before_the_rule=False), again, tmp_path / "last.pt")
