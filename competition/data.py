@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from competition.errors import DataError
+from competition.errors import DataError, ProjectError
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,33 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a class-index mask to (height, width): averaging would invent classes
     between two others and smear the ignore index into its neighbours."""
     return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def raised_in_worker(error: ProjectError) -> ProjectError:
+    """The error a DataLoader worker raised, as it was raised: torch re-raises it in the main process as its class
+    made from "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ..." and the worker's whole
+    traceback, whose last line holds the original message (one line, as every project error's is). An error not
+    raised in a worker is returned as it is."""
+    text = str(error)
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return error
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    raised = [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
+    return type(error)(raised[-1]) if raised else error
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' project errors reach the user as their one-line message, never as the worker's
+    traceback: each loop over it (training, validation, prediction) gets this by construction."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except ProjectError as error:
+            raised = raised_in_worker(error)
+            if raised is error:
+                raise
+            raise raised from None
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
