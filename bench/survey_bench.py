@@ -6,6 +6,7 @@ train.py's loaders do, on one thread).
     python -m bench.survey_bench                      # synthetic car parts at 2048x1024, made in a temporary folder
     python -m bench.survey_bench --data-dir input-parts
     python -m bench.survey_bench --data-dir input     # Carvana's layout: the check alone, as train.py runs it
+    python -m bench.survey_bench --data-dir input --mask-source csv
 
 Seconds are the best of ``--repeats`` passes, so files are in the page cache for each (a first pass from a cold
 disk costs more in every variant).
@@ -46,10 +47,10 @@ def epoch_loading_seconds(data, image_ids: list[str], size: str) -> float:
     return time.perf_counter() - started
 
 
-def measure(data_dir: str, repeats: int, epoch_size: str) -> None:
+def measure(data_dir: str, repeats: int, epoch_size: str, mask_source: str = "auto") -> None:
     cv2.setNumThreads(1)  # the threads are the survey's, not OpenCV's
     torch.set_num_threads(1)
-    data = open_data(data_dir)
+    data = open_data(data_dir, mask_source=mask_source)
     image_ids = data.train_ids()
     threads = survey_threads()
     count = data.masks_to_count(len(image_ids), len(image_ids), False)  # as train.py counts, without weights
@@ -69,7 +70,8 @@ def measure(data_dir: str, repeats: int, epoch_size: str) -> None:
     rows += [("survey, 1 thread", surveyed(1)), (f"survey, {threads} threads (as train.py runs it)", surveyed(threads))]
     epoch = epoch_loading_seconds(data, image_ids, epoch_size)
     height, width = data.image_shape(image_ids[0])
-    print(f"{len(image_ids)} labelled images of {width}x{height}, {data.num_classes} classes, {data_dir}")
+    masks = f", masks from {data.mask_source}" if isinstance(data.mask_source, str) else ""
+    print(f"{len(image_ids)} labelled images of {width}x{height}, {data.num_classes} classes{masks}, {data_dir}")
     print(f"{'variant':48s} {'seconds':>8s} {'ms/img':>8s} {'speed-up':>9s} {'of epoch':>9s}")
     for name, seconds in rows:
         print(
@@ -87,12 +89,13 @@ def main() -> None:
     parser.add_argument("--size", default="2048x1024", help="WIDTHxHEIGHT of the synthetic images")
     parser.add_argument("--cars", type=int, default=6, help="synthetic cars (16 views each)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mask-source", default="auto", help="Carvana's masks: gif or csv (default: gif when present)")
     parser.add_argument(
         "--epoch-size", default="1024x1536", help="HEIGHTxWIDTH of the epoch's inputs (train.py's default)"
     )
     args = parser.parse_args()
     if args.data_dir:
-        measure(args.data_dir, args.repeats, args.epoch_size)
+        measure(args.data_dir, args.repeats, args.epoch_size, args.mask_source)
         return
     width, height = (int(side) for side in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="survey-bench-") as folder:
