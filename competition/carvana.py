@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from competition.data import _image_shape, decode_image_and_shape, decode_mask, image_id_of, read_csv_file
+from competition.data import (
+    _image_shape,
+    decode_image_and_shape,
+    decode_mask,
+    decoded_file_shape,
+    decoded_image_shape,
+    image_id_of,
+    read_csv_file,
+)
 from competition.errors import ConfigError, DataError
 from competition.mask_values import value_histogram
 from competition.rle import RLEError, rle_decode, rle_runs
@@ -278,6 +286,13 @@ class CarvanaData:
                 f"e.g. {missing[:3]}; restore the masks or remove those images"
             )
 
+    def _gif_name(self, image_id: str) -> str:
+        """The name of the image's GIF mask in train_masks/, which must hold it."""
+        name = f"{image_id}_mask.gif"
+        if self.train_masks is None or name not in self.train_masks.names:
+            raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
+        return name
+
     def read_mask(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 0/1 (H, W) mask of one training image, from its GIF or from train_masks.csv.
 
@@ -285,9 +300,7 @@ class CarvanaData:
         saves reading the image's header again.
         """
         if self.mask_source == "gif":
-            name = f"{image_id}_mask.gif"
-            if self.train_masks is None or name not in self.train_masks.names:
-                raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
+            name = self._gif_name(image_id)
             return decode_mask(self.train_masks.read(name), self.train_masks.describe(name))
         masks = self._masks_from_csv()
         if image_id not in masks:
@@ -298,23 +311,24 @@ class CarvanaData:
             raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
 
     def check_sample(self, image_id: str) -> None:
-        """Raise the DataError the loader would meet for this image and its mask, reading headers and the RLE
-        row only: the image's size, and the mask's size (GIF header) or its runs (train_masks.csv)."""
-        shape = self.image_shape(image_id)
+        """Raise the DataError the loader would meet for this image and its mask: the JPEG decoded to its end
+        (``decoded_image_shape``), the GIF too (``decoded_file_shape``), or the RLE row's runs checked against the
+        image without being drawn, and both checked to be one size."""
+        shape = decoded_image_shape(self, image_id)
         if self.mask_source == "gif":
-            name = f"{image_id}_mask.gif"
-            if self.train_masks is None or name not in self.train_masks.names:
-                raise DataError(f"{self.root}: image {image_id}.jpg has no mask train_masks/{name}")
-            mask_shape = _image_shape(self.train_masks.read(name), self.train_masks.describe(name), "mask")
-        else:
-            masks = self._masks_from_csv()
-            if image_id not in masks:
-                raise DataError(f"{self.root}: image {image_id}.jpg has no row in train_masks.csv")
-            try:
-                rle_runs(masks[image_id], shape[0] * shape[1])  # parsed and checked, not drawn
-            except RLEError as error:
-                raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
+            name = self._gif_name(image_id)
+            mask_shape = decoded_file_shape(self.train_masks.read(name), self.train_masks.describe(name))
+            self._same_size(image_id, shape, mask_shape)
             return
+        masks = self._masks_from_csv()
+        if image_id not in masks:
+            raise DataError(f"{self.root}: image {image_id}.jpg has no row in train_masks.csv")
+        try:
+            rle_runs(masks[image_id], shape[0] * shape[1])  # parsed and checked, not drawn
+        except RLEError as error:
+            raise DataError(f"{self._csv_path('train_masks.csv')}: row {image_id}.jpg: {error}") from None
+
+    def _same_size(self, image_id: str, shape: tuple[int, int], mask_shape: tuple[int, int]) -> None:
         if mask_shape != shape:
             raise DataError(
                 f"{self.image_path(image_id)}: image is {shape[1]}x{shape[0]} but its mask is "
@@ -326,17 +340,16 @@ class CarvanaData:
         return np.bincount(self.read_mask(image_id).ravel(), minlength=2).astype(np.int64)
 
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
-        """Pixels of each of the 256 mask values (int64), the sample checked first as ``check_sample`` checks it."""
-        self.check_sample(image_id)
-        return value_histogram(self.read_mask(image_id))
+        """Pixels of each of the 256 mask values (int64), the sample checked as ``check_sample`` checks it, each
+        file decoded once."""
+        shape = decoded_image_shape(self, image_id)
+        mask = self.read_mask(image_id, shape)
+        self._same_size(image_id, shape, mask.shape)
+        return value_histogram(mask)
 
     def read_sample(self, image_id: str, reduce_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
         image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
         mask = self.read_mask(image_id, full_shape)
-        if full_shape != mask.shape:
-            raise DataError(
-                f"{self.image_path(image_id)}: image is {full_shape[1]}x{full_shape[0]} but its mask is "
-                f"{mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image, replace it"
-            )
+        self._same_size(image_id, full_shape, mask.shape)
         return image, mask

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from competition.errors import DataError
+from competition.errors import DataError, ProjectError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,12 @@ def _decoding(source: str, what: str = "image"):
     try:
         yield
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{source}: the {what} does not decode ({error}); the file is corrupt, replace it") from None
+        # Pillow names an unknown format by its stream object's address: the file is named here instead.
+        reason = "not an image format Pillow reads" if isinstance(error, UnidentifiedImageError) else error
+        raise DataError(
+            f"{source}: the {what} does not decode ({reason}); the file is corrupt or cut short: replace it, "
+            "or remove the sample"
+        ) from None
 
 
 # Modes Pillow opens 16-bit greyscale as (PNG, TIFF; ``I`` also for 32-bit integer TIFFs, refused when out of
@@ -124,7 +129,7 @@ def decode_image_and_shape(
     with _decoding(source), Image.open(io.BytesIO(data)) as image:  # Pillow's reading alone is guarded
         full_shape = (image.height, image.width)
         if reduce_to is not None:
-            image.draft("RGB", tuple(math.floor(side * (1 - DRAFT_SHORTFALL)) for side in reduce_to[::-1]))
+            image.draft("RGB", tuple(max(1, math.floor(side * (1 - DRAFT_SHORTFALL))) for side in reduce_to[::-1]))
         array = image_to_array(image, source, channels)
     return array, full_shape
 
@@ -133,6 +138,20 @@ def decode_image(data: bytes, source: str, reduce_to: tuple[int, int] | None = N
     """Image bytes -> uint8 (H, W, ``channels``). ``reduce_to`` (height, width) lets libjpeg decode at
     1/2, 1/4 or 1/8 scale when that is at least as large, or short by at most 1%: several times faster."""
     return decode_image_and_shape(data, source, reduce_to, channels)[0]
+
+
+# ``reduce_to`` of the check that an image file is whole: the smallest scale its format decodes at. libjpeg still
+# reads every coefficient of the file at 1/8 and reduces only the inverse DCT, so a truncated or corrupt JPEG
+# fails there as at full size, in a fraction of the time; PNG, TIFF, ... have no reduced scale and decode in full.
+SMALLEST_SCALE = (1, 1)
+
+
+def decoded_image_shape(data, image_id: str) -> tuple[int, int]:
+    """(height, width) of a training image of ``data`` (any layout) decoded to the end of its file as the loader
+    decodes it (its mode's rules too), at the smallest scale: the one check that an image file is whole, run by
+    the pre-check before training and by inspect_data alike. A header read alone would pass a file cut short,
+    and the loader would meet it in the first epoch."""
+    return data.read_image_and_shape(image_id, "train", SMALLEST_SCALE)[1]
 
 
 def decode_mask(data: bytes, source: str) -> np.ndarray:
@@ -145,6 +164,14 @@ def decode_mask(data: bytes, source: str) -> np.ndarray:
 def _image_shape(data: bytes, source: str, what: str = "image") -> tuple[int, int]:
     """(height, width) from the file's header alone."""
     with _decoding(source, what), Image.open(io.BytesIO(data)) as image:
+        return image.height, image.width
+
+
+def decoded_file_shape(data: bytes, source: str, what: str = "mask") -> tuple[int, int]:
+    """(height, width) of an image or mask file decoded to its end, its pixels left as stored (a Carvana GIF in
+    half the time of the 0/1 mask made from it, which cannot fail once the file decodes)."""
+    with _decoding(source, what), Image.open(io.BytesIO(data)) as image:
+        image.load()
         return image.height, image.width
 
 
@@ -174,6 +201,33 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a class-index mask to (height, width): averaging would invent classes
     between two others and smear the ignore index into its neighbours."""
     return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def raised_in_worker(error: ProjectError) -> ProjectError:
+    """The error a DataLoader worker raised, as it was raised: torch re-raises it in the main process as its class
+    made from "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ..." and the worker's whole
+    traceback, whose last line holds the original message (one line, as every project error's is). An error not
+    raised in a worker is returned as it is."""
+    text = str(error)
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return error
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    raised = [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
+    return type(error)(raised[-1]) if raised else error
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' project errors reach the user as their one-line message, never as the worker's
+    traceback: each loop over it (training, validation, prediction) gets this by construction."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except ProjectError as error:
+            raised = raised_in_worker(error)
+            if raised is error:
+                raise
+            raise raised from None
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

@@ -13,7 +13,7 @@ import torch
 
 from competition.checkpoints import split_digest
 from competition.config import TrainConfig
-from competition.data import SegmentationDataset, image_id_of, same_size_batches
+from competition.data import Loader, SegmentationDataset, image_id_of, same_size_batches
 from competition.data_checks import report_absent_classes
 from competition.errors import ConfigError, DataError
 from competition.folds import read_folds
@@ -148,13 +148,11 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
     else:
         weights = class_balanced_weights(pixel_counts).tolist()
         sampler = torch.utils.data.WeightedRandomSampler(weights, len(train_set), replacement=True, generator=order)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options
-    )
+    train_loader = Loader(train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options)
     if data.fixed_image_size:  # every image one size (Carvana's 1918x1280): no same-size batches needed
-        return train_loader, order, torch.utils.data.DataLoader(val_set, config.val_batch_size, **options)
+        return train_loader, order, Loader(val_set, config.val_batch_size, **options)
     batches = same_size_batches([data.image_shape(image_id) for image_id in val_ids], config.val_batch_size)
-    return train_loader, order, torch.utils.data.DataLoader(val_set, batch_sampler=batches, **options)
+    return train_loader, order, Loader(val_set, batch_sampler=batches, **options)
 
 
 @dataclass

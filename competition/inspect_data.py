@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from competition.config import add_config_arguments, resolve_config
 from competition.data import _decoding
@@ -14,6 +13,7 @@ from competition.data_checks import absent_class_problems
 from competition.errors import DataError
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.survey import checked_samples, in_data_folder
 
 logger = logging.getLogger("competition.inspect_data")
 SHOWN_PROBLEMS = 10  # problems listed one a line; the rest are counted
@@ -29,24 +29,21 @@ def image_formats(data, image_ids: list[str], split: str = "train") -> tuple[col
             with _decoding(path), Image.open(path) as image:
                 formats[(f"{image.width}x{image.height}", image.mode)] += 1
         except DataError as error:
-            problems.append(str(error))
+            problems.append(in_data_folder(data, error))
     return formats, problems
 
 
 def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str]]:
-    """(pixels per class, ignored pixels, one line per broken sample): every image and mask read as training
-    reads them, so any problem training would meet is found here."""
-    counts = np.zeros(data.num_classes, dtype=np.int64)
-    ignored, problems = 0, []
-    for image_id in tqdm(image_ids, desc="read masks", unit="img", disable=not progress, dynamic_ncols=True):
-        try:
-            histogram = data.checked_mask_histogram(image_id)
-        except DataError as error:
-            problems.append(str(error))
-            continue
-        counts += histogram[: data.num_classes]
-        ignored += int(histogram[data.ignore_index]) if data.ignore_index >= data.num_classes else 0
-    return counts, ignored, problems
+    """(pixels per class, ignored pixels, one line per broken sample): every sample checked by the pre-check
+    training runs (``checked_samples``: each file decoded to its end, on threads), so any problem training would
+    stop on is found here; the masks counted unless the layout fixes its classes."""
+    count = 0 if data.fixed_classes else len(image_ids)
+    histograms, problems = checked_samples(data, image_ids, count, progress=progress)
+    total = np.sum(histograms, axis=0, dtype=np.int64) if histograms else np.zeros(256, dtype=np.int64)
+    ignored = (
+        int(total[data.ignore_index]) if data.ignore_index is not None and data.ignore_index >= data.num_classes else 0
+    )
+    return total[: data.num_classes], ignored, problems
 
 
 def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]:
@@ -60,11 +57,13 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
             "split: " + ", ".join(f"{name} {sizes[name]}" for name in sorted(sizes)) + f", test {len(test_ids)}"
         )
     lines.append(f"images: {len(train_ids)} labelled, {len(test_ids)} test; model input channels: {data.in_channels}")
-    (labelled, broken), (tests, broken_tests) = image_formats(data, train_ids), image_formats(data, test_ids, "test")
+    # The labelled images' problems are among those the check of the samples finds below.
+    (labelled, _), (tests, broken_tests) = image_formats(data, train_ids), image_formats(data, test_ids, "test")
     lines += [f"  {count} labelled image(s) {size} {mode}" for (size, mode), count in labelled.most_common(5)]
     lines += [f"  {count} test image(s) {size} {mode}" for (size, mode), count in tests.most_common(3)]
-    if data.fixed_classes:  # nothing to read from the masks: the layout names its classes
-        return lines + [data.class_description], broken + broken_tests
+    if data.fixed_classes:  # nothing to count in the masks: the layout names its classes
+        problems = scan_masks(data, train_ids, progress)[2]
+        return lines + [data.class_description], problems + broken_tests
     table = getattr(data, "table", None)
     if table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
@@ -77,7 +76,7 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
     counts, ignored, problems = scan_masks(data, train_ids, progress)
     problems = list(data.class_problems) + problems  # first: what every other line's classes depend on
-    problems += broken_tests  # the labelled ones are among the samples scan_masks found broken
+    problems += broken_tests
     labelled, every = max(int(counts.sum()), 1), max(int(counts.sum()) + ignored, 1)  # ignored pixels: apart
     lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
     lines += [

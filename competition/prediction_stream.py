@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
-from competition.data import resize_image, same_size_batches, to_chw
+from competition.data import Loader, resize_image, same_size_batches, to_chw
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.workers import loader_start_method
@@ -96,7 +96,7 @@ def image_batches(data, image_ids: list[str], split: str, batch_size: int, fixed
 def prediction_loader(dataset, batches: list[list[int]], workers: int, device: torch.device):
     """The loader of ``dataset`` in ``batches`` (lists of indices), its errors returned as one-line batches."""
     workers = min(workers, os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(
+    return Loader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,

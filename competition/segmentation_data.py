@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from competition.data import _decoding, _image_shape, decode_image_and_shape
+from competition.data import _decoding, _image_shape, decode_image_and_shape, decoded_image_shape
 from competition.errors import DataError
 from competition.folds import labelled_folds
 from competition.layout_registry import LAYOUT_HELP, LAYOUTS, known_data_set_hint
@@ -255,17 +255,29 @@ class SegmentationData:
             raise DataError(f"{self.root}: {len(missing)} image(s) without a mask, e.g. {missing[:3]}")
 
     def check_sample(self, image_id: str) -> None:
-        self.read_sample(image_id)
+        """Raise the DataError the loader would meet for this image and its mask."""
+        self._checked_mask(image_id)
+
+    def _checked_mask(self, image_id: str) -> np.ndarray:
+        """The sample's mask, its image decoded to the end of its file (``decoded_image_shape``) and the two
+        checked to be one size: each file read once."""
+        shape = decoded_image_shape(self, image_id)
+        mask = self.read_mask(image_id)
+        self._same_size(image_id, shape, mask.shape)
+        return mask
+
+    def _same_size(self, image_id: str, shape: tuple[int, int], mask_shape: tuple[int, int]) -> None:
+        if mask_shape != shape:
+            raise DataError(
+                f"{self.image_path(image_id)}: image is {shape[1]}x{shape[0]} but its mask "
+                f"{self.mask_source(image_id)} is {mask_shape[1]}x{mask_shape[0]}; the mask belongs to another image"
+            )
 
     def read_sample(self, image_id: str, reduce_to=None) -> tuple[np.ndarray, np.ndarray]:
         """(image, mask) of one training image, checked to be the same size before any reduction."""
         image, full_shape = self.read_image_and_shape(image_id, "train", reduce_to)
         mask = self.read_mask(image_id)
-        if mask.shape != full_shape:
-            raise DataError(
-                f"{self.image_path(image_id)}: image is {full_shape[1]}x{full_shape[0]} but its mask "
-                f"{self.mask_source(image_id)} is {mask.shape[1]}x{mask.shape[0]}; the mask belongs to another image"
-            )
+        self._same_size(image_id, full_shape, mask.shape)
         return image, mask
 
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
@@ -273,9 +285,9 @@ class SegmentationData:
         return value_histogram(self.read_mask(image_id))[: self.num_classes]
 
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
-        """Pixels of each of the 256 mask values (int64), from one read of the sample as training reads it."""
-        _, mask = self.read_sample(image_id)
-        return value_histogram(mask)
+        """Pixels of each of the 256 mask values (int64), from one read of the sample, checked as ``check_sample``
+        checks it."""
+        return value_histogram(self._checked_mask(image_id))
 
 
 def classes_from(root: Path, classes: str, file_names: tuple[str, ...]) -> list[str] | None:

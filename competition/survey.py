@@ -32,6 +32,40 @@ def stored_value_histogram(read_stored, stems, threads: int | None = None) -> np
     return total
 
 
+def in_data_folder(data, error: DataError) -> str:
+    """The error's line, the file it begins with named relative to the data folder (``train/a.jpg: ...``)."""
+    return str(error).removeprefix(f"{data.root}{os.sep}")
+
+
+def checked_samples(
+    data, image_ids: list[str], count: int, threads: int | None = None, progress: bool = True
+) -> tuple[list[np.ndarray], list[str]]:
+    """(the 256-value histograms of the first ``count`` masks, one line per broken sample): each sample of
+    ``image_ids`` read once on threads and checked as the loader reads it (``check_sample``, or
+    ``checked_mask_histogram`` where it is counted: each file decoded to its end). The one check of the samples
+    that training runs first and that inspect_data lists, so the two agree. A problem names its file relative to
+    the data folder."""
+
+    def visit(index: int, image_id: str):
+        try:
+            if index < count:
+                return data.checked_mask_histogram(image_id)
+            data.check_sample(image_id)
+            return None
+        except DataError as error:
+            return error
+
+    bar = tqdm(total=len(image_ids), desc="check data", unit="img", disable=not progress, dynamic_ncols=True)
+    results = []
+    # On Ctrl-C map's iterator cancels the images not yet started: nothing is read after it.
+    with bar, ThreadPoolExecutor(threads or survey_threads()) as pool:
+        for result in pool.map(visit, range(len(image_ids)), image_ids):  # in the order of image_ids
+            results.append(result)
+            bar.update()
+    problems = [in_data_folder(data, result) for result in results if isinstance(result, DataError)]
+    return [result for result in results[:count] if not isinstance(result, DataError)], problems
+
+
 def survey(
     data,
     image_ids: list[str],
@@ -41,45 +75,31 @@ def survey(
     threads: int | None = None,
     progress: bool = True,
 ) -> np.ndarray | None:
-    """Each sample of ``image_ids`` read once: checked as the loader would read it (``check``; every broken one
-    gathered into one DataError naming the first few), and the pixels of each class counted, the ignore index left
-    out, in the masks of the first ``count`` images (``len(image_ids)`` for all; 0 for none). Returns those
-    (count, classes) int64 counts, or None when ``count`` is 0. Unchecked, the first unreadable mask raises."""
+    """Each sample of ``image_ids`` read once: checked as the loader would read it (``check``, by
+    ``checked_samples``; every broken one gathered into one DataError naming the first few), and the pixels of each
+    class counted, the ignore index left out, in the masks of the first ``count`` images (``len(image_ids)`` for
+    all; 0 for none). Returns those (count, classes) int64 counts, or None when ``count`` is 0. Unchecked, the
+    first unreadable mask raises."""
     if not image_ids or not (check or count):
         return None
-
-    def visit(index: int, image_id: str):
-        counted = index < count
-        if not check:
-            return data.class_pixel_counts(image_id) if counted else None
-        try:
-            if counted:
-                return data.checked_mask_histogram(image_id)[: data.num_classes]
-            data.check_sample(image_id)  # Carvana's: the headers alone
-            return None
-        except DataError as error:
-            return error
-
-    bar = tqdm(
-        total=len(image_ids),
-        desc="check data" if check else "count classes",
-        unit="img",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    results = []
-    # On an error (or Ctrl-C) map's iterator cancels the images not yet started: nothing is read after it.
-    with bar, ThreadPoolExecutor(threads or survey_threads()) as pool:
-        for result in pool.map(visit, range(len(image_ids)), image_ids):  # in the order of image_ids
-            results.append(result)
-            bar.update()
-    problems = [str(result) for result in results if isinstance(result, DataError)]
+    if not check:
+        with ThreadPoolExecutor(threads or survey_threads()) as pool:
+            counted = tqdm(
+                pool.map(data.class_pixel_counts, image_ids[:count]),
+                total=count,
+                desc="count classes",
+                unit="img",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            return np.stack(list(counted)).astype(np.int64)
+    histograms, problems = checked_samples(data, image_ids, count, threads, progress)
     if problems:
         more = f" (and {len(problems) - NAMED_PROBLEMS} more)" if len(problems) > NAMED_PROBLEMS else ""
         raise DataError(
             f"{len(problems)} of {len(image_ids)} training samples are broken: "
-            f"{' | '.join(problems[:NAMED_PROBLEMS])}{more}; fix them, or pass --no-check to meet them in the loader"
+            f"{' | '.join(problems[:NAMED_PROBLEMS])}{more}; in {data.root}: fix them, or pass --no-check to meet "
+            "them in the loader"
         )
-    if check:
-        logger.info("checked %d images and their masks", len(image_ids))
-    return np.stack(results[:count]).astype(np.int64) if count else None
+    logger.info("checked %d images and their masks, each file decoded to its end", len(image_ids))
+    return np.stack(histograms)[:, : data.num_classes].astype(np.int64) if count else None

@@ -8,6 +8,7 @@ import pytest
 
 from competition.clock import Deadline
 from competition.synthetic import generate
+from tests.layout_fixtures import cut_short
 
 WIDTH, HEIGHT = 192, 128
 
@@ -49,18 +50,44 @@ def data_copy(data_dir, tmp_path):
     return shutil.copytree(data_dir, tmp_path / "data")
 
 
+# The broken copies of a Carvana sample break_carvana_sample makes, with the mask source that reads each.
+CARVANA_BREAKAGES = {
+    "jpeg": "gif",
+    "gif": "gif",
+    "rle": "csv",
+    "truncated-jpeg": "gif",
+    "truncated-gif": "gif",
+    "mask-size": "gif",
+    "no-mask": "gif",
+    "rle-character": "csv",
+    "rle-past-end": "csv",
+}
+
+
 def break_carvana_sample(root, image_id: str, part: str) -> None:
-    """Damage one sample of a Carvana folder copy: its ``jpeg``, its ``gif`` mask, or its ``rle`` row in
-    train_masks.csv (runs that overlap)."""
+    """Damage one sample of a Carvana folder copy as ``part`` (a key of CARVANA_BREAKAGES) says: its ``jpeg`` or
+    ``gif`` mask replaced by garbage or ``truncated-``, a mask of another size (``mask-size``) or none
+    (``no-mask``), or its train_masks.csv row: ``rle`` (runs that overlap), a letter among the numbers, a run
+    past the image's last pixel."""
+    from PIL import Image
+
+    image, mask = root / "train" / f"{image_id}.jpg", root / "train_masks" / f"{image_id}_mask.gif"
     if part == "jpeg":
-        (root / "train" / f"{image_id}.jpg").write_bytes(b"not a jpeg")
+        image.write_bytes(b"not a jpeg")
     elif part == "gif":
-        (root / "train_masks" / f"{image_id}_mask.gif").write_bytes(b"GIF89a broken")
+        mask.write_bytes(b"GIF89a broken")
+    elif part in ("truncated-jpeg", "truncated-gif"):
+        cut_short(image if part == "truncated-jpeg" else mask)
+    elif part == "mask-size":
+        Image.new("P", (WIDTH - 2, HEIGHT)).save(mask)
+    elif part == "no-mask":
+        mask.unlink()
     else:
         import pandas as pd
 
+        rows = {"rle": "1 2 3", "rle-character": "1 2 3 x", "rle-past-end": f"{WIDTH * HEIGHT - 1} 5"}
         frame = pd.read_csv(root / "train_masks.csv")
-        frame.loc[frame["img"] == f"{image_id}.jpg", "rle_mask"] = "1 2 3"
+        frame.loc[frame["img"] == f"{image_id}.jpg", "rle_mask"] = rows[part]
         frame.to_csv(root / "train_masks.csv", index=False)
 
 

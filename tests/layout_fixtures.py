@@ -149,3 +149,27 @@ def make_pet(root: Path, count: int = 8, tests: int = 2) -> Path:
     (root / "images" / "._Abyssinian_1.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (root / "images" / "Abyssinian_100.mat").write_bytes(b"MATLAB 5.0")
     return root
+
+
+def cut_short(path: Path) -> None:
+    """Keep the first half of a file, as an interrupted copy or download leaves it: its header still reads."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+FOLDER_BREAKAGES = ("truncated-jpeg", "truncated-png", "truncated-gif", "mask-size")
+
+
+def break_folders_sample(root: Path, image_id: str, part: str) -> None:
+    """Damage one sample of a ``make_folders`` copy as ``part`` (one of FOLDER_BREAKAGES) says: its JPEG or PNG
+    mask cut short (the header still reads), its mask saved as a GIF and cut short, or a mask of another size."""
+    image, mask = root / "images" / f"{image_id}.jpg", root / "masks" / f"{image_id}.png"
+    if part == "truncated-gif":
+        with Image.open(mask) as stored:
+            stored.save(mask.with_suffix(".gif"))
+        mask.unlink()
+        mask = mask.with_suffix(".gif")
+    if part == "mask-size":
+        _save_mask(np.zeros((HEIGHT, WIDTH - 2), dtype=np.uint8), mask, palette=True)
+    else:
+        cut_short(image if part == "truncated-jpeg" else mask)

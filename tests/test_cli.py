@@ -96,3 +96,23 @@ def test_a_checkpoint_of_format_2_counts_its_epochs_from_1(tmp_path):
     torch.save({"format": 2, "model": {}, "config": {}, "epoch": 1, "log": rows}, old)
     checkpoint = load_checkpoint(old)
     assert checkpoint["epoch"] == 2 and [row["epoch"] for row in checkpoint["log"]] == [1, 2]
+
+
+@pytest.mark.parametrize("part", ["truncated-jpeg", "truncated-gif"])
+def test_train_py_stops_on_a_file_cut_short_before_its_run_folder(capsys, tmp_path, data_copy, folds_csv, part):
+    from competition.carvana import CarvanaData
+    from tests.conftest import break_carvana_sample
+
+    victim = CarvanaData(data_copy).train_ids()[-1]  # the last one a loader would reach
+    break_carvana_sample(data_copy, victim, part)
+    flags = ["--data-dir", str(data_copy), "--folds-csv", str(folds_csv), "--out", str(tmp_path / "runs")]
+    model = ["--encoder", "resnet18", "--encoder-weights", "none", "--size", "64x96", "--epochs", "1"]
+    with pytest.raises(SystemExit) as stop:
+        train.main([*flags, *model, "--device", "cpu", "--quiet"])
+    error = capsys.readouterr().err
+    name = f"train/{victim}.jpg: the image" if part == "truncated-jpeg" else f"train_masks/{victim}_mask.gif: the mask"
+    assert stop.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(
+        f"train.py: error: 1 of 80 training samples are broken: {name} does not decode (image file is truncated"
+    )
+    assert not (tmp_path / "runs").exists()  # no config.json, no lock: nothing to clear before the next try

@@ -196,3 +196,40 @@ def test_carvana_masks_keep_the_smooth_resize_and_other_layouts_the_nearest(data
     assert classes.dtype == torch.int64 and classes.shape == (32, 48)
     assert set(classes.unique().tolist()) <= {0, 1, 2, 3, 255}
     np.testing.assert_array_equal(classes.numpy(), resize_mask(folders.read_mask("scene0_1"), (32, 48)))
+
+
+class _BrokenSamples(torch.utils.data.Dataset):
+    """Samples whose reading raises a project error, as a loader worker meets a file cut short."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise DataError("train/a_01.jpg: the image does not decode (image file is truncated); replace it")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_error_in_a_loader_worker_reaches_the_user_as_its_one_line(workers):
+    from competition.data import Loader
+    from competition.workers import loader_start_method
+
+    loader = Loader(_BrokenSamples(), num_workers=workers, multiprocessing_context=loader_start_method(workers))
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == "train/a_01.jpg: the image does not decode (image file is truncated); replace it"
+
+
+def test_the_training_loaders_say_a_workers_error_in_one_line(tiny_config, data_copy):
+    from competition.fold_data import build_loaders
+
+    data = CarvanaData(data_copy)
+    victim = data.train_ids()[0]
+    path = data_copy / "train" / f"{victim}.jpg"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    tiny_config.workers = 1
+    train_loader, _, val_loader = build_loaders(tiny_config, data, [victim] * 8, [victim], torch.device("cpu"))
+    for loader in (train_loader, val_loader):
+        with pytest.raises(DataError) as caught:
+            next(iter(loader))
+        assert str(caught.value).startswith(f"{path}: the image does not decode (image file is truncated")
+        assert "\n" not in str(caught.value) and "worker" not in str(caught.value)

@@ -13,10 +13,11 @@ from PIL import Image
 from competition import survey as survey_module
 from competition.carvana import CarvanaData
 from competition.errors import DataError
+from competition.inspect_data import main as inspect_data
 from competition.layouts import open_data
 from competition.survey import stored_value_histogram, survey
-from tests.conftest import break_carvana_sample
-from tests.layout_fixtures import make_folders, make_labelme, make_pet
+from tests.conftest import CARVANA_BREAKAGES, break_carvana_sample
+from tests.layout_fixtures import FOLDER_BREAKAGES, break_folders_sample, make_folders, make_labelme, make_pet
 from tests.shipped_fixtures import make_binary_255, make_camvid
 
 
@@ -121,14 +122,14 @@ def test_nothing_asked_reads_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mask_source", ["gif", "csv"])
-def test_carvana_checked_alone_reads_headers_and_still_finds_a_broken_mask(data_copy, monkeypatch, mask_source):
+def test_carvana_checked_alone_draws_no_mask_and_still_finds_a_broken_one(data_copy, monkeypatch, mask_source):
     root, data = data_copy, CarvanaData(data_copy, mask_source=mask_source)
     image_ids = data.train_ids()
     decoded = []
     real = data.read_mask
     monkeypatch.setattr(data, "read_mask", lambda *args, **kwargs: decoded.append(args) or real(*args, **kwargs))
     assert survey(data, image_ids, check=True, count=0, threads=2, progress=False) is None
-    assert decoded == []  # the GIF's header, or the CSV row parsed without drawing it
+    assert decoded == []  # the GIF decoded to its end but not made 0/1, or the CSV row parsed without drawing it
     victim = image_ids[5]
     break_carvana_sample(root, victim, "gif" if mask_source == "gif" else "rle")
     data = CarvanaData(root, mask_source=mask_source)
@@ -193,3 +194,54 @@ def test_a_fold_set_up_on_another_layout_reads_each_mask_once(tmp_path, monkeypa
     fold = set_up_fold(config, data, torch.device("cpu"), progress=False)
     assert reads == {image_id: 1 for image_id in data.train_ids()}  # checked, counted and weighed from one read
     assert len(fold.config.class_weight_values.split(",")) == data.num_classes
+
+
+def assert_found_by_the_check_and_inspect_data(data, flags: list[str], victim: str, capsys) -> str:
+    """The pre-check stops on the broken sample in one line naming it, counted or not; inspect_data lists the same
+    line as its one problem and exits 1. Returns that line."""
+    image_ids = data.train_ids()
+    for count in (0, len(image_ids)):  # checked alone (Carvana's default), and counted (--class-weights)
+        with pytest.raises(
+            DataError, match=rf"^1 of {len(image_ids)} training samples are broken: .*{victim}"
+        ) as caught:
+            survey(data, image_ids, check=True, count=count, threads=2, progress=False)
+        assert "\n" not in str(caught.value)
+    assert inspect_data([*flags, "--quiet"]) == 1
+    listed = capsys.readouterr().out.split("problems (1):\n")[1].strip()
+    assert victim in listed and listed in str(caught.value)
+    return listed
+
+
+@pytest.mark.parametrize("part", CARVANA_BREAKAGES)
+def test_every_broken_carvana_copy_stops_the_check_and_is_listed_by_inspect_data(data_copy, capsys, part):
+    victim = CarvanaData(data_copy).train_ids()[5]
+    break_carvana_sample(data_copy, victim, part)
+    source = CARVANA_BREAKAGES[part]
+    data = CarvanaData(data_copy, mask_source=source)
+    listed = assert_found_by_the_check_and_inspect_data(
+        data, ["--data-dir", str(data_copy), "--mask-source", source], victim, capsys
+    )
+    if part.startswith("truncated"):  # the file named inside the data folder, and the fix
+        name = (
+            f"train/{victim}.jpg: the image" if part == "truncated-jpeg" else f"train_masks/{victim}_mask.gif: the mask"
+        )
+        assert listed.startswith(f"{name} does not decode (image file is truncated")
+        assert listed.endswith("replace it, or remove the sample")
+
+
+@pytest.mark.parametrize("part", FOLDER_BREAKAGES)
+def test_every_broken_folders_copy_stops_the_check_and_is_listed_by_inspect_data(tmp_path, capsys, part):
+    root = make_folders(tmp_path / "data")
+    victim = "scene1_2"
+    break_folders_sample(root, victim, part)
+    listed = assert_found_by_the_check_and_inspect_data(open_data(root), ["--data-dir", str(root)], victim, capsys)
+    assert listed.startswith("images/" if part in ("truncated-jpeg", "mask-size") else "masks/")
+
+
+def test_no_module_lets_pillow_load_truncated_images():
+    from PIL import ImageFile
+
+    import competition.inspect_data  # every layout and the checks imported
+    import competition.training  # noqa: F401
+
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
