@@ -157,7 +157,8 @@ def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
         ["--checkpoints", str(tmp_path / "truncated.pt")], capsys
     )
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
-    assert "garbage.pt: not a readable checkpoint" in run_infer(["--checkpoints", str(tmp_path / "garbage.pt")], capsys)
+    garbage = run_infer(["--checkpoints", str(tmp_path / "garbage.pt")], capsys)
+    assert "garbage.pt: not a PyTorch checkpoint (it begins b'\\x00\\x00" in garbage
     torch.save({"weights": {}}, tmp_path / "foreign.pt")
     assert "not a checkpoint of this repository" in run_infer(["--checkpoints", str(tmp_path / "foreign.pt")], capsys)
     assert "no such checkpoint" in run_infer(["--checkpoints", str(tmp_path / "nowhere")], capsys)

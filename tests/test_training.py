@@ -300,7 +300,10 @@ def test_data_folder_without_masks(tiny_config, tmp_path, capsys):
 def test_unreadable_weights_file(tmp_path):
     path = tmp_path / "encoder.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="not a readable weights file"):
+    with pytest.raises(ModelError, match=r"not a PyTorch weights file \(it begins b'not a checkpoint'"):
+        build_model("Unet", "resnet18", str(path))
+    path.write_bytes(b"PK\x03\x04 a zip archive cut short")
+    with pytest.raises(ModelError, match="not a readable weights file .*; it is corrupt or incomplete"):
         build_model("Unet", "resnet18", str(path))
 
 
