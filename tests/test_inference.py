@@ -73,7 +73,7 @@ def test_submission_is_valid_ordered_and_scores_well(trained_run, data_dir, tmp_
     assert list(submission.columns) == ["img", "rle_mask"] and submission["img"].tolist() == sample["img"].tolist()
     assert len(rows) == len(sample) and not (tmp_path / "submission.csv.partial").exists()
     truth = pd.read_csv(data_dir / "test_masks.csv", keep_default_na=False)
-    assert score_submission(submission, truth, HEIGHT * WIDTH).mean() > 0.8
+    assert score_submission(submission, truth, (HEIGHT, WIDTH)).mean() > 0.8
 
 
 @pytest.mark.slow
@@ -196,9 +196,10 @@ def test_validation_catches_broken_submissions(tmp_path):
     assert validate_submission(path, expected, (2, 2))["area"].tolist() == [0.5, 0.0]
     for text, problem in [
         ("image,mask\na_01.jpg,1 2\na_02.jpg,\n", "header"),
-        ("img,rle_mask\na_01.jpg,1 2\na_01.jpg,\na_02.jpg,\n", "appear twice"),
-        ("img,rle_mask\na_01.jpg,1 2\n", "1 test image"),
-        ("img,rle_mask\na_01.jpg,1 9\na_02.jpg,\n", "row a_01.jpg: RLE has a run past the end"),
+        ("img,rle_mask\na_01.jpg,1 2\na_01.jpg,\na_02.jpg,\n", "s.csv: row 3 repeats a_01.jpg of row 2; each image"),
+        ("img,rle_mask\na_01.jpg,1 2\na_02.jpg,\nb_01.jpg,\n", r"s.csv: row 4: b_01.jpg is not in the test set$"),
+        ("img,rle_mask\na_01.jpg,1 2\n", r"s.csv: no row for 1 of the 2 images of the test set, e.g. \['a_02.jpg'\]"),
+        ("img,rle_mask\na_01.jpg,1 9\na_02.jpg,\n", r"s.csv: row 2 \(a_01.jpg\): RLE has a run past the end"),
     ]:
         path.write_text(text)
         with pytest.raises(DataError, match=problem):
