@@ -531,6 +531,8 @@ def test_a_time_limit_already_spent_exits_3_with_the_rows_kept(trained_run, data
     "argv, message",
     [
         (["--time-limit", "soon"], "--time-limit 'soon': a duration such as 11h30m"),
+        (["--time-limit", "-5m"], "--time-limit '-5m': a duration such as 11h30m"),
+        (["--time-limit", "0m"], "--time-limit '0m': must be longer than 0 (0 or none: no limit)"),
         (["--oof", "--time-limit", "1h"], "--time-limit belongs to the test submission, not to --oof"),
     ],
 )

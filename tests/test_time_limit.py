@@ -135,7 +135,7 @@ def test_a_fold_whose_turn_comes_with_less_than_an_epoch_left_is_not_started(tin
     assert sorted(path.name for path in (fold0.parent / "fold1").iterdir()) == ["train.log"]
 
 
-@pytest.mark.parametrize("value", ["11:30", "1d", "0s"])
+@pytest.mark.parametrize("value", ["11:30", "1d", "0s", "0m", "-5m"])
 def test_a_bad_time_limit_gives_one_line_naming_the_flag(tiny_config, capsys, value):
     code, error = run_train([*cli_flags(tiny_config), "--time-limit", value], capsys)
     assert code == 2
