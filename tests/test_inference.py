@@ -21,6 +21,7 @@ from competition.inference import CheckpointError, Ensemble, Member, find_checkp
 from competition.metrics import score_submission
 from competition.models import build_model
 from competition.prediction import TTA, predict_probabilities
+from competition.prediction_stream import PredictionPace
 from competition.submission import HEADER, predicted_by, start_rows, submission_order, validate_submission
 from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH, ManualDeadline
@@ -538,6 +539,34 @@ def test_a_time_limit_already_spent_exits_3_with_the_rows_kept(trained_run, data
 )
 def test_a_bad_time_limit_is_one_line(argv, message, tmp_path, capsys):
     assert message in one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))
+
+
+def test_a_batch_that_passes_the_time_limit_is_said_to_have_passed_it_never_to_fit(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    out = tmp_path / "s.csv"
+    deadline = ManualDeadline(10.0, started=0.0)
+    pace = PredictionPace(deadline, "predict", 8, 1, 1)
+    assert pace.next_batch_fits()  # nothing known of a batch's length before it: it is not refused
+    deadline.now = 48.0
+    pace.batch_done(4)
+    assert not pace.next_batch_fits()
+    pace.finish()
+    inference.log_stopped(out, 4, 8, deadline, predicted=4)
+    inference.log_stopped(out, 0, 8, deadline, predicted=0)
+    assert [record.getMessage() for record in caplog.records] == [
+        (
+            "predict: projected 48s for the 4 image(s) left x 1 model(s) x 1 view(s) (from 0.1 img/s over 48s); the time "
+            "limit 10s was passed: none of them fit"
+        ),
+        (
+            f"{out}: the time limit 10s was passed during the last batch: 4 of the 8 test images are written and kept, no "
+            "submission yet; run the same command with --resume to finish"
+        ),
+        (
+            f"{out}: the time limit 10s had passed before the first batch: 0 of the 8 test images are written and kept, "
+            "no submission yet; run the same command with --resume to finish"
+        ),
+    ]
 
 
 def thirty_seconds_a_batch(monkeypatch) -> ManualDeadline:
