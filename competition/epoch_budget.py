@@ -131,15 +131,17 @@ class EpochBudget:
             measured,
             limit,
         )
+        if fits:
+            return
         fitting = min(epochs_left, int((deadline.remaining() + into_epoch) // epoch_seconds))
-        if not fits and fitting < 1:  # not even the epoch under way: it is not cut short, end() says what happened
+        if fitting < 1:  # not even the epoch under way: it is not cut short, end() says what happened
             logger.warning(
                 "fold %d: epoch %d is projected to end past the %s; it is finished and saved, then training stops",
                 config.fold,
                 self.first_epoch + 1,
                 deadline.describe(),
             )
-        elif not fits:
+        else:
             logger.warning(
                 "fold %d: about %d of the %d epoch(s) to train fit in the %s; training will stop after them, with "
                 "last.pt saved: run the same command with --resume in a new session to train the rest",
