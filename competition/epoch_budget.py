@@ -62,13 +62,15 @@ class EpochBudget:
         self.epochs_ended = 0
         self.projected_fit: bool | None = None  # the projection's verdict; None before it is made
         self.not_started = ""  # why this process's first epoch did not start, when it did not
+        self.passed = False  # an epoch ended past the limit (said then): the next is not started
 
     def begin(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (from 0) fits in the time left; when not, says so and how to go on.
         With nothing known of an epoch's length, only a limit already passed stops it."""
         if not self.deadline.fits(self.longest_epoch):
             if epoch > 0:
-                self._warn_stop(epoch)
+                if not self.passed:  # when the last epoch passed the limit, end() said so
+                    self._warn_stop(epoch)
             else:  # nothing was trained to resume from: the caller says so
                 self.not_started = no_time_for_an_epoch(self.deadline, self.longest_epoch)
             return False
@@ -88,6 +90,23 @@ class EpochBudget:
         seconds = self.deadline.elapsed() - self.epoch_started
         self.longest_epoch = max(self.longest_epoch, seconds)
         self.epochs_ended += 1
+        epochs_left = self.config.epochs - self.first_epoch - self.epochs_ended
+        if self.deadline.remaining() <= 0:  # nothing foretold it, or it ran longer than foretold: said as it is
+            self.passed = True
+            how_on = (
+                f"last.pt is kept: run the same command with --resume in a new session to train the other {epochs_left}"
+                if epochs_left
+                else "it was the last: the fold is trained"
+            )
+            logger.warning(
+                "fold %d: --time-limit %s was passed: epoch %d took %s; %s",
+                self.config.fold,
+                self.config.time_limit,
+                self.first_epoch + self.epochs_ended,
+                format_duration(seconds),
+                how_on,
+            )
+            return
         if self.epochs_ended > 1 or self.projected_fit is False:  # a warning already given is not repeated
             return
         epochs_after = self.config.epochs - self.first_epoch - 1
@@ -112,8 +131,17 @@ class EpochBudget:
             measured,
             limit,
         )
-        if not fits:
-            fitting = max(1, min(epochs_left, int((deadline.remaining() + into_epoch) // epoch_seconds)))
+        if fits:
+            return
+        fitting = min(epochs_left, int((deadline.remaining() + into_epoch) // epoch_seconds))
+        if fitting < 1:  # not even the epoch under way: it is not cut short, end() says what happened
+            logger.warning(
+                "fold %d: epoch %d is projected to end past the %s; it is finished and saved, then training stops",
+                config.fold,
+                self.first_epoch + 1,
+                deadline.describe(),
+            )
+        else:
             logger.warning(
                 "fold %d: about %d of the %d epoch(s) to train fit in the %s; training will stop after them, with "
                 "last.pt saved: run the same command with --resume in a new session to train the rest",

@@ -203,7 +203,7 @@ def write_predictions(
     )
     sink.close(finished)
     if not finished:
-        log_stopped(output.path, writer.written(), len(order), deadline)
+        log_stopped(output.path, writer.written(), len(order), deadline, predicted)
         return None
     result = writer.finish(
         order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done
@@ -228,12 +228,21 @@ def log_written(summary: str, predicted: int, seconds: float) -> None:
     )
 
 
-def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline) -> None:
+def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline, predicted: int | None = None) -> None:
+    """What the time limit stopped, as it happened: before a batch it left no time for, or passed before the first
+    batch or during the last one (``predicted``: the images this run predicted; None when not known)."""
+    limit = deadline.describe()
+    if deadline.remaining() > 0:
+        how = f"stopped by the {limit} at a batch boundary"
+    elif predicted == 0:
+        how = f"the {limit} had passed before the first batch"
+    else:
+        how = f"the {limit} was passed{' during the last batch' if predicted else ''}"
     logger.warning(
-        "%s: stopped by the %s at a batch boundary: %d of the %d test images are written and kept, no submission "
-        "yet; run the same command with --resume to finish",
+        "%s: %s: %d of the %d test images are written and kept, no submission yet; run the same command with "
+        "--resume to finish",
         out,
-        deadline.describe(),
+        how,
         written,
         total,
     )

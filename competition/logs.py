@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,8 @@ LOGGER_NAME = "competition"
 FORMAT = "%(asctime)s %(message)s"
 WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
+# A value that starts like a negative number (-5m, -1, -.5): argparse takes all but the plainest for a flag.
+DASH_VALUE = re.compile(r"-\.?\d")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,6 +24,21 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(self.dash_values_joined(sys.argv[1:] if args is None else args), namespace)
+
+    def dash_values_joined(self, args) -> list[str]:
+        """``--time-limit -5m`` -> ``--time-limit=-5m``: argparse would take ``-5m`` for a flag and say only
+        "expected one argument"; joined, the flag's own check says what is wrong with the value."""
+        joined: list[str] = []
+        for arg in args:
+            flag = self._option_string_actions.get(joined[-1]) if joined else None
+            if flag is not None and flag.nargs is None and DASH_VALUE.match(arg):
+                joined[-1] = f"{joined[-1]}={arg}"
+            else:
+                joined.append(arg)
+        return joined
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

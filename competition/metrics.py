@@ -7,6 +7,7 @@ Batched torch versions for training, numpy versions for scoring, and a scorer fo
 of the model recorded beside the predictions unless flags give them).
 """
 
+import functools
 import json
 import logging
 from dataclasses import asdict
@@ -16,16 +17,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from competition.carvana import CarvanaData
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.config import add_config_arguments, resolve_config
-from competition.data import read_csv_file
-from competition.errors import DataError, ProjectError
+from competition.data import image_id_of, read_csv_file
+from competition.errors import ConfigError, DataError, ProjectError
 from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from
 from competition.rle import RLEError, rle_runs
 from competition.segmentation_data import MASK_EXTENSIONS, files_by_stem, parse_classes, read_index_mask
 from competition.splits import resolve
-from competition.submission import RECORD_NAME
+from competition.submission import IMAGE_ROWS, RECORD_NAME, check_rows, read_submission
 
 logger = logging.getLogger("competition.metrics")
 
@@ -140,23 +142,65 @@ def rle_dice(predicted_rle: str, truth_rle: str, n_pixels: int) -> float:
     return 2.0 * _runs_overlap(starts_p.tolist(), ends_p.tolist(), starts_t.tolist(), ends_t.tolist()) / total
 
 
-def score_submission(submission: pd.DataFrame, truth: pd.DataFrame, n_pixels: int) -> pd.Series:
-    """Dice per image (indexed by ``img``) of a submission against the true masks, both ``img,rle_mask``."""
+def score_submission(
+    submission: pd.DataFrame, truth: pd.DataFrame, shape, source: str = "submission", truth_source: str = "the truth"
+) -> pd.Series:
+    """Dice per image (indexed by ``img``) of a submission against the true masks, both ``img,rle_mask``, each
+    mask of ``shape`` (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function. The submission's rows are
+    checked as infer.py checks its own (``check_rows``: each truth image once, nothing else, every run inside its
+    mask), and a fault names ``source``'s row."""
     for name, frame in (("submission", submission), ("truth", truth)):
         missing = {"img", "rle_mask"} - set(frame.columns)
         if missing:
             raise DataError(f"{name} lacks column(s) {sorted(missing)}; expected img,rle_mask")
-    predicted = dict(zip(submission["img"], submission["rle_mask"]))
-    missing_rows = [img for img in truth["img"] if img not in predicted]
-    if missing_rows:
-        raise DataError(f"submission has no row for {len(missing_rows)} image(s), e.g. {missing_rows[:3]}")
+    checked = check_rows(
+        submission[["img", "rle_mask"]], source, truth["img"].tolist(), shape, IMAGE_ROWS, truth_source
+    )
+    predicted = dict(zip(checked["img"], checked["rle_mask"]))
     scores = {}
-    for img, truth_rle in zip(truth["img"], truth["rle_mask"]):
+    for number, (img, truth_rle) in enumerate(zip(truth["img"], truth["rle_mask"]), start=2):
+        height, width = shape(image_id_of(img)) if callable(shape) else shape
         try:
-            scores[img] = rle_dice(predicted[img], truth_rle, n_pixels)
+            scores[img] = rle_dice(predicted[img], truth_rle, height * width)
         except RLEError as error:
-            raise DataError(f"row {img}: {error}") from None
+            raise DataError(f"{truth_source}: row {number} ({img}): {error}") from None
     return pd.Series(scores, name="dice")
+
+
+def truth_image_shapes(truth_path: Path, folder: Path):
+    """(height, width) of each truth row's image, by its id, read from the image file's header in the ``test/``
+    or ``train/`` images (folders or the competition's zips) of ``folder``: an RLE row carries no size."""
+    ask = "give the masks' size with --size HEIGHTxWIDTH, or the folder of their images with --data-dir"
+    try:
+        data = CarvanaData(folder)
+    except DataError:
+        raise DataError(
+            f"{truth_path}: its RLE rows carry no size and {folder} has no test/ or train/ images; {ask}"
+        ) from None
+    split_of = {image_id: "train" for image_id in data.train_ids()} | {image_id: "test" for image_id in data.test_ids()}
+    logger.info("%s: the masks' sizes are their images' in %s (--size gives one size instead)", truth_path, folder)
+
+    @functools.cache
+    def shape(image_id: str) -> tuple[int, int]:
+        if image_id not in split_of:
+            raise DataError(f"{truth_path}: {image_id}.jpg has no image in {folder}/test/ or train/; {ask}")
+        return data.image_shape(image_id, split_of[image_id])
+
+    return shape
+
+
+def submission_shape(size: str | None, truth_path: Path, data_dir: str | None):
+    """The masks' size: ``--size`` HEIGHTxWIDTH, else each image's own beside the truth (``truth_image_shapes``)
+    in ``--data-dir``, or in the truth CSV's folder."""
+    if size is None:
+        return truth_image_shapes(truth_path, Path(data_dir) if data_dir else truth_path.parent)
+    try:
+        height, width = (int(side) for side in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {size!r} must be HEIGHTxWIDTH, e.g. 1280x1918") from None
+    if height < 1 or width < 1:
+        raise ConfigError(f"--size {size!r} must be HEIGHTxWIDTH, each at least 1")
+    return height, width
 
 
 def read_mask_png(path: Path) -> np.ndarray:
@@ -295,7 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "truth", nargs="?", help="e.g. input/test_masks.csv, or input-parts/test_masks/ (or --data-dir instead)"
     )
-    parser.add_argument("--size", default="1280x1918", help="CSV: image HEIGHTxWIDTH (default: %(default)s)")
+    parser.add_argument(
+        "--size",
+        help="CSV: the masks' HEIGHTxWIDTH, e.g. 1280x1918 (default: each image's own, read from the test/ or train/ "
+        "images in the truth CSV's folder, or in --data-dir)",
+    )
     parser.add_argument(
         "--classes",
         help="class names a,b,c (default: the model's, from predicted-by.json beside the predictions; else a colour "
@@ -327,13 +375,11 @@ def main(argv: list[str] | None = None) -> None:
         print(format_class_table(scores))
         return
     try:
-        height, width = (int(side) for side in args.size.lower().split("x"))
-    except ValueError:
-        parser.exit(2, f"metrics: error: --size {args.size!r} must be HEIGHTxWIDTH, e.g. 1280x1918\n")
-    try:
-        frames = [read_csv_file(path, dtype=str, keep_default_na=False) for path in (args.submission, args.truth)]
-        scores = score_submission(*frames, n_pixels=width * height)
-    except DataError as error:
+        truth = read_csv_file(args.truth, dtype=str, keep_default_na=False)
+        shape = submission_shape(args.size, Path(args.truth), args.data_dir)
+        submission = read_submission(args.submission)
+        scores = score_submission(submission, truth, shape, args.submission, f"the truth {args.truth}")
+    except ProjectError as error:
         parser.exit(2, f"metrics: error: {error}\n")
     print(f"mean Dice {scores.mean():.5f} over {len(scores)} images (worst {scores.min():.5f}: {scores.idxmin()})")
 

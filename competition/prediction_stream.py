@@ -169,6 +169,8 @@ class PredictionPace:
         needed, remaining = left / rate, self.deadline.remaining()
         if self.deadline.limit is None:
             verdict, fits = "no time limit", True
+        elif remaining <= 0:
+            verdict, fits = f"the {self.deadline.describe()} was passed: none of them fit", False
         else:
             fits = needed <= remaining
             verdict = f"{self.deadline.describe()}, {format_duration(remaining)} left: " + (

@@ -342,36 +342,57 @@ class SubmissionWriter:
         return self.path
 
 
-def validate_submission(
-    path: str | Path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS
-) -> pd.DataFrame:
-    """Check the header, that every expected row name appears exactly once, and that every RLE decodes within
-    an image of ``shape`` (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function. Returns the rows
-    (columns ``img``, ``rle_mask``) with each mask's area fraction."""
-    path = Path(path)
-    with open(path) as handle:
-        if handle.readline() != rows.header:
-            raise DataError(f"{path}: the header must be {rows.header.strip()!r}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+def read_submission(path: str | Path, rows: "ImageRows | ClassRows" = IMAGE_ROWS) -> pd.DataFrame:
+    """The rows of a submission file as strings (columns ``img``, ``rle_mask``), its header checked."""
+    frame = read_csv_file(path, dtype=str, keep_default_na=False)
+    if list(frame.columns) != rows.header.strip().split(","):
+        raise DataError(f"{path}: the header must be {rows.header.strip()!r}")
     frame.columns = ["img", "rle_mask"]
-    duplicated = frame["img"][frame["img"].duplicated()].tolist()
-    if duplicated:
-        raise DataError(f"{path}: {len(duplicated)} image(s) appear twice, e.g. {duplicated[:3]}")
-    missing = sorted(set(expected_images) - set(frame["img"]))
-    extra = sorted(set(frame["img"]) - set(expected_images))
-    if missing or extra:
+    return frame
+
+
+def check_rows(
+    frame: pd.DataFrame, path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS,
+    expected_from: str = "the test set",
+) -> pd.DataFrame:  # fmt: skip
+    """Check that every expected row name of ``expected_from`` (e.g. ``the truth t.csv``) appears exactly once in
+    the rows ``frame`` read from ``path`` and nothing else, and that every RLE decodes within an image of ``shape``
+    (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function; a fault names the file's row (the header is
+    row 1). Returns the rows with each mask's area fraction."""
+    first_row: dict[str, int] = {}
+    repeats = []
+    for number, name in enumerate(frame["img"], start=2):
+        if name in first_row:
+            repeats.append(f"{path}: row {number} repeats {name} of row {first_row[name]}")
+        first_row.setdefault(name, number)
+    if repeats:
+        more = f" ({len(repeats)} repeated rows in all)" if len(repeats) > 1 else ""
+        raise DataError(f"{repeats[0]}; each image takes one row{more}")
+    expected = set(expected_images)
+    unknown = [(number, name) for name, number in first_row.items() if name not in expected]
+    if unknown:
+        more = f" ({len(unknown)} such rows in all)" if len(unknown) > 1 else ""
+        raise DataError(f"{path}: row {unknown[0][0]}: {unknown[0][1]} is not in {expected_from}{more}")
+    missing = [name for name in expected_images if name not in first_row]
+    if missing:
         raise DataError(
-            f"{path}: {len(missing)} test image(s) missing (e.g. {missing[:3]}), "
-            f"{len(extra)} unknown (e.g. {extra[:3]})"
+            f"{path}: no row for {len(missing)} of the {len(expected)} images of {expected_from}, e.g. {missing[:3]}"
         )
     areas = []
-    for img, rle in zip(frame["img"], frame["rle_mask"]):
+    for number, (img, rle) in enumerate(zip(frame["img"], frame["rle_mask"]), start=2):
         height, width = shape(rows.image_of(img)) if callable(shape) else shape
         n_pixels = height * width
         try:
             starts, ends = rle_runs(rle, n_pixels)
         except RLEError as error:
-            raise DataError(f"{path}: row {img}: {error}") from None
+            raise DataError(f"{path}: row {number} ({img}): {error}") from None
         areas.append(int((ends - starts).sum()) / n_pixels)
-    frame["area"] = np.asarray(areas)
-    return frame
+    return frame.assign(area=np.asarray(areas, dtype=np.float64))
+
+
+def validate_submission(
+    path: str | Path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS
+) -> pd.DataFrame:
+    """The rows of the submission ``path`` (``read_submission``), checked against the test images' row names
+    ``expected_images`` and sizes ``shape`` (``check_rows``), with each mask's area fraction."""
+    return check_rows(read_submission(path, rows), path, expected_images, shape, rows)

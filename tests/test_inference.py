@@ -21,6 +21,7 @@ from competition.inference import CheckpointError, Ensemble, Member, find_checkp
 from competition.metrics import score_submission
 from competition.models import build_model
 from competition.prediction import TTA, predict_probabilities
+from competition.prediction_stream import PredictionPace
 from competition.submission import HEADER, predicted_by, start_rows, submission_order, validate_submission
 from competition.synthetic import encode_jpeg
 from tests.conftest import HEIGHT, WIDTH, ManualDeadline
@@ -73,7 +74,7 @@ def test_submission_is_valid_ordered_and_scores_well(trained_run, data_dir, tmp_
     assert list(submission.columns) == ["img", "rle_mask"] and submission["img"].tolist() == sample["img"].tolist()
     assert len(rows) == len(sample) and not (tmp_path / "submission.csv.partial").exists()
     truth = pd.read_csv(data_dir / "test_masks.csv", keep_default_na=False)
-    assert score_submission(submission, truth, HEIGHT * WIDTH).mean() > 0.8
+    assert score_submission(submission, truth, (HEIGHT, WIDTH)).mean() > 0.8
 
 
 @pytest.mark.slow
@@ -197,9 +198,10 @@ def test_validation_catches_broken_submissions(tmp_path):
     assert validate_submission(path, expected, (2, 2))["area"].tolist() == [0.5, 0.0]
     for text, problem in [
         ("image,mask\na_01.jpg,1 2\na_02.jpg,\n", "header"),
-        ("img,rle_mask\na_01.jpg,1 2\na_01.jpg,\na_02.jpg,\n", "appear twice"),
-        ("img,rle_mask\na_01.jpg,1 2\n", "1 test image"),
-        ("img,rle_mask\na_01.jpg,1 9\na_02.jpg,\n", "row a_01.jpg: RLE has a run past the end"),
+        ("img,rle_mask\na_01.jpg,1 2\na_01.jpg,\na_02.jpg,\n", "s.csv: row 3 repeats a_01.jpg of row 2; each image"),
+        ("img,rle_mask\na_01.jpg,1 2\na_02.jpg,\nb_01.jpg,\n", r"s.csv: row 4: b_01.jpg is not in the test set$"),
+        ("img,rle_mask\na_01.jpg,1 2\n", r"s.csv: no row for 1 of the 2 images of the test set, e.g. \['a_02.jpg'\]"),
+        ("img,rle_mask\na_01.jpg,1 9\na_02.jpg,\n", r"s.csv: row 2 \(a_01.jpg\): RLE has a run past the end"),
     ]:
         path.write_text(text)
         with pytest.raises(DataError, match=problem):
@@ -550,11 +552,41 @@ def test_a_time_limit_already_spent_exits_3_with_the_rows_kept(trained_run, data
     "argv, message",
     [
         (["--time-limit", "soon"], "--time-limit 'soon': a duration such as 11h30m"),
+        (["--time-limit", "-5m"], "--time-limit '-5m': a duration such as 11h30m"),
+        (["--time-limit", "0m"], "--time-limit '0m': must be longer than 0 (0 or none: no limit)"),
         (["--oof", "--time-limit", "1h"], "--time-limit belongs to the test submission, not to --oof"),
     ],
 )
 def test_a_bad_time_limit_is_one_line(argv, message, tmp_path, capsys):
     assert message in one_line(run_infer([*argv, "--checkpoints", str(tmp_path / "nowhere")], capsys))
+
+
+def test_a_batch_that_passes_the_time_limit_is_said_to_have_passed_it_never_to_fit(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    out = tmp_path / "s.csv"
+    deadline = ManualDeadline(10.0, started=0.0)
+    pace = PredictionPace(deadline, "predict", 8, 1, 1)
+    assert pace.next_batch_fits()  # nothing known of a batch's length before it: it is not refused
+    deadline.now = 48.0
+    pace.batch_done(4)
+    assert not pace.next_batch_fits()
+    pace.finish()
+    inference.log_stopped(out, 4, 8, deadline, predicted=4)
+    inference.log_stopped(out, 0, 8, deadline, predicted=0)
+    assert [record.getMessage() for record in caplog.records] == [
+        (
+            "predict: projected 48s for the 4 image(s) left x 1 model(s) x 1 view(s) (from 0.1 img/s over 48s); the time "
+            "limit 10s was passed: none of them fit"
+        ),
+        (
+            f"{out}: the time limit 10s was passed during the last batch: 4 of the 8 test images are written and kept, no "
+            "submission yet; run the same command with --resume to finish"
+        ),
+        (
+            f"{out}: the time limit 10s had passed before the first batch: 0 of the 8 test images are written and kept, "
+            "no submission yet; run the same command with --resume to finish"
+        ),
+    ]
 
 
 def thirty_seconds_a_batch(monkeypatch) -> ManualDeadline:

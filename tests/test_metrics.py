@@ -50,11 +50,11 @@ def test_dice_on_runs_equals_dice_on_decoded_masks():
 def test_score_submission_and_cli(tmp_path):
     masks = {f"c_{i:02d}.jpg": (np.random.default_rng(i).random((4, 5)) < 0.5) for i in range(1, 4)}
     truth = pd.DataFrame({"img": list(masks), "rle_mask": [rle_encode(m) for m in masks.values()]})
-    perfect = score_submission(truth, truth, 20)
+    perfect = score_submission(truth, truth, (4, 5))
     assert (perfect == 1.0).all()
     submission = truth.copy()
     submission.loc[0, "rle_mask"] = ""
-    scores = score_submission(submission, truth, 20)
+    scores = score_submission(submission, truth, (4, 5))
     assert scores.iloc[0] == 0.0 and scores.iloc[1:].eq(1.0).all()
     submission.to_csv(tmp_path / "s.csv", index=False)
     truth.to_csv(tmp_path / "t.csv", index=False)
@@ -74,10 +74,10 @@ def test_score_submission_and_cli(tmp_path):
     )
     assert result.returncode == 0 and f"mean Dice {2 / 3:.5f}" in result.stdout
     with pytest.raises(DataError, match="no row"):
-        score_submission(submission.iloc[1:], truth, 20)
+        score_submission(submission.iloc[1:], truth, (4, 5))
     submission.loc[1, "rle_mask"] = "1 2 3"
-    with pytest.raises(DataError, match="c_02.jpg: RLE has an odd count"):
-        score_submission(submission, truth, 20)
+    with pytest.raises(DataError, match=r"submission: row 3 \(c_02.jpg\): RLE has an odd count"):
+        score_submission(submission, truth, (4, 5))
 
 
 @settings(max_examples=200, deadline=None)
@@ -189,3 +189,74 @@ def test_a_missing_prediction_is_one_line_and_exit_2(tmp_path, capsys):
         main([str(tmp_path / "predicted"), str(tmp_path / "truth"), "--classes", "background,cat"])
     assert exit_info.value.code == 2
     assert "no prediction for 1 truth mask(s), e.g. ['a']" in capsys.readouterr().err
+
+
+# --- submission CSVs: each truth image once, nothing else, every run inside its mask ---
+
+
+def three_masks_as_csv(folder: Path) -> Path:
+    """A truth CSV of three 4x5 masks (``c_01.jpg``..), written in ``folder``."""
+    rows = [f"c_{i:02d}.jpg,{rle_encode(np.random.default_rng(i).random((4, 5)) < 0.5)}" for i in range(1, 4)]
+    path = folder / "truth.csv"
+    path.write_text("img,rle_mask\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def score_csv(submission: Path, truth: Path, capsys, *flags) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``python -m competition.metrics submission truth *flags``."""
+    try:
+        main([str(submission), str(truth), *flags])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def test_a_submission_row_repeated_unknown_or_past_the_mask_is_refused_naming_file_row_and_image(tmp_path, capsys):
+    truth = three_masks_as_csv(tmp_path)
+    lines = truth.read_text().splitlines()
+    submission = tmp_path / "s.csv"
+    for rows, message in [
+        ([*lines, lines[2]], f"{submission}: row 5 repeats c_02.jpg of row 3; each image takes one row"),
+        ([*lines, "c_09.jpg,1 2"], f"{submission}: row 5: c_09.jpg is not in the truth {truth}"),
+        (
+            [*lines[:2], "c_02.jpg,20 2", lines[3]],
+            f"{submission}: row 3 (c_02.jpg): RLE has a run past the end of the image (image of 20 pixels)",
+        ),
+        (lines[:3], f"{submission}: no row for 1 of the 3 images of the truth {truth}, e.g. ['c_03.jpg']"),
+    ]:
+        submission.write_text("\n".join(rows) + "\n")
+        assert score_csv(submission, truth, capsys, "--size", "4x5") == (2, "", f"metrics: error: {message}\n")
+    submission.write_text("\n".join(lines) + "\n")
+    assert score_csv(submission, truth, capsys, "--size", "4x5")[:2] == (
+        0,
+        "mean Dice 1.00000 over 3 images (worst 1.00000: c_01.jpg)\n",
+    )
+
+
+def test_the_mask_size_comes_from_size_or_the_truths_images_never_assumed(tmp_path, capsys):
+    truth = three_masks_as_csv(tmp_path)
+    submission = tmp_path / "s.csv"
+    submission.write_text(truth.read_text())
+    code, out, error = score_csv(submission, truth, capsys)
+    ask = "give the masks' size with --size HEIGHTxWIDTH, or the folder of their images with --data-dir"
+    assert (code, out) == (2, "")
+    assert (
+        error
+        == f"metrics: error: {truth}: its RLE rows carry no size and {tmp_path} has no test/ or train/ images; {ask}\n"
+    )
+    images = tmp_path / "data"
+    (images / "test").mkdir(parents=True)
+    for index in (1, 2):
+        Image.new("RGB", (5, 4)).save(images / "test" / f"c_{index:02d}.jpg")
+    code, out, error = score_csv(submission, truth, capsys, "--data-dir", str(images))
+    assert (code, error) == (2, f"metrics: error: {truth}: c_03.jpg has no image in {images}/test/ or train/; {ask}\n")
+    (images / "train").mkdir()
+    Image.new("RGB", (5, 4)).save(images / "train" / "c_03.jpg")
+    code, out, error = score_csv(submission, truth, capsys, "--data-dir", str(images))
+    assert code == 0 and "mean Dice 1.00000 over 3 images" in out
+    assert f"{truth}: the masks' sizes are their images' in {images} (--size gives one size instead)" in out
+    Image.new("RGB", (4, 4)).save(images / "train" / "c_03.jpg")  # 16 pixels: c_03's runs go past its end
+    code, out, error = score_csv(submission, truth, capsys, "--data-dir", str(images))
+    assert code == 2 and f"{submission}: row 4 (c_03.jpg): RLE has a run past the end" in error

@@ -13,8 +13,8 @@ import torch
 
 import train
 from competition import training
-from competition.config import resolve_config
-from competition.epoch_budget import known_epoch_seconds
+from competition.config import TrainConfig, resolve_config
+from competition.epoch_budget import EpochBudget, known_epoch_seconds
 from competition.training import FoldResult, train_fold, train_fold_within
 from tests.conftest import ManualDeadline
 from tests.test_training import cli_flags, run_train
@@ -135,7 +135,7 @@ def test_a_fold_whose_turn_comes_with_less_than_an_epoch_left_is_not_started(tin
     assert sorted(path.name for path in (fold0.parent / "fold1").iterdir()) == ["train.log"]
 
 
-@pytest.mark.parametrize("value", ["11:30", "1d", "0s"])
+@pytest.mark.parametrize("value", ["11:30", "1d", "0s", "0m", "-5m"])
 def test_a_bad_time_limit_gives_one_line_naming_the_flag(tiny_config, capsys, value):
     code, error = run_train([*cli_flags(tiny_config), "--time-limit", value], capsys)
     assert code == 2
@@ -175,3 +175,93 @@ def test_one_fold_past_its_limit_before_the_first_epoch_stops_with_one_line(tiny
         code == 2 and "fold 0: not started: the time limit 30m00s had passed (--time-limit 30m); nothing was " in error
     )
     assert not (tiny_config.run_dir() / "last.pt").exists()
+
+
+def budget_on(deadline: ManualDeadline, epochs: int, time_limit: str, known_epoch: float = 0.0):
+    """An EpochBudget of a 64-image epoch on ``deadline``, the epoch loop driven by the test."""
+    config = TrainConfig(epochs=epochs, time_limit=time_limit)
+    return EpochBudget(deadline, config, first_epoch=0, images_per_epoch=64, known_epoch=known_epoch)
+
+
+def test_a_first_epoch_that_passes_the_limit_is_said_to_have_passed_it_never_to_fit(caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    deadline = ManualDeadline(10.0, started=0.0)
+    budget = budget_on(deadline, 2, "10s")
+    assert budget.begin(0)
+    deadline.now = 48.0  # nothing known of an epoch's length before it: it is not refused, and takes 48 s
+    budget.end()
+    assert not budget.begin(1) and budget.not_started == ""
+    assert [record.getMessage() for record in caplog.records] == [
+        (
+            "fold 0: --time-limit 10s was passed: epoch 1 took 48s; last.pt is kept: run the same command with --resume "
+            "in a new session to train the other 1"
+        )
+    ]
+
+
+def test_an_epoch_known_not_to_fit_is_said_before_it_starts(caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    deadline = ManualDeadline(60.0, started=0.0)
+    budget = budget_on(deadline, 3, "1m")
+    assert budget.begin(0)
+    deadline.now = 48.0
+    budget.end()
+    assert not budget.begin(1)
+    assert [record.getMessage() for record in caplog.records] == [
+        (
+            "fold 0: projected 2m24s for the 3 epoch(s) to train (48s an epoch, from the first epoch, validation "
+            "included); time limit 1m00s, 12s left: it does not fit"
+        ),
+        (
+            "fold 0: about 1 of the 3 epoch(s) to train fit in the time limit 1m00s; training will stop after them, with "
+            "last.pt saved: run the same command with --resume in a new session to train the rest"
+        ),
+        (
+            "fold 0: stopped by the time limit 1m00s with 1 of 3 epochs done (the next would take about 48s, 12s are "
+            "left); last.pt, best.pt and log.csv are saved: run the same command with --resume in a new session to "
+            "train the other 2"
+        ),
+    ]
+    known = budget_on(ManualDeadline(10.0, started=0.0), 2, "10s", known_epoch=48.0)  # from a sibling fold's log
+    assert not known.begin(0) and known.not_started == "the time limit 10s leaves 10s, an epoch takes about 48s"
+
+
+def test_a_projection_that_not_even_the_epoch_under_way_fits_claims_no_epoch(caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    deadline = ManualDeadline(100.0, started=0.0)
+    budget = budget_on(deadline, 2, "100s")
+    assert budget.begin(0)
+    deadline.now = 80.0
+    budget.during(images_done=32)  # 0.4 img/s: 2m40s an epoch, past the limit before the first ends
+    deadline.now = 160.0
+    budget.end()
+    assert not budget.begin(1)
+    assert [record.getMessage() for record in caplog.records][1:] == [
+        "fold 0: epoch 1 is projected to end past the time limit 1m40s; it is finished and saved, then training stops",
+        (
+            "fold 0: --time-limit 100s was passed: epoch 1 took 2m40s; last.pt is kept: run the same command with "
+            "--resume in a new session to train the other 1"
+        ),
+    ]
+
+
+@pytest.mark.slow
+def test_training_whose_first_epoch_passes_the_limit_says_so_and_resume_goes_on(tiny_config, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    tiny_config.epochs, tiny_config.time_limit = 2, "10s"
+    deadline = ManualDeadline(10.0, started=0.0)
+    real = training.accumulate_gradients
+
+    def six_seconds_a_step(*args, **kwargs):  # 8 steps: 48 s an epoch
+        deadline.now += 6.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "accumulate_gradients", six_seconds_a_step)
+    result = train_fold_within(tiny_config, deadline, "cpu", progress=False)
+    assert (result.epochs_done, result.epochs, result.not_started) == (1, 2, "")
+    assert (
+        "fold 0: --time-limit 10s was passed: epoch 1 took 48s; last.pt is kept: run the same command with --resume "
+        "in a new session to train the other 1" in caplog.text
+    )
+    assert "fit in" not in caplog.text and "projected" not in caplog.text and "stopped by" not in caplog.text
+    assert torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)["epoch"] == 1
