@@ -4,18 +4,24 @@
 # make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
 # make parts: the multi-class example: synthetic car parts in input-parts/, folds, train fold 0
 #             (configs/cpu_parts.toml), a PNG mask per test image, scored per class against the truth
-# make test: set up (with Ray, for the cluster tests) and run the tests (this is what CI runs); make test-fast: the
-#            fast tier, under a minute
+# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's) and run the tests (this is what
+#            CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-cluster demo data folds train infer parts test test-fast bench bench-gpu
+.PHONY: setup setup-cluster setup-tensorboard demo data folds train infer parts test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
 setup-cluster: $(VENV)/.installed-cluster
+
+setup-tensorboard: $(VENV)/.installed-tensorboard
+
+$(VENV)/.installed-tensorboard: requirements-tensorboard.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-tensorboard.txt
+	touch $@
 
 $(VENV)/.installed-cluster: requirements-cluster.txt $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-cluster.txt
@@ -53,7 +59,7 @@ parts: setup
 	$(BIN)/python infer.py --tta --checkpoints runs/parts --out submissions/parts/ --overlays --overwrite
 	$(BIN)/python -m competition.metrics submissions/parts/ input-parts/test_masks/
 
-test: setup setup-cluster
+test: setup setup-cluster setup-tensorboard
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

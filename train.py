@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+from competition.board import require_tensorboard
 from competition.cluster import add_cluster_arguments, check_cluster_arguments, train_folds_on_ray
 from competition.config import add_config_arguments
 from competition.environment import resolve_device
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
         progress = not args.quiet
+        require_tensorboard(config)  # before the learning-rate test and the data: a missing package is said first
         if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)
             if not args.resume:
                 inspect_run_dir(config, resume=False, overwrite=args.overwrite)

@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = {
     "compile",
     "check",
     "time_limit",
+    "tensorboard",  # what is written beside the run, not what it learns
     "class_weight_values",  # derived from the fold's masks at set-up: the same fold gives the same values
     "labels",  # where the classes were read: the classes themselves are compared as resolved
 }

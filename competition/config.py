@@ -146,6 +146,11 @@ class TrainConfig:
     seed: int = setting(42, "seed of weights, data order and augmentation")
     log_every: int = setting(10, "optimizer steps between progress updates and non-finite-loss checks")
     check: bool = setting(True, "read every image header and mask before the first step (seconds), not mid-epoch")
+    tensorboard: bool = setting(
+        False,
+        "TensorBoard event files in the run folder: loss and learning rate per step, log.csv's metrics, validation "
+        "images and the confusion matrix per epoch, the settings (needs: pip install -r requirements-tensorboard.txt)",
+    )
     time_limit: str = setting(
         "",
         "stop before an epoch that would end after this long, e.g. 11h30m; counted from the start of train.py; "

@@ -13,6 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from competition.board import Board, open_board
 from competition.checkpoints import load_checkpoint, save_checkpoint, summary
 from competition.clock import Deadline, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig
@@ -101,8 +102,8 @@ def micro_batch_groups(batches, accum_steps: int):
 def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None = None, ignore_index: int = 255) -> dict:
     """Loss at full resolution (probabilities resized back to the masks' size); for a one-channel (binary) model
     Dice and IoU per image, averaged. With ``classes``, also the confusion matrix summed over the whole set, not
-    averaged per batch, and its scores: mIoU, macro F1, pixel accuracy and ``iou_<class>`` for each class.
-    Pixels of ``ignore_index`` count nowhere."""
+    averaged per batch (``confusion``, on the CPU), and its scores: mIoU, macro F1, pixel accuracy and
+    ``iou_<class>`` for each class. Pixels of ``ignore_index`` count nowhere."""
     model.eval()
     device = next(model.parameters()).device
     losses, dice, iou = [], [], []
@@ -129,8 +130,10 @@ def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None =
     if dice:
         metrics.update(val_dice=torch.cat(dice).mean().item(), val_iou=torch.cat(iou).mean().item())
     if confusion is not None:
-        scores = segmentation_scores(confusion.cpu(), classes)
+        confusion = confusion.cpu()
+        scores = segmentation_scores(confusion, classes)
         metrics.update(
+            confusion=confusion,
             val_miou=float(scores["miou"]),
             val_macro_f1=float(scores["macro_f1"]),
             val_pixel_accuracy=float(scores["pixel_accuracy"]),
@@ -265,10 +268,12 @@ def train_one_epoch(
     run_dir: Path,
     progress: bool,
     budget: "EpochBudget | None" = None,
+    board: Board | None = None,
 ) -> tuple[float, int]:
     """One pass over the training images; returns the mean loss and the optimizer steps skipped for fp16
     overflow. Losses are read back from the device every ``log_every`` steps (one sync), and a non-finite
-    one stops the run; there the time ``budget`` (an EpochBudget) may project the run's length."""
+    one stops the run; there the time ``budget`` (an EpochBudget) may project the run's length. ``board``
+    takes each step's loss and learning rate."""
     parts.model.train()
     steps_taken_before = parts.optimizer_steps.taken
     device = next(parts.model.parameters()).device
@@ -292,6 +297,8 @@ def train_one_epoch(
         with explain_out_of_memory(context, fix):
             loss = accumulate_gradients(parts.forward, parts.loss_fn, micro_batches, parts.precision, parts.scaler)
             optimizer_step(parts.model, parts.optimizer, parts.scaler, config.clip_grad)
+        if board is not None:
+            board.step(epoch, step, loss, parts.scheduler.get_last_lr()[0])  # the rate this step took
         with warnings.catch_warnings():
             # The schedule moves on even when fp16's scaler skipped the step (so each epoch keeps its learning
             # rates); torch takes a skipped first step for a misordered call. Skips are logged by epoch instead.
@@ -348,15 +355,24 @@ def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, fo
 
 
 def _run_epoch(
-    fold: FoldData, parts: _Parts, config: TrainConfig, epoch: int, run_dir: Path, progress: bool, budget: EpochBudget
+    fold: FoldData,
+    parts: _Parts,
+    config: TrainConfig,
+    epoch: int,
+    run_dir: Path,
+    progress: bool,
+    budget: EpochBudget,
+    board: Board,
 ) -> dict:
-    """Train one epoch and validate; returns its log row."""
+    """Train one epoch and validate; returns its log row, written to ``board`` too."""
     fold.order.manual_seed(config.seed * 100_003 + epoch)
     if fold.train_loader.dataset.transform is not None:
         fold.train_loader.dataset.transform.set_random_seed(config.seed + epoch)
     clock = budget.deadline.elapsed  # the limit's clock: later runs judge by the epoch lengths logged here
     started = clock()
-    train_loss, skipped_steps = train_one_epoch(parts, fold.train_loader, config, epoch, run_dir, progress, budget)
+    train_loss, skipped_steps = train_one_epoch(
+        parts, fold.train_loader, config, epoch, run_dir, progress, budget, board
+    )
     train_seconds = clock() - started
     # Carvana's Dice needs no confusion matrix unless another score is monitored
     by_confusion = not config.fixed_classes() or monitored(config)[0] != "val_dice"
@@ -370,7 +386,8 @@ def _run_epoch(
             scored_classes,
             config.label_ignore_index(),
         )
-    return {
+    confusion = metrics.pop("confusion", None)
+    row = {
         "epoch": epoch + 1,  # counted from 1 in log.csv and checkpoints, as the log says it
         "lr": parts.scheduler.get_last_lr()[0],
         "train_loss": train_loss,
@@ -379,6 +396,8 @@ def _run_epoch(
         "seconds": clock() - started,
         "skipped_steps": skipped_steps,
     }
+    board.epoch(epoch, row, confusion, parts.evaluated)
+    return row
 
 
 def _train_epochs(
@@ -395,15 +414,16 @@ def _train_epochs(
     Returns why the fold's first epoch did not start, when it did not ("" otherwise)."""
     known_epoch = known_epoch_seconds(config)  # read again: the set-up took time, a sibling may have ended one
     budget = EpochBudget(deadline, config, state.start_epoch, fold.images_per_epoch, known_epoch)
-    for epoch in range(state.start_epoch, config.epochs):
-        if not budget.begin(epoch):
-            return budget.not_started
-        row = _run_epoch(fold, parts, config, epoch, run_dir, progress, budget)
-        _save_epoch(parts, state, config, row, fold, run_dir)
-        _log_epoch(config, epoch, row)
-        budget.end()
-        if epoch_ended is not None:
-            epoch_ended(epoch + 1 - state.start_epoch, state.start_epoch > 0)
+    with open_board(config, run_dir, fold, state.start_epoch, state.best_score, parts.precision) as board:
+        for epoch in range(state.start_epoch, config.epochs):
+            if not budget.begin(epoch):
+                return budget.not_started
+            row = _run_epoch(fold, parts, config, epoch, run_dir, progress, budget, board)
+            _save_epoch(parts, state, config, row, fold, run_dir)
+            _log_epoch(config, epoch, row)
+            budget.end()
+            if epoch_ended is not None:
+                epoch_ended(epoch + 1 - state.start_epoch, state.start_epoch > 0)
     return ""
 
 
