@@ -329,7 +329,7 @@ def test_the_page_shows_the_overlay_in_a_real_browser(server, trained_run, data_
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 900, "height": 520})
+            page = browser.new_page(viewport={"width": 900, "height": 560})
             page.goto(server)
             page.wait_for_selector("body[data-ready=yes]", timeout=15000)
             page.set_input_files("#file", str(image_path))
@@ -345,6 +345,6 @@ def test_the_page_shows_the_overlay_in_a_real_browser(server, trained_run, data_
             page.fill("#opacity", "70")
             assert page.eval_on_selector("#overlay", "canvas => canvas.style.opacity") == "0.7"
             (ROOT / "docs").mkdir(exist_ok=True)
-            page.screenshot(path=str(ROOT / "docs" / "serve.png"))
+            page.screenshot(path=str(ROOT / "docs" / "serve.png"), full_page=True)
         finally:
             browser.close()
