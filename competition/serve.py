@@ -208,18 +208,26 @@ class Batcher:
         self.queue = asyncio.Queue(maxsize=self.limits.queue_size)
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="predict")
 
+    def busy(self) -> RequestError:
+        return RequestError(
+            503,
+            f"busy: {self.limits.queue_size} images are waiting (--queue-size); retry after "
+            f"{self.limits.retry_after_s} s",
+            {"Retry-After": str(self.limits.retry_after_s)},
+        )
+
+    def check_room(self) -> None:
+        """RequestError 503 when the queue is full: said before the upload is read and decoded."""
+        if self.queue.full():
+            raise self.busy()
+
     async def submit(self, image: np.ndarray) -> np.ndarray:
         """The image's mask; RequestError 503 at once when the queue is full."""
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(Job(image, future))
         except asyncio.QueueFull:
-            raise RequestError(
-                503,
-                f"busy: {self.limits.queue_size} images are waiting (--queue-size); retry after "
-                f"{self.limits.retry_after_s} s",
-                {"Retry-After": str(self.limits.retry_after_s)},
-            ) from None
+            raise self.busy() from None
         return await future
 
     async def gather(self) -> list[Job]:
@@ -319,6 +327,7 @@ def create_app(backend: Backend, limits: Limits = Limits()):
     async def predict(request: fastapi.Request, format: str = "png"):
         if format not in FORMATS:
             raise RequestError(400, f"?format={format}: choose png or json")
+        batcher.check_room()
         payload = await read_body(request, limits.max_upload_bytes)
         loop = asyncio.get_running_loop()
         image = await loop.run_in_executor(None, decode_upload, payload, backend.in_channels, limits.max_pixels)

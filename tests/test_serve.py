@@ -252,6 +252,7 @@ def probabilities(backend: Backend, image: np.ndarray) -> np.ndarray:
 def test_an_onnx_file_of_another_model_is_one_line(binary_run, parts_run, tmp_path, capsys):
     export_onnx(load_member(parts_run / "fold0" / "best.pt", torch.device("cpu")), tmp_path / "parts.onnx")
     (tmp_path / "text.onnx").write_text("not a model")
+    capsys.readouterr()  # the exporter's own warnings
     for name, message in [("parts.onnx", "takes 3 channel(s) and gives 4"), ("text.onnx", "not an ONNX model")]:
         with pytest.raises(SystemExit):
             serve.main(["--checkpoints", str(binary_run), "--onnx", str(tmp_path / name)])
@@ -348,3 +349,23 @@ def test_the_page_shows_the_overlay_in_a_real_browser(server, trained_run, data_
             page.screenshot(path=str(ROOT / "docs" / "serve.png"), full_page=True)
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_bench_compares_both_backends_in_one_run():
+    command = [sys.executable, "-m", "bench.serve_bench", "--concurrency", "1,2", "--rounds", "1"]
+    command += ["--size", "64x96", "--image-size", "96x128"]
+    environment = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        command, check=False, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| pytorch", "| onnx"))]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+        ("pytorch", "1"),
+        ("pytorch", "2"),
+        ("onnx", "1"),
+        ("onnx", "2"),
+    ]
+    assert all(row[7].strip() == "0" for row in rows) and all(float(row[8]) > 0 for row in rows)
+    assert "masks of the two backends differ on" in result.stdout
