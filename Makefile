@@ -4,14 +4,14 @@
 # make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
 # make parts: the multi-class example: synthetic car parts in input-parts/, folds, train fold 0
 #             (configs/cpu_parts.toml), a PNG mask per test image, scored per class against the truth
-# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's) and run the tests (this is what
-#            CI runs); make test-fast: the fast tier, under a minute
+# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, the serve extra and chromium
+#            for the serve tests) and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-cluster setup-tensorboard demo data folds train infer parts test test-fast bench bench-gpu
+.PHONY: setup setup-cluster setup-tensorboard setup-serve setup-browser demo data folds train infer parts test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,19 @@ $(VENV)/.installed-tensorboard: requirements-tensorboard.txt $(VENV)/.installed
 $(VENV)/.installed-cluster: requirements-cluster.txt $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-cluster.txt
 	touch $@
+
+# The serve extra (python -m competition.serve and its tests): FastAPI, uvicorn, and Playwright for the page's test
+setup-serve: $(VENV)/.installed-serve
+
+$(VENV)/.installed-serve: requirements-serve.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-serve.txt
+	touch $@
+
+# The page's test drives Debian's chromium through Playwright (whose own browser download is not needed): installed
+# with apt-get (as root, as CI runs) only where no chromium is on PATH.
+setup-browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ apt-get update -q && apt-get install -y -q chromium; }
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,12 +72,12 @@ parts: setup
 	$(BIN)/python infer.py --tta --checkpoints runs/parts --out submissions/parts/ --overlays --overwrite
 	$(BIN)/python -m competition.metrics submissions/parts/ input-parts/test_masks/
 
-test: setup setup-cluster setup-tensorboard
+test: setup setup-cluster setup-tensorboard setup-serve setup-browser
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup setup-serve
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -21,7 +21,16 @@ from competition.prediction_stream import class_masks, expected_shape, image_bat
 from competition.submission import predicted_by
 from competition.writers import Output, colour_overlay, encode_mask_png, overlay, palette, save_png
 
-__all__ = ["CheckpointError", "Ensemble", "Member", "find_checkpoints", "load_member", "write_submission"]
+__all__ = [
+    "CheckpointError",
+    "Ensemble",
+    "Member",
+    "OnnxModel",
+    "find_checkpoints",
+    "load_member",
+    "predict_images",
+    "write_submission",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -249,13 +258,56 @@ def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline, p
 
 
 @torch.no_grad()
-def predict_image(ensemble: Ensemble, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """uint8 mask of one (H, W, in_channels) image: 0/1 for a binary model, class indices for a multi-class one."""
-    images = {}
+def predict_images(ensemble: "Ensemble | OnnxModel", images: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
+    """uint8 masks (N, H, W) of (H, W, in_channels) images of one size, predicted as one batch: 0/1 for a binary
+    model, class indices for a multi-class one. Each model sees the images resized to its input size (a full-size
+    model pads them to a multiple of 32 and crops its logits back)."""
+    batches = {}
     for key, size in ensemble.input_sizes.items():
-        resized = image if size is None else resize_image(image, size)
-        images[key] = to_chw(resized)[None].to(ensemble.device)
-    return class_masks(ensemble.probabilities(images, image.shape[:2]), threshold)[0]
+        resized = [image if size is None else resize_image(image, size) for image in images]
+        batches[key] = torch.stack([to_chw(image) for image in resized]).to(ensemble.device)
+    return class_masks(ensemble.probabilities(batches, images[0].shape[:2]), threshold)
+
+
+def predict_image(ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """uint8 mask of one (H, W, in_channels) image (see ``predict_images``)."""
+    return predict_images(ensemble, [image], threshold)[0]
+
+
+class OnnxModel:
+    """A fold model exported by ``export_onnx``, run by onnxruntime on the CPU, with the interface of an
+    ``Ensemble`` that ``predict_images`` uses: the same resizing in, the same probabilities and masks out."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own classes: each gets one line
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(
+                f"{path}: not an ONNX model onnxruntime can run ({first_line}); export one with "
+                "`python infer.py --export-onnx FILE --checkpoints RUN/fold0/best.pt`"
+            ) from None
+        images, logits = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, (_, self.in_channels, height, width) = images.name, images.shape
+        self.size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.output_channels = logits.shape[1]
+        self.device = torch.device("cpu")
+        self.tta = ()
+
+    @property
+    def input_sizes(self) -> dict[str, tuple[int, int] | None]:
+        return {"onnx": self.size}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: images.numpy()})[0])
+
+    def probabilities(self, images: dict[str, torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
+        return predict_probabilities(self.forward, images["onnx"], output_size)
 
 
 def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:
