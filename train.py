@@ -10,6 +10,7 @@ from competition.cluster import add_cluster_arguments, check_cluster_arguments, 
 from competition.config import add_config_arguments
 from competition.environment import resolve_device
 from competition.errors import ConfigError
+from competition.files import check_writable
 from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
@@ -56,11 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error(
         "train.py", args.debug, on_interrupt="each fold's last.pt is kept: run the same command with --resume to go on"
     ):
+        if args.out is not None:  # before any work: the data check and the learning-rate test take a while
+            check_writable(args.out, "--out", folder=True)
         one_fold_here = not args.folds and args.backend != "ray"
         if one_fold_here:
             resolve_device(args.device)  # a GPU this torch cannot use is said before the data is read
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
+        check_writable(config.run_dir(), "--out", folder=True)  # its fold's folder, and an out set by --config
         progress = not args.quiet
         if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)
             if not args.resume:
