@@ -2,6 +2,7 @@
 said in one line with what is kept for --resume."""
 
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 import infer
 import make_folds
 import train
-from competition import synthetic
+from competition import lr_find, synthetic
 from competition.errors import OutputError
 from competition.files import check_writable, output_lock
+from competition.shards import predict_shard, write_on_devices
 from competition.submission import SubmissionWriter, validate_submission
 from tests.conftest import HEIGHT, WIDTH
 
@@ -33,6 +35,7 @@ WRITERS = [
     (infer.main, "infer.py", ["--image", "car.jpg", "--out-dir", "PATH", "--checkpoints", NOWHERE], "--out-dir"),
     (infer.main, "infer.py", ["--export-onnx", "PATH/m.onnx", "--checkpoints", NOWHERE], "--export-onnx"),
     (make_folds.main, "make_folds.py", ["--out", "PATH/folds.csv", "--data-dir", NOWHERE], "--out"),
+    (lr_find.main, "competition.lr_find", ["--out-dir", "PATH", "--data-dir", NOWHERE], "--out-dir"),
     (synthetic.main, "synthetic.py", ["--out", "PATH", "--cars", "1", "--test-cars", "0"], "--out"),
 ]
 IDS = [f"{program} {' '.join(argv[:2])}" for _, program, argv, _ in WRITERS]
@@ -200,3 +203,28 @@ def test_a_full_disk_keeps_whole_masks_and_overlays(trained_run, data_dir, tmp_p
     infer.main([*argv, "--resume"])
     masks = sorted(path.name for path in out.glob("*.png"))
     assert masks == sorted(path.name for path in (out / "overlays").glob("*.png")) and len(masks) > 2
+
+
+def test_a_full_disk_under_shards_is_the_same_one_line(trained_run, data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoints", str(trained_run), "--data-dir", str(data_dir), "--workers", "0", "--batch-size", "2"]
+    argv += ["--devices", "cpu,cpu", "--quiet", "--out", str(out)]
+    real = SubmissionWriter.write
+
+    def full_at_the_second_batch(self, rows):  # in each shard's file
+        self.batches = getattr(self, "batches", 0) + 1
+        if self.batches == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, rows)
+
+    def in_this_process(jobs, settings):  # the shard workers' own code, where the patch reaches it
+        return [predict_shard(job, settings) for job in jobs]
+
+    monkeypatch.setattr(SubmissionWriter, "write", full_at_the_second_batch)
+    monkeypatch.setattr(infer, "write_on_devices", functools.partial(write_on_devices, run=in_this_process))
+    error = refusal(infer.main, "infer.py", argv, monkeypatch, capsys)
+    total = len(pd.read_csv(data_dir / "sample_submission.csv"))
+    assert f"{tmp_path}: no space left on its disk; 4 of the {total} test images are written and kept" in error
+    monkeypatch.undo()
+    infer.main([*argv, "--resume"])
+    validate_submission(out, pd.read_csv(data_dir / "sample_submission.csv")["img"].tolist(), (HEIGHT, WIDTH))
