@@ -45,9 +45,10 @@ def refusal(main, program, argv, monkeypatch, capsys) -> str:
     monkeypatch.setattr("sys.argv", [program])
     with pytest.raises(SystemExit) as stop:
         main(argv)
-    error = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after the progress bar, if any
-    assert stop.value.code == 2 and error.count("\n") == 1 and error.startswith(f"{program}: error: "), error
-    return error
+    error = capsys.readouterr().err
+    _, said, line = error.rpartition(f"{program}: error: ")  # after the progress bar, if one was drawn
+    assert stop.value.code == 2 and said and line.count("\n") == 1 and "Traceback" not in error, error
+    return said + line
 
 
 @pytest.mark.parametrize("main, program, argv, flag", WRITERS, ids=IDS)
