@@ -32,6 +32,7 @@ at a batch boundary, not finished (what was written is kept for --resume); 130 i
 """
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -45,6 +46,7 @@ from competition.cluster import add_cluster_arguments, check_cluster_arguments, 
 from competition.config import TrainConfig
 from competition.environment import default_data_dir, default_work_dir, resolve_device
 from competition.errors import ConfigError
+from competition.files import check_writable, output_lock
 from competition.inference import (
     Ensemble,
     export_onnx,
@@ -214,6 +216,27 @@ def check_export(args: argparse.Namespace) -> None:
         raise ConfigError(f"--export-onnx {args.export_onnx}: the file exists; pass --overwrite to replace it")
 
 
+def check_outputs(args: argparse.Namespace, mode: str) -> None:
+    """Every path the mode writes that is known before the checkpoints are read, checked writable before any work
+    (one line naming its flag); missing folders are made as the outputs are written."""
+    given = {"--out": (args.out, mode == "oof"), "--export-onnx": (args.export_onnx, False)}
+    if mode in ("oof", "image"):
+        given["--out-dir"] = (args.out_dir, True)
+    for flag, (path, folder) in given.items():
+        if path is not None:
+            check_writable(path, flag, folder)
+
+
+def hold_outputs(args: argparse.Namespace, mode: str, held: contextlib.ExitStack) -> None:
+    """The outputs of the test submission (--out, when given) and of --oof (its oof.csv, and --out's masks), held
+    by this command alone until ``held`` closes: a second command writing them is refused at once, in one line
+    naming this one's pid (shard workers write under the lock of their parent, this process)."""
+    if mode == "oof":
+        held.enter_context(output_lock(args.out_dir / "oof.csv", "--oof"))
+    if mode in ("submission", "oof") and args.out is not None:
+        held.enter_context(output_lock(args.out, "--out"))
+
+
 def tta_of(args: argparse.Namespace) -> tuple[str, ...]:
     """The TTA views asked for, checked: --tta-transforms alone implies --tta."""
     if args.tta_transforms is not None and not args.tta:
@@ -318,19 +341,22 @@ def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | N
     configs = [checkpoint_config(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
     data = open_test_data(args, configs[0])
     output = output_of(args, configs[0], data)
-    if output.writer().keep_finished(args.resume, args.overwrite):
-        logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", output.path)
-        return 0
-    if len(devices) > 1 or args.backend == "ray":
-        shapes = {tuple(checkpoint["image_shape"]) for checkpoint in checkpoints if checkpoint.get("image_shape")}
-        shape = shapes.pop() if data.fixed_image_size and len(shapes) == 1 else None
-        return predict_on_devices(args, paths, configs, tta, devices, deadline, data, output, shape)
-    members, precision = load_members(args, paths, devices[0], tta)
-    settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
-    result = write_predictions(
-        Ensemble(members, tta, precision), data, output, args.threshold, overwrite=args.overwrite, deadline=deadline,
-        **settings,
-    )  # fmt: skip
+    if args.out is None:  # the format's default place, known now: checked as a given --out is at the start
+        check_writable(output.path, "--out")
+    with output_lock(output.path, "--out") if args.out is None else contextlib.nullcontext():  # a given one is held
+        if output.writer().keep_finished(args.resume, args.overwrite):
+            logger.info("%s is complete; nothing to predict (--overwrite predicts it again)", output.path)
+            return 0
+        if len(devices) > 1 or args.backend == "ray":
+            shapes = {tuple(checkpoint["image_shape"]) for checkpoint in checkpoints if checkpoint.get("image_shape")}
+            shape = shapes.pop() if data.fixed_image_size and len(shapes) == 1 else None
+            return predict_on_devices(args, paths, configs, tta, devices, deadline, data, output, shape)
+        members, precision = load_members(args, paths, devices[0], tta)
+        settings = {"batch_size": args.batch_size, "workers": args.workers, "resume": args.resume}
+        result = write_predictions(
+            Ensemble(members, tta, precision), data, output, args.threshold, overwrite=args.overwrite,
+            deadline=deadline, **settings,
+        )  # fmt: skip
     return EXIT_STOPPED_BY_TIME_LIMIT if result is None else 0
 
 
@@ -373,10 +399,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()  # --time-limit counts from here, in every shard worker too
     args = build_parser().parse_args(argv)
     configure_from(args)
-    with exit_on_project_error(
-        "infer.py", args.debug, on_interrupt="the rows written are kept: run the same command with --resume to go on"
+    with (
+        exit_on_project_error(
+            "infer.py",
+            args.debug,
+            on_interrupt="the rows written are kept: run the same command with --resume to go on",
+        ),
+        contextlib.ExitStack() as held,
     ):
         mode = check_arguments(args)
+        check_outputs(args, mode)
+        hold_outputs(args, mode, held)
         tta = tta_of(args)
         deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
         if mode == "submission":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from competition.config import add_config_arguments, resolve_config
 from competition.errors import ConfigError, DataError
-from competition.files import atomic_output
+from competition.files import atomic_output, check_writable
 from competition.folds import fold_summary_text
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_project_error("make_folds.py", args.debug):
         config = resolve_config(args, DATA_FLAGS)
         args.out = args.out or Path(config.folds_csv)  # the file the same --config trains on
+        check_writable(args.out, "--out")  # before the images are read; its missing folders are made
         data = open_data_as(config)
         if not data.train_ids():
             raise DataError(f"{config.data_dir}: no training images to split")

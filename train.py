@@ -11,6 +11,7 @@ from competition.cluster import add_cluster_arguments, check_cluster_arguments, 
 from competition.config import add_config_arguments
 from competition.environment import resolve_device
 from competition.errors import ConfigError
+from competition.files import check_writable
 from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
@@ -60,11 +61,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.folds is not None and args.fold is not None:
             raise ConfigError("--fold and --folds: give one (--fold 2 trains one fold, --folds 0,1 several)")
         folds = parse_numbers(args.folds, "--folds", "0,1,2,3,4") if args.folds is not None else None
+        if args.out is not None:  # before any work: the data check and the learning-rate test take a while
+            check_writable(args.out, "--out", folder=True)
         one_fold_here = folds is None and args.backend != "ray"
         if one_fold_here:
             resolve_device(args.device)  # a GPU this torch cannot use is said before the data is read
         find_lr, args.lr = args.lr == "auto", None if args.lr == "auto" else args.lr
         config = resolve_run_config(args, also_given=("lr",) if find_lr else ())
+        check_writable(config.run_dir(), "--out", folder=True)  # its fold's folder, and an out set by --config
         progress = not args.quiet
         require_tensorboard(config)  # before the learning-rate test and the data: a missing package is said first
         if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)

@@ -36,6 +36,11 @@ class TrainingError(ProjectError):
     """Training that stopped on its own guard (e.g. a non-finite loss), its checkpoints kept."""
 
 
+class OutputError(ProjectError):
+    """An output that cannot be written: its path is not in a folder one can write to, another process is
+    writing it, or the disk is full; the message names the path and what to do."""
+
+
 class DeviceMemoryError(DeviceError):
     """The device ran out of memory; the message says which setting to lower."""
 

@@ -1,10 +1,15 @@
-"""Output files: written under a temporary name beside the target, renamed into place when complete; and locks."""
+"""Output files: checked writable before any work, written under a temporary name beside the target, renamed into
+place when complete; and locks."""
 
 import contextlib
+import errno
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from competition.errors import OutputError
 
 
 def partial_path(path: str | Path) -> Path:
@@ -27,23 +32,93 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[bool]:
+def exclusive_lock(path: str | Path, remove: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (created if absent) while the block runs; yields False at once,
     without waiting, when another process holds it. The operating system drops the lock when its
-    holder dies, however it dies, so a lock never outlives a killed run."""
-    handle = open(path, "a+")  # noqa: SIM115 - held until the block ends
-    try:
+    holder dies, however it dies, so a lock never outlives a killed run. With ``remove`` the holder removes
+    the file as it lets go (a file removed under a process that just opened it is locked again, afresh)."""
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 - held until the block ends
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            if remove and not _same_file(handle, path):
+                continue  # its last holder removed it between our open and our lock
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            try:
+                yield True
+            finally:
+                if remove:
+                    Path(path).unlink(missing_ok=True)
             return
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield True
-    finally:
-        handle.close()
+        finally:
+            handle.close()
+
+
+def _same_file(handle, path: str | Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, flag: str) -> Iterator[None]:
+    """``path`` (a file or a folder, given by ``flag``) written by this process alone while the block runs: a
+    second command on it is refused at once in one line naming the first's pid. The lock is ``<path>.lock``
+    beside it (its folder made if missing), removed when the block ends; a killed holder leaves no lock."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lock, remove=True) as locked:
+        if not locked:
+            raise OutputError(
+                f"{flag} {path} is being written by another process (pid {lock_holder(lock)}); wait for it or stop "
+                "it first, or name another output"
+            )
+        yield
+
+
+def check_writable(path: str | Path, flag: str, folder: bool = False) -> None:
+    """One line (OutputError) unless ``path``, given by ``flag``, can be written: a file replaced in its folder, or
+    (``folder``) a folder written in; either made with its missing parents. The nearest folder that exists must be a folder (not a file
+    such as ``README.md`` in ``README.md/x``) where a file can be made: tried for real, since root passes every
+    permission check and ``/proc`` refuses files to root too. Nothing is left behind."""
+    path = Path(path)
+    nearest = next((folder for folder in (path, *path.parents) if _exists(folder, path, flag)), Path("."))
+    if (nearest != path or folder) and not nearest.is_dir():
+        raise OutputError(f"{flag} {path}: {nearest} is a file, not a folder; name a path in a folder")
+    writable = nearest if nearest.is_dir() else nearest.parent  # an existing file: replaced in its folder
+    try:
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=writable)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        missing = "" if writable in (path, path.parent) else f", where {path.parent} would be made"
+        raise OutputError(
+            f"{flag} {path}: cannot write in {writable}{missing} ({error.strerror}); name a folder you can write to"
+        ) from None
+
+
+def _exists(folder: Path, path: Path, flag: str) -> bool:
+    try:
+        folder.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        raise OutputError(f"{flag} {path}: cannot look into {folder} ({error.strerror}); name another path") from None
+    return True
+
+
+def no_space_left(error: BaseException) -> bool:
+    """Whether ``error`` is a write refused because the disk is full."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def lock_holder(path: str | Path) -> str:

@@ -19,7 +19,15 @@ from competition.models import build_model
 from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.prediction_stream import class_masks, expected_shape, image_batches, predict_into
 from competition.submission import predicted_by
-from competition.writers import Output, colour_overlay, encode_mask_png, overlay, palette, save_png
+from competition.writers import (
+    Output,
+    colour_overlay,
+    disk_full_is_one_line,
+    encode_mask_png,
+    overlay,
+    palette,
+    save_png,
+)
 
 __all__ = [
     "CheckpointError",
@@ -202,21 +210,23 @@ def write_predictions(
         return writer.finish(order, data, validation_shape(expected_shape(ensemble, data), data, order), finished=True)
     paths = [member.path for member in ensemble.members]
     record = output_record(prediction_record(paths, ensemble.tta, threshold, ensemble.members[0].config), output)
-    done = writer.begin(record, order, resume, overwrite)
-    todo = [image_id for image_id in order if image_id not in done]
-    fixed = expected_shape(ensemble, data) is not None
-    batches = image_batches(data, todo, "test", batch_size, fixed)
-    sink = writer.sink(writer.target(), data, resume)
-    predicted, seconds, finished = predict_into(
-        ensemble, data, batches, sink, threshold, workers, progress, deadline=deadline, total=len(order)
-    )
-    sink.close(finished)
-    if not finished:
-        log_stopped(output.path, writer.written(), len(order), deadline, predicted)
-        return None
-    result = writer.finish(
-        order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done
-    )
+    sinks = []
+    with disk_full_is_one_line(writer, len(order), sinks):
+        done = writer.begin(record, order, resume, overwrite)
+        todo = [image_id for image_id in order if image_id not in done]
+        fixed = expected_shape(ensemble, data) is not None
+        batches = image_batches(data, todo, "test", batch_size, fixed)
+        sinks.append(writer.sink(writer.target(), data, resume))
+        predicted, seconds, finished = predict_into(
+            ensemble, data, batches, sinks[0], threshold, workers, progress, deadline=deadline, total=len(order)
+        )
+        sinks[0].close(finished)
+        if not finished:
+            log_stopped(output.path, writer.written(), len(order), deadline, predicted)
+            return None
+        result = writer.finish(
+            order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done
+        )
     log_written(writer.summary(result), predicted, seconds)
     return result
 
@@ -346,6 +356,7 @@ def export_onnx(member: Member, path: str | Path, tolerance: float = 1e-3) -> fl
     model = member.model.float().to("cpu").eval()
     channels = member.config.in_channels
     images = torch.randint(0, 256, (2, channels, *size), dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as partial:
         torch.onnx.export(
             model,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.config import add_config_arguments
 from competition.errors import ConfigError
-from competition.files import atomic_output
+from competition.files import atomic_output, check_writable
 from competition.fold_data import open_training_data, set_up_fold
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.prediction import model_input, setup_device
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--steps {args.steps}: take at least 2 (100 is usual)")
         if not 0 < args.start_lr < args.end_lr or not math.isfinite(args.end_lr):
             raise ConfigError(f"--start-lr {args.start_lr:g} --end-lr {args.end_lr:g}: need 0 < start < end")
+        if args.out_dir is not None:  # before the data is read and the test runs
+            check_writable(args.out_dir, "--out-dir", folder=True)
         config = resolve_run_config(args)
         logger.info(
             "lr range test: at most %d steps of %d image(s), rates %.1e to %.1e",

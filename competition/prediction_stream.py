@@ -237,10 +237,12 @@ def predict_into(
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
                     _write_done(sink, pending.pop(0), bar)
         finally:
-            while pending:  # also when the loop stopped early: what was predicted is kept for --resume
-                _write_done(sink, pending.pop(0), bar)
-            bar.close()
-            sink.flush()
+            try:
+                while pending:  # also when the loop stopped early: what was predicted is kept for --resume
+                    _write_done(sink, pending.pop(0), bar)
+                sink.flush()
+            finally:
+                bar.close()  # also when a write failed (a full disk): the bar ends before the error's line
     pace.finish()
     return predicted, time.perf_counter() - started, predicted == len(image_ids)
 

@@ -1,6 +1,7 @@
 """The test set on several devices at once, for every writer: shards cut at batch boundaries, a worker process per
 device (or a Ray task), one finish."""
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -13,13 +14,14 @@ import torch
 
 from competition import logs
 from competition.clock import Deadline
-from competition.errors import ProjectError
+from competition.errors import OutputError, ProjectError
+from competition.files import no_space_left
 from competition.inference import Ensemble, load_member, log_stopped, log_written, validation_shape
 from competition.layouts import open_data_as
 from competition.prediction import setup_device
 from competition.prediction_stream import image_batches, predict_into
 from competition.workers import stop_when_orphaned
-from competition.writers import Output
+from competition.writers import Output, no_space_message
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,10 @@ class ShardJob:
 
 def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) -> dict:
     """Predict ``job``'s images in this process into its shard (``resume``: keeping what an earlier attempt wrote
-    there); {"finished": bool, "error": str | None, "seconds": float (predicting)}. The shard runner of every
-    backend (local worker processes, Ray's tasks)."""
-    outcome = {"finished": False, "error": None, "seconds": 0.0}
+    there); {"finished": bool, "error": str | None, "seconds": float (predicting), "no_space": bool (the error is a
+    full disk)}. The shard runner of every backend (local worker processes, Ray's tasks)."""
+    outcome = {"finished": False, "error": None, "seconds": 0.0, "no_space": False}
+    sink = None
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
@@ -120,7 +123,11 @@ def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) 
         )
         sink.close(outcome["finished"])
     except Exception as error:  # noqa: BLE001 - reported to the driver; the other shards go on
-        if not isinstance(error, ProjectError):
+        outcome["no_space"] = no_space_left(error)
+        if outcome["no_space"] and sink is not None:
+            with contextlib.suppress(OSError):  # what the full disk refused stays unwritten
+                sink.close(False)
+        elif not isinstance(error, ProjectError):
             traceback.print_exc()
         outcome["error"] = f"{type(error).__name__}: {error}"
     return outcome
@@ -197,6 +204,8 @@ def write_on_devices(
         logger.info("nothing left to predict: all %d test images kept from an interrupted run", len(order))
     outcomes = run(jobs, settings)
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome["error"]]
+    if failed and all(outcome.get("no_space") for _, outcome in failed):  # one line, as on one device
+        raise OutputError(no_space_message(writer, len(order)))
     for job, outcome in failed:
         logger.error(
             "%s: FAILED: %s; %s: run the same command with --resume to continue",

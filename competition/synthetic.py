@@ -22,8 +22,8 @@ import pandas as pd
 from joblib import Parallel, delayed
 from PIL import Image
 
-from competition.files import atomic_output, partial_path
-from competition.logs import OneLineParser
+from competition.files import atomic_output, check_writable, partial_path
+from competition.logs import OneLineParser, exit_on_project_error
 from competition.rle import rle_encode
 
 VIEWS = 16
@@ -538,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--zip is for the Carvana format; --parts writes folders")
     if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
         parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
+    with exit_on_project_error(parser.prog):
+        check_writable(args.out, "--out", folder=True)
     if args.parts:
         out = generate_parts(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.jobs)
         print(

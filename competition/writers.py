@@ -1,11 +1,13 @@
 """Where predicted masks go: RLE rows (Carvana's row per image, Kaggle's row per image and class) or a folder of
 palette PNGs (with colour overlays); each writer resumable, shardable over devices, and checked when finished."""
 
+import contextlib
 import io
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from competition.data import as_rgb
-from competition.errors import ConfigError, DataError
-from competition.files import atomic_output, partial_path
+from competition.errors import ConfigError, DataError, OutputError
+from competition.files import atomic_output, no_space_left, partial_path
 from competition.submission import (
     RECORD_NAME,
     ClassRows,
@@ -130,6 +132,7 @@ class RowsFile:
         self.path = Path(output.path)
         if self.path.is_dir():
             raise ConfigError(f"--out {self.path}: RLE rows go to a CSV file; name one, e.g. {self.path / 'out.csv'}")
+        self.folder = self.path.parent  # where the rows are written
         self.rows = ImageRows() if output.format == "rle" else ClassRows(output.num_classes, output.rle_order)
         self.description = "" if output.format == "rle" else f" (per class, {output.rle_order}-major RLE)"
 
@@ -216,6 +219,7 @@ class PngFolder:
             raise ConfigError(
                 f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV"
             )
+        self.folder = self.path
         self.description = "palette PNG masks"
 
     def order(self, data) -> list[str]:
@@ -287,6 +291,29 @@ class PngFolder:
         return f"{self.path}/: {count} {self.description} (classes {self.output.num_classes}){overlays}"
 
 
+def no_space_message(writer: "RowsFile | PngFolder", total: int) -> str:
+    """The line for a disk that filled up while ``writer`` wrote: its folder, what is kept, how to go on."""
+    return (
+        f"{writer.folder}: no space left on its disk; {writer.written()} of the {total} test images are written "
+        "and kept: free some space, then run the same command with --resume to go on"
+    )
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(writer: "RowsFile | PngFolder", total: int, sinks: list) -> Iterator[None]:
+    """A write refused for a full disk while the block runs becomes one line (OutputError, ``no_space_message``);
+    the sinks opened (``sinks``) are closed first, the torn end of a row dropped (``--resume`` reads whole rows)."""
+    try:
+        yield
+    except OSError as error:
+        if not no_space_left(error):
+            raise
+        for sink in sinks:
+            with contextlib.suppress(OSError):  # what the full disk refused stays unwritten
+                sink.close(False)
+        raise OutputError(no_space_message(writer, total)) from None
+
+
 def _comparable(record: dict) -> dict:
     """What must match for masks to be kept by --resume: checkpoints, TTA, threshold and the output's format
     (not the settings record)."""
@@ -309,11 +336,11 @@ class MaskSink:
 
     def write(self, items: list[tuple[str, tuple[bytes, bytes | None]]]) -> None:
         for image_id, (mask, tinted) in items:
-            with atomic_output(self.folder / f"{image_id}.png") as partial:
-                partial.write_bytes(mask)
-            if tinted is not None:
+            if tinted is not None:  # first: a mask in the folder marks its image done, overlay included
                 with atomic_output(self.folder / "overlays" / f"{image_id}.png") as partial:
                     partial.write_bytes(tinted)
+            with atomic_output(self.folder / f"{image_id}.png") as partial:
+                partial.write_bytes(mask)
 
     def flush(self) -> None:
         pass
