@@ -33,6 +33,10 @@ class TrainingError(ProjectError):
     """Training that stopped on its own guard (e.g. a non-finite loss), its checkpoints kept."""
 
 
+class DiskFullError(ProjectError):
+    """An output folder's file system has no room left; the message says what was kept and how to go on."""
+
+
 class DeviceMemoryError(DeviceError):
     """The device ran out of memory; the message says which setting to lower."""
 
