@@ -57,10 +57,15 @@ def summary(config: TrainConfig, epoch: int, score: float, image_shape: tuple[in
     }
 
 
+def write_checkpoint(payload: dict, path: str | Path) -> None:
+    """Write ``payload`` to ``path`` as it is, with the format version: the caller names a temporary file."""
+    torch.save({"format": FORMAT_VERSION, **payload}, path)
+
+
 def save_checkpoint(payload: dict, path: str | Path) -> None:
     """Write ``payload`` under a temporary name and rename it: a kill never leaves half a checkpoint."""
     with atomic_output(path) as partial:
-        torch.save({"format": FORMAT_VERSION, **payload}, partial)
+        write_checkpoint(payload, partial)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -41,6 +41,10 @@ class OutputError(ProjectError):
     writing it, or the disk is full; the message names the path and what to do."""
 
 
+class DiskFullError(OutputError):
+    """An output folder's file system has no room left; the message says what was kept and how to go on."""
+
+
 class DeviceMemoryError(DeviceError):
     """The device ran out of memory; the message says which setting to lower."""
 

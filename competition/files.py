@@ -5,11 +5,21 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from competition.errors import OutputError
+
+# The errors of a write that found no room: a full file system, or the user's disk quota reached.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save writes through C++ (caffe2's inline_container.cc), which says a failed write in a RuntimeError without
+# an errno ("file write failed", or "unexpected pos" at the write after a short one).
+TORCH_WRITE_FAILED = ("inline_container", "PytorchStreamWriter")
+# A write that failed for want of room leaves its file system full to the last blocks; under this many bytes free,
+# torch's failed write is taken for a full disk rather than another fault (a bad sector, a lost network mount).
+NEARLY_FULL_BYTES = 64 * 2**20
 
 
 def partial_path(path: str | Path) -> Path:
@@ -29,6 +39,51 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, path)
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised writing into ``folder``, means its file system has no room left. Ask before
+    removing what the failed write left: that frees the room again."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITE_FAILED):
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    return False
+
+
+def tagged_partial_path(path: Path, tag: str) -> Path:
+    """``best.pt`` -> ``best.pt.<tag>.partial``: a temporary name that says which write it belongs to."""
+    return path.with_name(f"{path.name}.{tag}.partial")
+
+
+def write_all_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], tag: str) -> None:
+    """Write every file of ``writes`` ((target, write(temporary path))) under its temporary name
+    ``<name>.<tag>.partial``, and only then rename them onto their targets, in the order given. A failure while
+    writing removes every temporary file and leaves the targets as they were; a full disk is raised as OSError
+    ENOSPC, whatever the writer raised (torch.save: a RuntimeError)."""
+    written = []
+    try:
+        for target, write in writes:
+            written.append(tagged_partial_path(target, tag))
+            write(written[-1])
+    except BaseException as error:
+        full = is_disk_full(error, written[-1].parent)
+        for partial in written:
+            partial.unlink(missing_ok=True)
+        if full and not isinstance(error, OSError):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({error})", str(written[-1])) from error
+        raise
+    for target, _ in writes:
+        os.replace(tagged_partial_path(target, tag), target)
+
+
+def format_bytes(count: float) -> str:
+    """``48.2 MB``: a size in decimal units, as file managers and ``df -H`` say it."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 @contextlib.contextmanager
@@ -118,7 +173,7 @@ def _exists(folder: Path, path: Path, flag: str) -> bool:
 
 def no_space_left(error: BaseException) -> bool:
     """Whether ``error`` is a write refused because the disk is full."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def lock_holder(path: str | Path) -> str:

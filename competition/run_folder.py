@@ -3,13 +3,26 @@
 import contextlib
 import csv
 import json
+import logging
+import os
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from competition.checkpoints import check_resumable, load_checkpoint
+from competition.checkpoints import check_resumable, load_checkpoint, write_checkpoint
 from competition.config import TrainConfig
-from competition.errors import CheckpointError
-from competition.files import atomic_output, exclusive_lock, lock_holder
+from competition.errors import CheckpointError, DiskFullError
+from competition.files import (
+    atomic_output,
+    exclusive_lock,
+    format_bytes,
+    is_disk_full,
+    lock_holder,
+    write_all_then_rename,
+)
+
+logger = logging.getLogger(__name__)
 
 # skipped_steps: fp16 optimizer steps skipped for overflowing gradients (empty in rows logged before it was counted).
 LOG_COLUMNS = [
@@ -38,6 +51,20 @@ MONITOR_COLUMNS = {
 RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
 
 LOCK_NAME = ".lock"
+
+# An epoch's files are all written under temporary names (``last.pt.epoch3.partial``...) before any is renamed, so a
+# full disk or a kill while writing leaves the folder whole at the epoch before (the temporary files removed, or
+# removed by the next claim). Then they are renamed in this order. last.pt is the commit: it holds the log rows and
+# everything --resume reads, so the epoch is saved once it is in place. best.pt goes last, so that a crash between two
+# renames never leaves a best.pt of an epoch that log.csv does not list; and the claim of a resumed run renames
+# what such a crash left of the epoch last.pt holds (resume alone would not write that best.pt again).
+COMMIT_ORDER = ("last.pt", "log.csv", "curves.png", "best.pt")
+# What a write of the run folder's files leaves under a temporary name: an epoch's (tagged) or config.json's.
+PARTIAL_NAME = re.compile(
+    r"(?P<name>best\.pt|last\.pt|log\.csv|curves\.png|config\.json)(\.epoch(?P<epoch>\d+))?\.partial"
+)
+# Fewer checkpoints than this fitting in the free space is warned of before training.
+CHECKPOINTS_OF_ROOM = 3
 
 
 def monitored(config: TrainConfig) -> tuple[str, str]:
@@ -92,25 +119,93 @@ def claim_run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: 
                 f"{run_dir / 'last.pt'}: fold {config.fold} of {config.folds_csv} holds other validation images than "
                 "the run was trained on; resume with its folds file, or start again with --overwrite"
             )
+        finish_interrupted_commit(run_dir, resumed_from["epoch"] if resumed_from is not None else None)
         if overwrite:
             for name in RUN_OUTPUTS:
                 (run_dir / name).unlink(missing_ok=True)
-        with atomic_output(run_dir / "config.json") as partial:
-            partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        try:
+            with atomic_output(run_dir / "config.json") as partial:
+                partial.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        except OSError as error:
+            if not is_disk_full(error, run_dir):
+                raise
+            raise DiskFullError(
+                f"{run_dir}: no space left on its device to write config.json ({free_space(run_dir)} free); "
+                "free some space and run the command again"
+            ) from error
         yield run_dir, resumed_from
 
 
-def write_log(rows: list[dict], run_dir: Path, config: TrainConfig) -> None:
+def free_space(folder: Path) -> str:
+    """``1.2 GB``: the room left on the file system of ``folder``."""
+    return format_bytes(shutil.disk_usage(folder).free)
+
+
+def finish_interrupted_commit(run_dir: Path, committed_epoch: int | None) -> None:
+    """Temporary files a crash left in ``run_dir`` (see COMMIT_ORDER): those of the epoch ``last.pt`` holds
+    (``committed_epoch``) were complete, and are renamed into place; any other is removed."""
+    left = {}
+    for path in run_dir.iterdir():
+        match = PARTIAL_NAME.fullmatch(path.name)
+        if match is None:
+            continue
+        epoch = int(match["epoch"]) if match["epoch"] else None
+        if epoch is not None and epoch == committed_epoch and match["name"] != "last.pt":
+            left[match["name"]] = path
+        else:
+            path.unlink()
+    for name in (name for name in COMMIT_ORDER if name in left):
+        os.replace(left[name], run_dir / name)
+    if left:
+        logger.info(
+            "%s: finished saving epoch %d (%s), interrupted after last.pt", run_dir, committed_epoch, ", ".join(left)
+        )
+
+
+def commit_epoch(run_dir: Path, last: dict, best: dict | None, rows: list[dict], config: TrainConfig) -> None:
+    """An epoch's last.pt, best.pt (``best``: when it improved), log.csv and curves.png, saved together (see
+    COMMIT_ORDER). A full disk raises OSError ENOSPC with the folder as it was."""
+    column, name = monitored(config)
+    writers = {
+        "last.pt": lambda path: write_checkpoint(last, path),
+        "log.csv": lambda path: write_log_csv(rows, path),
+        "curves.png": lambda path: plot_curves(rows, path, column, name),
+        "best.pt": lambda path: write_checkpoint(best, path),
+    }
+    if best is None:
+        del writers["best.pt"]
+    writes = [(run_dir / name, writers[name]) for name in COMMIT_ORDER if name in writers]
+    write_all_then_rename(writes, f"epoch{last['epoch']}")
+
+
+def warn_if_little_room(run_dir: Path, checkpoint_bytes: int) -> None:
+    """A warning before training when fewer than CHECKPOINTS_OF_ROOM checkpoints of ``checkpoint_bytes`` fit in
+    the free space of ``run_dir``'s file system: each epoch writes its last.pt and best.pt beside the old ones."""
+    free = shutil.disk_usage(run_dir).free
+    fit = free // max(checkpoint_bytes, 1)
+    if fit < CHECKPOINTS_OF_ROOM:
+        logger.warning(
+            "%s: %s free on its device, room for %d checkpoint(s) of about %s; each epoch writes its last.pt and "
+            "best.pt beside the old ones, so training may stop for want of space: free some, or train into another --out",
+            run_dir,
+            format_bytes(free),
+            fit,
+            format_bytes(checkpoint_bytes),
+        )
+
+
+def write_log_csv(rows: list[dict], path: Path) -> None:
+    """The log rows as ``path``, written as it is: the caller names a temporary file."""
     per_class = [name for name in rows[-1] if name not in LOG_COLUMNS]  # iou_<class> of multi-class data
-    with atomic_output(run_dir / "log.csv") as partial, open(partial, "w", newline="") as handle:
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS + per_class, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot_curves(rows, run_dir / "curves.png", *monitored(config))
 
 
-def plot_curves(rows: list[dict], path: Path, column: str = "val_dice", name: str = "val Dice") -> None:
-    """Training and validation loss, and the validation score ``column`` (named ``name``), per epoch."""
+def plot_curves(rows: list[dict], path: Path, column: str, name: str) -> None:
+    """Training and validation loss, and the validation score ``column`` (named ``name``), per epoch, as ``path``,
+    written as it is: the caller names a temporary file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,6 +223,7 @@ def plot_curves(rows: list[dict], path: Path, column: str = "val_dice", name: st
     for axis in (loss_axis, dice_axis):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
-    with atomic_output(path) as partial:
-        figure.savefig(partial, dpi=100, format="png")
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100, format="png")
+    finally:
+        plt.close(figure)

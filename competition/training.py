@@ -14,18 +14,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from competition.board import Board, open_board
-from competition.checkpoints import load_checkpoint, save_checkpoint, summary
+from competition.checkpoints import load_checkpoint, summary
 from competition.clock import Deadline, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig
 from competition.environment import explain_out_of_memory
 from competition.epoch_budget import EpochBudget, known_epoch_seconds, no_time_for_an_epoch
-from competition.errors import CheckpointError, TrainingError
+from competition.errors import CheckpointError, DiskFullError, TrainingError
+from competition.files import DISK_FULL_ERRNOS
 from competition.fold_data import FoldData, open_training_data, set_up_fold
 from competition.losses import build_loss
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
 from competition.models import build_model
 from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
-from competition.run_folder import claim_run_folder, inspect_run_dir, monitored, write_log
+from competition.run_folder import (
+    claim_run_folder,
+    commit_epoch,
+    free_space,
+    inspect_run_dir,
+    monitored,
+    warn_if_little_room,
+)
 from competition.schedules import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -182,6 +190,13 @@ class _Parts:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
         }
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of last.pt, from its tensors: the weights and buffers, AdamW's two moments of each weight
+        (made at the first step, so counted rather than read), and the EMA's copy; best.pt is smaller."""
+        state = sum(tensor.numel() * tensor.element_size() for tensor in self.model.state_dict().values())
+        moments = 2 * sum(weight.numel() * weight.element_size() for weight in self.model.parameters())
+        return state + moments + (state if self.ema is not None else 0)
 
     def restore(self, checkpoint: dict, path: Path) -> _State:
         """Weights and optimiser state from ``last.pt``; the log rows of the epochs it finished."""
@@ -340,18 +355,44 @@ def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps:
 
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, fold: FoldData, run_dir: Path):
     """best.pt when the monitored validation score improved (every epoch when the validation images are also
-    trained on: no score then picks one), last.pt (with everything --resume needs), log.csv, curves.png."""
-    image_shape, split = fold.image_shape, fold.split
-    state.rows.append(row)
+    trained on: no score then picks one), last.pt (with everything --resume needs), log.csv, curves.png: saved
+    together, so that a full disk leaves the folder at the epoch before, and says so in one line."""
     column, name = monitored(config)
-    epoch_summary = summary(config, row["epoch"], row[column], image_shape)
-    if row[column] > state.best_score or not fold.held_out:
-        state.best_score = row[column]
-        save_checkpoint({"model": parts.evaluated.state_dict(), **epoch_summary}, run_dir / "best.pt")
-        logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, state.best_score)
-    last = {**epoch_summary, "best_dice": state.best_score, "log": state.rows, "split": split}
-    save_checkpoint({"model": parts.model.state_dict(), **last, **parts.training_state()}, run_dir / "last.pt")
-    write_log(state.rows, run_dir, config)
+    rows = [*state.rows, row]
+    improved = row[column] > state.best_score or not fold.held_out
+    best_score = row[column] if improved else state.best_score
+    epoch_summary = summary(config, row["epoch"], row[column], fold.image_shape)
+    best = {"model": parts.evaluated.state_dict(), **epoch_summary} if improved else None
+    last = {
+        "model": parts.model.state_dict(),
+        **epoch_summary,
+        "best_dice": best_score,
+        "log": rows,
+        "split": fold.split,
+    }
+    try:
+        commit_epoch(run_dir, {**last, **parts.training_state()}, best, rows, config)
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise _no_room_for(row["epoch"], state, column, fold.held_out, run_dir) from error
+    state.rows, state.best_score = rows, best_score
+    if improved:
+        logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, best_score)
+
+
+def _no_room_for(epoch: int, state: _State, column: str, held_out: bool, run_dir: Path) -> DiskFullError:
+    """The one line for an epoch that the disk had no room to save: what the run folder holds, and how to go on."""
+    if state.rows:
+        scores = [row[column] for row in state.rows]  # best.pt: the first best score, or each epoch's when not held out
+        best_epoch = state.rows[scores.index(max(scores)) if held_out else -1]["epoch"]
+        kept = f"last.pt and log.csv hold epoch {state.rows[-1]['epoch']}, best.pt epoch {best_epoch}"
+    else:
+        kept = "no epoch is saved yet"
+    return DiskFullError(
+        f"{run_dir}: no space left on its device to save epoch {epoch} ({free_space(run_dir)} free): {kept}; "
+        f"once there is room, the same command with --resume goes on from epoch {epoch}"
+    )
 
 
 def _run_epoch(
@@ -488,6 +529,7 @@ def train_fold_within(
         if resume and resumed_from is None:
             logger.info("--resume: no %s yet, starting from scratch", run_dir / "last.pt")
         _log_fold_start(config, fold, precision, device, deadline)
+        warn_if_little_room(run_dir, parts.checkpoint_bytes())
         not_started = _train_epochs(fold, parts, state, config, run_dir, progress, deadline, epoch_ended)
     result = _result(config, state.rows, not_started)
     if result.best is not None and not not_started:
