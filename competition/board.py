@@ -4,6 +4,7 @@ fixed validation images, the confusion matrix and the hyperparameters, in the fo
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from competition.config import TrainConfig
 from competition.data import as_rgb
 from competition.errors import ConfigError
+from competition.files import no_space_left
 from competition.prediction import predict_probabilities
 from competition.run_folder import monitored
 from competition.writers import colour_overlay, palette
@@ -119,7 +121,21 @@ class Board:
             return
         self.pending.append((epoch * self.steps_per_epoch + step + 1, loss, lr))
         if len(self.pending) >= self.every:
-            self._write_steps()
+            with self._disk_full_ends_it():
+                self._write_steps()
+
+    @contextlib.contextmanager
+    def _disk_full_ends_it(self) -> Iterator[None]:
+        """A full disk stops the event files, not the run: the epoch's checkpoints then say it in their one line."""
+        try:
+            yield
+        except OSError as error:
+            if not no_space_left(error):
+                raise
+            logger.warning(
+                "%s: no space left for TensorBoard's event files: none are written from here on", self.writer.log_dir
+            )
+            self.writer = None
 
     def _write_steps(self) -> None:
         if not self.pending:
@@ -135,6 +151,10 @@ class Board:
         predicts them, and the confusion matrix of multi-class data."""
         if self.writer is None:
             return
+        with self._disk_full_ends_it():
+            self._write_epoch(epoch, row, confusion, model)
+
+    def _write_epoch(self, epoch: int, row: dict, confusion: torch.Tensor | None, model: torch.nn.Module) -> None:
         self._write_steps()
         at = (epoch + 1) * self.steps_per_epoch
         for name, value in row.items():
@@ -184,9 +204,25 @@ def open_board(config: TrainConfig, run_dir: Path, fold, start_epoch: int, best:
     purge_step = start_epoch * steps_per_epoch + 1 if start_epoch else 0
     writer = summary_writer_class()(str(run_dir), purge_step=purge_step)
     board = Board(writer, config, steps_per_epoch, precision, fixed_images(fold.val_loader.dataset), best)
+    previous_hook = threading.excepthook
+    threading.excepthook = _quiet_when_disk_full(previous_hook)
     try:
         if not start_epoch:
-            board.write_hyperparameters(config)
+            with board._disk_full_ends_it():
+                board.write_hyperparameters(config)
         yield board
     finally:
-        writer.close()
+        with contextlib.suppress(OSError) if board.writer is None else contextlib.nullcontext():
+            writer.close()  # after a full disk it raises the writer thread's error again: said already
+        threading.excepthook = previous_hook
+
+
+def _quiet_when_disk_full(previous_hook):
+    """threading.excepthook without the traceback of TensorBoard's writer thread on a full disk: the board says it
+    in one line when its next write meets the same error."""
+
+    def hook(args) -> None:
+        if not no_space_left(args.exc_value):
+            previous_hook(args)
+
+    return hook

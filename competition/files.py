@@ -41,11 +41,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     os.replace(partial, path)
 
 
+def no_space_left(error: BaseException) -> bool:
+    """Whether ``error`` is a write the operating system refused for want of room (a full disk, a quota)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
 def is_disk_full(error: BaseException, folder: Path) -> bool:
-    """Whether ``error``, raised writing into ``folder``, means its file system has no room left. Ask before
-    removing what the failed write left: that frees the room again."""
+    """Whether ``error``, raised writing into ``folder``, means its file system has no room left: the operating
+    system's refusal, or torch.save's error on a nearly full disk. Ask before removing what the failed write left:
+    that frees the room again."""
     if isinstance(error, OSError):
-        return error.errno in DISK_FULL_ERRNOS
+        return no_space_left(error)
     if isinstance(error, RuntimeError) and any(mark in str(error) for mark in TORCH_WRITE_FAILED):
         return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
     return False
@@ -127,7 +133,8 @@ def output_lock(path: str | Path, flag: str) -> Iterator[None]:
     """``path`` (a file or a folder, given by ``flag``) written by this process alone while the block runs: a
     second command on it is refused at once in one line naming the first's pid. The lock is ``<path>.lock``
     beside it (its folder made if missing), removed when the block ends; a killed holder leaves no lock."""
-    lock = Path(path).with_name(Path(path).name + ".lock")
+    path = Path(path).resolve()  # "." and "/" have no name to put .lock after
+    lock = path.parent / f"{path.name or 'root'}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(lock, remove=True) as locked:
         if not locked:
@@ -169,11 +176,6 @@ def _exists(folder: Path, path: Path, flag: str) -> bool:
     except OSError as error:
         raise OutputError(f"{flag} {path}: cannot look into {folder} ({error.strerror}); name another path") from None
     return True
-
-
-def no_space_left(error: BaseException) -> bool:
-    """Whether ``error`` is a write refused because the disk is full."""
-    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def lock_holder(path: str | Path) -> str:

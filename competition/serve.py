@@ -14,6 +14,7 @@ serve extra: pip install -r requirements-serve.txt.
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import logging
 import socket
@@ -203,6 +204,7 @@ class Batcher:
     queue: asyncio.Queue = field(init=False)
     executor: concurrent.futures.ThreadPoolExecutor = field(init=False)
     batches: int = 0
+    in_flight: int = 0  # admitted requests: reading, decoding, waiting or predicted (one event loop: no lock)
 
     def __post_init__(self):
         self.queue = asyncio.Queue(maxsize=self.limits.queue_size)
@@ -216,10 +218,17 @@ class Batcher:
             {"Retry-After": str(self.limits.retry_after_s)},
         )
 
-    def check_room(self) -> None:
-        """RequestError 503 when the queue is full: said before the upload is read and decoded."""
-        if self.queue.full():
+    @contextlib.contextmanager
+    def admitted(self):
+        """A request from before its upload is read to its reply. At most a full queue and a batch are admitted at
+        once, so uploads and decodes in progress are bounded too; beyond, RequestError 503 before anything is read."""
+        if self.in_flight >= self.limits.queue_size + self.limits.max_batch or self.queue.full():
             raise self.busy()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def submit(self, image: np.ndarray) -> np.ndarray:
         """The image's mask; RequestError 503 at once when the queue is full."""
@@ -307,6 +316,12 @@ def create_app(backend: Backend, limits: Limits = Limits()):
         logger.info("%s %s refused (%d): %s", request.method, request.url.path, error.status, error.message)
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def failed(request, error: Exception):  # a bug or the machine (out of memory): one line too, logged whole
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return JSONResponse({"error": f"the prediction failed: {type(error).__name__}: {first_line}"}, status_code=500)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "backend": backend.name, "queued": batcher.queue.qsize()}
@@ -327,12 +342,12 @@ def create_app(backend: Backend, limits: Limits = Limits()):
     async def predict(request: fastapi.Request, format: str = "png"):
         if format not in FORMATS:
             raise RequestError(400, f"?format={format}: choose png or json")
-        batcher.check_room()
-        payload = await read_body(request, limits.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(None, decode_upload, payload, backend.in_channels, limits.max_pixels)
-        started = time.perf_counter()
-        mask = await batcher.submit(image)
+        with batcher.admitted():
+            payload = await read_body(request, limits.max_upload_bytes)
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(None, decode_upload, payload, backend.in_channels, limits.max_pixels)
+            started = time.perf_counter()
+            mask = await batcher.submit(image)
         headers = {"X-Predict-Seconds": f"{time.perf_counter() - started:.4f}"}
         if format == "png":
             png = encode_mask_png(mask, palette(len(backend.class_names)))

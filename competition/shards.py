@@ -127,7 +127,7 @@ def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) 
         if outcome["no_space"] and sink is not None:
             with contextlib.suppress(OSError):  # what the full disk refused stays unwritten
                 sink.close(False)
-        elif not isinstance(error, ProjectError):
+        if not outcome["no_space"] and not isinstance(error, ProjectError):
             traceback.print_exc()
         outcome["error"] = f"{type(error).__name__}: {error}"
     return outcome

@@ -20,7 +20,7 @@ from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig
 from competition.environment import explain_out_of_memory
 from competition.epoch_budget import EpochBudget, known_epoch_seconds, no_time_for_an_epoch
 from competition.errors import CheckpointError, DiskFullError, TrainingError
-from competition.files import DISK_FULL_ERRNOS
+from competition.files import no_space_left
 from competition.fold_data import FoldData, open_training_data, set_up_fold
 from competition.losses import build_loss
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
@@ -373,7 +373,7 @@ def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, fo
     try:
         commit_epoch(run_dir, {**last, **parts.training_state()}, best, rows, config)
     except OSError as error:
-        if error.errno not in DISK_FULL_ERRNOS:
+        if not no_space_left(error):  # commit_epoch raised torch.save's error on a full disk as ENOSPC
             raise
         raise _no_room_for(row["epoch"], state, column, fold.held_out, run_dir) from error
     state.rows, state.best_score = rows, best_score

@@ -1,6 +1,8 @@
 """--tensorboard: the event files of a tiny run read back (steps, epochs, images, confusion matrix, hyperparameters),
 a resumed run without duplicate steps, and the one line when the package is missing."""
 
+import errno
+import logging
 import shutil
 import sys
 
@@ -9,6 +11,8 @@ import pytest
 import torch
 
 from competition import training
+from competition.board import Board
+from competition.config import TrainConfig
 from competition.training import train_fold
 from make_folds import main as make_folds
 from tests.test_training import Interrupt, cli_flags, run_train
@@ -147,3 +151,31 @@ def test_tensorboard_without_its_package_is_one_line_before_any_work(tiny_config
         "requirements-tensorboard.txt (or leave --tensorboard off)\n"
     )
     assert not tiny_config.run_dir().exists()
+
+
+class FullDiskWriter:
+    """A SummaryWriter whose disk is full: each write raises what TensorBoard's writer thread hands back."""
+
+    log_dir = "runs/x/fold0"
+
+    def __init__(self):
+        self.writes = 0
+
+    def add_scalar(self, *args):
+        self.writes += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_stops_the_event_files_not_the_run(caplog):
+    writer = FullDiskWriter()
+    board = Board(writer, TrainConfig(log_every=1), steps_per_epoch=4, precision="fp32", images=[], best=0.0)
+    with caplog.at_level(logging.WARNING, logger="competition"):
+        board.step(0, 0, torch.tensor(0.5), 1e-3)
+        board.step(0, 1, torch.tensor(0.4), 1e-3)
+        board.epoch(0, {"epoch": 1, "val_dice": 0.5}, None, torch.nn.Identity())
+    assert writer.writes == 1 and board.writer is None  # nothing written after the first refusal
+    assert "runs/x/fold0: no space left for TensorBoard's event files: none are written from here on" in caplog.text
+    other = Board(FullDiskWriter(), TrainConfig(log_every=1), 4, "fp32", [], 0.0)
+    other.writer.add_scalar = lambda *args: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied"))
+    with pytest.raises(PermissionError):  # any other fault keeps its traceback
+        other.step(0, 0, torch.tensor(0.5), 1e-3)

@@ -230,3 +230,12 @@ def test_a_full_disk_under_shards_is_the_same_one_line(trained_run, data_dir, tm
     monkeypatch.undo()
     infer.main([*argv, "--resume"])
     validate_submission(out, pd.read_csv(data_dir / "sample_submission.csv")["img"].tolist(), (HEIGHT, WIDTH))
+
+
+def test_the_current_folder_as_output_is_held_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with output_lock(".", "--out"):  # Path(".") has no name: its lock once raised ValueError
+        assert (tmp_path.parent / f"{tmp_path.name}.lock").exists()
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"), output_lock(str(tmp_path), "--out"):
+            pass
+    assert not (tmp_path.parent / f"{tmp_path.name}.lock").exists()

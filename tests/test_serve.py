@@ -369,3 +369,34 @@ def test_the_bench_compares_both_backends_in_one_run():
     ]
     assert all(row[7].strip() == "0" for row in rows) and all(float(row[8]) > 0 for row in rows)
     assert "masks of the two backends differ on" in result.stdout
+
+
+class FailingBackend(GatedBackend):
+    """A backend that fails its first prediction (a bug, or a device out of memory) and then predicts."""
+
+    def predict(self, images):
+        if not self.batch_sizes:
+            self.batch_sizes.append(len(images))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        return np.zeros((len(images), *images[0].shape[:2]), np.uint8)
+
+
+def test_a_failed_prediction_is_a_500_of_one_json_line_and_the_server_goes_on():
+    app = create_app(FailingBackend(), Limits(batch_wait_s=0))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        failed = client.post("/predict", content=png_bytes(photo(32, 32)))
+        assert (
+            one_line_error(failed, 500)
+            == "the prediction failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        )
+        assert client.post("/predict", content=png_bytes(photo(32, 32))).status_code == 200
+        assert app.state.batcher.in_flight == 0  # the failed request let go of its place
+
+
+def test_uploads_in_progress_count_against_the_queue():
+    backend = GatedBackend()
+    app = create_app(backend, Limits(max_batch=1, batch_wait_s=0, queue_size=1))
+    app.state.batcher.in_flight = 2  # two requests still reading their uploads: a full queue and a batch
+    with TestClient(app) as client:
+        busy = client.post("/predict", content=png_bytes(photo(32, 32)))
+        assert "--queue-size" in one_line_error(busy, 503) and backend.batch_sizes == []
