@@ -5,6 +5,7 @@ import tempfile
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from competition.clock import Deadline
 from competition.synthetic import generate
@@ -21,6 +22,15 @@ class ManualDeadline(Deadline):
 
     def elapsed(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """Each test leaves torch's CPU threads as it found them: code meant for a worker process (a shard's
+    set_num_threads) run in this one once made a later test's losses differ in the last digits."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
