@@ -19,6 +19,7 @@ from competition.errors import ConfigError
 from competition.files import no_space_left
 from competition.prediction import predict_probabilities
 from competition.run_folder import monitored
+from competition.schedules import steps_per_epoch
 from competition.writers import colour_overlay, palette
 
 logger = logging.getLogger(__name__)
@@ -197,13 +198,13 @@ def open_board(config: TrainConfig, run_dir: Path, fold, start_epoch: int, best:
     """The fold's Board: event files in ``run_dir`` when ``config.tensorboard``, else one that writes nothing. A run
     resumed after ``start_epoch`` epochs drops what an earlier session wrote after them (TensorBoard's purge step);
     one started from scratch drops everything earlier and writes the hyperparameters."""
-    steps_per_epoch = math.ceil(len(fold.train_loader) / config.accum_steps)
+    epoch_steps = steps_per_epoch(len(fold.train_loader), config.accum_steps)
     if not config.tensorboard:
-        yield Board(None, config, steps_per_epoch, precision, [], best)
+        yield Board(None, config, epoch_steps, precision, [], best)
         return
-    purge_step = start_epoch * steps_per_epoch + 1 if start_epoch else 0
+    purge_step = start_epoch * epoch_steps + 1 if start_epoch else 0
     writer = summary_writer_class()(str(run_dir), purge_step=purge_step)
-    board = Board(writer, config, steps_per_epoch, precision, fixed_images(fold.val_loader.dataset), best)
+    board = Board(writer, config, epoch_steps, precision, fixed_images(fold.val_loader.dataset), best)
     previous_hook = threading.excepthook
     threading.excepthook = _quiet_when_disk_full(previous_hook)
     try:

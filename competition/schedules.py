@@ -43,3 +43,9 @@ SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle, "step": _step}
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """The scheduler ``config.schedule`` names, stepped once per optimizer step over ``config.epochs``."""
     return SCHEDULES[config.schedule](config, optimizer, config.epochs * steps_per_epoch, steps_per_epoch)
+
+
+def steps_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of ``batches``: the last micro-batches that do not fill ``accum_steps`` make a
+    step too. The schedule, the step counter and TensorBoard's step numbers all count by it."""
+    return math.ceil(batches / accum_steps)

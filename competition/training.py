@@ -34,7 +34,7 @@ from competition.run_folder import (
     monitored,
     warn_if_little_room,
 )
-from competition.schedules import build_scheduler
+from competition.schedules import build_scheduler, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def train_one_epoch(
     parts.model.train()
     steps_taken_before = parts.optimizer_steps.taken
     device = next(parts.model.parameters()).device
-    steps_per_epoch = math.ceil(len(loader) / config.accum_steps)
+    epoch_steps = steps_per_epoch(len(loader), config.accum_steps)
     pending: list[tuple[int, torch.Tensor]] = []
     losses: list[float] = []
     images_done = 0
@@ -325,7 +325,7 @@ def train_one_epoch(
         step_images = sum(len(images) for images, _ in micro_batches)
         images_done += step_images
         bar.update(step_images)
-        if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
+        if (step + 1) % config.log_every == 0 or step + 1 == epoch_steps:
             losses += _check_finite(pending, epoch, run_dir)
             pending = []
             if budget is not None:
@@ -335,8 +335,8 @@ def train_one_epoch(
             )
     bar.close()
     losses += _check_finite(pending, epoch, run_dir)
-    skipped = steps_per_epoch - (parts.optimizer_steps.taken - steps_taken_before)
-    _warn_of_skipped_steps(config, epoch, skipped, steps_per_epoch)
+    skipped = epoch_steps - (parts.optimizer_steps.taken - steps_taken_before)
+    _warn_of_skipped_steps(config, epoch, skipped, epoch_steps)
     return float(np.mean(losses)), skipped
 
 
@@ -523,7 +523,7 @@ def train_fold_within(
     config, data = open_training_data(config)
     fold = set_up_fold(config, data, device, progress)
     config = fold.config
-    parts = build_parts(config, device, precision, math.ceil(len(fold.train_loader) / config.accum_steps))
+    parts = build_parts(config, device, precision, steps_per_epoch(len(fold.train_loader), config.accum_steps))
     with claim_run_folder(config, resume, overwrite, fold.split) as (run_dir, resumed_from):
         state = parts.restore(resumed_from, run_dir / "last.pt") if resumed_from else _State()
         if resume and resumed_from is None:
