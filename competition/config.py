@@ -25,6 +25,7 @@ MONITORS = ("auto", "dice", "miou", "macro_f1", "pixel_accuracy")
 PET_BORDERS = ("ignore", "class")
 AUGMENTATIONS = ("full", "flip", "none")
 RECIPES = ("auto", "carvana")
+HEADS = ("auto", "multilabel")
 
 
 def setting(default, description: str):
@@ -93,6 +94,11 @@ class TrainConfig:
         False, "map each mask value (or colour) to the nearest class's: for lossy JPEG masks, refused otherwise"
     )
     strict: bool = setting(False, "stop, rather than warn, when a class never occurs in the training masks")
+    head: str = setting(
+        "auto",
+        "auto: one sigmoid channel for binary data, a softmax over the classes otherwise; multilabel: one sigmoid "
+        "channel per class, for classes that overlap (--classes names them, no background; at most 7)",
+    )
     in_channels: int = setting(3, "image channels the model takes: 3 (greyscale replicated), or 1 for greyscale data")
     folds_csv: str = setting(lambda: str(default_work_dir() / "folds" / "folds.csv"), "written by make_folds.py")
     out: str = setting(lambda: str(default_work_dir() / "runs" / "unet_resnet34"), "run folder; fold<N>/ inside")
@@ -172,6 +178,10 @@ class TrainConfig:
         """Whether the run's classes are its layout's own (Carvana's background and car): none were saved with it."""
         return not self.class_names()
 
+    def multilabel(self) -> bool:
+        """Whether each class has a sigmoid channel of its own (classes may overlap; no background class)."""
+        return self.head == "multilabel"
+
     def num_classes(self) -> int:
         """Classes, background included: Carvana's two (background, car) when none are named."""
         return len(self.class_names()) or 2
@@ -183,7 +193,9 @@ class TrainConfig:
 
     def output_channels(self) -> int:
         """The model's channels: one sigmoid channel for binary data (background and one class), else one
-        softmax channel per class."""
+        softmax channel per class; multilabel: one sigmoid channel per class."""
+        if self.multilabel():
+            return len(self.class_names())
         return 1 if self.num_classes() == 2 else self.num_classes()
 
     def run_dir(self) -> Path:
@@ -217,6 +229,7 @@ CHOICES = {
     "monitor": MONITORS,
     "augment": AUGMENTATIONS,
     "recipe": RECIPES,
+    "head": HEADS,
 }
 # Architectures whose image-level pooling feeds a batch norm: training fails on a batch of one image.
 ONE_IMAGE_BATCH_NORM = ("DeepLabV3Plus",)

@@ -1,4 +1,5 @@
-"""Which stored mask value means which class: 0/255 binary masks, values given by the user, lossy values snapped."""
+"""Which stored mask value means which class: 0/255 binary masks, values given by the user, lossy values snapped,
+and the bits of multilabel masks."""
 
 import numpy as np
 
@@ -120,3 +121,26 @@ def value_lookup(
         lookup = np.asarray(meanings, dtype=np.uint8)[nearest]
         known[:] = True
     return lookup, known
+
+
+# Multilabel masks (classes that overlap) travel through the pipeline as one uint8 (H, W) array, like index masks, so
+# that resizing, augmentation, caching and PNG writing stay the same: bit k (value 1 << k) is class k. Bit 7 is never
+# a class, so 255 (every bit) stays free for the ignore index.
+MAX_LABELS = 7
+
+
+def pack_labels(masks: np.ndarray) -> np.ndarray:
+    """(K, H, W) masks, non-zero where class k is present -> uint8 (H, W) with bit k set there (K <= MAX_LABELS)."""
+    if masks.shape[0] > MAX_LABELS:
+        raise ValueError(f"{masks.shape[0]} labels: a multilabel mask holds at most {MAX_LABELS}")
+    packed = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for index, mask in enumerate(masks):
+        packed |= (mask != 0).astype(np.uint8) << index
+    return packed
+
+
+def unpack_labels(packed: np.ndarray, num_labels: int) -> np.ndarray:
+    """uint8 (..., H, W) with bit k for class k -> uint8 (K, ..., H, W) of 0/1; the ignore value (255) unpacks as
+    every class present: mask it out first where it matters."""
+    bits = np.arange(num_labels, dtype=np.uint8).reshape((num_labels,) + (1,) * packed.ndim)
+    return (packed[None] >> bits) & 1

@@ -217,3 +217,15 @@ def test_evaluate_accumulates_the_confusion_matrix_and_ignores(tmp_path):
     # 5 labelled pixels: 3 of class 1 (all hit), one background, one class 2: IoU a = 3/5, others 0
     assert metrics["iou_a"] == pytest.approx(3 / 5) and metrics["iou_background"] == 0
     assert metrics["val_miou"] == pytest.approx(1 / 5) and metrics["val_pixel_accuracy"] == pytest.approx(3 / 5)
+
+
+def test_labels_pack_and_unpack_to_the_same_masks():
+    from competition.mask_values import MAX_LABELS, pack_labels, unpack_labels
+
+    rng = np.random.default_rng(0)
+    for count in range(1, MAX_LABELS + 1):
+        masks = (rng.random((count, 5, 7)) < 0.4).astype(np.uint8)
+        packed = pack_labels(masks)
+        assert packed.dtype == np.uint8 and packed.max() < 255  # 255 stays the ignore value
+        assert np.array_equal(unpack_labels(packed, count), masks)
+        assert np.array_equal(packed, (masks * (1 << np.arange(count))[:, None, None]).sum(0))
