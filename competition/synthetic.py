@@ -7,6 +7,8 @@ mirrors, sometimes an antenna) rendered in perspective from 16 evenly spaced yaw
 a studio scene (wall gradient, floor, turntable, soft shadow), then blurred, lit with
 jitter, noised and JPEG-compressed. The mask is the union of the same polygons, so it is
 exact. The real data is under Kaggle's licence; this lets every command and test run.
+``--parts`` labels each pixel by part (multi-class); ``--multilabel`` writes overlapping labels (car, glass,
+shadow) as per-class RLE rows, the way UW-Madison GI Tract ships its masks.
 """
 
 import io
@@ -30,6 +32,11 @@ VIEWS = 16
 # The classes of the multi-class (``--parts``) data set, background first; a part's index is its mask value.
 PARTS = ("background", "body", "glass", "wheels", "lights")
 BODY, GLASS, WHEELS, LIGHTS = range(1, 5)
+# The overlapping labels of the multi-label (``--multilabel``) set, in train.csv's order: the whole car, its
+# windows (inside the car) and the hard shadow a low lamp throws (under the car, over its lower edge), which
+# the lamp, lit in about SHADOW_SHARE of the views, leaves out of most images: the rare, sparse class.
+LABELS = ("car", "glass", "shadow")
+SHADOW_SHARE = 0.3
 # Mask colours of the parts' palette PNGs (any viewer shows them; the values are the class indices).
 PART_COLOURS = ((0, 0, 0), (200, 60, 60), (60, 140, 220), (70, 70, 70), (250, 210, 40))
 _SUBPIXEL = 4  # cv2 polygon coordinates carry 4 fractional bits
@@ -157,6 +164,11 @@ class _Camera:
         x, y, z = points[..., 0], points[..., 1], points[..., 2]
         return np.stack([x * self.cos_yaw - y * self.sin_yaw, x * self.sin_yaw + y * self.cos_yaw, z], axis=-1)
 
+    def turn_back(self, turned: np.ndarray) -> np.ndarray:
+        """The inverse of ``turn``: a direction fixed in the studio, in the car's coordinates."""
+        x, y, z = turned[..., 0], turned[..., 1], turned[..., 2]
+        return np.stack([x * self.cos_yaw + y * self.sin_yaw, -x * self.sin_yaw + y * self.cos_yaw, z], axis=-1)
+
     def depth(self, turned: np.ndarray) -> np.ndarray:
         return self.distance + turned[..., 1] * self.cos_el - (turned[..., 2] - 0.7) * self.sin_el
 
@@ -234,10 +246,27 @@ def render(
     ``studio_seed`` fixes the studio and camera, the same for all views of a car; ``rng``
     draws what changes from shot to shot (exposure, noise).
     """
+    image, mask, _ = render_scene(car, yaw, width, height, rng, studio_seed)
+    return image, mask
+
+
+def render_scene(
+    car: Car,
+    yaw: float,
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    studio_seed: int = 0,
+    spotlight: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``render``'s photo and PARTS mask, and with ``spotlight`` (where a low lamp throws the car's shadow on the
+    floor: metres right and towards the camera) that hard shadow drawn and its 0/1 mask; else None. The lamp
+    draws nothing from ``rng``, so the photo of an unlit view is ``render``'s."""
     studio = np.random.default_rng(studio_seed)
     camera = _Camera(yaw, width, height, distance=studio.uniform(8.5, 9.5), elevation=np.deg2rad(studio.uniform(8, 14)))
     image = _studio(width, height, studio, camera)
     _shadow(image, car, camera)
+    cast = None if spotlight is None else _cast_shadow(image, car, camera, spotlight)
     mask = np.zeros((height, width), dtype=np.uint8)
     canvas = _Canvas(image, mask)
     light = np.array([0.3, -0.6, 0.75])
@@ -315,7 +344,32 @@ def render(
         base = np.array([roof[0] - 0.3, 0.0, roof[1]])
         tip = base + np.array([-0.15, 0.0, car.antenna])
         canvas.line(camera.project(base), camera.project(tip), (30, 30, 30), int(rng.integers(1, 4)), BODY)
-    return _photograph(image, rng), mask
+    shadow = None if cast is None else _shadow_label(cast, mask)
+    return _photograph(image, rng), mask, shadow
+
+
+def _cast_shadow(image: np.ndarray, car: Car, camera: _Camera, spotlight: tuple[float, float]) -> np.ndarray:
+    """Darkens the floor where a low lamp throws the car's shadow (the hull of its footprint and the footprint
+    moved by ``spotlight``, a distance fixed in the studio), with a narrow penumbra; returns the hull's 0/1 mask."""
+    length, half = np.abs(car.profile[:, 0]).max() + 0.05, car.half_width.max()
+    footprint = np.array([[length, -half, 0], [length, half, 0], [-length, half, 0], [-length, -half, 0]])
+    # Towards the camera is -y in turned coordinates.
+    shift = camera.turn_back(np.array([spotlight[0], -spotlight[1], 0.0]))
+    corners = camera.project(np.concatenate([footprint, footprint + shift])).astype(np.float32)
+    cast = np.zeros(image.shape[:2], dtype=np.uint8)
+    cv2.fillPoly(cast, [_fixed(cv2.convexHull(corners)[:, 0])], 1, cv2.LINE_8, _SUBPIXEL)
+    penumbra = cv2.GaussianBlur(cast.astype(np.float32), (0, 0), 1.0)
+    image *= (1 - 0.5 * penumbra)[..., None]
+    return cast
+
+
+def _shadow_label(cast: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The shadow's label: the floor it darkens, and a band of the car's lower edge next to it (a few pixels
+    wide), so that it overlaps the car's label as UW-Madison's organs overlap; the hidden rest is left out."""
+    band = max(2, mask.shape[1] // 96)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    seen = cast & (mask == 0)
+    return cast & cv2.dilate(seen, kernel)
 
 
 def _lamps(canvas: _Canvas, camera: _Camera, car: Car, edge: int, colour) -> None:
@@ -354,17 +408,32 @@ def encode_gif(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def render_car(car_seed: int, width: int, height: int, parts: bool = False) -> list[tuple[bytes, np.ndarray]]:
+def render_car(
+    car_seed: int, width: int, height: int, parts: bool = False, shadow_share: float | None = None
+) -> list[tuple[bytes, np.ndarray]]:
     """The 16 views of one car: (JPEG bytes, mask) each, the mask 0/1 (car) or, with ``parts``, PARTS
-    indices. Deterministic for ``car_seed``."""
+    indices; with ``shadow_share``, a (3, H, W) 0/1 stack of the overlapping LABELS, the lamp that throws the
+    shadow lit in about that share of the views. Deterministic for ``car_seed``."""
     rng = np.random.default_rng(car_seed)
     car = make_car(rng)
     start = rng.uniform(0, 2 * np.pi / VIEWS)
     studio_seed = int(rng.integers(2**31))
+    # The lamp has a generator of its own: the car and its photos stay those of the other sets of the same seed.
+    lamp = np.random.default_rng(np.random.SeedSequence(car_seed, spawn_key=(1,)))
+    angle, reach = lamp.uniform(np.deg2rad(25), np.deg2rad(155)), lamp.uniform(0.8, 1.3)
     views = []
     for view in range(VIEWS):
-        image, mask = render(car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed)
-        views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask if parts else (mask > 0).astype(np.uint8)))
+        lit = shadow_share is not None and lamp.random() < shadow_share
+        spotlight = (reach * np.cos(angle), reach * np.sin(angle)) if lit else None
+        image, mask, shadow = render_scene(
+            car, start + 2 * np.pi * view / VIEWS, width, height, rng, studio_seed, spotlight
+        )
+        if shadow_share is not None:
+            mask = np.stack([mask > 0, mask == GLASS, np.zeros_like(mask) if shadow is None else shadow])
+            mask = mask.astype(np.uint8)
+        elif not parts:
+            mask = (mask > 0).astype(np.uint8)
+        views.append((encode_jpeg(image, int(rng.integers(85, 96))), mask))
     return views
 
 
@@ -414,6 +483,19 @@ def contact_sheet(views: list[tuple[bytes, np.ndarray]], path: Path, columns: in
         Image.fromarray(np.vstack(rows)).save(partial, format="PNG")
 
 
+def _cars(seed: int, count: int) -> tuple[np.ndarray, list[str], np.random.Generator]:
+    """(a seed per car, a distinct 12-hex-digit Carvana id per car, the generator that named them: it draws the
+    metadata next) for ``count`` cars; the same for every set of one ``seed``."""
+    seeds = np.random.SeedSequence(seed).generate_state(count + 1)
+    naming = np.random.default_rng(seeds[-1])
+    car_ids: list[str] = []
+    while len(car_ids) < count:
+        car_id = naming.bytes(6).hex()
+        if car_id not in car_ids:
+            car_ids.append(car_id)
+    return seeds[:-1], car_ids, naming
+
+
 def generate(
     out: str | Path,
     cars: int = 24,
@@ -430,17 +512,11 @@ def generate(
     for stale in ("train", "train_masks", "test"):
         shutil.rmtree(out / stale, ignore_errors=True)
         (out / f"{stale}.zip").unlink(missing_ok=True)
-    seeds = np.random.SeedSequence(seed).generate_state(cars + test_cars + 1)
-    naming = np.random.default_rng(seeds[-1])
-    car_ids = []
-    while len(car_ids) < cars + test_cars:
-        car_id = naming.bytes(6).hex()
-        if car_id not in car_ids:
-            car_ids.append(car_id)
+    seeds, car_ids, naming = _cars(seed, cars + test_cars)
     writer = _Writer(out, as_zip)
     train_rows, test_rows, metadata = [], [], []
     renders = Parallel(n_jobs=jobs, return_as="generator")(
-        delayed(render_car)(int(car_seed), width, height) for car_seed in seeds[:-1]
+        delayed(render_car)(int(car_seed), width, height) for car_seed in seeds
     )
     for index, (car_id, views) in enumerate(zip(car_ids, renders)):
         is_test = index >= cars
@@ -488,16 +564,10 @@ def generate_parts(
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("images", "masks", "test", "test_masks"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    seeds = np.random.SeedSequence(seed).generate_state(cars + test_cars + 1)
-    naming = np.random.default_rng(seeds[-1])
-    car_ids: list[str] = []
-    while len(car_ids) < cars + test_cars:
-        car_id = naming.bytes(6).hex()
-        if car_id not in car_ids:
-            car_ids.append(car_id)
+    seeds, car_ids, _ = _cars(seed, cars + test_cars)
     writer = _Writer(out, as_zip=False)
     renders = Parallel(n_jobs=jobs, return_as="generator")(
-        delayed(render_car)(int(car_seed), width, height, parts=True) for car_seed in seeds[:-1]
+        delayed(render_car)(int(car_seed), width, height, parts=True) for car_seed in seeds
     )
     for index, (car_id, views) in enumerate(zip(car_ids, renders)):
         images, masks = ("test", "test_masks") if index >= cars else ("images", "masks")
@@ -509,49 +579,101 @@ def generate_parts(
     return out
 
 
+def generate_multilabel(
+    out: str | Path,
+    cars: int = 8,
+    test_cars: int = 4,
+    width: int = 384,
+    height: int = 256,
+    seed: int = 0,
+    shadow_share: float = SHADOW_SHARE,
+    jobs: int = -1,
+) -> Path:
+    """Write the overlapping-labels set under ``out`` as UW-Madison ships its masks: ``train/`` and ``test/``
+    images (``<car>_<NN>.jpg``), ``train.csv`` with one ``id,class,segmentation`` row per (image, label) of
+    LABELS (row-major RLE, an empty cell where the label is absent), ``sample_submission.csv``
+    (``id,class,predicted``, every test pair, empty) and ``test_masks.csv``, the test truth in train.csv's
+    columns for scoring. The same studio cars as the other sets of ``seed``. Returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("train", "test"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    seeds, car_ids, _ = _cars(seed, cars + test_cars)
+    writer = _Writer(out, as_zip=False)
+    rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
+    renders = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(render_car)(int(car_seed), width, height, shadow_share=shadow_share) for car_seed in seeds
+    )
+    for index, (car_id, views) in enumerate(zip(car_ids, renders)):
+        folder = "test" if index >= cars else "train"
+        for view, (jpeg, labels) in enumerate(views, start=1):
+            image_id = f"{car_id}_{view:02d}"
+            writer.file(folder, f"{image_id}.jpg", jpeg)
+            rows[folder].extend((image_id, name, rle_encode(label)) for name, label in zip(LABELS, labels))
+    train, test = (sorted(rows[folder], key=lambda row: (row[0], LABELS.index(row[1]))) for folder in rows)
+    columns = ["id", "class", "segmentation"]
+    writer.csv("train.csv", pd.DataFrame(train, columns=columns))
+    writer.csv(
+        "sample_submission.csv", pd.DataFrame([(i, c, "") for i, c, _ in test], columns=["id", "class", "predicted"])
+    )
+    writer.csv("test_masks.csv", pd.DataFrame(test, columns=columns))
+    return out
+
+
+# Default (cars, test cars, width, height) of each set.
+_DEFAULTS = {"carvana": (24, 8, 1918, 1280), "parts": (8, 2, 240, 160), "multilabel": (8, 4, 384, 256)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
-    parser.add_argument(
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
         "--parts",
         action="store_true",
         help="the multi-class set instead: each pixel labelled background, body, glass, wheels or lights, in "
         "images/ + masks/ (palette PNGs) + classes.txt, test/ + test_masks/; smaller defaults: 8 + 2 cars, 240x160",
     )
-    parser.add_argument("--cars", type=int, help="training cars, 16 images each (default: 24; --parts: 8)")
-    parser.add_argument("--test-cars", type=int, help="test cars, 16 images each (default: 8; --parts: 2)")
-    parser.add_argument("--width", type=int, help="default: 1918; --parts: 240")
-    parser.add_argument("--height", type=int, help="default: 1280; --parts: 160")
+    kind.add_argument(
+        "--multilabel",
+        action="store_true",
+        help="the overlapping-labels set instead, as UW-Madison ships it: car, glass and shadow (in about 30%% of "
+        "the images) as id,class,segmentation RLE rows in train.csv, train/ + test/ images, sample_submission.csv, "
+        "test_masks.csv; defaults: 8 + 4 cars, 384x256",
+    )
+    parser.add_argument(
+        "--cars", type=int, help="training cars, 16 images each (default: 24; --parts: 8; --multilabel: 8)"
+    )
+    parser.add_argument(
+        "--test-cars", type=int, help="test cars, 16 images each (default: 8; --parts: 2; --multilabel: 4)"
+    )
+    parser.add_argument("--width", type=int, help="default: 1918; --parts: 240; --multilabel: 384")
+    parser.add_argument("--height", type=int, help="default: 1280; --parts: 160; --multilabel: 256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zip", action="store_true", help="write the competition's zip archives instead of folders")
     parser.add_argument("--jobs", type=int, default=-1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    defaults = (
-        {"cars": 8, "test_cars": 2, "width": 240, "height": 160}
-        if args.parts
-        else {"cars": 24, "test_cars": 8, "width": 1918, "height": 1280}
-    )
-    for name, value in defaults.items():
+    chosen = "parts" if args.parts else "multilabel" if args.multilabel else "carvana"
+    for name, value in zip(("cars", "test_cars", "width", "height"), _DEFAULTS[chosen]):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.parts and args.zip:
-        parser.error("--zip is for the Carvana format; --parts writes folders")
+    if chosen != "carvana" and args.zip:
+        parser.error(f"--zip is for the Carvana format; --{chosen} writes folders")
     if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
         parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
     with exit_on_project_error(parser.prog):
         check_writable(args.out, "--out", folder=True)
+    counts = f"{args.cars * VIEWS} training and {args.test_cars * VIEWS} test images ({args.width}x{args.height})"
+    size = (args.cars, args.test_cars, args.width, args.height, args.seed)
     if args.parts:
-        out = generate_parts(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.jobs)
-        print(
-            f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images ({args.width}x{args.height}) "
-            f"labelled by part ({', '.join(PARTS)}) to {out}/"
-        )
-        return
-    out = generate(args.out, args.cars, args.test_cars, args.width, args.height, args.seed, args.zip, args.jobs)
-    print(
-        f"wrote {args.cars * VIEWS} training and {args.test_cars * VIEWS} test images "
-        f"({args.width}x{args.height}) to {out}/; one car's views: {out}/contact_sheet.png"
-    )
+        out = generate_parts(args.out, *size, jobs=args.jobs)
+        print(f"wrote {counts} labelled by part ({', '.join(PARTS)}) to {out}/")
+    elif args.multilabel:
+        out = generate_multilabel(args.out, *size, jobs=args.jobs)
+        print(f"wrote {counts} labelled {', '.join(LABELS)} (overlapping) as per-class RLE rows in {out}/train.csv")
+    else:
+        out = generate(args.out, *size, as_zip=args.zip, jobs=args.jobs)
+        print(f"wrote {counts} to {out}/; one car's views: {out}/contact_sheet.png")
 
 
 if __name__ == "__main__":
