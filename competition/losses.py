@@ -172,6 +172,18 @@ def label_soft_dice(logits, targets, ignore_index: int, smooth: float = 1.0) -> 
     return masked_soft_dice(logits.flatten(0, 1), targets.flatten(0, 1), ignore_index, smooth)
 
 
+class _EachChannel(torch.nn.Module):
+    """A binary loss over every (image, class) channel of (N, K, H, W) as one set of pixels: smp's multilabel focal
+    loss indexes each class with the whole batch's ignore mask, and fails on any ignored pixel."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits.flatten(0, 1).unsqueeze(1), targets.flatten(0, 1).unsqueeze(1))
+
+
 def _labels_bce_and_dice(bce_weight, dice_weight, ignore_index):
     """Per-class BCE + soft Dice of K sigmoid channels. Every channel of an image shares its labelled pixels, so
     the BCE's mean over them equals the mean over classes of each class's BCE."""
@@ -192,7 +204,7 @@ LABEL_LOSSES = {
     "bce": lambda b, d, i: _labels_bce_and_dice(1.0, 0.0, i),
     "ce": lambda b, d, i: _labels_bce_and_dice(1.0, 0.0, i),
     "dice": lambda b, d, i: _labels_bce_and_dice(0.0, 1.0, i),
-    "focal": lambda b, d, i: _Float32(smp.losses.FocalLoss("multilabel", ignore_index=i)),
+    "focal": lambda b, d, i: _Float32(_EachChannel(smp.losses.FocalLoss("binary", ignore_index=i))),
     "tversky": lambda b, d, i: _Float32(
         smp.losses.TverskyLoss("multilabel", ignore_index=i, alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA, smooth=1.0)
     ),

@@ -285,7 +285,8 @@ def score_mask_folders(
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} truth mask(s), e.g. {missing[:3]}")
     if multilabel:
-        return score_label_folders(predicted_files, truth)
+        pairs = ((predicted_files[stem], truth.read_mask(stem), truth.mask_source(stem)) for stem in truth.train_ids())
+        return score_label_pairs(pairs, truth.classes)
     confusion = torch.zeros((truth.num_classes, truth.num_classes), dtype=torch.int64)
     for stem in truth.train_ids():
         predicted, truth_mask = read_mask_png(predicted_files[stem]), truth.read_mask(stem)
@@ -313,21 +314,21 @@ def label_dice(predicted: np.ndarray, truth: np.ndarray, num_labels: int) -> np.
     return np.array([dice_score(predicted_bits[k][labelled], truth_bits[k][labelled]) for k in range(num_labels)])
 
 
-def score_label_folders(predicted_files: dict[str, Path], truth) -> dict:
-    """Multilabel scores of the packed masks ``predicted_files`` (stem -> PNG) against ``truth`` (a MaskFolder read
-    with ``multilabel``): ``per_class`` Dice (mean over images), ``dice`` the mean over (image, class) pairs."""
+def score_label_pairs(pairs, classes: list[str]) -> dict:
+    """Multilabel scores of (predicted PNG path, truth packed mask, truth's source) ``pairs``: ``per_class`` Dice
+    (mean over images), ``dice`` the mean over (image, class) pairs, empty/empty scoring 1."""
     rows = []
-    for stem in truth.train_ids():
-        predicted, truth_mask = read_mask_png(predicted_files[stem]), truth.read_mask(stem)
-        if predicted.shape != truth_mask.shape:
+    for path, truth, source in pairs:
+        predicted = read_mask_png(path)
+        if predicted.shape != truth.shape:
             raise DataError(
-                f"{predicted_files[stem]}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth "
-                f"{truth.mask_source(stem)} is {truth_mask.shape[1]}x{truth_mask.shape[0]}; predict at the truth's size"
+                f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth {source} is "
+                f"{truth.shape[1]}x{truth.shape[0]}; predict at the truth's size"
             )
-        check_packed_values(predicted, truth.num_classes, str(predicted_files[stem]))
-        rows.append(label_dice(predicted, truth_mask, truth.num_classes))
+        check_packed_values(predicted, len(classes), str(path))
+        rows.append(label_dice(predicted, truth, len(classes)))
     dice = np.stack(rows)
-    per_class = pd.DataFrame({"dice": dice.mean(0)}, index=pd.Index(list(truth.classes), name="class"))
+    per_class = pd.DataFrame({"dice": dice.mean(0)}, index=pd.Index(list(classes), name="class"))
     return {"multilabel": True, "per_class": per_class, "dice": float(dice.mean()), "images": len(rows)}
 
 
@@ -352,6 +353,12 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
     missing = [image_id for image_id in image_ids if not (predicted_dir / f"{image_id}.png").is_file()]
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} test mask(s), e.g. {missing[:3]}")
+    if data.multilabel:
+        pairs = (
+            (predicted_dir / f"{image_id}.png", data.read_mask(image_id, split="test"), image_id)
+            for image_id in image_ids
+        )
+        return score_label_pairs(pairs, data.classes)
     confusion = torch.zeros((data.num_classes, data.num_classes), dtype=torch.int64)
     for image_id in image_ids:
         predicted, truth = read_mask_png(predicted_dir / f"{image_id}.png"), data.read_mask(image_id, split="test")
@@ -401,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         except ProjectError as error:
             parser.exit(2, f"metrics: error: {error}\n")
         print(f"{scores['images']} masks")
-        print(format_class_table(scores))
+        print(format_scores(scores))
         return
     if Path(args.submission).is_dir() or Path(args.truth).is_dir():
         given = {name: getattr(args, name) for name in TRUTH_DEFAULTS if name not in ("classes", "ignore_index")}
