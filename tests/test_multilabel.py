@@ -326,3 +326,12 @@ def test_validation_scores_dice_and_iou_per_class(tmp_path):
     assert metrics["dice_a"] == pytest.approx(2 / 3) and metrics["iou_a"] == pytest.approx(1 / 2)
     assert metrics["dice_b"] == 1.0 and np.isnan(metrics["iou_b"])
     assert metrics["val_dice"] == pytest.approx((2 / 3 + 1) / 2) and metrics["val_miou"] == pytest.approx(1 / 2)
+
+
+def test_serving_a_multilabel_model_counts_and_encodes_each_class_bit():
+    from competition.serve import class_summary
+
+    packed = np.array([[1, 3, 0], [2, 2, 6]], dtype=np.uint8)
+    summary = class_summary(packed, ["a", "b", "c"], True, multilabel=True)
+    assert [entry["pixels"] for entry in summary] == [2, 4, 1]
+    assert [entry["rle"] for entry in summary] == ["1 2", "2 1 4 3", "6 1"]
