@@ -17,6 +17,7 @@ from competition.mask_values import (
     binary_values,
     describe_binary,
     label_ignore_index,
+    looks_packed,
     parse_mask_values,
     skipping_ignore,
     unnamed_values_problem,
@@ -321,12 +322,18 @@ class FolderData(SegmentationData):
         if doubt:  # a void value may be trained as a class: said with both fixes (a gap: a problem to inspect_data)
             logger.warning("%s: %s", self.root, doubt)
         else:
+            packed = (
+                "; if the masks hold overlapping classes as bits (bit k for class k), train with --head multilabel"
+                if looks_packed(present)
+                else ""
+            )
             logger.warning(
                 "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
-                "name them with --classes or in classes.txt (one a line, background first)",
+                "name them with --classes or in classes.txt (one a line, background first)%s",
                 self.root,
                 len(names),
                 len(names) - 1,
+                packed,
             )
         return names, None
 

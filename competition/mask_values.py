@@ -178,7 +178,9 @@ def label_targets(packed: np.ndarray, num_labels: int, ignore_value: float = 255
 
 
 def looks_packed(present: list[int]) -> bool:
-    """Whether a mask's values (the ignore value 255 aside) look like bit combinations of overlapping classes: some
-    value holds two bits or more (3, 5, 6, ...), every value fitting in seven bits."""
-    values = [value for value in present if value != 255]
-    return bool(values) and max(values) < 128 and any(value.bit_count() > 1 for value in values)
+    """Whether masks' values (the ignore value 255 aside) look like bit combinations of overlapping classes rather
+    than class indices: all within seven bits, some holding two bits or more (3, 5, 6, ...), and not an unbroken
+    run from 0 as indices are (0, 1, 2, 4, 5 is a box, a disc, a dot and the dot inside the box)."""
+    values = sorted({value for value in present if value != 255})
+    unbroken = values == list(range(len(values)))
+    return bool(values) and values[-1] < 128 and not unbroken and any(value.bit_count() > 1 for value in values)

@@ -335,3 +335,11 @@ def test_serving_a_multilabel_model_counts_and_encodes_each_class_bit():
     summary = class_summary(packed, ["a", "b", "c"], True, multilabel=True)
     assert [entry["pixels"] for entry in summary] == [2, 4, 1]
     assert [entry["rle"] for entry in summary] == ["1 2", "2 1 4 3", "6 1"]
+
+
+def test_bit_combinations_are_told_from_class_indices():
+    from competition.mask_values import looks_packed
+
+    assert looks_packed([0, 1, 2, 3, 5, 255]) and looks_packed([0, 1, 4, 5])
+    assert not looks_packed(list(range(21)) + [255])  # VOC's indices and border
+    assert not looks_packed([0, 1, 2, 4, 8])  # no pixel holds two classes
