@@ -323,7 +323,7 @@ def output_of(args, config, data) -> Output:
     """What the test predictions are written as: --format, else the data's own (Carvana's RLE rows, PNG masks
     elsewhere), at --out or the format's default place; checked against the models."""
     format = args.format or data.submission_format
-    if format == "rle" and config.output_channels() != 1:
+    if format == "rle" and (config.output_channels() != 1 or config.multilabel()):
         raise ConfigError("--format rle writes one row per image, for binary models; use --format rle-csv or png")
     if args.overlays and format != "png":
         raise ConfigError("--overlays belongs to --format png")
@@ -331,7 +331,7 @@ def output_of(args, config, data) -> Output:
         raise ConfigError("--rle-order belongs to --format rle-csv")
     default = "masks" if format == "png" else "submission.csv"
     out = args.out or default_work_dir() / "submissions" / default
-    return Output(format, str(out), config.num_classes(), args.rle_order, bool(args.overlays))
+    return Output(format, str(out), config.num_classes(), args.rle_order, bool(args.overlays), config.multilabel())
 
 
 def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | None]) -> int:

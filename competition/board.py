@@ -17,10 +17,11 @@ from competition.config import TrainConfig
 from competition.data import as_rgb
 from competition.errors import ConfigError
 from competition.files import no_space_left
-from competition.prediction import predict_probabilities
+from competition.mask_values import pack_labels
+from competition.prediction import label_masks, predict_probabilities
 from competition.run_folder import monitored
 from competition.schedules import steps_per_epoch
-from competition.writers import colour_overlay, palette
+from competition.writers import colour_overlay, label_overlay, palette
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,27 @@ def fixed_images(dataset, count: int = FIXED_IMAGES) -> list[tuple[str, torch.Te
     images = []
     for index in chosen:
         image, mask = dataset[index]
-        truth = mask.reshape(mask.shape[-2:]).numpy().astype(np.uint8)  # binary: float 0/1 (1, H, W); else (H, W)
+        if getattr(dataset, "multilabel", False):  # float (K, H, W) targets, 255 where ignored: packed again
+            targets = mask.numpy()
+            truth = np.where((targets == 255).any(0), 255, pack_labels(targets == 1)).astype(np.uint8)
+        else:
+            truth = mask.reshape(mask.shape[-2:]).numpy().astype(np.uint8)  # binary: float 0/1 (1, H, W); else (H, W)
         truth = cv2.resize(truth, image.shape[:0:-1], interpolation=cv2.INTER_NEAREST)  # validation masks: full size
         images.append((dataset.image_ids[index], image, truth))
     return images
 
 
-def strip(photo: np.ndarray, truth: np.ndarray, predicted: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """The photo, then the truth and the prediction tinted on it in the mask palette's colours, side by side."""
+def strip(
+    photo: np.ndarray, truth: np.ndarray, predicted: np.ndarray, colours: np.ndarray, labels: int | None = None
+) -> np.ndarray:
+    """The photo, then the truth and the prediction tinted on it in the mask palette's colours, side by side;
+    ``labels``: the masks are packed bits of that many classes, each class tinted (``label_overlay``)."""
     gap = np.full((photo.shape[0], GAP, 3), 255, dtype=np.uint8)
-    panels = [photo, gap, colour_overlay(photo, truth, colours), gap, colour_overlay(photo, predicted, colours)]
+
+    def tint(mask: np.ndarray) -> np.ndarray:
+        return colour_overlay(photo, mask, colours) if labels is None else label_overlay(photo, mask, labels)
+
+    panels = [photo, gap, tint(truth), gap, tint(predicted)]
     drawn = np.concatenate(panels, axis=1)
     if drawn.shape[0] > STRIP_HEIGHT:
         width = round(drawn.shape[1] * STRIP_HEIGHT / drawn.shape[0])
@@ -112,6 +124,7 @@ class Board:
         self.images = images
         self.classes = config.class_names() or ["background", "car"]
         self.column = monitored(config)[0]
+        self.labels = len(self.classes) if config.multilabel() else None  # packed multilabel masks: K classes
         self.best = best
         self.every = config.log_every
         self.pending: list[tuple[int, torch.Tensor, float]] = []
@@ -160,7 +173,8 @@ class Board:
         at = (epoch + 1) * self.steps_per_epoch
         for name, value in row.items():
             if name != "epoch" and isinstance(value, int | float):
-                tag = f"iou/{name.removeprefix('iou_')}" if name.startswith("iou_") else f"epoch/{name}"
+                prefix = name.split("_", 1)[0]
+                tag = f"{prefix}/{name[len(prefix) + 1 :]}" if prefix in ("iou", "dice") else f"epoch/{name}"
                 self.writer.add_scalar(tag, value, at)
         if math.isfinite(row[self.column]) and row[self.column] > self.best:
             self.best = row[self.column]
@@ -176,13 +190,17 @@ class Board:
         device = next(model.parameters()).device
         colours = palette(len(self.classes))
         for image_id, image, truth in self.images:
-            probabilities = predict_probabilities(model, image[None].to(device), truth.shape, precision=self.precision)
-            if probabilities.shape[1] == 1:
+            probabilities = predict_probabilities(
+                model, image[None].to(device), truth.shape, precision=self.precision, multilabel=self.labels is not None
+            )
+            if self.labels is not None:
+                predicted = torch.from_numpy(label_masks(probabilities, 0.5)[0])
+            elif probabilities.shape[1] == 1:
                 predicted = (probabilities[0, 0] > 0.5).to(torch.uint8)
             else:
                 predicted = probabilities[0].argmax(0).to(torch.uint8)
             photo = np.ascontiguousarray(as_rgb(image.permute(1, 2, 0).numpy()))
-            drawn = strip(photo, truth, predicted.cpu().numpy(), colours)
+            drawn = strip(photo, truth, predicted.cpu().numpy(), colours, self.labels)
             self.writer.add_image(f"images/{image_id}", drawn, at, dataformats="HWC")
 
     def write_hyperparameters(self, config: TrainConfig) -> None:

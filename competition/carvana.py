@@ -157,6 +157,7 @@ class CarvanaData:
     reads_folder_settings = False  # --images, --masks, --colors, ... are refused
     class_description = "classes: background, car (Carvana)"
     class_problems = class_doubts = ()  # its classes are the competition's: nothing in the masks to doubt
+    multilabel = False  # one class: --head multilabel is refused
 
     @staticmethod
     def detect(root: Path) -> bool:
@@ -168,6 +169,11 @@ class CarvanaData:
         """The data folder read with the settings of ``open_data`` (Carvana's: ``mask_source``; no split)."""
         if options["split"]:
             raise ConfigError("--split is for other layouts; Carvana's test set is test/ and its folds are by car")
+        if options.get("multilabel"):
+            raise ConfigError(
+                f"--head multilabel is for classes that overlap; {root} is Carvana's data, one class (car): leave "
+                "--head at auto"
+            )
         return cls(root, options["mask_source"], test_images=test_folder)
 
     @staticmethod
@@ -338,6 +344,10 @@ class CarvanaData:
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
         """Background and car pixels of the image's mask (int64)."""
         return np.bincount(self.read_mask(image_id).ravel(), minlength=2).astype(np.int64)
+
+    def class_counts(self, histograms: np.ndarray) -> np.ndarray:
+        """Background and car pixels (..., 2) from masks' 256-value histograms (..., 256)."""
+        return np.asarray(histograms)[..., :2]
 
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
         """Pixels of each of the 256 mask values (int64), the sample checked as ``check_sample`` checks it, each

@@ -14,8 +14,8 @@ from competition.clock import parse_duration
 from competition.environment import default_data_dir, default_work_dir
 from competition.errors import ConfigError
 from competition.layouts import LAYOUT_CHOICES
-from competition.losses import CLASS_WEIGHTINGS, LOSSES
-from competition.mask_values import label_ignore_index
+from competition.losses import CLASS_WEIGHTINGS, LABEL_LOSSES, LOSSES
+from competition.mask_values import MAX_LABELS, label_ignore_index
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
 from competition.prediction import PRECISIONS
 from competition.sampling import SAMPLERS
@@ -136,7 +136,8 @@ class TrainConfig:
     sampler: str = setting("random", "random, or class-balanced (images holding rare classes drawn more often)")
     monitor: str = setting(
         "auto",
-        "validation score that picks best.pt: auto (dice when binary, miou otherwise), " + ", ".join(MONITORS[1:]),
+        "validation score that picks best.pt: auto (dice when binary or multilabel, miou otherwise), "
+        + ", ".join(MONITORS[1:]),
     )
     precision: str = setting("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32")
     channels_last: bool = setting(True, "channels_last memory format (faster convolutions on GPUs)")
@@ -286,8 +287,41 @@ def check_config(config: "TrainConfig") -> None:
             f"--batch-size 1: {config.arch} pools each image to one value per channel before a batch norm, which "
             "needs at least 2 images a batch; use --batch-size 2 (with --accum-steps for a larger effective batch)"
         )
+    if config.multilabel():
+        check_multilabel(config)
     config.input_size()
     parse_duration(config.time_limit, flag("time_limit"))
+
+
+def check_multilabel(config: "TrainConfig") -> None:
+    """``--head multilabel``: at most MAX_LABELS classes (one bit each of the packed masks), 255 the ignore value,
+    a loss that takes one sigmoid channel per class, and no cross-entropy class weights."""
+    names = config.class_names()
+    if len(names) > MAX_LABELS:
+        raise ConfigError(
+            f"--head multilabel: {len(names)} classes ({','.join(names)}); a multilabel mask holds at most "
+            f"{MAX_LABELS} (one bit each): drop some, or train with --head auto if the classes never overlap"
+        )
+    if config.loss not in LABEL_LOSSES:
+        raise ConfigError(
+            f"--loss {config.loss} has no multilabel form (one sigmoid channel per class): with --head multilabel "
+            f"choose one of {', '.join(LABEL_LOSSES)}"
+        )
+    if config.class_weights != "none":
+        raise ConfigError(
+            f"--class-weights {config.class_weights} weights softmax classes; --head multilabel has one sigmoid "
+            "channel per class: leave it at none (--sampler class-balanced draws images of rare classes more often)"
+        )
+    if config.monitor not in ("auto", "dice", "miou"):
+        raise ConfigError(
+            f"--monitor {config.monitor}: a multilabel run scores each class's Dice and IoU; choose auto (the mean "
+            "Dice), dice or miou"
+        )
+    if config.ignore_index != 255:
+        raise ConfigError(
+            f"--ignore-index {config.ignore_index}: multilabel masks keep bit k for class k and 255 for ignored "
+            "pixels; leave --ignore-index at 255"
+        )
 
 
 def _read_file(path: Path) -> dict:

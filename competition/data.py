@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from competition.errors import DataError, ProjectError
+from competition.mask_values import label_targets
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``in_channels`` (3, or 1 for grey).
 
     The mask is float32 (1, H, W) when the data is binary (Carvana: 0/1; other layouts may also hold
-    the ignore index), the model's one sigmoid channel; int64 (H, W) class indices for multi-class data.
+    the ignore index), the model's one sigmoid channel; int64 (H, W) class indices for multi-class data; float32
+    (K, H, W) of 0/1 for multilabel data (``data.multilabel``: its packed masks unpacked after resizing and
+    augmentation, an ignored pixel holding the ignore index 255 in every channel, as binary targets hold it).
     ``size`` (height, width) resizes both (JPEG decoded at reduced scale where it can), or the
     image alone with ``full_size_masks`` (validation scores at full resolution);
     ``transform`` is an albumentations transform applied to image and mask together.
@@ -256,10 +259,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.size = size
         self.transform = transform
         self.full_size_masks = full_size_masks
-        self.binary = data.num_classes == 2
+        self.multilabel = getattr(data, "multilabel", False)
+        self.binary = data.num_classes == 2 and not self.multilabel
         # Masks that may hold several classes or the ignore index take the nearest pixel; 0/1 masks (the layout
-        # says so) an area-averaged resize thresholded at half, which keeps edges smooth.
-        self.smooth_resize = data.smooth_mask_resize
+        # says so) an area-averaged resize thresholded at half, which keeps edges smooth. Packed multilabel masks
+        # always take the nearest pixel: averaging bits would invent classes.
+        self.smooth_resize = data.smooth_mask_resize and not self.multilabel
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -278,6 +283,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]
         image = to_chw(image)
+        if self.multilabel:
+            return image, torch.from_numpy(label_targets(np.ascontiguousarray(mask), self.data.num_classes))
         mask = torch.from_numpy(np.ascontiguousarray(mask))
         return image, mask.unsqueeze(0).float() if self.binary else mask.long()
 

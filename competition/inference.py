@@ -24,6 +24,7 @@ from competition.writers import (
     colour_overlay,
     disk_full_is_one_line,
     encode_mask_png,
+    label_overlay,
     overlay,
     palette,
     save_png,
@@ -115,6 +116,12 @@ class Ensemble:
                 f"the checkpoints were trained on different classes ({' | '.join(map(','.join, sorted(classes)))}): "
                 "an ensemble averages one set of classes"
             )
+        heads = {member.config.multilabel() for member in members}
+        if len(heads) > 1:
+            raise CheckpointError(
+                "the checkpoints mix --head multilabel (a sigmoid per class) with one-class-per-pixel heads: an "
+                "ensemble averages one kind of probabilities"
+            )
         channels = {member.config.in_channels for member in members}
         if len(channels) > 1:
             raise CheckpointError(
@@ -122,6 +129,11 @@ class Ensemble:
                 f"{' and '.join(map(str, sorted(channels)))}): an ensemble reads each image one way"
             )
         self.members, self.tta, self.precision = members, tta, precision
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the members have one sigmoid channel per class (--head multilabel): masks are packed bits."""
+        return self.members[0].config.multilabel()
 
     @property
     def in_channels(self) -> int:
@@ -140,7 +152,7 @@ class Ensemble:
         total = None
         for member in self.members:
             probabilities = predict_probabilities(
-                member.forward, member.model_input(images), output_size, self.tta, self.precision
+                member.forward, member.model_input(images), output_size, self.tta, self.precision, self.multilabel
             )
             total = probabilities if total is None else total + probabilities
         return total / len(self.members)
@@ -152,7 +164,9 @@ class Ensemble:
         one pass over the views serves both."""
         plain = augmented = 0
         for member in self.members:
-            views = view_probabilities(member.forward, member.model_input(images), self.tta, self.precision)
+            views = view_probabilities(
+                member.forward, member.model_input(images), self.tta, self.precision, self.multilabel
+            )
             identity = average_views(views[:1], output_size)
             plain = plain + identity
             augmented = augmented + (average_views(views, output_size) if self.tta else identity)
@@ -276,7 +290,7 @@ def predict_images(ensemble: "Ensemble | OnnxModel", images: list[np.ndarray], t
     for key, size in ensemble.input_sizes.items():
         resized = [image if size is None else resize_image(image, size) for image in images]
         batches[key] = torch.stack([to_chw(image) for image in resized]).to(ensemble.device)
-    return class_masks(ensemble.probabilities(batches, images[0].shape[:2]), threshold)
+    return class_masks(ensemble.probabilities(batches, images[0].shape[:2]), threshold, ensemble.multilabel)
 
 
 def predict_image(ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -308,6 +322,7 @@ class OnnxModel:
         self.output_channels = logits.shape[1]
         self.device = torch.device("cpu")
         self.tta = ()
+        self.multilabel = False  # an ONNX file records no head: its channels are read as binary or softmax
 
     @property
     def input_sizes(self) -> dict[str, tuple[int, int] | None]:
@@ -332,6 +347,11 @@ def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
     classes = ensemble.members[0].config.num_classes()
+    if ensemble.multilabel:  # packed bits (bit k: class k) as a greyscale PNG, each class tinted in the overlay
+        save_png(mask, mask_path)
+        save_png(label_overlay(as_rgb(image), mask, classes), overlay_path)
+        logger.info("%s: packed multilabel mask (bit k: class k) -> %s, %s", path, mask_path, overlay_path)
+        return mask
     if classes > 2:  # class indices in a palette PNG, each class tinted in the overlay
         with atomic_output(mask_path) as partial:
             partial.write_bytes(encode_mask_png(mask, palette(classes)))

@@ -43,7 +43,7 @@ def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, 
     ignored = (
         int(total[data.ignore_index]) if data.ignore_index is not None and data.ignore_index >= data.num_classes else 0
     )
-    return total[: data.num_classes], ignored, problems
+    return data.class_counts(total), ignored, problems  # a multilabel mask's pixels counted per class bit
 
 
 def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]:
@@ -65,7 +65,9 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         problems = scan_masks(data, train_ids, progress)[2]
         return lines + [data.class_description], problems + broken_tests
     table = getattr(data, "table", None)
-    if table is not None:
+    if getattr(data, "multilabel", False):
+        lines.append("masks: packed bits of overlapping classes, bit k for class k (--head multilabel)")
+    elif table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
     elif data.mask_values is not None:
         lines.append("masks: stored values " + ", ".join(f"{v}={n}" for v, n in zip(data.mask_values, data.classes)))

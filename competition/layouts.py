@@ -13,9 +13,11 @@ from competition.errors import ConfigError, DataError
 from competition.labelme import LabelmeData
 from competition.layout_registry import LAYOUT_HELP, LAYOUTS, detect_layout, layout_choices
 from competition.mask_values import (
+    MAX_LABELS,
     binary_values,
     describe_binary,
     label_ignore_index,
+    looks_packed,
     parse_mask_values,
     skipping_ignore,
     unnamed_values_problem,
@@ -28,6 +30,7 @@ from competition.segmentation_data import (
     classes_from,
     files_by_stem,
     parse_classes,
+    read_class_names,
     read_index_mask,
 )
 from competition.splits import (
@@ -84,6 +87,7 @@ class FolderData(SegmentationData):
             test_folder,
             split_folders_by_name=options["folder_split"],
             listed_files=options["listed_files"],
+            multilabel=options["multilabel"],
             **options["folder_options"],
         )
 
@@ -105,8 +109,10 @@ class FolderData(SegmentationData):
         mask_values: str = "",
         unknown_values: str = "error",
         snap_mask_values: bool = False,
+        multilabel: bool = False,
     ):
         self.root, self.ignore_index = root, ignore_index  # the mask scan below needs them
+        self.multilabel = multilabel
         self.unknown_colors, self.unknown_values, self.snap = unknown_colors, unknown_values, snap_mask_values
         if listed_files:  # lists naming each image and its mask (SegNet's): the files they name, nothing searched
             found, test, folder_splits = self.find_listed(listed_files)
@@ -123,7 +129,9 @@ class FolderData(SegmentationData):
             test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
         self.table = self.cache = None
         table_path = color_table_path(root, colors)
-        if table_path is not None:
+        if multilabel:
+            names = self.label_names(root, classes, table_path, mask_values)
+        elif table_path is not None:
             if unknown_values != "error":
                 raise ConfigError(
                     f"--unknown-values is for masks of stored values; {table_path} makes these colour masks: "
@@ -134,6 +142,39 @@ class FolderData(SegmentationData):
             names = self.resolve_values(found, classes_from(root, classes, ("classes.txt",)), mask_values)
         super().__init__(root, found, names, label_ignore_index(ignore_index, len(names)), test, ignore_index)
         self.splits = {stem: name for stem, name in folder_splits.items() if name is not None}
+
+    def label_names(self, folder: Path, classes: str, table_path: Path | None, mask_values: str) -> list[str]:
+        """The classes of multilabel masks (greyscale PNGs holding bit k for class k, 255 ignored): named by
+        ``--classes`` or classes.txt, without a background, at most MAX_LABELS; colours and stored values have no
+        meaning there."""
+        if table_path is not None or mask_values or self.snap or self.unknown_values != "error":
+            given = (
+                f"a colour table {table_path}"
+                if table_path
+                else "--mask-values, --snap-mask-values or --unknown-values"
+            )
+            raise ConfigError(
+                f"--head multilabel reads masks as bits (bit k for class k, 255 ignored); {given} cannot apply: "
+                "save the masks as greyscale PNGs of packed bits"
+            )
+        class_file = folder / "classes.txt"
+        if classes:
+            names = [name.strip() for name in classes.split(",") if name.strip()]
+        else:
+            names = read_class_names(class_file) if class_file.is_file() else None
+        if not names:
+            raise DataError(
+                f"{folder}: --head multilabel needs its classes named, in bit order and without a background: pass "
+                "--classes a,b,c or write classes.txt (one a line)"
+            )
+        if len(set(names)) < len(names):
+            raise DataError(f"{'--classes' if classes else class_file}: a class is named twice in {names}")
+        if len(names) > MAX_LABELS:
+            raise DataError(
+                f"{folder}: {len(names)} classes named for --head multilabel; a multilabel mask holds at most "
+                f"{MAX_LABELS} (one bit each)"
+            )
+        return names
 
     def find_pairs(self, parts, suffixes: tuple[str, str], explicit: bool) -> tuple[dict, dict, dict]:
         """(image id -> image with a mask, image id -> test image, image id -> split name) of every
@@ -281,12 +322,18 @@ class FolderData(SegmentationData):
         if doubt:  # a void value may be trained as a class: said with both fixes (a gap: a problem to inspect_data)
             logger.warning("%s: %s", self.root, doubt)
         else:
+            packed = (
+                "; if the masks hold overlapping classes as bits (bit k for class k), train with --head multilabel"
+                if looks_packed(present)
+                else ""
+            )
             logger.warning(
                 "%s: no classes.txt or --classes: %d classes from the mask values, named class_0..class_%d; "
-                "name them with --classes or in classes.txt (one a line, background first)",
+                "name them with --classes or in classes.txt (one a line, background first)%s",
                 self.root,
                 len(names),
                 len(names) - 1,
+                packed,
             )
         return names, None
 
@@ -541,6 +588,7 @@ DATA_SETTINGS = (
     "unknown_values",
     "snap_mask_values",
     "in_channels",
+    "head",
 )
 DATA_FLAGS = ("data_dir", *DATA_SETTINGS)  # train.py's flags that make_folds.py and inspect_data take too
 # Of those, the ones that only the image/mask-folder layout reads.
@@ -574,6 +622,7 @@ def open_data(
     split: str = "",
     in_channels: int = 3,
     labels: str = "",
+    head: str = "auto",
     **folder_options,
 ):
     """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
@@ -615,6 +664,7 @@ def open_data(
         "folder_split": folder_split,
         "listed_files": listed_files,
         "folder_options": folder_options,
+        "multilabel": head == "multilabel",
     }
     data = reader.open(root, test_folder, options)
     data.in_channels = in_channels
@@ -637,9 +687,10 @@ class MaskFolder(FolderData):
         mask_values: str = "",
         unknown_values: str = "error",
         snap_mask_values: bool = False,
+        multilabel: bool = False,
     ):
         folder = Path(folder)
-        self.root, self.ignore_index = folder, ignore_index
+        self.root, self.ignore_index, self.multilabel = folder, ignore_index, multilabel
         self.unknown_colors, self.unknown_values, self.snap = unknown_colors, unknown_values, snap_mask_values
         self.masks, self.test_masks = files_by_stem(folder, MASK_EXTENSIONS + LOSSY_MASK_EXTENSIONS), {}
         if not self.masks:
@@ -652,7 +703,9 @@ class MaskFolder(FolderData):
         )
         # Where the class names come from, for the line that says it: the caller's, a file's, or the masks' values.
         self.classes_from = "" if classes else str(table_path or class_file or "the masks' values")
-        if table_path is not None:
+        if multilabel:
+            names = self.label_names(class_file.parent if class_file else folder, classes, table_path, mask_values)
+        elif table_path is not None:
             if unknown_values != "error":
                 raise ConfigError(
                     f"--unknown-values is for masks of stored values; {table_path} makes these colour masks: "

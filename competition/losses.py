@@ -1,6 +1,8 @@
-"""Losses on logits, binary (one sigmoid channel) and multi-class (softmax), computed in float32, with an ignore index.
+"""Losses on logits, binary (one sigmoid channel), multi-class (softmax) and multilabel (one sigmoid channel per
+class), computed in float32, with an ignore index.
 
-Binary targets are float (N, 1, H, W) of 0/1; multi-class targets are int64 (N, H, W) class indices. Pixels equal to
+Binary targets are float (N, 1, H, W) of 0/1; multi-class targets are int64 (N, H, W) class indices; multilabel
+targets are float (N, K, H, W) of 0/1, an ignored pixel holding the ignore index in every channel. Pixels equal to
 ``ignore_index`` count in no loss. Carvana's masks have no such pixels and take ``ignore_index=None``: exactly the
 losses of before, with no masking at all.
 """
@@ -164,6 +166,51 @@ LOSSES = {
 }
 
 
+def label_soft_dice(logits, targets, ignore_index: int, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of each (image, class) channel of (N, K, H, W) over its labelled pixels, averaged over classes
+    and images."""
+    return masked_soft_dice(logits.flatten(0, 1), targets.flatten(0, 1), ignore_index, smooth)
+
+
+class _EachChannel(torch.nn.Module):
+    """A binary loss over every (image, class) channel of (N, K, H, W) as one set of pixels: smp's multilabel focal
+    loss indexes each class with the whole batch's ignore mask, and fails on any ignored pixel."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits.flatten(0, 1).unsqueeze(1), targets.flatten(0, 1).unsqueeze(1))
+
+
+def _labels_bce_and_dice(bce_weight, dice_weight, ignore_index):
+    """Per-class BCE + soft Dice of K sigmoid channels. Every channel of an image shares its labelled pixels, so
+    the BCE's mean over them equals the mean over classes of each class's BCE."""
+    ignore = 255 if ignore_index is None else ignore_index
+    return _Combined(
+        lambda logits, targets: masked_binary_cross_entropy(logits, targets, ignore),
+        lambda logits, targets: label_soft_dice(logits, targets, ignore),
+        bce_weight,
+        dice_weight,
+    )
+
+
+# name -> (bce_weight, dice_weight, ignore_index) -> the loss of K sigmoid channels (--head multilabel). Lovasz has
+# none here: smp's Lovasz takes binary or softmax targets alone, and check_config refuses it for multilabel runs.
+LABEL_LOSSES = {
+    "bce_dice": lambda b, d, i: _labels_bce_and_dice(b, d, i),
+    "ce_dice": lambda b, d, i: _labels_bce_and_dice(b, d, i),
+    "bce": lambda b, d, i: _labels_bce_and_dice(1.0, 0.0, i),
+    "ce": lambda b, d, i: _labels_bce_and_dice(1.0, 0.0, i),
+    "dice": lambda b, d, i: _labels_bce_and_dice(0.0, 1.0, i),
+    "focal": lambda b, d, i: _Float32(_EachChannel(smp.losses.FocalLoss("binary", ignore_index=i))),
+    "tversky": lambda b, d, i: _Float32(
+        smp.losses.TverskyLoss("multilabel", ignore_index=i, alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA, smooth=1.0)
+    ),
+}
+
+
 def build_loss(
     name: str,
     bce_weight: float = 1.0,
@@ -172,9 +219,13 @@ def build_loss(
     num_classes: int = 2,
     ignore_index: int | None = None,
     class_weights: list[float] | None = None,
+    multilabel: bool = False,
 ) -> torch.nn.Module:
     """The loss ``name`` (a key of LOSSES) for ``num_classes`` classes (2: one sigmoid channel), leaving out
-    pixels of ``ignore_index`` (None: every pixel is labelled), cross entropy weighted by ``class_weights``."""
+    pixels of ``ignore_index`` (None: every pixel is labelled), cross entropy weighted by ``class_weights``;
+    ``multilabel``: LABEL_LOSSES' for one sigmoid channel per class, whatever their number."""
+    if multilabel:
+        return LABEL_LOSSES[name](bce_weight, dice_weight, 255 if ignore_index is None else ignore_index)
     return LOSSES[name](bce_weight, dice_weight, num_classes, ignore_index, class_weights)
 
 

@@ -144,3 +144,43 @@ def unpack_labels(packed: np.ndarray, num_labels: int) -> np.ndarray:
     every class present: mask it out first where it matters."""
     bits = np.arange(num_labels, dtype=np.uint8).reshape((num_labels,) + (1,) * packed.ndim)
     return (packed[None] >> bits) & 1
+
+
+def label_counts(histogram: np.ndarray, num_labels: int) -> np.ndarray:
+    """Pixels of each of ``num_labels`` classes in packed multilabel masks, from their 256-value histograms (...,
+    256): the pixels of every value with bit k set, the ignore value (255) left out. int64 (..., K)."""
+    values = np.arange(255)
+    bits = (values[:, None] >> np.arange(num_labels)[None, :]) & 1  # (255, K)
+    return (np.asarray(histogram)[..., :255] @ bits).astype(np.int64)
+
+
+def check_packed_values(mask: np.ndarray, num_labels: int, source: str) -> None:
+    """A packed multilabel mask holds bits of its ``num_labels`` classes and the ignore value 255 alone; another
+    value (a bit of no class) stops, naming the file."""
+    counts = value_histogram(mask)
+    counts[255] = 0
+    bad = np.flatnonzero(counts[1 << num_labels :]) + (1 << num_labels)
+    if bad.size:
+        raise DataError(
+            f"{source}: mask value(s) {bad[:5].tolist()} set bits of no class: a multilabel mask holds bit k for "
+            f"class k of the {num_labels} classes (values 0..{(1 << num_labels) - 1}) and 255 for ignored pixels; "
+            "name every class with --classes or classes.txt, or fix the mask"
+        )
+
+
+def label_targets(packed: np.ndarray, num_labels: int, ignore_value: float = 255.0) -> np.ndarray:
+    """A packed multilabel mask (H, W) -> float32 (K, H, W) targets: 1 where class k is present, 0 where absent,
+    and ``ignore_value`` (255, the ignore index, as binary targets hold it) in every channel of an ignored pixel,
+    which the losses and metrics leave out."""
+    targets = unpack_labels(packed, num_labels).astype(np.float32)
+    targets[:, packed == 255] = ignore_value
+    return targets
+
+
+def looks_packed(present: list[int]) -> bool:
+    """Whether masks' values (the ignore value 255 aside) look like bit combinations of overlapping classes rather
+    than class indices: all within seven bits, some holding two bits or more (3, 5, 6, ...), and not an unbroken
+    run from 0 as indices are (0, 1, 2, 4, 5 is a box, a disc, a dot and the dot inside the box)."""
+    values = sorted({value for value in present if value != 255})
+    unbroken = values == list(range(len(values)))
+    return bool(values) and values[-1] < 128 and not unbroken and any(value.bit_count() > 1 for value in values)

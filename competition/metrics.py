@@ -24,6 +24,7 @@ from competition.data import image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError, ProjectError
 from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from
+from competition.mask_values import check_packed_values, unpack_labels
 from competition.rle import RLEError, rle_runs
 from competition.segmentation_data import MASK_EXTENSIONS, files_by_stem, parse_classes, read_index_mask
 from competition.splits import resolve
@@ -218,6 +219,7 @@ TRUTH_DEFAULTS = {
     "unknown_colors": "error",
     "unknown_values": "error",
     "snap_mask_values": False,
+    "head": "auto",
 }
 PET_STORED = {"ignore": "2,1", "class": "2,1,3"}  # Oxford-IIIT Pet trimaps: 2 background, 1 pet, 3 border
 
@@ -274,13 +276,17 @@ def score_mask_folders(
     settings = TRUTH_DEFAULTS | recorded | {name: value for name, value in flags.items() if value is not None}
     if settings["colors"] and Path(settings["colors"]).is_file():  # named from here rather than the truth folder
         settings["colors"] = str(Path(settings["colors"]).resolve())
-    truth = MaskFolder(truth_dir, **settings)
+    multilabel = settings.pop("head") == "multilabel"
+    truth = MaskFolder(truth_dir, **settings, multilabel=multilabel)
     source = "--classes" if classes else record_path if recorded.get("classes") else truth.classes_from
     logger.info("%s: %d classes (%s) from %s", truth_dir, truth.num_classes, ", ".join(truth.classes), source)
     predicted_files = files_by_stem(predicted_dir, MASK_EXTENSIONS)
     missing = sorted(set(truth.masks) - set(predicted_files))
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} truth mask(s), e.g. {missing[:3]}")
+    if multilabel:
+        pairs = ((predicted_files[stem], truth.read_mask(stem), truth.mask_source(stem)) for stem in truth.train_ids())
+        return score_label_pairs(pairs, truth.classes)
     confusion = torch.zeros((truth.num_classes, truth.num_classes), dtype=torch.int64)
     for stem in truth.train_ids():
         predicted, truth_mask = read_mask_png(predicted_files[stem]), truth.read_mask(stem)
@@ -300,6 +306,40 @@ def score_mask_folders(
     return {**segmentation_scores(confusion, truth.classes), "images": len(truth.masks)}
 
 
+def label_dice(predicted: np.ndarray, truth: np.ndarray, num_labels: int) -> np.ndarray:
+    """Dice of each class (K,) of one pair of packed multilabel masks (bit k: class k), over the pixels the truth
+    does not ignore (255); 1 for a class in neither mask, as Kaggle scores (image, class) pairs."""
+    labelled = truth != 255
+    predicted_bits, truth_bits = unpack_labels(predicted, num_labels), unpack_labels(truth, num_labels)
+    return np.array([dice_score(predicted_bits[k][labelled], truth_bits[k][labelled]) for k in range(num_labels)])
+
+
+def score_label_pairs(pairs, classes: list[str]) -> dict:
+    """Multilabel scores of (predicted PNG path, truth packed mask, truth's source) ``pairs``: ``per_class`` Dice
+    (mean over images), ``dice`` the mean over (image, class) pairs, empty/empty scoring 1."""
+    rows = []
+    for path, truth, source in pairs:
+        predicted = read_mask_png(path)
+        if predicted.shape != truth.shape:
+            raise DataError(
+                f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, but the truth {source} is "
+                f"{truth.shape[1]}x{truth.shape[0]}; predict at the truth's size"
+            )
+        check_packed_values(predicted, len(classes), str(path))
+        rows.append(label_dice(predicted, truth, len(classes)))
+    dice = np.stack(rows)
+    per_class = pd.DataFrame({"dice": dice.mean(0)}, index=pd.Index(list(classes), name="class"))
+    return {"multilabel": True, "per_class": per_class, "dice": float(dice.mean()), "images": len(rows)}
+
+
+def format_scores(scores: dict) -> str:
+    """The table of ``score_mask_folders``' scores: per-class IoU and F1, or multilabel Dice per class."""
+    if not scores.get("multilabel"):
+        return format_class_table(scores)
+    table = scores["per_class"].to_string(float_format=lambda value: f"{value:.4f}", header=["Dice"])
+    return f"{table}\nmean Dice {scores['dice']:.5f} over (image, class) pairs"
+
+
 def score_test_masks(predicted_dir: Path, data) -> dict:
     """segmentation_scores of the predicted PNG masks against the data's test masks, read as training reads
     masks (colours, stored values, suffixes, splits): a CamVid testannot/, Oxford-IIIT Pet's test trimaps."""
@@ -313,6 +353,12 @@ def score_test_masks(predicted_dir: Path, data) -> dict:
     missing = [image_id for image_id in image_ids if not (predicted_dir / f"{image_id}.png").is_file()]
     if missing:
         raise DataError(f"{predicted_dir}: no prediction for {len(missing)} test mask(s), e.g. {missing[:3]}")
+    if data.multilabel:
+        pairs = (
+            (predicted_dir / f"{image_id}.png", data.read_mask(image_id, split="test"), image_id)
+            for image_id in image_ids
+        )
+        return score_label_pairs(pairs, data.classes)
     confusion = torch.zeros((data.num_classes, data.num_classes), dtype=torch.int64)
     for image_id in image_ids:
         predicted, truth = read_mask_png(predicted_dir / f"{image_id}.png"), data.read_mask(image_id, split="test")
@@ -362,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         except ProjectError as error:
             parser.exit(2, f"metrics: error: {error}\n")
         print(f"{scores['images']} masks")
-        print(format_class_table(scores))
+        print(format_scores(scores))
         return
     if Path(args.submission).is_dir() or Path(args.truth).is_dir():
         given = {name: getattr(args, name) for name in TRUTH_DEFAULTS if name not in ("classes", "ignore_index")}
@@ -372,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         except ProjectError as error:
             parser.exit(2, f"metrics: error: {error}\n")
         print(f"{scores['images']} masks")
-        print(format_class_table(scores))
+        print(format_scores(scores))
         return
     try:
         truth = read_csv_file(args.truth, dtype=str, keep_default_na=False)

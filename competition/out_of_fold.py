@@ -18,6 +18,7 @@ from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.inference import Member, fold_ensembles, prediction_record
 from competition.metrics import confusion_matrix, dice_per_image, format_class_table, segmentation_scores
+from competition.prediction import label_masks
 from competition.prediction_stream import (
     PredictionImages,
     class_masks,
@@ -27,7 +28,7 @@ from competition.prediction_stream import (
     prediction_loader,
 )
 from competition.submission import RECORD_NAME
-from competition.writers import Output, colour_overlay, outlines, overlay, palette, save_png
+from competition.writers import Output, colour_overlay, label_overlay, outlines, overlay, palette, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,51 @@ def _binary_scores(plain, augmented, truth, labelled, thresholds) -> dict[str, l
     return scores
 
 
-class FoldScores:
-    """The rows of oof.csv and the confusion matrices (without and with TTA) as the folds' images are scored."""
+def _label_scores(plain, augmented, truth, classes: list[str], threshold: float) -> dict[str, list[float]]:
+    """Multilabel Dice of each image over its labelled pixels (the packed ``truth``'s 255 left out), each class's
+    with TTA at ``threshold`` (``dice_<class>``, 1 when the class is in neither mask), their mean (``dice``), and the
+    mean without TTA at 0.5 (``dice_plain``)."""
+    labelled = (truth != 255).unsqueeze(1)
+    bits = (1 << torch.arange(len(classes), device=truth.device)).reshape(1, -1, 1, 1)
+    present = ((truth.unsqueeze(1).long() & bits) != 0) & labelled
 
-    def __init__(self, classes: list[str], ignore_index: int | None, binary: bool, thresholds, threshold: float):
+    def per_class(probabilities, limit) -> torch.Tensor:
+        predicted = (probabilities > limit) & labelled
+        return dice_per_image(predicted.flatten(0, 1), present.flatten(0, 1)).reshape(len(truth), -1)
+
+    tta, untouched = per_class(augmented, threshold), per_class(plain, 0.5)
+    scores = {"dice_plain": untouched.mean(1).tolist(), "dice": tta.mean(1).tolist()}
+    scores.update({f"dice_{name}": tta[:, index].tolist() for index, name in enumerate(classes)})
+    return scores
+
+
+class FoldScores:
+    """The rows of oof.csv and the confusion matrices (without and with TTA) as the folds' images are scored;
+    for a multilabel run each class's Dice per image instead (no confusion matrix: classes overlap)."""
+
+    def __init__(
+        self,
+        classes: list[str],
+        ignore_index: int | None,
+        binary: bool,
+        thresholds,
+        threshold: float,
+        multilabel: bool = False,
+    ):
         self.classes, self.ignore_index, self.binary = classes, ignore_index, binary
-        self.thresholds, self.threshold = thresholds, threshold
+        self.thresholds, self.threshold, self.multilabel = thresholds, threshold, multilabel
         self.rows: list[dict] = []
         self.confusion = {"plain": 0, "tta": 0}
 
     def add(self, names: list[str], fold: int, plain, augmented, truth) -> np.ndarray:
         """Scores a batch ((N, C, H, W) probabilities, (N, H, W) truth); returns its TTA class masks."""
+        if self.multilabel:
+            scores = _label_scores(plain, augmented, truth, self.classes, self.threshold)
+            for position, name in enumerate(names):
+                self.rows.append(
+                    {"img": name, "fold": fold} | {key: values[position] for key, values in scores.items()}
+                )
+            return label_masks(augmented, self.threshold)
         labelled = truth != self.ignore_index if self.ignore_index is not None else torch.ones_like(truth, dtype=bool)
         scores = _binary_scores(plain, augmented, truth, labelled, self.thresholds) if self.binary else {}
         masks = {"plain": class_masks(plain, 0.5), "tta": class_masks(augmented, self.threshold)}
@@ -74,7 +109,10 @@ class FoldScores:
         return masks["tta"]
 
     def rank_column(self) -> str:
-        """The per-image score the worst images are ranked by: Dice at the threshold (binary), else mIoU."""
+        """The per-image score the worst images are ranked by: Dice at the threshold (binary), the mean Dice over
+        the classes (multilabel), else mIoU."""
+        if self.multilabel:
+            return "dice"
         return dice_column(self.threshold) if self.binary else "miou"
 
 
@@ -115,12 +153,13 @@ def out_of_fold(
     ``masks_out``: a folder the TTA masks of those images go to, as palette PNGs."""
     folds = read_folds(folds_csv)
     classes = list(data.classes)
-    binary = members[0].config.output_channels() == 1
+    multilabel = members[0].config.multilabel()
+    binary = members[0].config.output_channels() == 1 and not multilabel
     thresholds = tuple(sorted({*THRESHOLDS, threshold})) if binary else ()
-    scores = FoldScores(classes, data.ignore_index, binary, thresholds, threshold)
+    scores = FoldScores(classes, data.ignore_index, binary, thresholds, threshold, multilabel)
     sink = None
     if masks_out is not None:
-        writer = Output("png", str(masks_out), len(classes)).writer()
+        writer = Output("png", str(masks_out), len(classes), multilabel=multilabel).writer()
         record = prediction_record([member.path for member in members], tta, threshold, members[0].config)
         same = same_checkpoints(Path(masks_out) / RECORD_NAME, record)  # the same models' masks: written again
         writer.begin(record, [], False, overwrite or same)
@@ -185,6 +224,9 @@ def oof_report(
 
 def _log_tables(scores: FoldScores, table: pd.DataFrame, tta: tuple[str, ...]) -> None:
     label = "TTA " + "+".join(tta) if tta else "no TTA"
+    if scores.multilabel:
+        _log_label_dice(table, scores.classes, label, scores.threshold)
+        return
     if scores.binary:
         _log_dice(table, label, scores.threshold, scores.thresholds)
     matrices = {key: segmentation_scores(matrix, scores.classes) for key, matrix in scores.confusion.items()}
@@ -210,6 +252,22 @@ def _log_dice(table: pd.DataFrame, label: str, threshold: float, thresholds) -> 
     )
 
 
+def _log_label_dice(table: pd.DataFrame, classes: list[str], label: str, threshold: float) -> None:
+    """Each class's out-of-fold Dice (mean over images, with TTA at the threshold), and the mean over (image,
+    class) pairs without and with TTA. A threshold per class is tuned by ``infer.py --oof --tune``."""
+    per_class = pd.DataFrame({"Dice": [table[f"dice_{name}"].mean() for name in classes]}, index=pd.Index(classes))
+    logger.info(
+        "out-of-fold Dice per class (%s at %g):\n%s\nmean Dice %.5f (%s), %.5f without TTA at 0.5, %d images",
+        label,
+        threshold,
+        per_class.to_string(float_format=lambda value: f"{value:.5f}"),
+        table["dice"].mean(),
+        label,
+        table["dice_plain"].mean(),
+        len(table),
+    )
+
+
 def _draw_worst(members, data, scores: FoldScores, table, tta, precision, out_dir: Path, worst: int) -> None:
     """Overlays of the ``worst`` images by the rank column (red or tinted: predicted; green: truth)."""
     ensembles = fold_ensembles(members, tta, precision)
@@ -219,7 +277,10 @@ def _draw_worst(members, data, scores: FoldScores, table, tta, precision, out_di
         image_id = image_id_of(row["img"])
         image, truth = data.read_image(image_id), data.read_mask(image_id)
         predicted = inference.predict_image(ensembles[row["fold"]], image, scores.threshold)
-        if scores.binary:
+        if scores.multilabel:  # each class tinted; the outline of every true class in green
+            truth_labels = np.where(truth == 255, 0, truth)
+            drawing = outlines(label_overlay(as_rgb(image), predicted, len(scores.classes)), truth_labels, (0, 200, 0))
+        elif scores.binary:
             drawing = overlay(image, predicted, truth == 1)
         else:
             labelled = truth if scores.ignore_index is None else np.where(truth == scores.ignore_index, 0, truth)

@@ -2,6 +2,7 @@
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,11 +111,16 @@ def autocast(precision: str, device: torch.device):
 
 @torch.no_grad()
 def view_probabilities(
-    model: torch.nn.Module, images: torch.Tensor, tta: tuple[str, ...] = (), precision: str = "fp32"
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tta: tuple[str, ...] = (),
+    precision: str = "fp32",
+    multilabel: bool = False,
 ) -> list[torch.Tensor]:
     """float32 probabilities (N, C, h, w) of uint8 images at the model's input size, one per view: the identity
-    first, then each of ``tta``, each mapped back onto the input's pixels. One channel: the sigmoid (binary);
-    several: the softmax over the classes."""
+    first, then each of ``tta``, each mapped back onto the input's pixels. ``multilabel``: the sigmoid of each
+    channel (one per class, whatever their number); else one channel: the sigmoid (binary); several: the softmax
+    over the classes."""
     check_tta(tta)
     views = []
     for name in ("identity", *tta):
@@ -122,7 +128,8 @@ def view_probabilities(
         with autocast(precision, images.device):
             logits = model(forward(images))
         logits = inverse(logits, images.shape[-2:]).float()
-        views.append(torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1))
+        sigmoid = multilabel or logits.shape[1] == 1
+        views.append(torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=1))
     return views
 
 
@@ -141,7 +148,20 @@ def predict_probabilities(
     output_size: tuple[int, int] | None = None,
     tta: tuple[str, ...] = (),
     precision: str = "fp32",
+    multilabel: bool = False,
 ) -> torch.Tensor:
-    """float32 probabilities (N, C, H, W) of uint8 images, averaged over the identity and ``tta`` views,
-    at ``output_size`` when given."""
-    return average_views(view_probabilities(model, images, tta, precision), output_size)
+    """float32 probabilities (N, C, H, W) of uint8 images, averaged over the identity and ``tta`` views (per
+    channel), at ``output_size`` when given; ``multilabel``: a sigmoid per channel (see ``view_probabilities``)."""
+    return average_views(view_probabilities(model, images, tta, precision, multilabel), output_size)
+
+
+def label_masks(probabilities: torch.Tensor, thresholds) -> np.ndarray:
+    """(N, K, H, W) multilabel probabilities -> uint8 (N, H, W) packed masks: bit k set where class k's probability
+    is above its threshold (``thresholds``: one per class, or one number for every class)."""
+    channels = probabilities.shape[1]
+    limits = torch.as_tensor(thresholds, dtype=probabilities.dtype, device=probabilities.device).reshape(-1)
+    if limits.numel() not in (1, channels):
+        raise ValueError(f"{limits.numel()} thresholds for {channels} classes")
+    present = probabilities > limits.reshape(1, -1, 1, 1)
+    bits = (1 << torch.arange(channels, device=probabilities.device)).reshape(1, -1, 1, 1)
+    return (present.to(torch.int64) * bits).sum(1).to(torch.uint8).cpu().numpy()

@@ -14,6 +14,7 @@ from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
 from competition.data import Loader, resize_image, same_size_batches, to_chw
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError
+from competition.prediction import label_masks
 from competition.workers import loader_start_method
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,12 @@ def device_batches(loader, device: torch.device):
         yield batch, images
 
 
-def class_masks(probabilities: torch.Tensor, threshold: float) -> np.ndarray:
-    """(N, C, H, W) probabilities -> uint8 (N, H, W) class indices: above ``threshold`` for one channel (binary),
-    the most probable class for several."""
+def class_masks(probabilities: torch.Tensor, threshold, multilabel: bool = False) -> np.ndarray:
+    """(N, C, H, W) probabilities -> uint8 (N, H, W) masks: with ``multilabel`` the packed bits of every class
+    above its threshold (``label_masks``; ``threshold`` one number or one per class); else class indices, above
+    ``threshold`` for one channel (binary), the most probable class for several."""
+    if multilabel:
+        return label_masks(probabilities, threshold)
     if probabilities.shape[1] == 1:
         return (probabilities[:, 0] > threshold).to(torch.uint8).cpu().numpy()
     return probabilities.argmax(1).to(torch.uint8).cpu().numpy()
@@ -229,7 +233,7 @@ def predict_into(
                 if not pace.next_batch_fits():
                     break
                 shape = tuple(batch["shape"][0].tolist())
-                masks = class_masks(ensemble.probabilities(images, shape), threshold)
+                masks = class_masks(ensemble.probabilities(images, shape), threshold, ensemble.multilabel)
                 names = [image_ids[index] for index in batch["index"].tolist()]
                 pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
                 predicted += len(names)

@@ -27,6 +27,7 @@ class Situation:
     pretrained: bool
     classes: int
     labelled_images: int
+    multilabel: bool = False  # one sigmoid channel per class (--head multilabel): no softmax class weights
 
     @property
     def small(self) -> bool:
@@ -38,7 +39,11 @@ class Situation:
         return ", ".join(
             (
                 "pretrained encoder" if self.pretrained else "from scratch",
-                f"{self.classes} classes" if self.classes > 2 else "binary",
+                f"{self.classes} labels (multilabel)"
+                if self.multilabel
+                else f"{self.classes} classes"
+                if self.classes > 2
+                else "binary",
                 f"{'small' if self.small else 'large'} data ({self.labelled_images} labelled images)",
             )
         )
@@ -51,6 +56,7 @@ def situation_of(config: TrainConfig, data) -> Situation:
         pretrained=config.encoder_weights.strip().lower() != "none",
         classes=data.num_classes,
         labelled_images=len(data.train_ids()),
+        multilabel=config.multilabel(),
     )
 
 
@@ -63,7 +69,8 @@ def recipe(situation: Situation) -> dict[str, object]:
         settings.update(lr=SCRATCH_LR, schedule="onecycle")
         if situation.small:  # a short run from scratch underfits: flips alone let it learn the classes first
             settings["augment"] = "flip"
-    if situation.classes > 2:  # thin and rare classes (poles, cyclists) predicted: the bench's rare-class option
+    # thin and rare classes (poles, cyclists) predicted: the bench's rare-class option; softmax classes alone
+    if situation.classes > 2 and not situation.multilabel:
         settings["class_weights"] = "median"
     return settings
 

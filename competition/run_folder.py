@@ -69,10 +69,10 @@ CHECKPOINTS_OF_ROOM = 3
 
 def monitored(config: TrainConfig) -> tuple[str, str]:
     """(log column, its name in messages) of the validation score that picks best.pt: ``--monitor``, where
-    auto is Dice on binary data and mIoU on multi-class data."""
+    auto is Dice on binary data, the mean Dice over the classes on multilabel data and mIoU on multi-class data."""
     monitor = config.monitor
     if monitor == "auto":
-        monitor = "dice" if config.num_classes() == 2 else "miou"
+        monitor = "dice" if config.num_classes() == 2 or config.multilabel() else "miou"
     return MONITOR_COLUMNS[monitor]
 
 

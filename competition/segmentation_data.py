@@ -8,10 +8,10 @@ import numpy as np
 from PIL import Image
 
 from competition.data import _decoding, _image_shape, decode_image_and_shape, decoded_image_shape
-from competition.errors import DataError
+from competition.errors import ConfigError, DataError
 from competition.folds import labelled_folds
 from competition.layout_registry import LAYOUT_HELP, LAYOUTS, known_data_set_hint
-from competition.mask_values import value_histogram
+from competition.mask_values import check_packed_values, label_counts, looks_packed, value_histogram
 from competition.splits import read_id_list, resolve
 
 logger = logging.getLogger("competition.layouts")
@@ -91,6 +91,9 @@ class SegmentationData:
     fixed_classes = False  # classes (and stored mask values) come from the data and are saved into the run's config
     submission_format = "png"  # a palette PNG of class indices per test image
     smooth_mask_resize = False  # masks of several classes or the ignore index: resized to the nearest pixel
+    # Multilabel data (classes that overlap, --head multilabel): a mask holds bit k for class k and 255 for ignored
+    # pixels (mask_values.pack_labels), its classes named without a background. Layouts set it from the run's head.
+    multilabel = False
     reads_folder_settings = False  # whether FOLDER_SETTINGS (--images, --masks, --colors, ...) apply
     # Set by layouts whose stored mask values are not the class indices (see mask_values.value_lookup).
     mask_values: list[int] | None = None
@@ -139,6 +142,11 @@ class SegmentationData:
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found. {'Check --data-dir' if forced else LAYOUT_HELP}")
         data = cls.read(root, test_folder, options)
+        if options.get("multilabel") and not data.multilabel:
+            raise ConfigError(
+                f"--head multilabel: {root} is read as the {data.layout} layout, whose masks hold one class per "
+                "pixel; multilabel masks come from image/mask folders (packed bits) or a per-class RLE table"
+            )
         if options["by_id_lists"]:  # --test-images wins over the test list
             apply_id_lists(data, options["split_parts"], keep_test_images=test_folder is not None)
         if not data.images and not data.test_images:
@@ -213,6 +221,9 @@ class SegmentationData:
         """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops.
         ``split`` "test": a test image's mask (a test split's), for scoring predictions."""
         mask, source = self._mask(image_id, split)
+        if self.multilabel:
+            check_packed_values(mask, self.num_classes, source)
+            return mask
         if self.value_lookup is None:
             self._check_values(mask, source)
             return mask
@@ -236,6 +247,11 @@ class SegmentationData:
                 if bad.size == 1
                 else ""
             )
+            if looks_packed(np.flatnonzero(counts).tolist()):
+                void = (
+                    "if the masks hold overlapping classes as bits (bit k for class k) train with --head multilabel "
+                    "and --classes naming them without a background; else "
+                )
             raise DataError(
                 f"{source}: mask value(s) {bad[:5].tolist()} are neither a class (0..{self.num_classes - 1}: "
                 f"{', '.join(self.classes)}) nor the ignore index {self.ignore_index}; {void}name every class in "
@@ -282,7 +298,14 @@ class SegmentationData:
 
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
         """Pixels of each class in the image's mask (int64, one per class), the ignore index left out."""
-        return value_histogram(self.read_mask(image_id))[: self.num_classes]
+        return self.class_counts(value_histogram(self.read_mask(image_id)))
+
+    def class_counts(self, histograms: np.ndarray) -> np.ndarray:
+        """Pixels of each class (..., classes) from masks' 256-value histograms (..., 256): the counts of the class
+        indices, or of each class's bit in multilabel masks; the ignore index left out."""
+        if self.multilabel:
+            return label_counts(histograms, self.num_classes)
+        return np.asarray(histograms)[..., : self.num_classes]
 
     def checked_mask_histogram(self, image_id: str) -> np.ndarray:
         """Pixels of each of the 256 mask values (int64), from one read of the sample, checked as ``check_sample``

@@ -4,7 +4,7 @@ python -m competition.serve --checkpoints runs/unet_resnet34                the 
 python -m competition.serve --checkpoints runs/x/fold0/best.pt --onnx unet.onnx   ... or its ONNX export
 
 Endpoints: POST /predict (an image as the raw body or as the multipart field ``file``) -> the mask as a palette
-PNG of class indices, or with ?format=json each class's pixel count, share and row-major RLE; GET /health;
+PNG of class indices (a greyscale PNG of packed bits, bit k for class k, for a multilabel model), or with ?format=json each class's pixel count, share and row-major RLE; GET /health;
 GET /info (the classes and their colours); GET / (a page to try it). Concurrent requests wait in a bounded queue
 and are predicted in batches of images of one size; a full queue answers 503 with Retry-After at once. Every
 refused request is a 4xx with one line of JSON, {"error": "..."}, and the server goes on serving. Needs the
@@ -33,9 +33,9 @@ from competition.errors import CheckpointError, ConfigError, DataError
 from competition.inference import Ensemble, OnnxModel, find_checkpoints, load_member, predict_images
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.prediction import setup_device
-from competition.submission import class_rles
+from competition.submission import class_rles, label_rles
 from competition.workers import die_with_parent
-from competition.writers import encode_mask_png, palette
+from competition.writers import encode_mask_png, encode_png, palette
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Backend:
     predictor: Ensemble | OnnxModel
     class_names: list[str]
     threshold: float = 0.5
+    multilabel: bool = False  # --head multilabel: masks are packed bits (bit k: class k), classes without background
 
     @property
     def in_channels(self) -> int:
@@ -102,7 +103,8 @@ def load_backend(checkpoints: list[str], onnx: str | None, device: str | None, t
         torch_device, _ = setup_device(device, "fp32")
         ensemble = Ensemble([load_member(path, torch_device) for path in paths])
         config = ensemble.members[0].config
-        return Backend("pytorch", ensemble, config.class_names() or ["background", "car"], threshold)
+        names = config.class_names() or ["background", "car"]
+        return Backend("pytorch", ensemble, names, threshold, config.multilabel())
     if not Path(onnx).is_file():
         raise CheckpointError(f"--onnx {onnx}: no such file; export one with `python infer.py --export-onnx {onnx}`")
     config = checkpoint_config(load_checkpoint(paths[0]), paths[0])
@@ -113,7 +115,8 @@ def load_backend(checkpoints: list[str], onnx: str | None, device: str | None, t
             f"{paths[0]} takes {config.in_channels} and gives {config.output_channels()}; pass the checkpoints "
             "it was exported from"
         )
-    return Backend("onnx", model, config.class_names() or ["background", "car"], threshold)
+    model.multilabel = config.multilabel()  # the export records no head: its checkpoints' config says it
+    return Backend("onnx", model, config.class_names() or ["background", "car"], threshold, config.multilabel())
 
 
 def decode_upload(payload: bytes, in_channels: int, max_pixels: int) -> np.ndarray:
@@ -276,8 +279,18 @@ class Batcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def class_summary(mask: np.ndarray, class_names: list[str], with_rle: bool) -> list[dict]:
-    """Each class's index, name, colour, pixel count and share of the image (and row-major RLE, background aside)."""
+def class_summary(mask: np.ndarray, class_names: list[str], with_rle: bool, multilabel: bool = False) -> list[dict]:
+    """Each class's index, name, colour, pixel count and share of the image (and row-major RLE, background aside);
+    ``multilabel``: of each class's bit of the packed mask, in the colour its overlay tints it."""
+    if multilabel:
+        colours, rles = palette(len(class_names) + 1)[1:], label_rles(mask, len(class_names)) if with_rle else None
+        summary = []
+        for index, name in enumerate(class_names):
+            pixels = int(((mask >> index) & 1).sum())
+            entry = {"index": index, "name": name, "colour": "#" + bytes(colours[index]).hex()}
+            entry |= {"pixels": pixels, "share": pixels / mask.size} | ({"rle": rles[index]} if rles else {})
+            summary.append(entry)
+        return summary
     counts = np.bincount(mask.ravel(), minlength=len(class_names))
     colours = palette(len(class_names))
     rles = [""] + class_rles(mask, len(class_names)) if with_rle else None
@@ -330,7 +343,7 @@ def create_app(backend: Backend, limits: Limits = Limits()):
     async def info():
         classes = [
             {key: entry[key] for key in ("index", "name", "colour")}
-            for entry in class_summary(np.zeros((1, 1), np.uint8), backend.class_names, with_rle=False)
+            for entry in class_summary(np.zeros((1, 1), np.uint8), backend.class_names, False, backend.multilabel)
         ]
         return {"backend": backend.name, "classes": classes, "max_upload_bytes": limits.max_upload_bytes}
 
@@ -350,11 +363,15 @@ def create_app(backend: Backend, limits: Limits = Limits()):
             mask = await batcher.submit(image)
         headers = {"X-Predict-Seconds": f"{time.perf_counter() - started:.4f}"}
         if format == "png":
-            png = encode_mask_png(mask, palette(len(backend.class_names)))
+            if backend.multilabel:  # packed bits as grey levels, as infer.py writes them
+                png = encode_png(mask)
+            else:
+                png = encode_mask_png(mask, palette(len(backend.class_names)))
             return Response(png, media_type="image/png", headers=headers)
         height, width = mask.shape
         body = {"width": width, "height": height, "backend": backend.name}
-        return JSONResponse(body | {"classes": class_summary(mask, backend.class_names, True)}, headers=headers)
+        classes = class_summary(mask, backend.class_names, True, backend.multilabel)
+        return JSONResponse(body | {"classes": classes}, headers=headers)
 
     return app
 

@@ -54,21 +54,25 @@ class ImageRows:
 
 class ClassRows:
     """A row per image and class 1..K-1, Kaggle's ``ImageId_ClassId,EncodedPixels`` (``<image>_<class>``), each
-    class's RLE flattened row-major, or column-major with ``order="column"`` (the transposed mask read row by row)."""
+    class's RLE flattened row-major, or column-major with ``order="column"`` (the transposed mask read row by row).
+    ``multilabel``: the masks are packed bits of ``num_classes`` classes (no background), each class's rows named
+    1..K (Severstal's ClassId) and encoded from its bit (``label_rles``)."""
 
     header = "ImageId_ClassId,EncodedPixels\n"
 
-    def __init__(self, num_classes: int, order: str = "row"):
-        self.num_classes, self.flatten = num_classes, order
+    def __init__(self, num_classes: int, order: str = "row", multilabel: bool = False):
+        self.num_classes, self.flatten, self.multilabel = num_classes, order, multilabel
 
     def names(self, image_id: str) -> list[str]:
-        return [f"{image_id}_{index}" for index in range(1, self.num_classes)]
+        first = 0 if self.multilabel else 1
+        return [f"{image_id}_{index + 1 - first}" for index in range(first, self.num_classes)]
 
     def image_of(self, name: str) -> str:
         return name.rsplit("_", 1)[0]
 
     def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
-        return list(zip(self.names(image_id), class_rles(mask, self.num_classes, self.flatten)))
+        encode = label_rles if self.multilabel else class_rles
+        return list(zip(self.names(image_id), encode(mask, self.num_classes, self.flatten)))
 
     def order(self, data) -> list[str]:
         """The test images in sorted order (no sample submission is read for these rows)."""
@@ -84,6 +88,17 @@ def class_rles(mask: np.ndarray, num_classes: int, order: str = "row") -> list[s
     if order == "column":
         mask = np.ascontiguousarray(mask.T)
     return [rle_encode((mask == index).astype(np.uint8)) for index in range(1, num_classes)]
+
+
+def label_rles(packed: np.ndarray, num_labels: int, order: str = "row") -> list[str]:
+    """RLE of each class 0..K-1 of a packed multilabel mask (bit k: class k; 255, ignored, is in no class),
+    1-indexed start/length pairs, flattened row-major, or column-major with ``order="column"``."""
+    if order == "column":
+        packed = np.ascontiguousarray(packed.T)
+    labelled = packed != 255
+    return [
+        rle_encode((((packed >> index) & 1).astype(bool) & labelled).astype(np.uint8)) for index in range(num_labels)
+    ]
 
 
 IMAGE_ROWS = ImageRows()

@@ -107,6 +107,41 @@ def micro_batch_groups(batches, accum_steps: int):
 
 
 @torch.no_grad()
+def evaluate_labels(model, loader, loss_fn, precision: str, classes: list[str], ignore_index: int = 255) -> dict:
+    """Multilabel validation (one sigmoid channel per class, targets (N, K, H, W)) at full resolution: the loss;
+    ``dice_<class>``, each class's Dice per image at 0.5 over its labelled pixels (1 when the class is in neither
+    mask, as Kaggle scores (image, class) pairs), averaged over images; ``iou_<class>``, its IoU over the whole set
+    (nan when the class is in neither); ``val_dice`` and ``val_miou`` their means over the classes."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses, dice = [], []
+    hits = torch.zeros(len(classes), dtype=torch.float64, device=device)
+    unions = torch.zeros_like(hits)
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        probabilities = predict_probabilities(
+            model, images, tuple(targets.shape[-2:]), precision=precision, multilabel=True
+        )
+        logits = torch.logit(probabilities.clamp(1e-6, 1 - 1e-6))
+        losses.append(loss_fn(logits, targets) * len(images))
+        labelled = targets != ignore_index
+        predicted, truth = (probabilities > 0.5) & labelled, (targets == 1) & labelled
+        dice.append(dice_per_image(predicted.flatten(0, 1), truth.flatten(0, 1)).reshape(len(images), -1))
+        hits += (predicted & truth).sum((0, 2, 3)).double()
+        unions += (predicted | truth).sum((0, 2, 3)).double()
+    per_class_dice = torch.cat(dice).mean(0).cpu()
+    per_class_iou = torch.where(unions > 0, hits / unions.clamp_min(1), torch.nan).cpu()
+    metrics = {
+        "val_loss": (torch.stack(losses).sum() / len(loader.dataset)).item(),
+        "val_dice": per_class_dice.mean().item(),
+        "val_miou": float(np.nanmean(per_class_iou.numpy())) if per_class_iou.isfinite().any() else float("nan"),
+    }
+    metrics.update({f"dice_{name}": value.item() for name, value in zip(classes, per_class_dice)})
+    metrics.update({f"iou_{name}": value.item() for name, value in zip(classes, per_class_iou)})
+    return metrics
+
+
+@torch.no_grad()
 def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None = None, ignore_index: int = 255) -> dict:
     """Loss at full resolution (probabilities resized back to the masks' size); for a one-channel (binary) model
     Dice and IoU per image, averaged. With ``classes``, also the confusion matrix summed over the whole set, not
@@ -150,11 +185,13 @@ def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None =
     return metrics
 
 
-def class_iou_line(row: dict) -> str:
-    """``background 0.991, body 0.934, lights 0.412``: each class's validation IoU from a log row, so that a
-    rare class is not hidden by the mean (nan: the class is in neither the masks nor the predictions)."""
+def class_iou_line(row: dict, score: str = "iou") -> str:
+    """``background 0.991, body 0.934, lights 0.412``: each class's validation IoU (or ``score``: dice) from a log
+    row, so that a rare class is not hidden by the mean (nan: the class is in neither the masks nor the
+    predictions)."""
+    prefix = f"{score}_"
     return ", ".join(
-        f"{name.removeprefix('iou_')} {value:.3f}" for name, value in row.items() if name.startswith("iou_")
+        f"{name.removeprefix(prefix)} {value:.3f}" for name, value in row.items() if name.startswith(prefix)
     )
 
 
@@ -247,6 +284,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
             dice_weight=config.dice_weight,
             ignore_index=None if config.fixed_classes() else config.label_ignore_index(),  # Carvana labels all
             class_weights=weights,
+            multilabel=config.multilabel(),
         ),
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, steps_per_epoch),
@@ -419,7 +457,8 @@ def _run_epoch(
     by_confusion = not config.fixed_classes() or monitored(config)[0] != "val_dice"
     scored_classes = list(fold.classes) if by_confusion else None
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
-        metrics = evaluate(
+        score = evaluate_labels if config.multilabel() else evaluate
+        metrics = score(
             parts.evaluated,
             fold.val_loader,
             parts.loss_fn,
@@ -481,10 +520,16 @@ def _log_epoch(config: TrainConfig, epoch: int, row: dict) -> None:
         row[column],
         row["train_img_per_s"],
     )
-    if class_iou_line(row):
-        logger.info(
-            "fold %d epoch %d/%d: IoU per class: %s", config.fold, epoch + 1, config.epochs, class_iou_line(row)
-        )
+    for score, label in (("dice", "Dice"), ("iou", "IoU")):
+        if class_iou_line(row, score):
+            logger.info(
+                "fold %d epoch %d/%d: %s per class: %s",
+                config.fold,
+                epoch + 1,
+                config.epochs,
+                label,
+                class_iou_line(row, score),
+            )
 
 
 @dataclass

@@ -93,6 +93,17 @@ def colour_overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, opa
     return tinted.astype(np.uint8)
 
 
+def label_overlay(image: np.ndarray, packed: np.ndarray, num_labels: int, opacity: float = 0.45) -> np.ndarray:
+    """The photo with each class of a packed multilabel mask (bit k: class k) tinted in its own colour (the palette's
+    colour k + 1), one over the other where classes overlap; ignored pixels (255) left untinted."""
+    colours = palette(num_labels + 1)
+    tinted = image.astype(np.float32)
+    for index in range(num_labels):
+        present = ((packed >> index) & 1).astype(bool) & (packed != 255)
+        tinted[present] = (1 - opacity) * tinted[present] + opacity * colours[index + 1]
+    return tinted.astype(np.uint8)
+
+
 def outlines(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     """``canvas`` with the outlines of ``mask``'s non-zero regions drawn on it in ``colour``."""
     thickness = max(1, canvas.shape[1] // 640)
@@ -119,6 +130,7 @@ class Output:
     num_classes: int
     rle_order: str = "row"
     overlays: bool = False
+    multilabel: bool = False  # masks are packed bits of num_classes classes (--head multilabel)
 
     def writer(self) -> "RowsFile | PngFolder":
         return PngFolder(self) if self.format == "png" else RowsFile(self)
@@ -133,7 +145,11 @@ class RowsFile:
         if self.path.is_dir():
             raise ConfigError(f"--out {self.path}: RLE rows go to a CSV file; name one, e.g. {self.path / 'out.csv'}")
         self.folder = self.path.parent  # where the rows are written
-        self.rows = ImageRows() if output.format == "rle" else ClassRows(output.num_classes, output.rle_order)
+        self.rows = (
+            ImageRows()
+            if output.format == "rle"
+            else ClassRows(output.num_classes, output.rle_order, output.multilabel)
+        )
         self.description = "" if output.format == "rle" else f" (per class, {output.rle_order}-major RLE)"
 
     def order(self, data) -> list[str]:
@@ -220,7 +236,7 @@ class PngFolder:
                 f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV"
             )
         self.folder = self.path
-        self.description = "palette PNG masks"
+        self.description = "greyscale PNG masks of packed bits" if output.multilabel else "palette PNG masks"
 
     def order(self, data) -> list[str]:
         test_ids = data.test_ids()
@@ -267,7 +283,8 @@ class PngFolder:
         return str(self.path)
 
     def sink(self, target: str, data, resume: bool) -> "MaskSink":
-        sink = MaskSink(Path(target), data, palette(self.output.num_classes), self.output.overlays)
+        labels = self.output.num_classes if self.output.multilabel else None
+        sink = MaskSink(Path(target), data, palette(self.output.num_classes), self.output.overlays, labels)
         if resume:  # a retried shard: the masks its lost attempt wrote are whole (each renamed into place)
             sink.done = {path.stem for path in Path(target).glob("*.png")}
         return sink
@@ -321,17 +338,22 @@ def _comparable(record: dict) -> dict:
 
 
 class MaskSink:
-    """Encodes masks as palette PNGs (and overlays) and writes each whole into the folder."""
+    """Encodes masks as palette PNGs (and overlays) and writes each whole into the folder. With ``labels`` (the
+    number of classes of a multilabel run) the masks are packed bits, written as greyscale PNGs of those values
+    (bit k: class k; a palette would colour combinations, not classes), each class tinted in the overlays."""
 
-    def __init__(self, folder: Path, data, colours: np.ndarray, overlays: bool):
-        self.folder, self.data, self.colours, self.overlays = folder, data, colours, overlays
+    def __init__(self, folder: Path, data, colours: np.ndarray, overlays: bool, labels: int | None = None):
+        self.folder, self.data, self.colours, self.overlays, self.labels = folder, data, colours, overlays, labels
         self.done: set[str] = set()
 
     def encode(self, image_id: str, mask: np.ndarray) -> tuple[bytes, bytes | None]:
         tinted = None
         if self.overlays:
             image = as_rgb(self.data.read_image(image_id, "test"))
-            tinted = encode_png(colour_overlay(image, mask, self.colours))
+            drawn = colour_overlay(image, mask, self.colours) if self.labels is None else None
+            tinted = encode_png(label_overlay(image, mask, self.labels) if drawn is None else drawn)
+        if self.labels is not None:
+            return encode_png(mask.astype(np.uint8)), tinted
         return encode_mask_png(mask, self.colours), tinted
 
     def write(self, items: list[tuple[str, tuple[bytes, bytes | None]]]) -> None:
