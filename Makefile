@@ -4,14 +4,15 @@
 # make bench-gpu: every benchmark's GPU variant, tables to bench/results/gpu.md (sized for 9 min on one H100)
 # make parts: the multi-class example: synthetic car parts in input-parts/, folds, train fold 0
 #             (configs/cpu_parts.toml), a PNG mask per test image, scored per class against the truth
-# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, the serve extra and chromium
-#            for the serve tests) and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
+# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, tifffile for the slides',
+#            the serve extra and chromium for the serve tests) and run the tests (this is what CI runs);
+#            make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-cluster setup-tensorboard setup-serve setup-browser demo data folds train infer parts test test-fast bench bench-gpu
+.PHONY: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser demo data folds train infer parts test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,13 @@ setup-tensorboard: $(VENV)/.installed-tensorboard
 
 $(VENV)/.installed-tensorboard: requirements-tensorboard.txt $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-tensorboard.txt
+	touch $@
+
+# The slides extra (competition.slides, synthetic --slides, bench/slides_bench.py): tifffile and its codecs
+setup-slides: $(VENV)/.installed-slides
+
+$(VENV)/.installed-slides: requirements-slides.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-slides.txt
 	touch $@
 
 $(VENV)/.installed-cluster: requirements-cluster.txt $(VENV)/.installed
@@ -72,12 +80,12 @@ parts: setup
 	$(BIN)/python infer.py --tta --checkpoints runs/parts --out submissions/parts/ --overlays --overwrite
 	$(BIN)/python -m competition.metrics submissions/parts/ input-parts/test_masks/
 
-test: setup setup-cluster setup-tensorboard setup-serve setup-browser
+test: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-test-fast: setup setup-serve
+test-fast: setup setup-slides setup-serve
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
