@@ -1,0 +1,138 @@
+"""Sliding-window prediction: windows over the image, blended so that a per-pixel model gives the whole image's
+probabilities to within float16's rounding, on disk when large, the mask written band by band; tile and overlap
+refused in one line."""
+
+import numpy as np
+import pytest
+
+from competition import sliding_window
+from competition.errors import ConfigError
+from competition.sliding_window import (
+    InMemory,
+    blended_bands,
+    check_tiling,
+    npy_mask_writer,
+    predict_mask,
+    window_starts,
+)
+
+
+def per_pixel(windows: np.ndarray) -> np.ndarray:
+    """A model that is a function of each pixel alone (a 1x1 convolution and a softmax): tiles cannot change it."""
+    logits = windows.astype(np.float32) @ np.array([[0.03, -0.02], [-0.01, 0.02], [0.01, 0.0]], np.float32) - 1
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.moveaxis(exp / exp.sum(-1, keepdims=True), -1, 1)
+
+
+def foreground(windows: np.ndarray) -> np.ndarray:
+    return per_pixel(windows)[:, 1:]
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(1).integers(0, 256, (300, 517, 3), np.uint8)
+
+
+@pytest.mark.parametrize("weighting", ["gaussian", "ramp"])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize("memory_limit", [2**30, 0], ids=["in-memory", "on-disk"])
+def test_tiles_give_the_whole_image_probabilities_within_float16_rounding(
+    tmp_path, image, weighting, overlap, memory_limit
+):
+    whole = np.moveaxis(per_pixel(image[None])[0], 0, -1)
+    bands = list(
+        blended_bands(
+            InMemory(image),
+            per_pixel,
+            128,
+            overlap,
+            weighting,
+            batch_size=3,
+            work_dir=tmp_path,
+            memory_limit=memory_limit,
+        )
+    )
+    tops = [top for top, _ in bands]
+    assert (
+        tops[0] == 0 and tops == sorted(tops) and len(bands) == len(window_starts(300, 128, round(128 * (1 - overlap))))
+    )
+    blended = np.concatenate([band for _, band in bands])
+    coverage = 4  # windows over a pixel: at most 2 per side while overlap <= 1/2
+    assert blended.shape == whole.shape and np.abs(blended - whole).max() <= coverage * 2**-11
+    assert list(tmp_path.iterdir()) == []  # the accumulator's file is gone
+
+
+def test_the_accumulator_of_a_large_image_is_a_file_mapped_band_by_band(tmp_path, image):
+    seen = []
+    for _ in blended_bands(InMemory(image), foreground, 64, 0.5, work_dir=tmp_path, memory_limit=1000):
+        seen.append([(path.name, path.stat().st_size) for path in tmp_path.iterdir()])
+    assert all(len(files) == 1 and files[0][1] == 300 * 517 * 2 for files in seen)  # float16, one class
+    assert seen[0][0][0].startswith("accumulator-") and list(tmp_path.iterdir()) == []
+
+
+def test_the_mask_equals_the_whole_image_mask_and_is_written_band_by_band(tmp_path, image):
+    whole = foreground(image[None])[0, 0]
+    with npy_mask_writer(tmp_path / "mask.npy", 300, 517) as write:
+        windows = predict_mask(InMemory(image), foreground, write, 96, 0.25, work_dir=tmp_path, memory_limit=0)
+    mask = np.load(tmp_path / "mask.npy")
+    assert windows == len(window_starts(300, 96, 72)) * len(window_starts(517, 96, 72))
+    sure = np.abs(whole - 0.5) > 4 * 2**-11  # pixels whose side of the threshold rounding cannot change
+    assert sure.mean() > 0.99 and (mask[sure] == (whole[sure] > 0.5)).all()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mask.npy"]
+
+
+def test_several_classes_take_the_argmax(image):
+    whole = per_pixel(image[None])[0].argmax(0)
+    bands = []
+    predict_mask(InMemory(image), per_pixel, lambda top, band: bands.append(band), 64, 0.5)
+    mask = np.concatenate(bands)
+    assert (mask == whole).mean() > 0.99
+
+
+def test_an_image_smaller_than_the_tile_is_padded(image):
+    small = image[:40, :70]
+    seen = []
+
+    def predict(windows):
+        seen.append(windows.shape)
+        return foreground(windows)
+
+    (top, band), *rest = blended_bands(InMemory(small), predict, 128, 0.25)
+    assert seen == [(1, 128, 128, 3)] and top == 0 and not rest
+    np.testing.assert_allclose(band[..., 0], foreground(small[None])[0, 0], atol=2**-11)
+
+
+def test_windows_cover_every_pixel_and_the_last_is_flush_with_the_edge():
+    assert window_starts(300, 128, 96) == [0, 96, 172]
+    assert window_starts(128, 128, 96) == [0] and window_starts(50, 128, 96) == [0]
+    assert window_starts(1024, 256, 256) == [0, 256, 512, 768]
+
+
+def test_a_failed_mask_leaves_no_file(tmp_path, image):
+    def broken(windows):
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError), npy_mask_writer(tmp_path / "mask.npy", 300, 517) as write:
+        predict_mask(InMemory(image), broken, write, 64, 0.25, work_dir=tmp_path, memory_limit=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "tile, overlap, message",
+    [
+        (100, 0.25, "--tile 100: must be a positive multiple of 32, e.g. 96"),
+        (0, 0.25, "--tile 0: must be a positive multiple of 32, e.g. 32"),
+        (256, 1.0, "--tile-overlap 1.0: must be at least 0 and below 1"),
+        (256, 1.5, "--tile-overlap 1.5: must be at least 0 and below 1"),
+        (256, -0.1, "--tile-overlap -0.1: must be at least 0 and below 1"),
+    ],
+)
+def test_a_tile_or_overlap_that_cannot_be_used_is_one_line(tile, overlap, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")) as error:
+        check_tiling(tile, overlap)
+    assert "\n" not in str(error.value)
+
+
+def test_an_unknown_weighting_is_one_line():
+    with pytest.raises(ConfigError, match="--tile-weighting 'cosine': choose one of gaussian, ramp"):
+        sliding_window.weight_profile(64, "cosine")
