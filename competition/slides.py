@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from competition.data import decode_image, scale_sixteen_bit
 from competition.errors import ConfigError, DataError, OutputError
 from competition.files import atomic_output, check_writable, format_bytes
 from competition.logs import OneLineParser, configure, exit_on_project_error
@@ -168,6 +167,8 @@ class _TiffTiles:
 def as_rgb_window(pixels: np.ndarray, path: Path) -> np.ndarray:
     """(h, w, 1 to 4) of uint8 or uint16 -> uint8 RGB (h, w, 3): grey replicated, alpha dropped, 16 bits scaled."""
     if pixels.dtype == np.uint16:
+        from competition.data import scale_sixteen_bit  # imported when needed: competition.data imports torch
+
         pixels = scale_sixteen_bit(pixels, str(path))
     elif pixels.dtype != np.uint8:
         raise DataError(f"{path}: pixels of {pixels.dtype}; slides are read as 8- or 16-bit images: convert it")
@@ -222,6 +223,8 @@ def _copy_bands(tiles: _TiffTiles, out: np.ndarray) -> None:
 
 def _decode_whole(path: Path, out: np.ndarray) -> None:
     """Pillow's decode of the whole file into ``out``, the project's decode of any image (``decode_image``)."""
+    from competition.data import decode_image  # imported when needed: reading tiles takes no torch (~0.5 GB)
+
     with _pixel_limit_lifted():
         out[...] = decode_image(path.read_bytes(), str(path))
 

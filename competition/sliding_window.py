@@ -8,10 +8,11 @@ row or column flush with the image's edge; an image smaller than the tile is pad
 
 Each window's probabilities are weighted by a separable window (Gaussian, or a linear ramp) and divided by the sum
 of the weights that cover each pixel before they are added: that sum is the product of two exact 1-D sums (the
-windows lie on a grid), so no weight map is kept, and the accumulator holds finished probabilities in [0, 1] as
-float16 (about 3 decimal digits: each add rounds by at most 2**-11). It is an array in memory up to
-``memory_limit`` bytes, else a file in ``work_dir`` mapped one band of windows at a time; windows run row by row,
-and the rows no later window touches are final: thresholded (or argmax) and handed on as a band.
+windows lie on a grid), so no weight map is kept. Windows run row by row into a float32 band of ``tile`` rows; the
+rows no later window touches are then final (thresholded or argmax, and handed on), and the rest is kept for the
+next row of windows in the full-size accumulator, as float16 (rounded once per row of windows: by at most
+2**-12, the sums being probabilities in [0, 1]). The accumulator is an array in memory up to ``memory_limit``
+bytes, else a file in ``work_dir`` of which one band of rows is mapped at a time.
 """
 
 import contextlib
@@ -136,20 +137,24 @@ def blended_bands(
     try:
         for index, top in enumerate(tops):
             bottom = min(top + tile, height)
+            row_weights = (profile[: bottom - top] / row_sums[top:bottom]).astype(np.float32)[:, None, None]
+            band = None
             for first in range(0, len(lefts), batch_size):
                 starts = lefts[first : first + batch_size]
-                probabilities = np.asarray(predict(np.stack([_read_window(slide, top, x, tile) for x in starts])))
+                windows = np.stack([_read_window(slide, top, left, tile) for left in starts])
+                probabilities = np.asarray(predict(windows), np.float32)
                 if accumulator is None:
                     accumulator = Accumulator((height, width, probabilities.shape[1]), work_dir, memory_limit)
-                band = accumulator.rows(top, bottom)
-                row_weights = (profile[: bottom - top] / row_sums[top:bottom])[:, None, None]
+                if band is None:  # float32 while this row of windows adds to it, from what the rows above left
+                    band = np.array(accumulator.rows(top, bottom), np.float32)
                 for left, window in zip(starts, probabilities):
                     right = min(left + tile, width)
-                    weights = row_weights * (profile[: right - left] / column_sums[left:right])[None, :, None]
+                    column_weights = (profile[: right - left] / column_sums[left:right]).astype(np.float32)
                     window = np.moveaxis(window[:, : bottom - top, : right - left], 0, -1)
-                    band[:, left:right] += (weights * window).astype(ACCUMULATOR)
-            finished = tops[index + 1] if index + 1 < len(tops) else height
-            yield top, np.array(accumulator.rows(top, finished), np.float32)
+                    band[:, left:right] += window * row_weights * column_weights[None, :, None]
+            finished = tops[index + 1] - top if index + 1 < len(tops) else bottom - top
+            accumulator.rows(top, bottom)[finished:] = band[finished:]  # for the next row of windows
+            yield top, band[:finished]
     finally:
         if accumulator is not None:
             accumulator.close()
