@@ -6,12 +6,13 @@ probabilities (K = 1: a sigmoid's foreground; K > 1: a softmax's classes), so TT
 the callable. Windows are ``tile`` pixels a side, ``stride = round(tile * (1 - overlap))`` apart, the last of a
 row or column flush with the image's edge; an image smaller than the tile is padded by reflection.
 
-Each window's probabilities are weighted by a separable window (Gaussian, or a linear ramp) and divided by the sum
-of the weights that cover each pixel before they are added: that sum is the product of two exact 1-D sums (the
-windows lie on a grid), so no weight map is kept. Windows run row by row into a float32 band of ``tile`` rows; the
-rows no later window touches are then final (thresholded or argmax, and handed on), and the rest is kept for the
-next row of windows in the full-size accumulator, as float16 (rounded once per row of windows: by at most
-2**-12, the sums being probabilities in [0, 1]). The accumulator is an array in memory up to ``memory_limit``
+Each window's probabilities are weighted by a separable window (Gaussian, or a linear ramp; ``uniform``, a plain
+average, is the unblended baseline) and divided by the sum of the weights that cover each pixel before they are
+added: that sum is the product of two exact 1-D sums (the windows lie on a grid), so no weight map is kept.
+Windows run row by row into a float32 band of ``tile`` rows; the rows no later window touches are then final
+(thresholded or argmax, and handed on), and the rest is kept for the next row of windows in the full-size
+accumulator, as float16 (rounded once per row of windows: by at most 2**-12, the sums being probabilities in
+[0, 1]). The accumulator is an array in memory up to ``memory_limit``
 bytes, else a file in ``work_dir`` of which one band of rows is mapped at a time.
 """
 
@@ -27,7 +28,7 @@ from competition.errors import ConfigError
 from competition.files import atomic_output
 
 TILE_MULTIPLE = 32  # the encoders' output stride: a window of another size would be cropped or padded inside
-WEIGHTINGS = ("gaussian", "ramp")
+WEIGHTINGS = ("gaussian", "ramp", "uniform")  # uniform: a plain average, the unblended baseline of seams
 GAUSSIAN_SIGMA = 1 / 8  # of the tile, as nnU-Net's sliding window; a border pixel weighs exp(-8) of the centre
 WEIGHT_FLOOR = 1e-3  # no pixel of a window weighs nothing: a corner covered by one window is still predicted
 MEMORY_LIMIT = 256 * 2**20  # bytes of accumulator held in memory; above it, a file mapped band by band
@@ -63,6 +64,8 @@ def weight_profile(tile: int, weighting: str) -> np.ndarray:
         profile = np.exp(-0.5 * (centre / (GAUSSIAN_SIGMA * tile)) ** 2)
     elif weighting == "ramp":
         profile = 1 - np.abs(centre) / (tile / 2)
+    elif weighting == "uniform":
+        profile = np.ones(tile)
     else:
         raise ConfigError(f"--tile-weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     return np.maximum(profile, WEIGHT_FLOOR)

@@ -571,11 +571,16 @@ def tissue_field(plan: SlidePlan, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
 
 def slide_mask_window(plan: SlidePlan, y: int, x: int, height: int, width: int) -> np.ndarray:
-    """uint8 (height, width) window of the slide's mask: 1 inside a disc ((y - cy)² + (x - cx)² <= r²)."""
-    ys, xs = np.arange(y, y + height)[:, None], np.arange(x, x + width)[None, :]
+    """uint8 (height, width) window of the slide's mask: 1 inside a disc ((y - cy)² + (x - cx)² <= r²), each disc
+    drawn in its own box, so a band across a whole slide costs its discs, not its width times their count."""
     mask = np.zeros((height, width), np.uint8)
-    for cy, cx, radius in _discs_near(plan, y, x, height, width, 0):
-        mask |= ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius * radius).astype(np.uint8)
+    for cy, cx, radius in _discs_near(plan, y, x, height, width, 0).tolist():
+        top, left = max(cy - radius, y), max(cx - radius, x)
+        bottom, right = min(cy + radius + 1, y + height), min(cx + radius + 1, x + width)
+        ys, xs = np.arange(top, bottom)[:, None], np.arange(left, right)[None, :]
+        mask[top - y : bottom - y, left - x : right - x] |= ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius * radius).astype(
+            np.uint8
+        )
     return mask
 
 

@@ -33,7 +33,7 @@ def image():
     return np.random.default_rng(1).integers(0, 256, (300, 517, 3), np.uint8)
 
 
-@pytest.mark.parametrize("weighting", ["gaussian", "ramp"])
+@pytest.mark.parametrize("weighting", ["gaussian", "ramp", "uniform"])
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
 @pytest.mark.parametrize("memory_limit", [2**30, 0], ids=["in-memory", "on-disk"])
 def test_tiles_give_the_whole_image_probabilities_within_float16_rounding(
@@ -135,7 +135,7 @@ def test_a_tile_or_overlap_that_cannot_be_used_is_one_line(tile, overlap, messag
 
 
 def test_an_unknown_weighting_is_one_line():
-    with pytest.raises(ConfigError, match="--tile-weighting 'cosine': choose one of gaussian, ramp"):
+    with pytest.raises(ConfigError, match="--tile-weighting 'cosine': choose one of gaussian, ramp, uniform"):
         sliding_window.weight_profile(64, "cosine")
 
 
