@@ -26,6 +26,7 @@ from competition.files import format_bytes
 from competition.logs import OneLineParser, exit_on_project_error
 from competition.sliding_window import check_tiling
 
+SEAM_REACH = 32  # pixels from a window's edge where seams are scored
 # Disk a size needs: the TIFF (deflate: well under its raw RGB), the float16 accumulator, the uint8 mask.
 DISK_PER_PIXEL = 3 * 0.5 + 2 + 1
 
@@ -34,6 +35,52 @@ def purple(windows: np.ndarray) -> np.ndarray:
     """(N, 1, h, w) float32 probabilities of the synthetic glomeruli, from each pixel's green channel alone."""
     green = windows[..., 1].astype(np.float32)
     return (1 / (1 + np.exp((green - 120) / 6)))[:, None]
+
+
+def blurred_purple(windows: np.ndarray) -> np.ndarray:
+    """A model with context, as a network's zero padding gives it one: each pixel sees the mean of the 15 x 15
+    around it, zeros past the window's edge; so its windows disagree near their edges (seams)."""
+    import cv2
+
+    blurred = np.stack([cv2.blur(window, (15, 15), borderType=cv2.BORDER_CONSTANT) for window in windows])
+    return purple(blurred)
+
+
+def seam_zone(size: int, tile: int, stride: int, reach: int = SEAM_REACH) -> np.ndarray:
+    """bool (size,): positions along a side within ``reach`` of a window's edge inside the slide."""
+    from competition.sliding_window import window_starts
+
+    near = np.zeros(size, bool)
+    for start in window_starts(size, tile, stride):
+        for edge in (start, start + tile):
+            if 0 < edge < size:
+                near[max(0, edge - reach) : edge + reach] = True
+    return near
+
+
+def child_seams(size: int, work: Path, tile: int, overlap: float) -> dict:
+    from competition import synthetic
+    from competition.slides import open_slide
+    from competition.sliding_window import check_tiling, predict_mask
+
+    slide, plan = open_slide(work / f"slide-{size}.tiff", work / "cache"), synthetic.plan_slide(size, seed=size)
+    truth = synthetic.slide_mask_window(plan, 0, 0, size, size).astype(bool)
+    whole = blurred_purple(slide.read(0, 0, size, size)[None])[0, 0] > 0.5  # the same model with no windows
+    rows = {}
+    for weighting, share in (("uniform", 0.0), ("uniform", overlap), ("ramp", overlap), ("gaussian", overlap)):
+        bands: list[np.ndarray] = []
+        predict_mask(
+            slide, blurred_purple, lambda top, band, bands=bands: bands.append(band), tile, share, weighting=weighting
+        )
+        mask, stride = np.concatenate(bands).astype(bool), check_tiling(tile, share)
+        line = seam_zone(size, tile, stride)
+        zone = line[:, None] | line[None, :]
+        rows[f"{weighting}, overlap {share}"] = (dice(mask[zone], truth[zone]), dice(mask[zone], whole[zone]))
+    return rows
+
+
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    return 2 * float((predicted & truth).sum()) / max(float(predicted.sum() + truth.sum()), 1.0)
 
 
 def run_child(args: list[str]) -> tuple[dict, int]:
@@ -97,6 +144,8 @@ def child(argv: list[str]) -> None:
         result = child_write(size, work)
     elif step == "predict":
         result = child_predict(size, work, int(rest[0]), float(rest[1]), rest[2])
+    elif step == "seams":
+        result = child_seams(size, work, int(rest[0]), float(rest[1]))
     else:
         result = child_read(size, work, int(rest[0]))
     print(json.dumps(result))
@@ -140,9 +189,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"{format_bytes(rss)} ({format_bytes(predicted['baseline'])}) | {format_bytes(mask_bytes)} | {rss / mask_bytes:.2f} | {predicted['dice']:.4f} | "
                 f"{written['seconds']:.0f} s, {format_bytes(write_rss)}, {format_bytes(written['bytes'])} |"
             )
+            if size == measured[0]:
+                seams, _ = run_child(["seams", str(size), str(work), str(args.tile), str(args.tile_overlap)])
             if size != measured[-1] and not args.keep:
                 remove_size(work, size)
         if measured:
+            print(f"\nseams on the {measured[0]}x{measured[0]} slide, a model with context (blurred_purple):")
+            print(
+                f"| windows | within {SEAM_REACH} px of window edges: Dice with the truth | Dice with the model "
+                "on the whole slide at once |\n| --- | --- | --- |"
+            )
+            for name, (truth, whole) in seams.items():
+                print(f"| {name} | {truth:.4f} | {whole:.4f} |")
             largest = measured[-1]
             read, rss = run_child(["read", str(largest), str(work), str(args.window)])
             image_bytes = largest * largest * 3
