@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from competition.errors import ConfigError, DataError, OutputError
-from competition.files import atomic_output, check_writable, format_bytes
+from competition.errors import ConfigError, DataError, DiskFullError, OutputError
+from competition.files import atomic_output, check_writable, format_bytes, no_space_left, reserve_space
 from competition.logs import OneLineParser, configure, exit_on_project_error
 
 logger = logging.getLogger(__name__)
@@ -253,6 +253,15 @@ def _cached(path: Path, shape: tuple[int, int, int], cache_dir: str | Path, deco
     logger.info("%s: not a tiled TIFF: decoding it once into %s (%s)", path, cached, format_bytes(math.prod(shape)))
     with atomic_output(cached) as partial:
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        try:
+            reserve_space(partial, partial.stat().st_size)
+        except OSError as error:
+            if not no_space_left(error):
+                raise
+            raise DiskFullError(
+                f"{path}: no room left in {cache_dir} to decode it once ({format_bytes(math.prod(shape))}): free some "
+                "space, or name another cache folder"
+            ) from None
         decode(out)
         out.flush()
         del out

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from competition.errors import ConfigError
-from competition.files import atomic_output
+from competition.errors import ConfigError, DiskFullError
+from competition.files import atomic_output, format_bytes, no_space_left, reserve_space
 
 TILE_MULTIPLE = 32  # the encoders' output stride: a window of another size would be cropped or padded inside
 WEIGHTINGS = ("gaussian", "ramp", "uniform")  # uniform: a plain average, the unblended baseline of seams
@@ -93,8 +93,17 @@ class Accumulator:
             return
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(work_dir) / f"accumulator-{os.getpid()}.f16"
-        with open(self.path, "wb") as file:
-            file.truncate(size)  # a sparse file of zeros: disk is taken as bands are written
+        self.path.write_bytes(b"")
+        try:
+            reserve_space(self.path, size)  # zeros, on the disk before any band is mapped
+        except OSError as error:
+            self.close()
+            if not no_space_left(error):
+                raise
+            raise DiskFullError(
+                f"{work_dir}: no room left for the sliding window's accumulator ({format_bytes(size)}, float16 "
+                "probabilities of the whole image): free some space, or name another work folder"
+            ) from None
 
     def rows(self, top: int, bottom: int) -> np.ndarray:
         """A writable view of rows [top, bottom); on disk, valid until the next call."""

@@ -227,3 +227,18 @@ def test_synthetic_slides_command_and_its_refusals(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             synthetic.main(["--slides", "--out", str(tmp_path / "t"), *flags])
         assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_no_room_left_for_the_cache_is_one_line_and_leaves_nothing(tmp_path, image, monkeypatch):
+    import errno
+    import os
+
+    Image.fromarray(image).save(tmp_path / "slide.png")
+
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match="slide.png: no room left in .* to decode it once"):
+        open_slide(tmp_path / "slide.png", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -178,3 +178,18 @@ def test_column_major_runs_of_a_mask_written_band_by_band_are_hubmaps_rle():
     empty = ColumnMajorRuns(5, 4)
     empty.write(0, np.zeros((5, 4), np.uint8))
     assert empty.encoding() == ""
+
+
+def test_no_room_for_the_accumulator_is_one_line_and_leaves_nothing(tmp_path, image, monkeypatch):
+    import errno
+    import os
+
+    from competition.errors import DiskFullError
+
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DiskFullError, match=r"no room left for the sliding window's accumulator \(310.2 kB"):
+        list(blended_bands(InMemory(image), foreground, 64, 0.25, work_dir=tmp_path, memory_limit=0))
+    assert list(tmp_path.iterdir()) == []
