@@ -5,9 +5,10 @@
 For each size a synthetic slide (python -m competition.synthetic --slides) is written, then predicted through
 competition.sliding_window with a per-pixel model (a glomerulus is purple: the probability is a logistic of the
 green channel, ``sigmoid((120 - G) / 6)``, no torch), the mask written band by band as .npy. Each step runs in a
-fresh process whose peak RSS is read from the kernel as it ends (os.wait4), so no size inherits another's memory.
-Then one window (--window a side) is read from the largest slide, against what the whole image would take.
-The model's Dice against the slide's truth is printed too, so a blending fault would show.
+fresh process, so no size inherits another's memory: the prediction's peak RSS is the kernel's (getrusage) as it
+ends, before the mask is scored against the slide's truth (Dice, so a blending fault would show); writing's and
+reading's are read as their process ends (os.wait4). Then one window (--window a side) is read from the largest
+slide, against what the whole image would take; and on the smallest, seams: see ``child_seams``.
 """
 
 import json
@@ -114,15 +115,24 @@ def child_predict(size: int, work: Path, tile: int, overlap: float, weighting: s
     with npy_mask_writer(work / f"mask-{size}.npy", size, size) as write:
         windows = predict_mask(slide, purple, write, tile, overlap, weighting=weighting, work_dir=work)
     seconds = time.perf_counter() - started
-    mask, plan = np.load(work / f"mask-{size}.npy", mmap_mode="r"), synthetic.plan_slide(size, seed=size)
-    overlap_pixels = total = 0
-    for top in range(0, size, 1024):  # Dice band by band: the truth is drawn from the discs, never whole
-        rows = min(1024, size - top)
-        truth = synthetic.slide_mask_window(plan, top, 0, rows, size)
-        predicted = np.asarray(mask[top : top + rows])
-        overlap_pixels += int((truth & predicted).sum())
-        total += int(truth.sum()) + int(predicted.sum())
-    return {"windows": windows, "seconds": seconds, "dice": 2 * overlap_pixels / max(total, 1), "baseline": baseline}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the prediction's peak, before the scoring
+    plan, overlap_pixels, total = synthetic.plan_slide(size, seed=size), 0, 0
+    with open(work / f"mask-{size}.npy", "rb") as file:  # read, not mapped: mapped pages would count as RSS
+        np.lib.format.read_magic(file)
+        np.lib.format.read_array_header_1_0(file)
+        for top in range(0, size, 1024):  # Dice band by band: the truth is drawn from the discs, never whole
+            rows = min(1024, size - top)
+            truth = synthetic.slide_mask_window(plan, top, 0, rows, size)
+            predicted = np.fromfile(file, np.uint8, rows * size).reshape(rows, size)
+            overlap_pixels += int((truth & predicted).sum())
+            total += int(truth.sum()) + int(predicted.sum())
+    return {
+        "windows": windows,
+        "seconds": seconds,
+        "dice": 2 * overlap_pixels / max(total, 1),
+        "baseline": baseline,
+        "peak": peak,
+    }
 
 
 def child_read(size: int, work: Path, side: int) -> dict:
@@ -182,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in measured:
             written, write_rss = run_child(["write", str(size), str(work)])
             stride = (str(args.tile), str(args.tile_overlap), args.tile_weighting)
-            predicted, rss = run_child(["predict", str(size), str(work), *stride])
+            predicted, _ = run_child(["predict", str(size), str(work), *stride])
+            rss = predicted["peak"]
             mask_bytes = size * size
             print(
                 f"| {size}x{size} | {predicted['windows']} | {predicted['windows'] / predicted['seconds']:.1f} | "
