@@ -117,7 +117,7 @@ class _TiffTiles:
         except KeyError:
             self.file.close()
             raise DataError(
-                f"{path}: its tiles are compressed as {self.compression}, which needs the imagecodecs package: "
+                f"{path}: its pixels are compressed as {self.compression}, which needs the imagecodecs package: "
                 f"{INSTALL}"
             ) from None
         if depth != 1 or len(self.file.series[0].levels[0].pages) != 1 or planes * samples not in (1, 2, 3, 4):

@@ -171,7 +171,7 @@ def test_an_image_that_does_not_decode_is_one_line_through_the_command(tmp_path,
 def test_tiles_of_a_codec_not_installed_are_one_line(tmp_path, image, monkeypatch):
     tifffile.imwrite(tmp_path / "slide.tiff", image, tile=(128, 128), compression="zlib")
     monkeypatch.setattr(tifffile.TIFF, "DECOMPRESSORS", {1: None})  # as if deflate needed a package not here
-    with pytest.raises(DataError, match="compressed as ADOBE_DEFLATE, which needs the imagecodecs package"):
+    with pytest.raises(DataError, match="pixels are compressed as ADOBE_DEFLATE, which needs the imagecodecs package"):
         open_slide(tmp_path / "slide.tiff", tmp_path / "cache")
 
 
