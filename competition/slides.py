@@ -22,6 +22,7 @@ from PIL import Image
 from competition.errors import ConfigError, DataError, DiskFullError, OutputError
 from competition.files import atomic_output, check_writable, format_bytes, no_space_left, reserve_space
 from competition.logs import OneLineParser, configure, exit_on_project_error
+from competition.rle import RLEError, rle_runs
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,41 @@ def _cached(path: Path, shape: tuple[int, int, int], cache_dir: str | Path, deco
         out.flush()
         del out
     return cached
+
+
+class RunsMask:
+    """A slide's mask kept as its RLE's runs (HuBMAP's ``column`` order, down each column, or Carvana's ``row``
+    order): ``read(y, x, h, w)`` draws one uint8 window, never the whole mask. ``source`` names it in the one line
+    said for an RLE that does not fit the slide (a run past its last pixel: a mask of another size)."""
+
+    def __init__(self, rle: str, shape: tuple[int, int], order: str = "column", source: str = "the mask"):
+        if order not in ("column", "row"):
+            raise ValueError(f"order must be 'column' or 'row', got {order!r}")
+        self.shape, self.order = shape, order
+        try:
+            self.starts, self.ends = rle_runs(rle, shape[0] * shape[1])
+        except RLEError as error:
+            raise DataError(f"{source}: {error}; the slide is {shape[1]}x{shape[0]}") from None
+
+    def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        if self.order == "row":  # a row-major mask is the column-major mask of the transposed image
+            return self._window(x, y, width, height, self.shape[1]).T
+        return self._window(y, x, height, width, self.shape[0])
+
+    def _window(self, y: int, x: int, height: int, width: int, side: int) -> np.ndarray:
+        """(height, width) of the column-major runs over columns ``side`` pixels long."""
+        low = np.arange(x, x + width, dtype=np.int64) * side + y  # each column's first pixel in the window
+        first = np.searchsorted(self.ends, low, "right")  # the first run ending past it
+        last = np.searchsorted(self.starts, low + height, "left")  # runs starting before the window's end
+        counts = last - first
+        column = np.repeat(np.arange(width), counts)
+        run = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
+        top = np.clip(self.starts[run] - low[column], 0, height)
+        bottom = np.clip(self.ends[run] - low[column], 0, height)
+        edges = np.zeros((height + 1, width), np.int32)
+        np.add.at(edges, (top, column), 1)
+        np.add.at(edges, (bottom, column), -1)
+        return (np.cumsum(edges[:-1], axis=0) > 0).astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -204,6 +204,8 @@ def test_synthetic_slides_are_tiled_tiffs_with_their_column_major_rle(tmp_path):
         encoding = table.set_index("id").loc[slide_id, "encoding"]
         assert encoding == rle_encode(mask.T)  # HuBMAP's order: down each column
         np.testing.assert_array_equal(rle_decode(encoding, (1024, 1024)).T, mask)
+        runs = slides.RunsMask(encoding, (1024, 1024), "column")
+        np.testing.assert_array_equal(runs.read(100, 300, 500, 600), mask[100:600, 300:900])
         with open_slide(out / folder / f"{slide_id}.tiff", tmp_path / "cache") as slide:
             assert slide.tiled and slide.shape == (1024, 1024, 3)
             pixels = slide.read(0, 0, 1024, 1024)
@@ -242,3 +244,24 @@ def test_no_room_left_for_the_cache_is_one_line_and_leaves_nothing(tmp_path, ima
     with pytest.raises(OutputError, match="slide.png: no room left in .* to decode it once"):
         open_slide(tmp_path / "slide.png", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["column", "row"])
+def test_a_mask_kept_as_runs_reads_any_window(order):
+    from competition.slides import RunsMask
+
+    rng = np.random.default_rng(4)
+    mask = (rng.random((90, 130)) < 0.2).astype(np.uint8)
+    mask[:, 7] = 1  # runs across the end of a column (and, row-major, long runs across rows)
+    mask[20, :] = 1
+    runs = RunsMask(rle_encode(mask.T if order == "column" else mask), (90, 130), order)
+    for y, x, height, width in [(0, 0, 90, 130), (10, 5, 30, 40), (89, 129, 1, 1), (0, 7, 90, 1), (20, 0, 1, 130)]:
+        np.testing.assert_array_equal(runs.read(y, x, height, width), mask[y : y + height, x : x + width])
+
+
+def test_a_mask_of_another_size_than_its_slide_is_one_line():
+    from competition.slides import RunsMask
+
+    encoding = rle_encode(np.ones((100, 100), np.uint8))
+    with pytest.raises(DataError, match=r"train.csv, id abc: RLE has a run past the end of the image .* 90x100"):
+        RunsMask(encoding, (100, 90), source="train.csv, id abc")
