@@ -4,6 +4,7 @@ refused in one line."""
 
 import numpy as np
 import pytest
+import torch
 
 from competition import sliding_window
 from competition.errors import ConfigError
@@ -193,3 +194,31 @@ def test_no_room_for_the_accumulator_is_one_line_and_leaves_nothing(tmp_path, im
     with pytest.raises(DiskFullError, match=r"no room left for the sliding window's accumulator \(310.2 kB"):
         list(blended_bands(InMemory(image), foreground, 64, 0.25, work_dir=tmp_path, memory_limit=0))
     assert list(tmp_path.iterdir()) == []
+
+
+class _PerPixel(torch.nn.Module):
+    """A 1x1 convolution of the 0-1 scaled image: each pixel's logit from its own colour alone."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float() / 255 * 8 - 4)
+
+
+def test_a_fold_ensemble_with_tta_through_the_window_gives_its_whole_image_probabilities(tmp_path, image):
+    from competition.config import TrainConfig
+    from competition.inference import Ensemble, Member
+    from competition.slide_inference import window_predictor
+
+    members = [Member(tmp_path / f"{seed}.pt", _PerPixel(seed), TrainConfig(size="full"), None) for seed in (0, 1)]
+    ensemble = Ensemble(members, ("hflip",))
+    whole = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    with torch.inference_mode():
+        expected = ensemble.probabilities({"full": whole}, image.shape[:2])[0, 0].numpy()
+    bands = list(blended_bands(InMemory(image), window_predictor(ensemble), 96, 0.25, batch_size=4))
+    blended = np.concatenate([band for _, band in bands])[..., 0]
+    assert blended.shape == expected.shape and np.abs(blended - expected).max() <= 2 * 2**-12 + 1e-6
+    assert 0.1 < (expected > 0.5).mean() < 0.9  # the models are not constant: the windows carry information
