@@ -277,7 +277,7 @@ class RunsMask:
     def __init__(self, rle: str, shape: tuple[int, int], order: str = "column", source: str = "the mask"):
         if order not in ("column", "row"):
             raise ValueError(f"order must be 'column' or 'row', got {order!r}")
-        self.shape, self.order = shape, order
+        self.shape, self.order, self.source = shape, order, source
         try:
             self.starts, self.ends = rle_runs(rle, shape[0] * shape[1])
         except RLEError as error:
