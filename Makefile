@@ -8,14 +8,15 @@
 #                  as per-class RLE rows (input-multilabel/train.csv), 2 folds by car, both trained
 #                  (configs/cpu_multilabel.toml), post-processing tuned out of fold, the submission in
 #                  sample_submission.csv's rows, scored against the test truth (test_masks.csv)
-# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, the serve extra and chromium
-#            for the serve tests) and run the tests (this is what CI runs); make test-fast: the fast tier, under a minute
+# make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, tifffile for the slides',
+#            the serve extra and chromium for the serve tests) and run the tests (this is what CI runs);
+#            make test-fast: the fast tier, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-cluster setup-tensorboard setup-serve setup-browser demo data folds train infer parts multilabel test test-fast bench bench-gpu
+.PHONY: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser demo data folds train infer parts multilabel test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,13 @@ setup-tensorboard: $(VENV)/.installed-tensorboard
 
 $(VENV)/.installed-tensorboard: requirements-tensorboard.txt $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-tensorboard.txt
+	touch $@
+
+# The slides extra (competition.slides, synthetic --slides, bench/slides_bench.py): tifffile and its codecs
+setup-slides: $(VENV)/.installed-slides
+
+$(VENV)/.installed-slides: requirements-slides.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-slides.txt
 	touch $@
 
 $(VENV)/.installed-cluster: requirements-cluster.txt $(VENV)/.installed
@@ -91,12 +99,12 @@ multilabel: setup
 	--out submissions/multilabel.csv --overwrite
 	$(BIN)/python -m competition.metrics submissions/multilabel.csv $(ML_DATA)/test_masks.csv
 
-test: setup setup-cluster setup-tensorboard setup-serve setup-browser
+test: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-test-fast: setup setup-serve
+test-fast: setup setup-slides setup-serve
 	$(BIN)/ruff check .
 	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"

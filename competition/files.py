@@ -83,6 +83,13 @@ def write_all_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], tag
         os.replace(tagged_partial_path(target, tag), target)
 
 
+def reserve_space(path: str | Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` on its disk now (OSError ENOSPC when there is no room): a file written
+    through a memory map must not be sparse, since a page that finds the disk full kills the process (SIGBUS)."""
+    with open(path, "r+b") as file:
+        os.posix_fallocate(file.fileno(), 0, size)
+
+
 def format_bytes(count: float) -> str:
     """``48.2 MB``: a size in decimal units, as file managers and ``df -H`` say it."""
     for unit in ("B", "kB", "MB", "GB"):

@@ -12,6 +12,7 @@ shadow) as per-class RLE rows, the way UW-Madison GI Tract ships its masks.
 """
 
 import io
+import math
 import os
 import shutil
 import zipfile
@@ -624,6 +625,162 @@ def generate_multilabel(
 _DEFAULTS = {"carvana": (24, 8, 1918, 1280), "parts": (8, 2, 240, 160), "multilabel": (8, 4, 384, 256)}
 
 
+# --slides: tiled TIFFs of "tissue" (pinkish blobs on white) with glomerulus-like discs to segment, HuBMAP's layout.
+SLIDE_TILE = 256  # the TIFF's tile side, and the rendering's unit: memory stays a few tiles, whatever the slide's size
+GLOMERULUS_RADII = (20, 60)  # pixels, as at HuBMAP's scale of a few hundred pixels across one
+DISC_GAP = 8  # pixels at least between two discs' edges: no two runs of the column-major RLE ever touch
+TISSUE_SHARE = 0.4  # of a slide's area: the tissue field's threshold is its quantile
+_WHITE, _PINK, _GLOMERULUS, _CAPSULE = (243, 241, 245), (228, 150, 192), (168, 88, 170), (238, 214, 236)
+
+
+@dataclass
+class SlidePlan:
+    """Everything a slide's pixels follow: its size, a coarse noise grid per octave for the tissue, and the discs
+    (rows of centre y, centre x, radius) that are its mask."""
+
+    height: int
+    width: int
+    octaves: list[tuple[int, np.ndarray]]  # (cell size in pixels, grid of values in [0, 1))
+    discs: np.ndarray
+    seed: int
+    tissue_level: float = 0.5  # the tissue field's value at the edge of the tissue
+
+
+def plan_slide(size: int, seed: int) -> SlidePlan:
+    """A ``size`` x ``size`` slide: its tissue field and discs, placed on tissue, apart, away from the border."""
+    rng = np.random.default_rng(seed)
+    octaves = [(cell, rng.random((size // cell + 2, size // cell + 2))) for cell in (2048, 512)]
+    plan = SlidePlan(size, size, octaves, np.zeros((0, 3), np.int64), seed)
+    samples = np.linspace(0, size - 1, 64)
+    field = tissue_field(plan, samples[:, None], samples[None, :])
+    plan.tissue_level = float(np.quantile(field, 1 - TISSUE_SHARE))
+    centres = float(np.quantile(field, 1 - TISSUE_SHARE / 2))  # discs well inside the tissue
+    wanted = max(1, round(size * size * TISSUE_SHARE / 400**2))
+    discs: list[tuple[int, int, int]] = []
+    for _ in range(wanted * 20):
+        if len(discs) == wanted:
+            break
+        radius = int(rng.integers(*GLOMERULUS_RADII, endpoint=True))
+        margin = radius + DISC_GAP + 8
+        cy, cx = (int(v) for v in rng.integers(margin, size - margin, 2))
+        if tissue_field(plan, np.array([[cy]]), np.array([[cx]]))[0, 0] < centres:
+            continue
+        if all((cy - y) ** 2 + (cx - x) ** 2 > (radius + r + DISC_GAP) ** 2 for y, x, r in discs):
+            discs.append((cy, cx, radius))
+    plan.discs = np.array(discs, np.int64).reshape(-1, 3)
+    return plan
+
+
+def tissue_field(plan: SlidePlan, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Smooth value noise in [0, 1) at pixel coordinates (ys, xs): bilinear in each octave's grid, so any window
+    of the slide is rendered alike, alone or as part of the whole."""
+    field = np.zeros(np.broadcast_shapes(ys.shape, xs.shape))
+    for (cell, grid), weight in zip(plan.octaves, (0.75, 0.25)):
+        gy, gx = ys / cell, xs / cell
+        y0, x0 = np.floor(gy).astype(np.int64), np.floor(gx).astype(np.int64)
+        fy, fx = gy - y0, gx - x0
+        top = grid[y0, x0] * (1 - fx) + grid[y0, x0 + 1] * fx
+        bottom = grid[y0 + 1, x0] * (1 - fx) + grid[y0 + 1, x0 + 1] * fx
+        field = field + weight * (top * (1 - fy) + bottom * fy)
+    return field
+
+
+def slide_mask_window(plan: SlidePlan, y: int, x: int, height: int, width: int) -> np.ndarray:
+    """uint8 (height, width) window of the slide's mask: 1 inside a disc ((y - cy)² + (x - cx)² <= r²), each disc
+    drawn in its own box, so a band across a whole slide costs its discs, not its width times their count."""
+    mask = np.zeros((height, width), np.uint8)
+    for cy, cx, radius in _discs_near(plan, y, x, height, width, 0).tolist():
+        top, left = max(cy - radius, y), max(cx - radius, x)
+        bottom, right = min(cy + radius + 1, y + height), min(cx + radius + 1, x + width)
+        ys, xs = np.arange(top, bottom)[:, None], np.arange(left, right)[None, :]
+        mask[top - y : bottom - y, left - x : right - x] |= ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius * radius).astype(
+            np.uint8
+        )
+    return mask
+
+
+def _discs_near(plan: SlidePlan, y: int, x: int, height: int, width: int, reach: int) -> np.ndarray:
+    cy, cx, radius = plan.discs.T
+    near = (cy + radius + reach >= y) & (cy - radius - reach < y + height)
+    near &= (cx + radius + reach >= x) & (cx - radius - reach < x + width)
+    return plan.discs[near]
+
+
+def slide_window(plan: SlidePlan, y: int, x: int, height: int, width: int) -> np.ndarray:
+    """uint8 RGB (height, width, 3) window of the slide: white glass, pink tissue, each disc purple in a pale
+    capsule ring; speckle from a generator seeded by the window's place, so the TIFF's tiles are the same every
+    time."""
+    ys, xs = np.arange(y, y + height)[:, None], np.arange(x, x + width)[None, :]
+    field = tissue_field(plan, ys, xs)
+    tissue = np.clip((field - plan.tissue_level) * 40, 0, 1)[..., None]  # a soft edge a few pixels wide
+    image = np.asarray(_WHITE, np.float64) * (1 - tissue) + np.asarray(_PINK, np.float64) * tissue
+    for cy, cx, radius in _discs_near(plan, y, x, height, width, 6):
+        distance = np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2)
+        image[(distance > radius) & (distance <= radius + 5)] = _CAPSULE
+        image[(ys - cy) ** 2 + (xs - cx) ** 2 <= radius * radius] = _GLOMERULUS
+    rng = np.random.default_rng([plan.seed, y, x])
+    image += rng.normal(0, 6, (height, width, 1)) * (0.3 + tissue)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def column_major_rle(plan: SlidePlan) -> str:
+    """The mask's RLE in HuBMAP's convention (pixels numbered down each column, 1-indexed ``start length``),
+    from the discs' geometry: no mask is ever drawn whole."""
+    starts, lengths = [], []
+    for cy, cx, radius in plan.discs.tolist():
+        columns = np.arange(cx - radius, cx + radius + 1)
+        half = np.array([math.isqrt(radius * radius - (column - cx) ** 2) for column in columns.tolist()])
+        starts.append(columns * plan.height + cy - half + 1)
+        lengths.append(2 * half + 1)
+    if not starts:
+        return ""
+    starts, lengths = np.concatenate(starts), np.concatenate(lengths)
+    order = np.argsort(starts)
+    return " ".join(f"{start} {length}" for start, length in zip(starts[order].tolist(), lengths[order].tolist()))
+
+
+def write_slide(plan: SlidePlan, path: Path) -> None:
+    """The slide as a tiled RGB TIFF (256 x 256 tiles, deflate), rendered and compressed one tile at a time."""
+    import tifffile  # requirements-slides.txt: only this data set needs it
+
+    tiles = (
+        slide_window(plan, top, left, SLIDE_TILE, SLIDE_TILE)
+        for top in range(0, plan.height, SLIDE_TILE)
+        for left in range(0, plan.width, SLIDE_TILE)
+    )
+    with atomic_output(path) as partial:
+        tifffile.imwrite(
+            partial, tiles, shape=(plan.height, plan.width, 3), dtype=np.uint8, tile=(SLIDE_TILE, SLIDE_TILE),
+            photometric="rgb", compression="zlib", compressionargs={"level": 1},
+            bigtiff=plan.height * plan.width * 3 > 2**31,
+        )  # fmt: skip
+
+
+def generate_slides(out: str | Path, size: int = 4096, count: int = 3, test_count: int = 1, seed: int = 0) -> Path:
+    """HuBMAP's layout under ``out``: ``train/<id>.tiff`` with ``train.csv`` (id, encoding: column-major RLE),
+    ``test/<id>.tiff`` with ``sample_submission.csv`` (id, predicted) and ``test_masks.csv`` (the test truth, for
+    scoring). Returns ``out``."""
+    out = Path(out)
+    for stale in ("train", "test"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+        (out / stale).mkdir(parents=True)
+    seeds = np.random.SeedSequence(seed).generate_state(count + test_count + 1)
+    naming = np.random.default_rng(seeds[-1])
+    rows: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for index, slide_seed in enumerate(seeds[:-1]):
+        slide_id, folder = naming.bytes(5).hex()[:9], "train" if index < count else "test"
+        plan = plan_slide(size, int(slide_seed))
+        write_slide(plan, out / folder / f"{slide_id}.tiff")
+        rows[folder].append((slide_id, column_major_rle(plan)))
+    writer = _Writer(out, as_zip=False)
+    writer.csv("train.csv", pd.DataFrame(sorted(rows["train"]), columns=["id", "encoding"]))
+    writer.csv("test_masks.csv", pd.DataFrame(sorted(rows["test"]), columns=["id", "encoding"]))
+    writer.csv(
+        "sample_submission.csv", pd.DataFrame([(i, "") for i, _ in sorted(rows["test"])], columns=["id", "predicted"])
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="input", help="data folder to write (default: input/)")
@@ -641,6 +798,15 @@ def main(argv: list[str] | None = None) -> None:
         "the images) as id,class,segmentation RLE rows in train.csv, train/ + test/ images, sample_submission.csv, "
         "test_masks.csv; defaults: 8 + 4 cars, 384x256",
     )
+    parser.add_argument(
+        "--slides",
+        action="store_true",
+        help="HuBMAP-like slides instead: large tiled TIFFs of tissue with round glomeruli to segment, train/ + "
+        "train.csv (column-major RLE), test/ + test_masks.csv; written tile by tile, so memory stays small",
+    )
+    parser.add_argument("--slide-size", type=int, default=4096, help="--slides: pixels a side (default: 4096)")
+    parser.add_argument("--slide-count", type=int, default=3, help="--slides: training slides (default: 3)")
+    parser.add_argument("--test-slide-count", type=int, default=1, help="--slides: test slides (default: 1)")
     parser.add_argument(
         "--cars", type=int, help="training cars, 16 images each (default: 24; --parts: 8; --multilabel: 8)"
     )
@@ -661,8 +827,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--zip is for the Carvana format; --{chosen} writes folders")
     if args.cars < 1 or args.test_cars < 0 or args.width < 64 or args.height < 64:
         parser.error("need --cars >= 1, --test-cars >= 0 and images of at least 64x64")
+    if args.slides and (args.parts or args.multilabel or args.zip):
+        parser.error("--slides writes its own layout (tiled TIFFs); leave out --parts, --multilabel and --zip")
+    if args.slides and (args.slide_size < 1024 or args.slide_count < 1 or args.test_slide_count < 0):
+        parser.error("--slides needs --slide-size >= 1024, --slide-count >= 1 and --test-slide-count >= 0")
     with exit_on_project_error(parser.prog):
         check_writable(args.out, "--out", folder=True)
+        if args.slides:
+            out = generate_slides(args.out, args.slide_size, args.slide_count, args.test_slide_count, args.seed)
+            print(
+                f"wrote {args.slide_count} training and {args.test_slide_count} test slides "
+                f"({args.slide_size}x{args.slide_size}, tiled TIFF) to {out}/"
+            )
+            return
     counts = f"{args.cars * VIEWS} training and {args.test_cars * VIEWS} test images ({args.width}x{args.height})"
     size = (args.cars, args.test_cars, args.width, args.height, args.seed)
     if args.parts:

@@ -1,0 +1,267 @@
+"""Slides larger than memory: tiled TIFFs read window by window (only the tiles a window touches), other images
+decoded once into the cache, every unreadable file in one line; the synthetic slide data set."""
+
+import pickle
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from competition import slides, synthetic
+from competition.errors import ConfigError, DataError, OutputError
+from competition.rle import rle_decode, rle_encode
+from competition.slides import open_slide
+
+WINDOWS = [(0, 0, 64, 64), (37, 250, 300, 123), (500, 600, 100, 100), (0, 0, 600, 700)]
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(0).integers(0, 256, (600, 700, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["rgb", "planar", "grey", "grey16", "rgba", "pyramid"],
+)
+def test_tiled_tiff_windows_are_the_image_read_in_place(tmp_path, image, layout):
+    path, expected = tmp_path / "slide.tiff", image
+    if layout == "rgb":
+        tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
+    elif layout == "planar":
+        tifffile.imwrite(path, np.moveaxis(image, 2, 0), tile=(128, 128), planarconfig="separate", photometric="rgb")
+    elif layout == "grey":
+        tifffile.imwrite(path, image[..., 0], tile=(64, 128))
+        expected = np.repeat(image[..., :1], 3, axis=2)
+    elif layout == "grey16":
+        tifffile.imwrite(path, image[..., 0].astype(np.uint16) * 257, tile=(128, 64))
+        expected = np.repeat(image[..., :1], 3, axis=2)
+    elif layout == "rgba":
+        tifffile.imwrite(path, np.dstack([image, image[..., :1]]), tile=(128, 128), photometric="rgb", extrasamples=[2])
+    else:  # level 0 of a pyramid, its reduced level in a SubIFD (as HuBMAP's and OME's slides)
+        with tifffile.TiffWriter(path) as writer:
+            writer.write(image, tile=(128, 128), subifds=1, photometric="rgb")
+            writer.write(image[::2, ::2], tile=(128, 128), subfiletype=1, photometric="rgb")
+    cache = tmp_path / "cache"
+    with open_slide(path, cache) as slide:
+        assert slide.shape == (600, 700, 3) and slide.tiled
+        for y, x, height, width in WINDOWS:
+            window = slide.read(y, x, height, width)
+            assert window.dtype == np.uint8 and window.shape == (height, width, 3)
+            np.testing.assert_array_equal(window, expected[y : y + height, x : x + width])
+    assert not cache.exists()  # nothing decoded into a cache
+
+
+def test_a_window_decodes_only_the_tiles_it_touches(tmp_path, image, monkeypatch):
+    tifffile.imwrite(tmp_path / "slide.tiff", image, tile=(128, 128), compression="zlib")
+    decoded = []
+    page_decode = slides._TiffTiles._decoded
+
+    def counting(self, wanted):
+        for segment, position in page_decode(self, wanted):
+            decoded.append(position[2:4])
+            yield segment, position
+
+    monkeypatch.setattr(slides._TiffTiles, "_decoded", counting)
+    slide = open_slide(tmp_path / "slide.tiff", tmp_path / "cache")
+    slide.read(130, 260, 100, 100)  # inside the tile at (128, 256)
+    assert decoded == [(128, 256)]
+    decoded.clear()
+    slide.read(120, 250, 20, 20)  # across the corner of four tiles
+    assert sorted(decoded) == [(0, 128), (0, 256), (128, 128), (128, 256)]
+
+
+def test_a_slide_pickled_or_forked_opens_its_file_again(tmp_path, image):
+    tifffile.imwrite(tmp_path / "slide.tiff", image, tile=(128, 128))
+    slide = open_slide(tmp_path / "slide.tiff", tmp_path / "cache")
+    slide.read(0, 0, 8, 8)
+    copy = pickle.loads(pickle.dumps(slide))  # as a DataLoader worker gets it
+    np.testing.assert_array_equal(copy.read(100, 100, 50, 60), image[100:150, 100:160])
+    slide._opened_in = -1  # as in a forked child: another pid than the one that opened the file
+    np.testing.assert_array_equal(slide.read(1, 2, 3, 4), image[1:4, 2:6])
+
+
+@pytest.mark.parametrize("kind", ["strips", "png", "jpeg"])
+def test_other_images_are_decoded_once_into_the_cache(tmp_path, image, kind, monkeypatch, caplog):
+    if kind == "strips":
+        path = tmp_path / "slide.tif"
+        tifffile.imwrite(path, image, rowsperstrip=16, compression="zlib")
+        monkeypatch.setattr(slides, "CACHE_BAND_ROWS", 100)  # several bands, the last one short
+    else:
+        path = tmp_path / f"slide.{kind}"
+        Image.fromarray(image).save(path, quality=95)
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger="competition"):
+        slide = open_slide(path, cache)
+    assert not slide.tiled and slide.shape == (600, 700, 3) and "decoding it once" in caplog.text
+    assert [file.name for file in cache.iterdir()] == [slide.cached.name]  # no temporary file left
+    for y, x, height, width in WINDOWS:
+        np.testing.assert_array_equal(slide.read(y, x, height, width), expected[y : y + height, x : x + width])
+    monkeypatch.setattr(slides, "_decode_whole", None)  # a second open decodes nothing
+    monkeypatch.setattr(slides, "_copy_bands", None)
+    assert open_slide(path, cache).cached == slide.cached
+
+
+def test_a_changed_file_is_decoded_again(tmp_path, image):
+    path = tmp_path / "slide.png"
+    Image.fromarray(image).save(path)
+    first = open_slide(path, tmp_path / "cache").cached
+    Image.fromarray(image[::-1]).save(path)
+    second = open_slide(path, tmp_path / "cache")
+    assert second.cached != first
+    np.testing.assert_array_equal(second.read(0, 0, 600, 700), image[::-1])
+
+
+def test_too_big_to_cache_on_the_free_disk_is_one_line_saying_what_is_needed(tmp_path, image, monkeypatch, capsys):
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image)  # in strips
+    monkeypatch.setattr(slides.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 1_000_000}))
+    with pytest.raises(SystemExit) as stop:
+        slides.main([str(path), "--cache", str(tmp_path / "cache")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1
+    assert f"{path}: not a tiled TIFF" in error and "needs 68.4 MB free there and has 1.0 MB" in error
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _truncated(path, image):
+    tifffile.imwrite(path, image, tile=(128, 128))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_tile(path, image):
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
+    data = bytearray(path.read_bytes())
+    data[4000:5000] = bytes(1000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda path, image: path.write_text("not an image at all"), "not a readable TIFF (not a TIFF file"),
+        (_truncated, "not a readable TIFF (corrupted tile"),
+        (_corrupt_tile, "not a readable TIFF ("),
+        (lambda path, image: None, "slide.tiff: not found"),
+    ],
+    ids=["text", "truncated", "corrupt-tile", "missing"],
+)
+def test_an_unreadable_tiff_is_one_line_naming_it(tmp_path, image, make, expected, capsys):
+    path = tmp_path / "slide.tiff"
+    make(path, image)
+    with pytest.raises(DataError) as error:
+        open_slide(path, tmp_path / "cache").read(0, 0, 600, 700)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_image_that_does_not_decode_is_one_line_through_the_command(tmp_path, capsys):
+    (tmp_path / "slide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(SystemExit) as stop:
+        slides.main([str(tmp_path / "slide.png"), "--cache", str(tmp_path / "cache")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1 and "slide.png: the image does not decode" in error
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+def test_tiles_of_a_codec_not_installed_are_one_line(tmp_path, image, monkeypatch):
+    tifffile.imwrite(tmp_path / "slide.tiff", image, tile=(128, 128), compression="zlib")
+    monkeypatch.setattr(tifffile.TIFF, "DECOMPRESSORS", {1: None})  # as if deflate needed a package not here
+    with pytest.raises(DataError, match="pixels are compressed as ADOBE_DEFLATE, which needs the imagecodecs package"):
+        open_slide(tmp_path / "slide.tiff", tmp_path / "cache")
+
+
+def test_without_tifffile_a_tiff_is_one_line_naming_the_requirements(tmp_path, image, monkeypatch):
+    tifffile.imwrite(tmp_path / "slide.tiff", image, tile=(128, 128))
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    with pytest.raises(ConfigError, match="pip install -r requirements-slides.txt"):
+        open_slide(tmp_path / "slide.tiff", tmp_path / "cache")
+
+
+def test_the_cache_folder_unwritable_is_one_line(tmp_path, image):
+    Image.fromarray(image).save(tmp_path / "slide.png")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        open_slide(tmp_path / "slide.png", tmp_path / "file" / "cache")
+
+
+def test_synthetic_slides_are_tiled_tiffs_with_their_column_major_rle(tmp_path):
+    out = synthetic.generate_slides(tmp_path / "slides", size=1024, count=2, test_count=1, seed=3)
+    train, truth = (pd.read_csv(out / name, keep_default_na=False) for name in ("train.csv", "test_masks.csv"))
+    assert list(train.columns) == ["id", "encoding"] and len(train) == 2 and len(truth) == 1
+    assert pd.read_csv(out / "sample_submission.csv").columns.tolist() == ["id", "predicted"]
+    seeds = np.random.SeedSequence(3).generate_state(4)
+    naming = np.random.default_rng(seeds[-1])
+    ids = [naming.bytes(5).hex()[:9] for _ in range(3)]
+    for slide_id, seed, folder in zip(ids, seeds[:3], ["train", "train", "test"]):
+        plan = synthetic.plan_slide(1024, int(seed))
+        mask = synthetic.slide_mask_window(plan, 0, 0, 1024, 1024)
+        table = train if folder == "train" else truth
+        encoding = table.set_index("id").loc[slide_id, "encoding"]
+        assert encoding == rle_encode(mask.T)  # HuBMAP's order: down each column
+        np.testing.assert_array_equal(rle_decode(encoding, (1024, 1024)).T, mask)
+        runs = slides.RunsMask(encoding, (1024, 1024), "column")
+        np.testing.assert_array_equal(runs.read(100, 300, 500, 600), mask[100:600, 300:900])
+        with open_slide(out / folder / f"{slide_id}.tiff", tmp_path / "cache") as slide:
+            assert slide.tiled and slide.shape == (1024, 1024, 3)
+            pixels = slide.read(0, 0, 1024, 1024)
+        np.testing.assert_array_equal(pixels[256:512, 512:768], synthetic.slide_window(plan, 256, 512, 256, 256))
+        inside = pixels[mask == 1].astype(int)
+        assert mask.sum() > 0 and (inside[:, 1] < inside[:, 0] - 40).mean() > 0.95  # purple discs: green low
+        assert (pixels[mask == 0].mean(axis=0) > 200).all()  # mostly white glass and pink tissue around them
+
+
+def test_synthetic_slides_command_and_its_refusals(tmp_path, capsys):
+    synthetic.main(["--slides", "--out", str(tmp_path / "s"), "--slide-size", "1024", "--slide-count", "1"])
+    assert "wrote 1 training and 1 test slides (1024x1024, tiled TIFF)" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "s").iterdir()) == [
+        "sample_submission.csv",
+        "test",
+        "test_masks.csv",
+        "train",
+        "train.csv",
+    ]
+    for flags in (["--slide-size", "1000"], ["--parts"], ["--slide-count", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            synthetic.main(["--slides", "--out", str(tmp_path / "t"), *flags])
+        assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_no_room_left_for_the_cache_is_one_line_and_leaves_nothing(tmp_path, image, monkeypatch):
+    import errno
+    import os
+
+    Image.fromarray(image).save(tmp_path / "slide.png")
+
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match="slide.png: no room left in .* to decode it once"):
+        open_slide(tmp_path / "slide.png", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["column", "row"])
+def test_a_mask_kept_as_runs_reads_any_window(order):
+    from competition.slides import RunsMask
+
+    rng = np.random.default_rng(4)
+    mask = (rng.random((90, 130)) < 0.2).astype(np.uint8)
+    mask[:, 7] = 1  # runs across the end of a column (and, row-major, long runs across rows)
+    mask[20, :] = 1
+    runs = RunsMask(rle_encode(mask.T if order == "column" else mask), (90, 130), order)
+    for y, x, height, width in [(0, 0, 90, 130), (10, 5, 30, 40), (89, 129, 1, 1), (0, 7, 90, 1), (20, 0, 1, 130)]:
+        np.testing.assert_array_equal(runs.read(y, x, height, width), mask[y : y + height, x : x + width])
+
+
+def test_a_mask_of_another_size_than_its_slide_is_one_line():
+    from competition.slides import RunsMask
+
+    encoding = rle_encode(np.ones((100, 100), np.uint8))
+    with pytest.raises(DataError, match=r"train.csv, id abc: RLE has a run past the end of the image .* 90x100"):
+        RunsMask(encoding, (100, 90), source="train.csv, id abc")
