@@ -13,6 +13,7 @@ from competition.data_checks import absent_class_problems
 from competition.errors import DataError
 from competition.layouts import DATA_FLAGS, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.mask_values import label_pixel_counts
 from competition.survey import checked_samples, in_data_folder
 
 logger = logging.getLogger("competition.inspect_data")
@@ -33,8 +34,8 @@ def image_formats(data, image_ids: list[str], split: str = "train") -> tuple[col
     return formats, problems
 
 
-def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str]]:
-    """(pixels per class, ignored pixels, one line per broken sample): every sample checked by the pre-check
+def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str], int]:
+    """(pixels per class, ignored pixels, one line per broken sample, all pixels): every sample checked by the pre-check
     training runs (``checked_samples``: each file decoded to its end, on threads), so any problem training would
     stop on is found here; the masks counted unless the layout fixes its classes."""
     count = 0 if data.fixed_classes else len(image_ids)
@@ -43,7 +44,9 @@ def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, 
     ignored = (
         int(total[data.ignore_index]) if data.ignore_index is not None and data.ignore_index >= data.num_classes else 0
     )
-    return total[: data.num_classes], ignored, problems
+    if data.multilabel:  # a pixel counts in every class whose bit it holds
+        return label_pixel_counts(total, data.num_classes), ignored, problems, int(total.sum())
+    return total[: data.num_classes], ignored, problems, int(total.sum())
 
 
 def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]:
@@ -67,6 +70,11 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     table = getattr(data, "table", None)
     if table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
+    elif data.layout == "rle-table":
+        lines.append(
+            f"masks: {data.rle_order}-major RLE rows of {data.csv}"
+            + (", bit k of a pixel for class k (--head multilabel)" if data.multilabel else "")
+        )
     elif data.mask_values is not None:
         lines.append("masks: stored values " + ", ".join(f"{v}={n}" for v, n in zip(data.mask_values, data.classes)))
     else:
@@ -74,11 +82,14 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     ignores_other_values = table is None and getattr(data, "unknown_values", "error") == "ignore"
     if ignores_other_values:
         lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
-    counts, ignored, problems = scan_masks(data, train_ids, progress)
+    counts, ignored, problems, pixels = scan_masks(data, train_ids, progress)
     problems = list(data.class_problems) + problems  # first: what every other line's classes depend on
     problems += broken_tests
     labelled, every = max(int(counts.sum()), 1), max(int(counts.sum()) + ignored, 1)  # ignored pixels: apart
-    lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
+    if data.multilabel:  # a pixel of several classes counts in each: shares of the pixels, not of the counts
+        labelled, every = max(pixels - ignored, 1), max(pixels, 1)
+    overlap = " each covers (classes may overlap)" if data.multilabel else ""
+    lines.append(f"classes ({data.num_classes}), share of the labelled pixels{overlap}:")
     lines += [
         f"  {index:3d} {name:<20} {100 * counts[index] / labelled:7.3f}%" for index, name in enumerate(data.classes)
     ]

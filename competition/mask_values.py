@@ -144,3 +144,10 @@ def unpack_labels(packed: np.ndarray, num_labels: int) -> np.ndarray:
     every class present: mask it out first where it matters."""
     bits = np.arange(num_labels, dtype=np.uint8).reshape((num_labels,) + (1,) * packed.ndim)
     return (packed[None] >> bits) & 1
+
+
+def label_pixel_counts(histogram: np.ndarray, num_labels: int) -> np.ndarray:
+    """Pixels of each of ``num_labels`` classes (int64, last axis) from 256-value histograms (..., 256) of
+    multilabel masks: a value counts in every class whose bit it holds; the ignore value 255 in none."""
+    bits = (np.arange(255)[:, None] >> np.arange(num_labels)) & 1  # (value, class): 1 where the value holds the class
+    return np.asarray(histogram)[..., :255].astype(np.int64) @ bits.astype(np.int64)

@@ -2,8 +2,9 @@
 
 The convention: the mask is flattened row-major (C order), foreground runs are written
 as 1-indexed ``start length`` pairs separated by single spaces, and an empty mask is the
-empty string. ``rle_encode_numpy`` is the canonical function of the public kernels and
-is kept as the reference the fast encoder is tested and benchmarked against.
+empty string. Some competitions (Severstal, HuBMAP) flatten column-major instead: the
+decoders take ``order="column"``. ``rle_encode_numpy`` is the canonical function of the
+public kernels and is kept as the reference the fast encoder is tested and benchmarked against.
 """
 
 import numba
@@ -11,6 +12,7 @@ import numpy as np
 
 from competition.errors import DataError
 
+RLE_ORDERS = ("row", "column")  # the pixel numberings an RLE may use: row-major (Carvana's) or column-major
 _SPACE = 32
 _ZERO = 48
 _ALL_ONES_BYTES = np.uint64(0x0101010101010101)
@@ -176,6 +178,20 @@ def _fill(starts: np.ndarray, ends: np.ndarray, flat: np.ndarray) -> None:
         flat[starts[k] : ends[k]] = 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _paint(starts: np.ndarray, ends: np.ndarray, flat: np.ndarray, value: int, combine: bool) -> int:
+    """``flat`` set to ``value`` (``combine``: or-ed with it) over the runs; the first other non-zero value a run
+    covered, 0 when none (how two classes of an index mask are found to overlap)."""
+    covered = 0
+    for k in range(starts.shape[0]):
+        for i in range(starts[k], ends[k]):
+            old = flat[i]
+            if covered == 0 and old != 0 and old != value:
+                covered = old
+            flat[i] = (old | value) if combine else value
+    return covered
+
+
 def rle_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Validated 0-indexed run starts and exclusive ends of an RLE over ``n_pixels``."""
     if not isinstance(rle, str):
@@ -190,10 +206,26 @@ def rle_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """Decode a Carvana RLE string into a uint8 0/1 mask of ``shape`` (height, width)."""
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "row") -> np.ndarray:
+    """Decode a Carvana RLE string into a uint8 0/1 mask of ``shape`` (height, width), its pixels numbered
+    row-major (``order="row"``) or column-major (``"column"``)."""
     height, width = shape
     starts, ends = rle_runs(rle, height * width)
     flat = np.zeros(height * width, dtype=np.uint8)
     _fill(starts, ends, flat)
+    return unflatten(flat, shape, order)
+
+
+def paint_runs(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int, combine: bool = False) -> int:
+    """One mask row's runs (``rle_runs``) drawn into ``flat`` (uint8, the image's pixels in the RLE's order) as
+    ``value``, or or-ed with it (``combine``: the bits of multilabel masks); returns the first other non-zero value
+    the runs covered, 0 when none."""
+    return int(_paint(starts, ends, flat, value, combine))
+
+
+def unflatten(flat: np.ndarray, shape: tuple[int, int], order: str = "row") -> np.ndarray:
+    """The (height, width) mask of pixels numbered row-major or column-major (``order``), C-contiguous."""
+    height, width = shape
+    if order == "column":
+        return np.ascontiguousarray(flat.reshape(width, height).T)
     return flat.reshape(height, width)

@@ -92,6 +92,7 @@ class SegmentationData:
     submission_format = "png"  # a palette PNG of class indices per test image
     smooth_mask_resize = False  # masks of several classes or the ignore index: resized to the nearest pixel
     reads_folder_settings = False  # whether FOLDER_SETTINGS (--images, --masks, --colors, ...) apply
+    multilabel = False  # masks hold bit k for class k (classes may overlap) rather than class indices
     # Set by layouts whose stored mask values are not the class indices (see mask_values.value_lookup).
     mask_values: list[int] | None = None
     value_lookup: np.ndarray | None = None

@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from competition.errors import DataError
-from competition.mask_values import value_histogram
+from competition.mask_values import label_pixel_counts, value_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -102,4 +102,8 @@ def survey(
             "them in the loader"
         )
     logger.info("checked %d images and their masks, each file decoded to its end", len(image_ids))
-    return np.stack(histograms)[:, : data.num_classes].astype(np.int64) if count else None
+    if not count:
+        return None
+    if data.multilabel:  # a pixel counts in every class whose bit it holds
+        return label_pixel_counts(np.stack(histograms), data.num_classes)
+    return np.stack(histograms)[:, : data.num_classes].astype(np.int64)
