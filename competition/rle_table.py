@@ -125,9 +125,14 @@ class RLETableData(SegmentationData):
     def read(cls, root: Path, test_folder: Path | None, options: dict) -> "RLETableData":
         if not options["masks_csv"]:
             raise ConfigError(f"--layout {cls.layout} reads masks from a table: name it with --masks-csv FILE")
+        csv = resolve(root, options["masks_csv"])
+        if not csv.is_file():
+            raise DataError(
+                f"--masks-csv {options['masks_csv']}: not found (relative to --data-dir {root}, or absolute)"
+            )
         return cls(
             root,
-            resolve(root, options["masks_csv"]),
+            csv,
             test_folder,
             classes=options["classes"],
             ignore_index=options["ignore_index"],
@@ -150,8 +155,6 @@ class RLETableData(SegmentationData):
         order: str,
         multilabel: bool,
     ):
-        if not csv.is_file():
-            raise DataError(f"--masks-csv {csv}: not found (relative to --data-dir {root}, or absolute)")
         self.csv, self.rle_order, self.multilabel = csv, order, multilabel
         frame = read_rle_frame(csv, columns)
         values = list(frame[columns[1]]) if columns[1] else []
@@ -207,7 +210,7 @@ class RLETableData(SegmentationData):
             try:
                 starts, ends = rle_runs(rle, height * width)
             except RLEError as error:
-                raise DataError(f"{self.csv}: line {line} (image {image_id}, {width}x{height}): {error}") from None
+                raise DataError(f"{self.csv}: line {line} (image {image_id}): {error}; fix the row") from None
             covered = paint_runs(flat, starts, ends, value, combine=self.multilabel)
             first_line.setdefault(value, line)
             if covered and not self.multilabel:
