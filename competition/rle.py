@@ -179,16 +179,27 @@ def _fill(starts: np.ndarray, ends: np.ndarray, flat: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _paint(starts: np.ndarray, ends: np.ndarray, flat: np.ndarray, value: int, combine: bool) -> int:
-    """``flat`` set to ``value`` (``combine``: or-ed with it) over the runs; the first other non-zero value a run
-    covered, 0 when none (how two classes of an index mask are found to overlap)."""
+def _paint(starts, ends, flat, value: int, combine: bool, height: int, width: int, column_major: bool) -> int:
+    """``flat`` (a row-major (height, width) mask) set to ``value`` (``combine``: or-ed with it) over the runs, whose
+    pixels are numbered column-major when ``column_major``; the first other non-zero value a run covered, else 0.
+    A column-major run is written in place, down each column it crosses: only the runs' pixels are touched, where
+    decoding the transposed mask and transposing it back copies every pixel of the image (slow, strided bytes)."""
     covered = 0
     for k in range(starts.shape[0]):
-        for i in range(starts[k], ends[k]):
-            old = flat[i]
-            if covered == 0 and old != 0 and old != value:
-                covered = old
-            flat[i] = (old | value) if combine else value
+        pixel, end = starts[k], ends[k]
+        while pixel < end:
+            if column_major:  # the part of the run in one column: a step of one row is a step of width
+                row, column = pixel % height, pixel // height
+                stop, i, step = min(end, pixel - row + height), row * width + column, width
+            else:
+                stop, i, step = end, pixel, 1
+            for _ in range(stop - pixel):
+                old = flat[i]
+                if covered == 0 and old != 0 and old != value:
+                    covered = old
+                flat[i] = (old | value) if combine else value
+                i += step
+            pixel = stop
     return covered
 
 
@@ -211,21 +222,19 @@ def rle_decode(rle: str, shape: tuple[int, int], order: str = "row") -> np.ndarr
     row-major (``order="row"``) or column-major (``"column"``)."""
     height, width = shape
     starts, ends = rle_runs(rle, height * width)
-    flat = np.zeros(height * width, dtype=np.uint8)
-    _fill(starts, ends, flat)
-    return unflatten(flat, shape, order)
-
-
-def paint_runs(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int, combine: bool = False) -> int:
-    """One mask row's runs (``rle_runs``) drawn into ``flat`` (uint8, the image's pixels in the RLE's order) as
-    ``value``, or or-ed with it (``combine``: the bits of multilabel masks); returns the first other non-zero value
-    the runs covered, 0 when none."""
-    return int(_paint(starts, ends, flat, value, combine))
-
-
-def unflatten(flat: np.ndarray, shape: tuple[int, int], order: str = "row") -> np.ndarray:
-    """The (height, width) mask of pixels numbered row-major or column-major (``order``), C-contiguous."""
-    height, width = shape
+    mask = np.zeros(shape, dtype=np.uint8)
     if order == "column":
-        return np.ascontiguousarray(flat.reshape(width, height).T)
-    return flat.reshape(height, width)
+        paint_runs(mask, starts, ends, 1, order)
+    else:
+        _fill(starts, ends, mask.reshape(-1))
+    return mask
+
+
+def paint_runs(
+    mask: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int, order: str = "row", combine: bool = False
+) -> int:
+    """One RLE's runs (``rle_runs``), numbered in ``order``, drawn into ``mask`` (uint8 (H, W), C-contiguous) as
+    ``value``, or or-ed with it (``combine``: the bits of multilabel masks); returns the first other non-zero value
+    the runs covered, 0 when none (two classes of an index mask that overlap)."""
+    height, width = mask.shape
+    return int(_paint(starts, ends, mask.reshape(-1), value, combine, height, width, order == "column"))

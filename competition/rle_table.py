@@ -8,7 +8,7 @@ import numpy as np
 from competition.data import decoded_image_shape, read_csv_file
 from competition.errors import ConfigError, DataError
 from competition.mask_values import MAX_LABELS, label_pixel_counts, value_histogram
-from competition.rle import RLEError, paint_runs, rle_runs, unflatten
+from competition.rle import RLEError, paint_runs, rle_runs
 from competition.segmentation_data import IMAGE_EXTENSIONS, SegmentationData, files_by_stem, parse_classes
 from competition.splits import resolve
 
@@ -203,7 +203,7 @@ class RLETableData(SegmentationData):
         mask's bits; a row whose RLE is malformed or runs past the image, or two classes that overlap in an index
         mask, stops with the line of the file."""
         height, width = shape
-        flat = np.zeros(height * width, dtype=np.uint8)
+        mask = np.zeros(shape, dtype=np.uint8)
         first_line: dict[int, int] = {}  # mask value -> the line of its first row: what an overlap is named by
         for label, rle, line in self.rows.get(image_id, ()):
             value = 1 << label if self.multilabel else label + 1
@@ -211,7 +211,7 @@ class RLETableData(SegmentationData):
                 starts, ends = rle_runs(rle, height * width)
             except RLEError as error:
                 raise DataError(f"{self.csv}: line {line} (image {image_id}): {error}; fix the row") from None
-            covered = paint_runs(flat, starts, ends, value, combine=self.multilabel)
+            covered = paint_runs(mask, starts, ends, value, self.rle_order, combine=self.multilabel)
             first_line.setdefault(value, line)
             if covered and not self.multilabel:
                 raise DataError(
@@ -219,7 +219,7 @@ class RLETableData(SegmentationData):
                     f"{self.classes[covered]} and {self.classes[value]} overlap, and a softmax gives each pixel one "
                     "class: pass --head multilabel (a sigmoid channel per class)"
                 )
-        return unflatten(flat, shape, self.rle_order)
+        return mask
 
     def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         return self.draw(image_id, self.image_shape(image_id, split)), str(self.csv)
