@@ -12,7 +12,9 @@ import numpy as np
 
 from competition.errors import DataError
 
-RLE_ORDERS = ("row", "column")  # the pixel numberings an RLE may use: row-major (Carvana's) or column-major
+# The pixel numberings an RLE may use: row-major (Carvana, UW-Madison, most competitions) or column-major (Severstal,
+# HuBMAP, TGS, SIIM): the masks table's (--rle-order of train.py) and a submission's (infer.py's).
+RLE_ORDERS = ("row", "column")
 _SPACE = 32
 _ZERO = 48
 _ALL_ONES_BYTES = np.uint64(0x0101010101010101)
