@@ -125,6 +125,11 @@ class RLETableData(SegmentationData):
     def read(cls, root: Path, test_folder: Path | None, options: dict) -> "RLETableData":
         if not options["masks_csv"]:
             raise ConfigError(f"--layout {cls.layout} reads masks from a table: name it with --masks-csv FILE")
+        if options["folder_split"] or options["listed_files"]:
+            raise ConfigError(
+                "--split with --masks-csv takes lists of ids (a .txt file per split, e.g. train=train.txt,val=val.txt): "
+                "the table holds the masks, train/ (or --images) the images"
+            )
         csv = resolve(root, options["masks_csv"])
         if not csv.is_file():
             raise DataError(
@@ -160,9 +165,16 @@ class RLETableData(SegmentationData):
         values = list(frame[columns[1]]) if columns[1] else []
         labels = table_labels(values, classes, multilabel, columns[1] is not None)
         if multilabel and len(labels) > MAX_LABELS:
-            raise DataError(f"{csv}: {len(labels)} classes; --head multilabel holds at most {MAX_LABELS}")
+            raise DataError(
+                f"{csv}: {len(labels)} classes; --head multilabel holds at most {MAX_LABELS} (a bit each in a byte): "
+                "use --head auto if they never overlap"
+            )
         rows, table_ids = group_rows(frame, columns, labels, csv)
         folder = resolve(root, images) if images else root / "train"
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder}: no such folder; the images of --masks-csv are in train/, or name their folder with --images"
+            )
         found = files_by_stem(folder, IMAGE_EXTENSIONS)
         self.rows = self.match_images(rows, table_ids, found, folder)
         test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)

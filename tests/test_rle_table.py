@@ -321,6 +321,18 @@ def test_make_folds_stratifies_by_the_table_classes(tmp_path, head):
     assert (written.groupby("group")["fold"].nunique() == 1).all()
 
 
+def test_what_the_layout_cannot_read_is_said(tmp_path):
+    root = make_table(tmp_path, boxes(2), ["a", "b", "c"])
+    with pytest.raises(DataError, match=r"scans: no such folder; the images of --masks-csv are in train/, or name"):
+        open_data(root, masks_csv="train.csv", images="scans")
+    with pytest.raises(ConfigError, match=r"--split with --masks-csv takes lists of ids \(a .txt file per split"):
+        open_data(root, masks_csv="train.csv", split="train=train,val=train")
+    many = {"x": np.zeros((8, 4, 4), np.uint8)}
+    make_table(tmp_path, many, [f"c{k}" for k in range(8)])
+    with pytest.raises(DataError, match="train.csv: 8 classes; --head multilabel holds at most 7"):
+        open_data(root, masks_csv="train.csv", head="multilabel")
+
+
 def test_train_stops_on_a_malformed_row_before_the_first_step(tmp_path, capsys):
     root = make_table(tmp_path / "d", boxes(6), ["a", "b", "c"], extra_rows=[("case0_slice_0001", "b", "1 3 7")])
     folds = tmp_path / "folds.csv"
