@@ -19,6 +19,7 @@ from competition.mask_values import label_ignore_index
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
 from competition.prediction import PRECISIONS
 from competition.rle import RLE_ORDERS
+from competition.rle_table import UW_MADISON_COLUMNS
 from competition.sampling import SAMPLERS
 from competition.schedules import SCHEDULES
 
@@ -100,7 +101,7 @@ class TrainConfig:
         "data_dir, or absolute; images from train/ (or --images); gives the rle-table layout",
     )
     rle_columns: str = setting(
-        "id,class,segmentation",
+        UW_MADISON_COLUMNS,
         "--masks-csv's id, class and RLE columns, e.g. ImageId,ClassId,EncodedPixels; two for a table without "
         "classes, e.g. ImageId,EncodedPixels",
     )

@@ -21,7 +21,7 @@ from competition.mask_values import (
     unnamed_values_problem,
     value_lookup,
 )
-from competition.rle_table import RLETableData
+from competition.rle_table import UW_MADISON_COLUMNS, RLETableData
 from competition.segmentation_data import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
@@ -582,7 +582,7 @@ def open_data(
     labels: str = "",
     head: str = "auto",
     masks_csv: str = "",
-    rle_columns: str = "id,class,segmentation",
+    rle_columns: str = UW_MADISON_COLUMNS,
     rle_order: str = "row",
     **folder_options,
 ):
@@ -602,6 +602,8 @@ def open_data(
         raise ConfigError(f"--masks-csv is for the {RLETableData.layout} layout; --layout {layout} reads its own masks")
     if masks_csv:
         layout = RLETableData.layout  # its images are in train/, or the folder --images names
+    elif rle_columns != UW_MADISON_COLUMNS or rle_order != "row":
+        raise ConfigError("--rle-columns and --rle-order describe the table --masks-csv names: name it too")
     if folder_options.get("images") or folder_options.get("masks") or folder_split or listed_files:
         layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
     layout = detect_layout(root, found_hint=image_folders_hint) if layout == "auto" else layout

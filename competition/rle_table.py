@@ -16,6 +16,7 @@ logger = logging.getLogger("competition.layouts")
 
 EMPTY_CELLS = ("", "-1", "nan")  # an RLE cell for a class the image lacks (stripped, lower-cased), as tables write it
 HEADER_LINES = 1  # a row's line number as a spreadsheet shows it: the header is line 1, the first row line 2
+UW_MADISON_COLUMNS = "id,class,segmentation"  # --rle-columns' default: UW-Madison's train.csv (and the synthetic one)
 Row = tuple[int, str, int]  # (the class's index among the table's classes, its RLE, its line in the file)
 
 

@@ -307,6 +307,8 @@ def test_the_layout_needs_its_table_and_the_table_its_layout(tmp_path):
         open_data(root, masks_csv="nothere.csv")
     with pytest.raises(ConfigError, match="--masks is for image/mask folders"):
         open_data(root, masks_csv="train.csv", masks="gt")
+    with pytest.raises(ConfigError, match="--rle-columns and --rle-order describe the table --masks-csv names"):
+        open_data(root, images="train", masks="train", rle_order="column")
 
 
 @pytest.mark.parametrize("head", ["auto", "multilabel"])
