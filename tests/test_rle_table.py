@@ -169,6 +169,15 @@ def test_multilabel_packs_overlapping_classes_bit_k_for_class_k(tmp_path):
         np.testing.assert_array_equal(data.class_pixel_counts(image_id), planes.reshape(3, -1).sum(axis=1))
     counted = survey(data, data.train_ids(), check=True, count=4, progress=False)  # the pre-check's counts too
     np.testing.assert_array_equal(counted, [planes.reshape(3, -1).sum(axis=1) for planes in masks.values()])
+    lines = describe(data, None, progress=False)[0]  # inspect_data: each class's share of all the pixels
+    assert (
+        f"masks: row-major RLE rows of {root / 'train.csv'}, bit k of a pixel for class k (--head multilabel)" in lines
+    )
+    shares = sum(planes.reshape(3, -1).sum(axis=1) for planes in masks.values()) / (4 * 12 * 20)
+    assert "classes (3), share of the labelled pixels each covers (classes may overlap):" in lines
+    assert [f"  {k:3d} {name:<20} {100 * share:7.3f}%" for k, (name, share) in enumerate(zip(names, shares))] == [
+        line for line in lines if line.startswith("    ")
+    ]
 
 
 def test_overlapping_classes_with_a_softmax_head_name_both_rows_and_the_head(tmp_path):
