@@ -86,14 +86,14 @@ parts: setup
 
 ML_DATA := input-multilabel
 ML_RUN := runs/multilabel
-# The masks' table and its classes: the data flags of make_folds.py and train.py
-ML_TABLE := --masks-csv train.csv --rle-columns id,class,segmentation --classes car,glass,shadow
+# The head, the masks' table and its classes: the data flags of make_folds.py and train.py
+ML_TABLE := --head multilabel --masks-csv train.csv --rle-columns id,class,segmentation --classes car,glass,shadow
 
 multilabel: setup
 	@if [ -e $(ML_DATA)/train.csv ]; then echo "$(ML_DATA)/ already holds data: keeping it"; \
 	else $(BIN)/python -m competition.synthetic --multilabel --out $(ML_DATA)/; fi
 	$(BIN)/python make_folds.py --config configs/cpu_multilabel.toml $(ML_TABLE) --n-folds 2 --group-regex '^(.+)_\d+$$'
-	$(BIN)/python train.py --config configs/cpu_multilabel.toml --head multilabel $(ML_TABLE) --folds 0,1 --resume
+	$(BIN)/python train.py --config configs/cpu_multilabel.toml $(ML_TABLE) --folds 0,1 --resume
 	$(BIN)/python infer.py --oof --tune --tta --checkpoints $(ML_RUN) --overwrite
 	$(BIN)/python infer.py --tta --checkpoints $(ML_RUN) --sample-submission $(ML_DATA)/sample_submission.csv \
 	--out submissions/multilabel.csv --overwrite

@@ -61,9 +61,10 @@ from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.out_of_fold import oof_report
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
+from competition.rle import RLE_ORDERS
 from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
 from competition.submission import check_resume_flags
-from competition.writers import FORMATS, RLE_ORDERS, Output
+from competition.writers import FORMATS, Output
 
 logger = logging.getLogger("competition.infer")
 

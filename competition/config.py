@@ -18,6 +18,8 @@ from competition.losses import CLASS_WEIGHTINGS, LABEL_LOSSES, LOSSES
 from competition.mask_values import MAX_LABELS, label_ignore_index
 from competition.models import ARCHITECTURES, encoder_exists, encoder_names
 from competition.prediction import PRECISIONS
+from competition.rle import RLE_ORDERS
+from competition.rle_table import UW_MADISON_COLUMNS
 from competition.sampling import SAMPLERS
 from competition.schedules import SCHEDULES
 
@@ -92,6 +94,19 @@ class TrainConfig:
     )
     snap_mask_values: bool = setting(
         False, "map each mask value (or colour) to the nearest class's: for lossy JPEG masks, refused otherwise"
+    )
+    masks_csv: str = setting(
+        "",
+        "masks as a table of RLE rows, one per image and class (UW-Madison's train.csv, Severstal's); relative to "
+        "data_dir, or absolute; images from train/ (or --images); gives the rle-table layout",
+    )
+    rle_columns: str = setting(
+        UW_MADISON_COLUMNS,
+        "--masks-csv's id, class and RLE columns, e.g. ImageId,ClassId,EncodedPixels; two for a table without "
+        "classes, e.g. ImageId,EncodedPixels",
+    )
+    rle_order: str = setting(
+        "row", "how RLE numbers pixels: row (row-major: Carvana, UW-Madison) or column (Severstal)"
     )
     strict: bool = setting(False, "stop, rather than warn, when a class never occurs in the training masks")
     head: str = setting(
@@ -231,6 +246,7 @@ CHOICES = {
     "augment": AUGMENTATIONS,
     "recipe": RECIPES,
     "head": HEADS,
+    "rle_order": RLE_ORDERS,
 }
 # Architectures whose image-level pooling feeds a batch norm: training fails on a batch of one image.
 ONE_IMAGE_BATCH_NORM = ("DeepLabV3Plus",)

@@ -33,8 +33,8 @@ def image_formats(data, image_ids: list[str], split: str = "train") -> tuple[col
     return formats, problems
 
 
-def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str]]:
-    """(pixels per class, ignored pixels, one line per broken sample): every sample checked by the pre-check
+def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, int, list[str], int]:
+    """(pixels per class, ignored pixels, one line per broken sample, all pixels): every sample checked by the pre-check
     training runs (``checked_samples``: each file decoded to its end, on threads), so any problem training would
     stop on is found here; the masks counted unless the layout fixes its classes."""
     count = 0 if data.fixed_classes else len(image_ids)
@@ -43,7 +43,7 @@ def scan_masks(data, image_ids: list[str], progress: bool) -> tuple[np.ndarray, 
     ignored = (
         int(total[data.ignore_index]) if data.ignore_index is not None and data.ignore_index >= data.num_classes else 0
     )
-    return data.class_counts(total), ignored, problems  # a multilabel mask's pixels counted per class bit
+    return data.class_counts(total), ignored, problems, int(total.sum())  # multilabel: counted per class bit
 
 
 def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]:
@@ -65,7 +65,12 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         problems = scan_masks(data, train_ids, progress)[2]
         return lines + [data.class_description], problems + broken_tests
     table = getattr(data, "table", None)
-    if getattr(data, "multilabel", False):
+    if data.layout == "rle-table":
+        lines.append(
+            f"masks: {data.rle_order}-major RLE rows of {data.csv}"
+            + (", bit k of a pixel for class k (--head multilabel)" if data.multilabel else "")
+        )
+    elif data.multilabel:
         lines.append("masks: packed bits of overlapping classes, bit k for class k (--head multilabel)")
     elif table is not None:
         lines.append(f"masks: colours of {table.path} ({len(table.colors)} colours)")
@@ -76,11 +81,14 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
     ignores_other_values = table is None and getattr(data, "unknown_values", "error") == "ignore"
     if ignores_other_values:
         lines.append("  any other stored value: the ignore index (--unknown-values ignore)")
-    counts, ignored, problems = scan_masks(data, train_ids, progress)
+    counts, ignored, problems, pixels = scan_masks(data, train_ids, progress)
     problems = list(data.class_problems) + problems  # first: what every other line's classes depend on
     problems += broken_tests
     labelled, every = max(int(counts.sum()), 1), max(int(counts.sum()) + ignored, 1)  # ignored pixels: apart
-    lines.append(f"classes ({data.num_classes}), share of the labelled pixels:")
+    if data.multilabel:  # a pixel of several classes counts in each: shares of the pixels, not of the counts
+        labelled, every = max(pixels - ignored, 1), max(pixels, 1)
+    overlap = " each covers (classes may overlap)" if data.multilabel else ""
+    lines.append(f"classes ({data.num_classes}), share of the labelled pixels{overlap}:")
     lines += [
         f"  {index:3d} {name:<20} {100 * counts[index] / labelled:7.3f}%" for index, name in enumerate(data.classes)
     ]

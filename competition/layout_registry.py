@@ -12,7 +12,8 @@ LAYOUTS: dict[str, type] = {}
 LAYOUT_HELP = (
     "Expected one of: Carvana (train/ + train_masks/ or train_masks.csv, or their zips); image/mask folders (images/ + masks/, or "
     "VOC's JPEGImages/ + SegmentationClass/ or SegmentationClassPNG/, masks named as their images); labelme JSON "
-    "files beside their images; Oxford-IIIT Pet (images/ + annotations/trimaps/). Force one with --layout"
+    "files beside their images; Oxford-IIIT Pet (images/ + annotations/trimaps/); masks as a table of RLE rows per "
+    "image and class (--masks-csv FILE). Force one with --layout"
 )
 
 

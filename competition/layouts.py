@@ -23,6 +23,7 @@ from competition.mask_values import (
     unnamed_values_problem,
     value_lookup,
 )
+from competition.rle_table import UW_MADISON_COLUMNS, RLETableData
 from competition.segmentation_data import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
@@ -567,6 +568,7 @@ LAYOUTS["carvana"] = CarvanaData
 LAYOUTS["pet"] = PetData
 LAYOUTS["folders"] = FolderData
 LAYOUTS["labelme"] = LabelmeData
+LAYOUTS["rle-table"] = RLETableData  # never detected: --masks-csv selects it
 LAYOUT_CHOICES = layout_choices()  # the values --layout takes (a layout registered later is opened by name too)
 
 # The settings (TrainConfig fields, and make_folds.py's and inspect_data's flags) that say how to read a data folder.
@@ -589,6 +591,9 @@ DATA_SETTINGS = (
     "snap_mask_values",
     "in_channels",
     "head",
+    "masks_csv",
+    "rle_columns",
+    "rle_order",
 )
 DATA_FLAGS = ("data_dir", *DATA_SETTINGS)  # train.py's flags that make_folds.py and inspect_data take too
 # Of those, the ones that only the image/mask-folder layout reads.
@@ -623,11 +628,15 @@ def open_data(
     in_channels: int = 3,
     labels: str = "",
     head: str = "auto",
+    masks_csv: str = "",
+    rle_columns: str = UW_MADISON_COLUMNS,
+    rle_order: str = "row",
     **folder_options,
 ):
     """The data folder ``root`` read as ``layout`` (``auto``: recognised by what it holds) by its registered class's
     ``open``, given these settings by name, ``--split`` parsed (``split_parts``; ``by_id_lists`` when they are id
-    lists, else ``folder_split``) and ``folder_options``: FOLDER_SETTINGS, for the image/mask-folder layout."""
+    lists, else ``folder_split``) and ``folder_options``: FOLDER_SETTINGS, for the image/mask-folder layout
+    (``images`` for the rle-table layout too, which ``masks_csv`` selects)."""
     root = Path(root)
     given = [name for name, value in folder_options.items() if value and value != "error"]
     split_parts = parse_split(split) if split else {}
@@ -636,6 +645,12 @@ def open_data(
     # Lists naming each image and its mask (SegNet's CamVid) say where the files are: the folders layout reads them.
     listed_files = split_parts if by_id_lists and root.is_dir() and lists_pair_files(root, split_parts) else {}
     forced = layout != "auto"  # named by --layout: a folder that does not fit says what that layout needs
+    if masks_csv and layout not in ("auto", RLETableData.layout):
+        raise ConfigError(f"--masks-csv is for the {RLETableData.layout} layout; --layout {layout} reads its own masks")
+    if masks_csv:
+        layout = RLETableData.layout  # its images are in train/, or the folder --images names
+    elif rle_columns != UW_MADISON_COLUMNS or rle_order != "row":
+        raise ConfigError("--rle-columns and --rle-order describe the table --masks-csv names: name it too")
     if folder_options.get("images") or folder_options.get("masks") or folder_split or listed_files:
         layout = "folders" if layout == "auto" else layout  # CamVid's train/ is not Carvana's
     layout = detect_layout(root, found_hint=image_folders_hint) if layout == "auto" else layout
@@ -647,6 +662,8 @@ def open_data(
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(layout_choices())}")
+    if layout == RLETableData.layout:
+        given = [name for name in given if name != "images"]
     if given and not reader.reads_folder_settings:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")
     if labels and not classes and layout != "labelme":  # classes given (a checkpoint's): the labels are read
@@ -665,6 +682,10 @@ def open_data(
         "listed_files": listed_files,
         "folder_options": folder_options,
         "multilabel": head == "multilabel",
+        "head": head,
+        "masks_csv": masks_csv,
+        "rle_columns": rle_columns,
+        "rle_order": rle_order,
     }
     data = reader.open(root, test_folder, options)
     data.in_channels = in_channels

@@ -2,8 +2,9 @@
 
 The convention: the mask is flattened row-major (C order), foreground runs are written
 as 1-indexed ``start length`` pairs separated by single spaces, and an empty mask is the
-empty string. ``rle_encode_numpy`` is the canonical function of the public kernels and
-is kept as the reference the fast encoder is tested and benchmarked against.
+empty string. Some competitions (Severstal, HuBMAP) flatten column-major instead: the
+decoders take ``order="column"``. ``rle_encode_numpy`` is the canonical function of the
+public kernels and is kept as the reference the fast encoder is tested and benchmarked against.
 """
 
 import numba
@@ -11,6 +12,9 @@ import numpy as np
 
 from competition.errors import DataError
 
+# The pixel numberings an RLE may use: row-major (Carvana, UW-Madison, most competitions) or column-major (Severstal,
+# HuBMAP, TGS, SIIM): the masks table's (--rle-order of train.py) and a submission's (infer.py's).
+RLE_ORDERS = ("row", "column")
 _SPACE = 32
 _ZERO = 48
 _ALL_ONES_BYTES = np.uint64(0x0101010101010101)
@@ -176,6 +180,31 @@ def _fill(starts: np.ndarray, ends: np.ndarray, flat: np.ndarray) -> None:
         flat[starts[k] : ends[k]] = 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _paint(starts, ends, flat, value: int, combine: bool, height: int, width: int, column_major: bool) -> int:
+    """``flat`` (a row-major (height, width) mask) set to ``value`` (``combine``: or-ed with it) over the runs, whose
+    pixels are numbered column-major when ``column_major``; the first other non-zero value a run covered, else 0.
+    A column-major run is written in place, down each column it crosses: only the runs' pixels are touched, where
+    decoding the transposed mask and transposing it back copies every pixel of the image (slow, strided bytes)."""
+    covered = 0
+    for k in range(starts.shape[0]):
+        pixel, end = starts[k], ends[k]
+        while pixel < end:
+            if column_major:  # the part of the run in one column: a step of one row is a step of width
+                row, column = pixel % height, pixel // height
+                stop, i, step = min(end, pixel - row + height), row * width + column, width
+            else:
+                stop, i, step = end, pixel, 1
+            for _ in range(stop - pixel):
+                old = flat[i]
+                if covered == 0 and old != 0 and old != value:
+                    covered = old
+                flat[i] = (old | value) if combine else value
+                i += step
+            pixel = stop
+    return covered
+
+
 def rle_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Validated 0-indexed run starts and exclusive ends of an RLE over ``n_pixels``."""
     if not isinstance(rle, str):
@@ -190,10 +219,24 @@ def rle_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """Decode a Carvana RLE string into a uint8 0/1 mask of ``shape`` (height, width)."""
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "row") -> np.ndarray:
+    """Decode a Carvana RLE string into a uint8 0/1 mask of ``shape`` (height, width), its pixels numbered
+    row-major (``order="row"``) or column-major (``"column"``)."""
     height, width = shape
     starts, ends = rle_runs(rle, height * width)
-    flat = np.zeros(height * width, dtype=np.uint8)
-    _fill(starts, ends, flat)
-    return flat.reshape(height, width)
+    mask = np.zeros(shape, dtype=np.uint8)
+    if order == "column":
+        paint_runs(mask, starts, ends, 1, order)
+    else:
+        _fill(starts, ends, mask.reshape(-1))
+    return mask
+
+
+def paint_runs(
+    mask: np.ndarray, starts: np.ndarray, ends: np.ndarray, value: int, order: str = "row", combine: bool = False
+) -> int:
+    """One RLE's runs (``rle_runs``), numbered in ``order``, drawn into ``mask`` (uint8 (H, W), C-contiguous) as
+    ``value``, or or-ed with it (``combine``: the bits of multilabel masks); returns the first other non-zero value
+    the runs covered, 0 when none (two classes of an index mask that overlap)."""
+    height, width = mask.shape
+    return int(_paint(starts, ends, mask.reshape(-1), value, combine, height, width, order == "column"))

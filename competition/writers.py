@@ -37,7 +37,6 @@ from competition.submission import (
 logger = logging.getLogger(__name__)
 
 FORMATS = ("png", "rle-csv", "rle")  # rle: one img,rle_mask row per image (Carvana's; binary models)
-RLE_ORDERS = ("row", "column")  # flatten row-major (Carvana, most competitions) or column-major (e.g. TGS, SIIM)
 # The first colours of the mask palette: background black, then distinct hues; more classes repeat them darker.
 BASE_COLOURS = (
     (0, 0, 0),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench import gpu_report, kaggle_plan
+from bench import gpu_report, kaggle_plan, rle_table_bench
 from bench.kaggle_plan import Rates, Workload, plan
 
 TINY = ["--size", "64x96", "--encoder", "resnet18", "--batch-size", "2", "--workers", "0", "--seconds", "0.5"]
@@ -80,3 +80,12 @@ def test_the_gpu_report_smoke_mode_runs_every_benchmark(data_dir, tmp_path):
         assert f"## {title}" in report and f"python -m {module}" in report
     assert "trainer fp16 + channels_last" in report, "the T4's fp16 path is measured"
     assert "| fits one 12h00m session |" in report, "the plan's table is quoted as Markdown"
+
+
+def test_the_rle_table_bench_checks_both_decoders_and_prints_the_ratio(capsys):
+    rle_table_bench.main(["--rows", "40", "--size", "32x48"])  # the two decoders' masks compared first
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("40 rows (10 images of 48x32, 4 classes, column-major;")
+    assert printed[1].split() == ["numpy", "s", "numba", "s", "speed-up"]
+    name, baseline, ours, ratio = printed[2].split()
+    assert name == "decode" and float(baseline) > 0 and float(ours) > 0 and float(ratio.removesuffix("x")) > 0

@@ -60,4 +60,4 @@ def test_a_registered_layout_is_detected_and_read(tmp_path, label_suffix_layout)
 
 
 def test_the_shipped_layouts_keep_their_detection_order():
-    assert list(LAYOUTS) == ["carvana", "pet", "folders", "labelme"]
+    assert list(LAYOUTS) == ["carvana", "pet", "folders", "labelme", "rle-table"]

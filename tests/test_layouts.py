@@ -187,11 +187,13 @@ def test_every_layout_is_detected(tmp_path, data_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data layout recognised"):
         detect_layout(tmp_path / "empty")
+    (tmp_path / "r" / "train").mkdir(parents=True)  # the rle-table layout: never detected, its table is named
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "r" / "train" / "x.png")
+    (tmp_path / "r" / "train.csv").write_text("id,class,segmentation\nx,a,1 2\n")
     for layout in LAYOUT_CHOICES[1:]:  # and each forced by name
-        root = {"carvana": data_dir, "folders": tmp_path / "f", "labelme": tmp_path / "l", "pet": tmp_path / "p"}[
-            layout
-        ]
-        assert open_data(root, layout=layout).layout == layout
+        root = {"carvana": data_dir, "folders": tmp_path / "f", "labelme": tmp_path / "l", "pet": tmp_path / "p"}
+        table = {"masks_csv": "train.csv"} if layout == "rle-table" else {}
+        assert open_data({**root, "rle-table": tmp_path / "r"}[layout], layout=layout, **table).layout == layout
 
 
 def test_a_mask_value_outside_the_classes_stops_with_file_value_and_classes(tmp_path):
