@@ -195,6 +195,7 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
 def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool) -> FoldData:
     seed_everything(config.seed)
     train_ids, val_ids = fold_ids(config, data)
+    pseudo = _pseudo_labels(config, data, val_ids)  # before the masks are checked: that takes a while
     # The layout says which masks are counted: with fixed classes (Carvana's) the training images' alone, and only
     # for the weights or the sampler; elsewhere every mask, so that a class no training mask holds is said first.
     ids = train_ids + val_ids
@@ -202,7 +203,6 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
     count = data.masks_to_count(len(train_ids), len(ids), pixel_counts_needed)
     counts = survey(data, ids, check=config.check, count=count, progress=progress)
     pixel_counts = None if counts is None else counts[: len(train_ids)]
-    pseudo = _pseudo_labels(config, data, val_ids)
     if not data.fixed_classes:
         val_counts = counts[len(train_ids) :].sum(0)
         report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)

@@ -320,7 +320,7 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_from(args)
-    with exit_on_project_error("competition.pseudo", args.debug, on_interrupt=f"nothing is kept in {args.out}"):
+    with exit_on_project_error("competition.pseudo", args.debug, on_interrupt=f"{args.out} is as it was before"):
         make_pseudo_labels(args)
 
 

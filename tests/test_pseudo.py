@@ -13,11 +13,12 @@ import train
 from competition import pseudo
 from competition.checkpoints import check_resumable
 from competition.config import TrainConfig
-from competition.errors import ConfigError
+from competition.errors import ConfigError, DataError
 from competition.fold_data import fold_ids, open_training_data, set_up_fold
-from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, read_pseudo_labels
+from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.segmentation_data import read_index_mask
 from competition.training import build_parts
+from competition.writers import encode_mask_png, palette
 from tests.conftest import HEIGHT, WIDTH, small_config
 from tests.test_refusals import refused
 
@@ -70,8 +71,8 @@ class HalfSureEnsemble:
         return sure
 
 
-def write_half_sure(data_dir: Path, out: Path, classes=("background", "car")) -> dict:
-    """Pseudo-labels of data_dir's 32 test images by HalfSureEnsemble in batches of 4: 16 kept."""
+def write_half_sure(data_dir: Path, out: Path, classes=("background", "car"), ensemble=None) -> dict:
+    """Pseudo-labels of data_dir's 32 test images by HalfSureEnsemble (or ``ensemble``) in batches of 4: 16 kept."""
     data = open_training_data(small_config(data_dir, "unused.csv", out.parent / "run"))[1]
     settings = {
         "checkpoints": ["fake"],
@@ -82,7 +83,8 @@ def write_half_sure(data_dir: Path, out: Path, classes=("background", "car")) ->
         "test_images": None,
         "rule": {"confidence": 0.9, "min_kept": 0.7, "thresholds": None, "postprocess": None, "ignore_value": 255},
     }
-    return pseudo.write_pseudo_labels(HalfSureEnsemble(), data, out, settings, batch_size=4, workers=0, progress=False)
+    ensemble = ensemble or HalfSureEnsemble()
+    return pseudo.write_pseudo_labels(ensemble, data, out, settings, batch_size=4, workers=0, progress=False)
 
 
 def test_the_folder_holds_the_kept_images_masks_and_a_manifest_of_their_pixels(data_dir, tmp_path):
@@ -104,6 +106,25 @@ def test_the_folder_holds_the_kept_images_masks_and_a_manifest_of_their_pixels(d
     assert (mask[:, :UNSURE_COLUMNS] == IGNORE_VALUE).all() and (mask[:, UNSURE_COLUMNS:] == 1).all()
     assert manifest["images"][0]["class_pixels"] == [0, pixels * 3 // 4]
     assert not list(tmp_path.glob("*.partial"))
+
+
+class FailingEnsemble(HalfSureEnsemble):
+    def probabilities(self, images: dict, output_size) -> torch.Tensor:
+        if self.batches == 3:
+            raise RuntimeError("the device fell off the bus")
+        return super().probabilities(images, output_size)
+
+
+def test_a_failed_run_leaves_no_folder_and_the_folder_before_untouched(data_dir, tmp_path):
+    out = tmp_path / "pseudo"
+    with pytest.raises(RuntimeError, match="fell off"):
+        write_half_sure(data_dir, out, ensemble=FailingEnsemble())
+    assert not out.exists() and not list(tmp_path.glob("pseudo*"))
+    before = write_half_sure(data_dir, out)
+    with pytest.raises(RuntimeError, match="fell off"):
+        write_half_sure(data_dir, out, ensemble=FailingEnsemble())
+    assert json.loads((out / MANIFEST_NAME).read_text()) == before and len(list(out.glob("*.png"))) == 16
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pseudo"]
 
 
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
@@ -202,6 +223,25 @@ def test_validation_images_are_never_pseudo_labelled(data_dir, folds_csv, tmp_pa
         read_pseudo_labels(config, data, validation)
 
 
+class TwoByThreeImages:
+    """Test images of 2x3 pixels, the one thing PseudoLabels reads of a data set."""
+
+    def read_image_and_shape(self, image_id: str, split: str, reduce_to=None):
+        return np.zeros((2, 3, 3), np.uint8), (2, 3)
+
+    def image_path(self, image_id: str, split: str) -> str:
+        return f"test/{image_id}.png"
+
+
+def test_unconfident_pixels_are_read_as_the_runs_ignore_index_and_a_mask_of_another_size_is_one_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode_mask_png(np.array([[0, 255, 2], [1, 1, 255]], np.uint8), palette(3)))
+    (tmp_path / "b.png").write_bytes(encode_mask_png(np.zeros((3, 2), np.uint8), palette(3)))
+    labels = PseudoLabels(tmp_path, TwoByThreeImages(), ["a", "b"], np.zeros((2, 3)), 12, 8, ignore_value=11)
+    assert labels.read_sample(0)[1].tolist() == [[0, 11, 2], [1, 1, 11]]  # CamVid's void 11: the run ignores 11
+    with pytest.raises(DataError, match="the pseudo-label is 2x3, its image test/b.png 3x2"):
+        labels.read_sample(1)
+
+
 def test_the_losses_ignore_unconfident_pixels(tmp_path):
     """Carvana labels every pixel, so its loss had no ignore index: with --pseudo it has 255."""
     for classes, targets in (
@@ -227,10 +267,23 @@ def test_pseudo_labels_are_a_setting_a_resumed_run_keeps(tmp_path):
 @pytest.mark.slow
 def test_a_run_pseudo_labels_the_test_set_and_trains_again_with_it(trained_run, data_dir, folds_csv, tmp_path, caplog):
     out = tmp_path / "pseudo"
-    pseudo.main(["--checkpoints", str(trained_run), "--out", str(out), "--workers", "0", "--min-kept", "0.5"])
+    pseudo.main(
+        [
+            "--checkpoints",
+            str(trained_run),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--confidence",
+            "0.6",
+            "--min-kept",
+            "0.3",
+        ]
+    )
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["classes"] == ["background", "car"] and manifest["checkpoints"][0].endswith("fold0/best.pt")
-    assert manifest["rule"]["confidence"] == 0.9 and manifest["kept"]["images"] == len(list(out.glob("*.png"))) > 0
+    assert manifest["rule"]["confidence"] == 0.6 and manifest["kept"]["images"] == len(list(out.glob("*.png"))) > 0
     run = tmp_path / "run"
     argv = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(run), "--device", "cpu"]
     small = ["--encoder", "resnet18", "--encoder-weights", "none", "--size", "64x96", "--workers", "0", "--epochs", "1"]
