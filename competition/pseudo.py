@@ -67,21 +67,20 @@ def class_pixels(mask: np.ndarray, num_classes: int, multilabel: bool) -> list[i
     return np.bincount(labelled, minlength=num_classes)[:num_classes].astype(int).tolist()
 
 
-def sigmoid_classes(config) -> list[str]:
-    """The classes of the models' sigmoid channels, which thresholds are tuned for: the foreground of a binary model,
-    every class of a multilabel one; none for a softmax."""
-    names = config.class_names() or ["background", "car"]
+def sigmoid_classes(config, classes: list[str]) -> list[str]:
+    """Of the models' ``classes``, those of their sigmoid channels, which thresholds are tuned for: the foreground of
+    a binary model, every class of a multilabel one; none for a softmax."""
     if config.multilabel():
-        return names
-    return names[1:] if config.output_channels() == 1 else []
+        return classes
+    return classes[1:] if config.output_channels() == 1 else []
 
 
-def tuned_thresholds(checkpoints: list[str], config) -> tuple[list[float] | None, str | None]:
+def tuned_thresholds(checkpoints: list[str], config, classes: list[str]) -> tuple[list[float] | None, str | None]:
     """(the per-class thresholds of the first run folder's postprocess.json, its path), or (None, None) when there is
     none or the models are a softmax. Its other settings (minimum areas) shape submissions, not labels: unread."""
     run = Path(checkpoints[0])
     path = run / POSTPROCESS_NAME
-    channels = sigmoid_classes(config)
+    channels = sigmoid_classes(config, classes)
     if not run.is_dir() or not path.is_file() or not channels:
         return None, None
     try:
@@ -275,11 +274,12 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
         config = ensemble.members[0].config
         data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else default_data_dir())
         data = open_data_as(config, data_dir, test_images=args.test_images)
-        thresholds, tuned = tuned_thresholds(args.checkpoints, config)
+        classes = run_classes(config, data)
+        thresholds, tuned = tuned_thresholds(args.checkpoints, config, classes)
         settings = {
             "checkpoints": [str(path) for path in paths],
             "tta": list(tta),
-            "classes": run_classes(config, data),
+            "classes": classes,
             "head": config.head,
             "data_dir": str(Path(data.root).resolve()),
             "test_images": str(args.test_images.resolve()) if args.test_images else None,
@@ -297,7 +297,11 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
             "+".join(tta) or "off",
             args.confidence,
             args.min_kept,
-            f"from {tuned}" if tuned else "0.5" if sigmoid_classes(config) else "none (the softmax's top class)",
+            f"from {tuned}"
+            if tuned
+            else "0.5"
+            if sigmoid_classes(config, classes)
+            else "none (the softmax's top class)",
         )
         manifest = write_pseudo_labels(
             ensemble, data, args.out, settings, args.batch_size, args.workers, not args.quiet

@@ -128,15 +128,23 @@ def test_a_failed_run_leaves_no_folder_and_the_folder_before_untouched(data_dir,
 
 
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
-    carvana = TrainConfig()
-    assert pseudo.tuned_thresholds([str(tmp_path)], carvana) == (None, None)  # none there: 0.5
+    carvana, classes = TrainConfig(), ["background", "car"]
+    assert pseudo.tuned_thresholds([str(tmp_path)], carvana, classes) == (None, None)  # none there: 0.5
     (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"car": {"threshold": 0.35, "min_area": 9}}}))
-    assert pseudo.tuned_thresholds([str(tmp_path)], carvana) == ([0.35], str(tmp_path / "postprocess.json"))
+    assert pseudo.tuned_thresholds([str(tmp_path)], carvana, classes) == ([0.35], str(tmp_path / "postprocess.json"))
     (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"road": {"threshold": 0.35}}}))
     with pytest.raises(ConfigError, match="tuned for the classes road, the checkpoints predict car"):
-        pseudo.tuned_thresholds([str(tmp_path)], carvana)
+        pseudo.tuned_thresholds([str(tmp_path)], carvana, classes)
     softmax = TrainConfig(classes="background,road,sky")
-    assert pseudo.tuned_thresholds([str(tmp_path)], softmax) == (None, None)  # the top class: no thresholds
+    assert pseudo.tuned_thresholds([str(tmp_path)], softmax, softmax.class_names()) == (None, None)  # the top class
+    labels = TrainConfig(classes="car,glass", head="multilabel")
+    (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
+    with pytest.raises(ConfigError, match="not a readable tuning file"):
+        pseudo.tuned_thresholds([str(tmp_path)], labels, labels.class_names())
+    (tmp_path / "postprocess.json").write_text(
+        json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {"threshold": 0.4}}})
+    )
+    assert pseudo.tuned_thresholds([str(tmp_path)], labels, labels.class_names())[0] == [0.4, 0.6]
 
 
 @pytest.mark.parametrize(
@@ -288,7 +296,7 @@ def test_a_run_pseudo_labels_the_test_set_and_trains_again_with_it(trained_run, 
     argv = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(run), "--device", "cpu"]
     small = ["--encoder", "resnet18", "--encoder-weights", "none", "--size", "64x96", "--workers", "0", "--epochs", "1"]
     with caplog.at_level("INFO"):
-        train.main([*argv, *small, "--batch-size", "8", "--pseudo", str(out), "--quiet"])
+        train.main([*argv, *small, "--batch-size", "8", "--pseudo", str(out)])
     kept = manifest["kept"]
     used = f"pseudo-labels: {kept['images']} images, {kept['kept_pixels']} of {kept['pixels']} pixels"
     assert any(message.startswith(used) for message in caplog.messages)
