@@ -165,9 +165,8 @@ def write_pseudo_labels(
     partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)  # a killed run's: this process holds out's lock
     partial.mkdir(parents=True)
-    multilabel = settings["head"] == "multilabel"
-    sink = PseudoSink(partial, settings["classes"], multilabel, settings["rule"]["min_kept"])
-    rule = settings["rule"]
+    rule, multilabel = settings["rule"], settings["head"] == "multilabel"
+    sink = PseudoSink(partial, settings["classes"], multilabel, rule["min_kept"])
 
     def masks_of(probabilities: torch.Tensor) -> np.ndarray:
         return confident_masks(probabilities, rule["confidence"], rule["thresholds"], multilabel)
