@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from competition.board import require_tensorboard
 from competition.cluster import add_cluster_arguments, check_cluster_arguments, train_folds_on_ray
@@ -16,6 +17,7 @@ from competition.fold_data import fold_numbers
 from competition.fold_runner import train_folds
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
 from competition.lr_find import with_found_lr
+from competition.pseudo_data import read_manifest
 from competition.recipes import resolve_run_config
 from competition.run_folder import inspect_run_dir
 from competition.training import train_fold
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         check_writable(config.run_dir(), "--out", folder=True)  # its fold's folder, and an out set by --config
         progress = not args.quiet
         require_tensorboard(config)  # before the learning-rate test and the data: a missing package is said first
+        if config.pseudo:  # likewise a --pseudo that is no folder of pseudo-labels
+            read_manifest(Path(config.pseudo))
         if find_lr:  # a fresh fold's run folder checked first: the test takes minutes (a resumed one keeps its rate)
             if not args.resume:
                 inspect_run_dir(config, resume=False, overwrite=args.overwrite)

@@ -78,6 +78,11 @@ class TrainConfig:
         "folder[:its mask folder]; fold 0 validates on exactly val",
     )
     train_on: str = setting("", "with --split: train on these splits, e.g. train,val (the final model), none held out")
+    pseudo: str = setting(
+        "",
+        "a folder of pseudo-labels (python -m competition.pseudo): its test images join every fold's training set, "
+        "never validation, their unconfident pixels ignored; empty: none",
+    )
     colors: str = setting(
         "",
         "colour table of RGB masks: a name,r,g,b CSV or an 'r g b name' text file (default: class_dict.csv, "

@@ -270,12 +270,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_id = self.image_ids[index]
-        image, mask = self.data.read_sample(image_id, reduce_to=self.size)
+        image, mask = self.data.read_sample(self.image_ids[index], reduce_to=self.size)
+        return self.prepared(image, mask, self.smooth_resize)
+
+    def prepared(self, image: np.ndarray, mask: np.ndarray, smooth_resize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample as read (``image``, ``mask`` uint8 (H, W)) resized, augmented and made tensors; a mask that
+        may hold the ignore index takes ``smooth_resize`` False (the nearest pixel)."""
         if self.size is not None:
             image = resize_image(image, self.size)
             if not self.full_size_masks:
-                if self.smooth_resize:
+                if smooth_resize:
                     mask = (resize_image(mask * 255, self.size) > 127).astype(np.uint8)
                 else:
                     mask = resize_mask(mask, self.size)

@@ -19,6 +19,7 @@ from competition.errors import ConfigError, DataError
 from competition.folds import read_folds
 from competition.layouts import open_data_as
 from competition.losses import class_weights
+from competition.pseudo_data import PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.sampling import class_balanced_weights
 from competition.survey import survey
 from competition.workers import loader_start_method
@@ -123,12 +124,17 @@ def fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     return ids[~held_out].tolist(), ids[held_out].tolist()
 
 
-def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.device, pixel_counts=None):
+def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.device, pixel_counts=None, pseudo=None):
     """(training loader and its generator, validation loader). Training drops a last batch smaller than
     ``batch_size`` (batch norm needs more than one image; the order changes each epoch). With ``pixel_counts``
-    ((images, classes) of the training masks) images are drawn by the class-balanced sampler's weights."""
+    ((images, classes) of the training masks, ``pseudo``'s images last) images are drawn by the class-balanced
+    sampler's weights. ``pseudo`` (PseudoLabels) joins its images to the training images alone."""
     input_size = config.input_size()
-    train_set = SegmentationDataset(data, train_ids, size=input_size, transform=train_transform(config))
+    transform = train_transform(config)
+    if pseudo is None:
+        train_set = SegmentationDataset(data, train_ids, size=input_size, transform=transform)
+    else:
+        train_set = PseudoLabelledSet(data, train_ids, pseudo, size=input_size, transform=transform)
     val_set = SegmentationDataset(data, val_ids, size=input_size, full_size_masks=True)
     if len(train_set) < config.batch_size:
         raise DataError(
@@ -189,6 +195,7 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
 def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool) -> FoldData:
     seed_everything(config.seed)
     train_ids, val_ids = fold_ids(config, data)
+    pseudo = _pseudo_labels(config, data, val_ids)  # before the masks are checked: that takes a while
     # The layout says which masks are counted: with fixed classes (Carvana's) the training images' alone, and only
     # for the weights or the sampler; elsewhere every mask, so that a class no training mask holds is said first.
     ids = train_ids + val_ids
@@ -202,7 +209,9 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
     if config.class_weights != "none":
         config = _with_class_weights(config, pixel_counts)
     balanced = pixel_counts if config.sampler == "class-balanced" else None
-    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device, balanced)
+    if balanced is not None and pseudo is not None:  # the pseudo-labelled images are drawn by their confident pixels
+        balanced = np.concatenate([balanced, pseudo.class_pixels])
+    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device, balanced, pseudo)
     return FoldData(
         config=config,
         train_loader=train_loader,
@@ -213,3 +222,13 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
         classes=tuple(data.classes),
         held_out=not set(val_ids) & set(train_ids),
     )
+
+
+def _pseudo_labels(config: TrainConfig, data, val_ids: list[str]) -> PseudoLabels | None:
+    """``--pseudo``'s images for the fold's training set, said in one line; None without it. The class weights and
+    the class checks stay the labelled images' own."""
+    if not config.pseudo:
+        return None
+    pseudo = read_pseudo_labels(config, data, val_ids)
+    logger.info("%s", pseudo.describe())
+    return pseudo

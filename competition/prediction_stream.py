@@ -196,11 +196,13 @@ class PredictionPace:
 def predict_into(
     ensemble, data, batches: list[list[str]], sink, threshold: float, workers: int, progress: bool = True,
     label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
+    masks_of=None,
 ) -> tuple[int, float, bool]:  # fmt: skip
     """The streaming pipeline with bounded memory: loader workers decode and resize the test images of
     ``batches``, the device predicts a batch and turns it into class masks, and a thread pool encodes them
     (``sink.encode``: the numba RLE and zlib release the GIL) while the next batch is on the device; ``sink.write``
     stores them in order. Stops before a batch that ``deadline`` leaves no time for, what was written kept.
+    ``masks_of`` turns a batch's probabilities into its masks instead of ``class_masks`` at ``threshold``.
     Returns (images predicted, seconds, whether every image of ``batches`` was written)."""
     image_ids = [image_id for batch in batches for image_id in batch]
     positions = {image_id: index for index, image_id in enumerate(image_ids)}
@@ -233,7 +235,12 @@ def predict_into(
                 if not pace.next_batch_fits():
                     break
                 shape = tuple(batch["shape"][0].tolist())
-                masks = class_masks(ensemble.probabilities(images, shape), threshold, ensemble.multilabel)
+                probabilities = ensemble.probabilities(images, shape)
+                masks = (
+                    class_masks(probabilities, threshold, ensemble.multilabel)
+                    if masks_of is None
+                    else masks_of(probabilities)
+                )
                 names = [image_ids[index] for index in batch["index"].tolist()]
                 pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
                 predicted += len(names)

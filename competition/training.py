@@ -282,7 +282,8 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
             num_classes=config.num_classes(),
             bce_weight=config.bce_weight,
             dice_weight=config.dice_weight,
-            ignore_index=None if config.fixed_classes() else config.label_ignore_index(),  # Carvana labels all
+            # Carvana labels every pixel; its pseudo-labels leave the unconfident ones out
+            ignore_index=None if config.fixed_classes() and not config.pseudo else config.label_ignore_index(),
             class_weights=weights,
             multilabel=config.multilabel(),
         ),
