@@ -136,16 +136,14 @@ def _loader_options(config: TrainConfig, device: torch.device) -> dict:
 def unaugmented_loader(config: TrainConfig, train_loader, device: torch.device, batches: int) -> Loader:
     """At most ``batches`` batches of the fold's training images as training feeds them but without augmentation
     (training crops kept: they are what the model's batch norm saw), drawn in an order fixed by the seed: the images
-    that averaged weights' batch-norm statistics are recomputed on."""
+    that averaged weights' batch-norm statistics are recomputed on, the same for each."""
     trained = train_loader.dataset
     plain = SegmentationDataset(
         trained.data, trained.image_ids, size=trained.size, transform=train_transform(replace(config, augment="none"))
     )
-    order = torch.Generator().manual_seed(config.seed)
-    sampler = torch.utils.data.RandomSampler(
-        plain, num_samples=min(len(plain), batches * config.batch_size), generator=order
-    )
-    return Loader(plain, config.batch_size, sampler=sampler, drop_last=True, **_loader_options(config, device))
+    drawn = torch.randperm(len(plain), generator=torch.Generator().manual_seed(config.seed))
+    chosen = drawn[: batches * config.batch_size].tolist()  # a list: every pass over the loader sees the same batches
+    return Loader(plain, config.batch_size, sampler=chosen, drop_last=True, **_loader_options(config, device))
 
 
 def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.device, pixel_counts=None):

@@ -4,6 +4,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig
 from competition.environment import explain_out_of_memory
 from competition.epoch_budget import EpochBudget, known_epoch_seconds, no_time_for_an_epoch
 from competition.errors import CheckpointError, DiskFullError, TrainingError
-from competition.files import atomic_output, is_disk_full, no_space_left
+from competition.files import is_disk_full, no_space_left, partial_path
 from competition.fold_data import FoldData, open_training_data, set_up_fold, unaugmented_loader
 from competition.losses import build_loss
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
@@ -606,17 +607,21 @@ def _average_weights(fold: FoldData, parts: _Parts, state: _State, config: Train
 
 
 def _write_averaged(path: Path, write: Callable[[Path], None]) -> None:
-    """``path`` written under a temporary name and renamed; a full disk is one line saying how to go on."""
+    """``path`` written under a temporary name and renamed; a full disk is one line saying how to go on (asked
+    before the temporary file is removed, which frees the room again)."""
+    partial = partial_path(path)
     try:
-        with atomic_output(path) as partial:
-            write(partial)
-    except (OSError, RuntimeError) as error:
-        if not is_disk_full(error, path.parent):
-            raise
-        raise DiskFullError(
-            f"{path.parent}: no space left on its device to write {path.name} ({free_space(path.parent)} free); "
-            "every epoch is saved: once there is room, the same command with --resume writes it"
-        ) from None
+        write(partial)
+    except BaseException as error:
+        full = is_disk_full(error, path.parent)
+        partial.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(
+                f"{path.parent}: no space left on its device to write {path.name} ({free_space(path.parent)} free); "
+                "every epoch is saved: once there is room, the same command with --resume writes it"
+            ) from None
+        raise
+    os.replace(partial, path)
 
 
 def _log_fold_start(config: TrainConfig, fold: FoldData, precision: str, device, deadline: Deadline) -> None:

@@ -2,6 +2,8 @@
 training images, their scores beside best.pt's, and infer.py --weights."""
 
 import copy
+import errno
+import logging
 import math
 
 import pandas as pd
@@ -14,6 +16,7 @@ import train
 from competition import run_folder, training
 from competition.averaging import average_states, epochs_text, keep_top, recompute_batch_norm
 from competition.checkpoints import load_checkpoint
+from competition.errors import DiskFullError
 from competition.files import tagged_partial_path
 from tests.conftest import small_config
 from tests.test_inference import run_infer
@@ -128,11 +131,26 @@ def test_infer_without_the_asked_weights_names_the_fold_folder_and_the_flag(tmp_
 AVERAGING = ["--epochs", "3", "--average-top", "2", "--swa-epochs", "2", "--log-every", "2", "--quiet"]
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def averaged_run(data_dir, folds_csv, tmp_path_factory):
-    """Fold 0 trained for 3 epochs with --average-top 2 --swa-epochs 2, by train.py."""
+    """Fold 0 trained for 3 epochs with --average-top 2 --swa-epochs 2, by train.py; its log lines kept."""
     config = small_config(data_dir, folds_csv, tmp_path_factory.mktemp("averaged") / "run")
-    train.main([*cli_flags(config), *AVERAGING])
+    lines = Lines()
+    logging.getLogger("competition.training").addHandler(lines)  # train.py sets the handlers of "competition"
+    try:
+        train.main([*cli_flags(config), *AVERAGING[:-1]])  # not --quiet: the scores' line is information
+    finally:
+        logging.getLogger("competition.training").removeHandler(lines)
+    config.lines = lines.lines
     return config
 
 
@@ -158,6 +176,10 @@ def test_training_writes_the_averages_and_their_scores_beside_best_pt(averaged_r
     assert scores["val_dice"].iloc[0] == log["val_dice"].max()
     assert scores["val_dice"].iloc[1] == pytest.approx(averaged["score"])
     assert scores["epochs"].astype(str).tolist() == [str(top[0]), " ".join(map(str, sorted(top))), "2 3"]
+    assert (
+        f"fold 0: val Dice best.pt {scores['val_dice'][0]:.5f} (epoch {top[0]}), averaged.pt (top 2: epochs "
+        f"{epochs_text(top)}) {scores['val_dice'][1]:.5f}, swa.pt (epochs 2, 3) {scores['val_dice'][2]:.5f}"
+    ) in averaged_run.lines
 
 
 @pytest.mark.slow
@@ -197,3 +219,17 @@ def test_a_resumed_run_keeps_its_top_k_and_averages_as_an_uninterrupted_one(aver
         resumed, expected = load_checkpoint(run_dir / name)["model"], load_checkpoint(expected_dir / name)["model"]
         assert all(torch.equal(resumed[key], expected[key]) for key in expected), name
     assert (run_dir / "averaged.csv").read_text() == (expected_dir / "averaged.csv").read_text()
+
+
+def test_no_room_for_the_averaged_weights_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    def no_room(path):
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError) as raised:
+        training._write_averaged(tmp_path / "averaged.pt", no_room)
+    assert str(raised.value) == (
+        f"{tmp_path}: no space left on its device to write averaged.pt ({run_folder.free_space(tmp_path)} free); "
+        "every epoch is saved: once there is room, the same command with --resume writes it"
+    )
+    assert list(tmp_path.iterdir()) == []
