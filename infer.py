@@ -48,6 +48,7 @@ from competition.environment import default_data_dir, default_work_dir, resolve_
 from competition.errors import ConfigError
 from competition.files import check_writable, output_lock
 from competition.inference import (
+    WEIGHTS_FILES,
     Ensemble,
     export_onnx,
     find_checkpoints,
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[TrainConfig().out],
         help="run folders (every fold*/best.pt inside) or checkpoint files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=tuple(WEIGHTS_FILES),
+        default="best",
+        help="the weights of each fold folder: best (best.pt), averaged (averaged.pt: train.py --average-top) or swa "
+        "(swa.pt: train.py --swa-epochs) (default: %(default)s)",
     )
     parser.add_argument(
         "--data-dir", type=Path, help="(default: the checkpoints' data folder when it is here, else the default's)"
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         deadline = Deadline(parse_duration(args.time_limit) if args.time_limit is not None else None, started)
         if mode == "submission":
             check_resume_flags(args.resume, args.overwrite)
-        paths = find_checkpoints(args.checkpoints)
+        paths = find_checkpoints(args.checkpoints, args.weights)
         if mode == "submission":
             devices = [None] if args.backend == "ray" else submission_devices(args)  # Ray: the cluster's
             status = predict_test_set(args, paths, tta, deadline, devices)

@@ -164,6 +164,14 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     clip_grad: float = setting(1.0, "max gradient norm; 0 turns clipping off")
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, e.g. 0.999; 0 is off")
+    average_top: int = setting(
+        0,
+        "keep the weights of this many best epochs (by --monitor) and write their average as averaged.pt at the "
+        "end, batch norm recomputed on training images; 0 is off",
+    )
+    swa_epochs: int = setting(
+        0, "average the weights at the end of each of the last this many epochs (SWA) into swa.pt; 0 is off"
+    )
     augment: str = setting(
         "full", "full (flips, shift-scale-rotate, brightness/contrast, hue), flip (horizontal flips alone) or none"
     )
@@ -272,6 +280,8 @@ BOUNDS = {
     "dice_weight": (lambda v: v >= 0, "0 or more"),
     "clip_grad": (lambda v: v >= 0, "0 (off) or more"),
     "ema": (lambda v: 0 <= v < 1, "in [0, 1): 0 is off, e.g. 0.999"),
+    "average_top": (lambda v: v >= 0, "0 (off) or more"),
+    "swa_epochs": (lambda v: v >= 0, "0 (off) or more"),
     "ignore_index": (lambda v: 0 <= v <= 255, "in 0..255 (masks are 8-bit)"),
     "step_epochs": (lambda v: v >= 1, "at least 1"),
     "step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -312,6 +322,22 @@ def check_config(config: "TrainConfig") -> None:
         check_multilabel(config)
     config.input_size()
     parse_duration(config.time_limit, flag("time_limit"))
+    _check_averaging(config)
+
+
+def _check_averaging(config: "TrainConfig") -> None:
+    """--average-top and --swa-epochs within the run, and not with --ema: EMA's weights are an average already,
+    and averaging them again would leave unclear which weights best.pt and the averages hold."""
+    for name in ("average_top", "swa_epochs"):
+        value = getattr(config, name)
+        if value > config.epochs:
+            raise ConfigError(
+                f"{flag(name)} {value}: more epochs than the run's {config.epochs} (--epochs); give at most {config.epochs}"
+            )
+        if value and config.ema:
+            raise ConfigError(
+                f"{flag(name)} and --ema {config.ema:g}: both average the weights; give one of them (--ema 0 turns EMA off)"
+            )
 
 
 def check_multilabel(config: "TrainConfig") -> None:

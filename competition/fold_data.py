@@ -124,6 +124,29 @@ def fold_ids(config: TrainConfig, data) -> tuple[list[str], list[str]]:
     return ids[~held_out].tolist(), ids[held_out].tolist()
 
 
+def _loader_options(config: TrainConfig, device: torch.device) -> dict:
+    workers = min(config.workers, os.cpu_count() or 1)
+    return {
+        "num_workers": workers,
+        "multiprocessing_context": loader_start_method(workers),
+        "pin_memory": device.type == "cuda",
+        "worker_init_fn": _seed_worker,
+    }
+
+
+def unaugmented_loader(config: TrainConfig, train_loader, device: torch.device, batches: int) -> Loader:
+    """At most ``batches`` batches of the fold's training images as training feeds them but without augmentation
+    (training crops kept: they are what the model's batch norm saw), drawn in an order fixed by the seed: the images
+    that averaged weights' batch-norm statistics are recomputed on, the same for each."""
+    trained = train_loader.dataset
+    plain = SegmentationDataset(
+        trained.data, trained.image_ids, size=trained.size, transform=train_transform(replace(config, augment="none"))
+    )
+    drawn = torch.randperm(len(plain), generator=torch.Generator().manual_seed(config.seed))
+    chosen = drawn[: batches * config.batch_size].tolist()  # a list: every pass over the loader sees the same batches
+    return Loader(plain, config.batch_size, sampler=chosen, drop_last=True, **_loader_options(config, device))
+
+
 def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.device, pixel_counts=None, pseudo=None):
     """(training loader and its generator, validation loader). Training drops a last batch smaller than
     ``batch_size`` (batch norm needs more than one image; the order changes each epoch). With ``pixel_counts``
@@ -141,13 +164,7 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
             f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of {config.batch_size}; "
             "lower --batch-size"
         )
-    workers = min(config.workers, os.cpu_count() or 1)
-    options = {
-        "num_workers": workers,
-        "multiprocessing_context": loader_start_method(workers),
-        "pin_memory": device.type == "cuda",
-        "worker_init_fn": _seed_worker,
-    }
+    options = _loader_options(config, device)
     order = torch.Generator()
     if pixel_counts is None:
         sampler = torch.utils.data.RandomSampler(train_set, generator=order)

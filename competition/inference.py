@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from competition.averaging import AVERAGED_NAME, SWA_NAME
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.clock import Deadline
 from competition.config import TrainConfig
@@ -68,17 +69,40 @@ class Member:
         return model_input(images[self.size_key], self.config.channels_last)
 
 
-def find_checkpoints(paths: list[str | Path]) -> list[Path]:
-    """Checkpoint files: each path is a ``best.pt`` file or a run folder holding ``fold*/best.pt``."""
+# infer.py --weights -> the file of each fold folder, and the train.py flag that makes it.
+WEIGHTS_FILES = {
+    "best": ("best.pt", ""),
+    "averaged": (AVERAGED_NAME, "--average-top K (e.g. --average-top 3)"),
+    "swa": (SWA_NAME, "--swa-epochs N (e.g. --swa-epochs 3)"),
+}
+
+
+def find_checkpoints(paths: list[str | Path], weights: str = "best") -> list[Path]:
+    """Checkpoint files: each path is a checkpoint file or a run folder holding ``fold*/best.pt`` (or a fold
+    folder holding ``best.pt``); of each fold folder, the file of ``weights`` (a key of WEIGHTS_FILES)."""
+    name, made_by = WEIGHTS_FILES[weights]
     found = []
     for path in map(Path, paths):
         if path.is_file():
+            if weights != "best":
+                raise CheckpointError(
+                    f"--weights {weights} picks {name} in run folders, and {path} is a checkpoint file: give its run "
+                    "folder, or leave --weights out"
+                )
             found.append(path)
         elif path.is_dir():
-            folds = sorted(path.glob("fold*/best.pt")) or sorted(path.glob("best.pt"))
+            folds = sorted(best.parent for best in path.glob("fold*/best.pt")) or (
+                [path] if (path / "best.pt").is_file() else []
+            )
             if not folds:
                 raise CheckpointError(f"{path}: no fold*/best.pt inside; train with `python train.py --out {path}`")
-            found += folds
+            for fold in folds:
+                if not (fold / name).is_file():
+                    raise CheckpointError(
+                        f"{fold}: no {name} (--weights {weights}); train.py writes it with {made_by}: train the "
+                        "fold again with it, or leave --weights out"
+                    )
+            found += [fold / name for fold in folds]
         else:
             raise CheckpointError(f"{path}: no such checkpoint file or run folder")
     return found

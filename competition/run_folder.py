@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from competition.averaging import AVERAGED_NAME, KEPT_NAME, SCORES_NAME, SWA_NAME, kept_epoch, kept_name
 from competition.checkpoints import check_resumable, load_checkpoint, write_checkpoint
 from competition.config import TrainConfig
 from competition.errors import CheckpointError, DiskFullError
@@ -48,7 +49,7 @@ MONITOR_COLUMNS = {
     "pixel_accuracy": ("val_pixel_accuracy", "val pixel accuracy"),
 }
 
-RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json")
+RUN_OUTPUTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.json", AVERAGED_NAME, SWA_NAME, SCORES_NAME)
 
 LOCK_NAME = ".lock"
 
@@ -58,10 +59,15 @@ LOCK_NAME = ".lock"
 # everything --resume reads, so the epoch is saved once it is in place. best.pt goes last, so that a crash between two
 # renames never leaves a best.pt of an epoch that log.csv does not list; and the claim of a resumed run renames
 # what such a crash left of the epoch last.pt holds (resume alone would not write that best.pt again).
-COMMIT_ORDER = ("last.pt", "log.csv", "curves.png", "best.pt")
-# What a write of the run folder's files leaves under a temporary name: an epoch's (tagged) or config.json's.
+# --average-top's weights of the epoch (top_epoch<N>.pt, KEPT_SLOT here) go before best.pt for the same reason; the
+# kept files of epochs the new one displaced are removed once all are renamed (or by the claim, after a crash).
+KEPT_SLOT = "top_epoch<N>.pt"
+COMMIT_ORDER = ("last.pt", "log.csv", "curves.png", KEPT_SLOT, "best.pt")
+# What a write of the run folder's files leaves under a temporary name: an epoch's (tagged), or config.json's and
+# the averaged weights' and their scores' at the end of a run.
 PARTIAL_NAME = re.compile(
-    r"(?P<name>best\.pt|last\.pt|log\.csv|curves\.png|config\.json)(\.epoch(?P<epoch>\d+))?\.partial"
+    r"(?P<name>best\.pt|last\.pt|log\.csv|curves\.png|config\.json|top_epoch\d+\.pt|averaged\.pt|swa\.pt|averaged\.csv)"
+    r"(\.epoch(?P<epoch>\d+))?\.partial"
 )
 # Fewer checkpoints than this fitting in the free space is warned of before training.
 CHECKPOINTS_OF_ROOM = 3
@@ -120,6 +126,7 @@ def claim_run_folder(config: TrainConfig, resume: bool, overwrite: bool, split: 
                 "the run was trained on; resume with its folds file, or start again with --overwrite"
             )
         finish_interrupted_commit(run_dir, resumed_from["epoch"] if resumed_from is not None else None)
+        remove_unkept(run_dir, resumed_from)
         if overwrite:
             for name in RUN_OUTPUTS:
                 (run_dir / name).unlink(missing_ok=True)
@@ -154,7 +161,7 @@ def finish_interrupted_commit(run_dir: Path, committed_epoch: int | None) -> Non
             left[match["name"]] = path
         else:
             path.unlink()
-    for name in (name for name in COMMIT_ORDER if name in left):
+    for name in sorted(left, key=_commit_position):
         os.replace(left[name], run_dir / name)
     if left:
         logger.info(
@@ -162,20 +169,47 @@ def finish_interrupted_commit(run_dir: Path, committed_epoch: int | None) -> Non
         )
 
 
-def commit_epoch(run_dir: Path, last: dict, best: dict | None, rows: list[dict], config: TrainConfig) -> None:
-    """An epoch's last.pt, best.pt (``best``: when it improved), log.csv and curves.png, saved together (see
-    COMMIT_ORDER). A full disk raises OSError ENOSPC with the folder as it was."""
+def _commit_position(name: str) -> int:
+    """Where a file of an epoch's save is renamed in COMMIT_ORDER."""
+    return COMMIT_ORDER.index(KEPT_SLOT if kept_epoch(name) is not None else name)
+
+
+def kept_epochs(checkpoint: dict | None) -> list[tuple[int, float]]:
+    """The (epoch, score) pairs of the epochs whose weights ``last.pt`` keeps for --average-top, best first."""
+    return [(int(epoch), float(score)) for epoch, score in (checkpoint or {}).get("kept_epochs", [])]
+
+
+def remove_unkept(run_dir: Path, last: dict | None) -> None:
+    """The kept weights (top_epoch<N>.pt) of epochs that ``last`` (last.pt's content, None: no epoch saved) no
+    longer keeps: displaced by a better epoch, or left by an epoch that was never saved."""
+    kept = {epoch for epoch, _ in kept_epochs(last)}
+    for path in run_dir.iterdir():
+        if KEPT_NAME.fullmatch(path.name) and kept_epoch(path.name) not in kept:
+            path.unlink()
+
+
+def commit_epoch(
+    run_dir: Path, last: dict, best: dict | None, rows: list[dict], config: TrainConfig, kept: dict | None = None
+) -> None:
+    """An epoch's last.pt, best.pt (``best``: when it improved), log.csv, curves.png and its weights kept for
+    --average-top (``kept``: when it is among the best, top_epoch<N>.pt), saved together (see COMMIT_ORDER); then
+    the kept weights that last.pt no longer lists are removed. A full disk raises OSError ENOSPC with the folder as
+    it was."""
     column, name = monitored(config)
     writers = {
         "last.pt": lambda path: write_checkpoint(last, path),
         "log.csv": lambda path: write_log_csv(rows, path),
         "curves.png": lambda path: plot_curves(rows, path, column, name),
+        kept_name(last["epoch"]): lambda path: write_checkpoint(kept, path),
         "best.pt": lambda path: write_checkpoint(best, path),
     }
     if best is None:
         del writers["best.pt"]
-    writes = [(run_dir / name, writers[name]) for name in COMMIT_ORDER if name in writers]
+    if kept is None:
+        del writers[kept_name(last["epoch"])]
+    writes = [(run_dir / name, writers[name]) for name in sorted(writers, key=_commit_position)]
     write_all_then_rename(writes, f"epoch{last['epoch']}")
+    remove_unkept(run_dir, last)
 
 
 def warn_if_little_room(run_dir: Path, checkpoint_bytes: int) -> None:

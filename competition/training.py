@@ -1,7 +1,10 @@
 """The training loop: a fold's model and optimiser, its epochs (steps, validation, checkpoints) up to the time limit."""
 
+import copy
+import functools
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -13,15 +16,26 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from competition.averaging import (
+    AVERAGED_NAME,
+    BATCH_NORM_BATCHES,
+    SCORES_NAME,
+    SWA_NAME,
+    average_kept,
+    epochs_text,
+    keep_top,
+    recompute_batch_norm,
+    write_scores,
+)
 from competition.board import Board, open_board
-from competition.checkpoints import load_checkpoint, summary
+from competition.checkpoints import load_checkpoint, summary, write_checkpoint
 from competition.clock import Deadline, parse_duration
 from competition.config import ONE_IMAGE_BATCH_NORM, TrainConfig
 from competition.environment import explain_out_of_memory
 from competition.epoch_budget import EpochBudget, known_epoch_seconds, no_time_for_an_epoch
 from competition.errors import CheckpointError, DiskFullError, TrainingError
-from competition.files import no_space_left
-from competition.fold_data import FoldData, open_training_data, set_up_fold
+from competition.files import is_disk_full, no_space_left, partial_path
+from competition.fold_data import FoldData, open_training_data, set_up_fold, unaugmented_loader
 from competition.losses import build_loss
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
 from competition.models import build_model
@@ -31,6 +45,7 @@ from competition.run_folder import (
     commit_epoch,
     free_space,
     inspect_run_dir,
+    kept_epochs,
     monitored,
     warn_if_little_room,
 )
@@ -200,6 +215,7 @@ class _State:
     start_epoch: int = 0
     best_score: float = -1.0  # of the monitored score; checkpoints keep it as best_dice, their name of old
     rows: list = field(default_factory=list)
+    kept: list = field(default_factory=list)  # (epoch, score) of the epochs --average-top keeps, best first
 
 
 @dataclass
@@ -213,6 +229,7 @@ class _Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
+    swa: AveragedModel | None  # --swa-epochs: the average of the weights at the end of the last epochs
     precision: str
     optimizer_steps: OptimizerStepCount
 
@@ -226,14 +243,15 @@ class _Parts:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
+            "swa": self.swa.state_dict() if self.swa is not None else {},
         }
 
     def checkpoint_bytes(self) -> int:
         """About the size of last.pt, from its tensors: the weights and buffers, AdamW's two moments of each weight
-        (made at the first step, so counted rather than read), and the EMA's copy; best.pt is smaller."""
+        (made at the first step, so counted rather than read), and the EMA's or SWA's copy; best.pt is smaller."""
         state = sum(tensor.numel() * tensor.element_size() for tensor in self.model.state_dict().values())
         moments = 2 * sum(weight.numel() * weight.element_size() for weight in self.model.parameters())
-        return state + moments + (state if self.ema is not None else 0)
+        return state + moments + sum(state for average in (self.ema, self.swa) if average is not None)
 
     def restore(self, checkpoint: dict, path: Path) -> _State:
         """Weights and optimiser state from ``last.pt``; the log rows of the epochs it finished."""
@@ -244,6 +262,8 @@ class _Parts:
             self.scaler.load_state_dict(checkpoint["scaler"])
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
+            if self.swa is not None:
+                self.swa.load_state_dict(checkpoint["swa"])
         except torch.OutOfMemoryError:
             raise
         except (KeyError, RuntimeError, ValueError) as error:
@@ -252,7 +272,7 @@ class _Parts:
         logger.info(
             "resumed from %s: epoch %d done, best score %.5f", path, checkpoint["epoch"], checkpoint["best_dice"]
         )
-        return _State(checkpoint["epoch"], checkpoint["best_dice"], rows)
+        return _State(checkpoint["epoch"], checkpoint["best_dice"], rows, kept_epochs(checkpoint))
 
 
 def _epochs_done(checkpoint: dict | None) -> list[dict]:
@@ -274,6 +294,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
     weights = [float(value) for value in config.class_weight_values.split(",")] if config.class_weight_values else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
+    swa = AveragedModel(model) if config.swa_epochs else None  # parameters alone: batch norm is recomputed at the end
     return _Parts(
         model=model,
         forward=forward,
@@ -291,6 +312,7 @@ def build_parts(config: TrainConfig, device: torch.device, precision: str, steps
         scheduler=build_scheduler(config, optimizer, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         ema=ema,
+        swa=swa,
         precision=precision,
         optimizer_steps=OptimizerStepCount(optimizer),
     )
@@ -394,28 +416,32 @@ def _warn_of_skipped_steps(config: TrainConfig, epoch: int, skipped: int, steps:
 
 def _save_epoch(parts: _Parts, state: _State, config: TrainConfig, row: dict, fold: FoldData, run_dir: Path):
     """best.pt when the monitored validation score improved (every epoch when the validation images are also
-    trained on: no score then picks one), last.pt (with everything --resume needs), log.csv, curves.png: saved
-    together, so that a full disk leaves the folder at the epoch before, and says so in one line."""
+    trained on: no score then picks one), last.pt (with everything --resume needs), log.csv, curves.png, and the
+    epoch's weights when --average-top keeps them (the latest epochs when nothing is held out): saved together, so
+    that a full disk leaves the folder at the epoch before, and says so in one line."""
     column, name = monitored(config)
     rows = [*state.rows, row]
     improved = row[column] > state.best_score or not fold.held_out
     best_score = row[column] if improved else state.best_score
     epoch_summary = summary(config, row["epoch"], row[column], fold.image_shape)
-    best = {"model": parts.evaluated.state_dict(), **epoch_summary} if improved else None
+    weights = {"model": parts.evaluated.state_dict(), **epoch_summary}
+    kept = keep_top(state.kept, row["epoch"], row[column] if fold.held_out else row["epoch"], config.average_top)
     last = {
         "model": parts.model.state_dict(),
         **epoch_summary,
         "best_dice": best_score,
         "log": rows,
         "split": fold.split,
+        "kept_epochs": [list(pair) for pair in kept],
     }
+    keep = weights if row["epoch"] in (epoch for epoch, _ in kept) else None
     try:
-        commit_epoch(run_dir, {**last, **parts.training_state()}, best, rows, config)
+        commit_epoch(run_dir, {**last, **parts.training_state()}, weights if improved else None, rows, config, keep)
     except OSError as error:
         if not no_space_left(error):  # commit_epoch raised torch.save's error on a full disk as ENOSPC
             raise
         raise _no_room_for(row["epoch"], state, column, fold.held_out, run_dir) from error
-    state.rows, state.best_score = rows, best_score
+    state.rows, state.best_score, state.kept = rows, best_score, kept
     if improved:
         logger.debug("saved %s (%s %.5f)", run_dir / "best.pt", name, best_score)
 
@@ -454,19 +480,7 @@ def _run_epoch(
         parts, fold.train_loader, config, epoch, run_dir, progress, budget, board
     )
     train_seconds = clock() - started
-    # Carvana's Dice needs no confusion matrix unless another score is monitored
-    by_confusion = not config.fixed_classes() or monitored(config)[0] != "val_dice"
-    scored_classes = list(fold.classes) if by_confusion else None
-    with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
-        score = evaluate_labels if config.multilabel() else evaluate
-        metrics = score(
-            parts.evaluated,
-            fold.val_loader,
-            parts.loss_fn,
-            parts.precision,
-            scored_classes,
-            config.label_ignore_index(),
-        )
+    metrics = _validate(parts.evaluated, parts, fold, config)
     confusion = metrics.pop("confusion", None)
     row = {
         "epoch": epoch + 1,  # counted from 1 in log.csv and checkpoints, as the log says it
@@ -479,6 +493,18 @@ def _run_epoch(
     }
     board.epoch(epoch, row, confusion, parts.evaluated)
     return row
+
+
+def _validate(model: torch.nn.Module, parts: _Parts, fold: FoldData, config: TrainConfig) -> dict:
+    """``model``'s validation scores on the fold, as each epoch's are made (see evaluate)."""
+    # Carvana's Dice needs no confusion matrix unless another score is monitored
+    by_confusion = not config.fixed_classes() or monitored(config)[0] != "val_dice"
+    scored_classes = list(fold.classes) if by_confusion else None
+    score = evaluate_labels if config.multilabel() else evaluate
+    with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
+        return score(
+            model, fold.val_loader, parts.loss_fn, parts.precision, scored_classes, config.label_ignore_index()
+        )
 
 
 def _train_epochs(
@@ -500,6 +526,8 @@ def _train_epochs(
             if not budget.begin(epoch):
                 return budget.not_started
             row = _run_epoch(fold, parts, config, epoch, run_dir, progress, budget, board)
+            if parts.swa is not None and epoch >= config.epochs - config.swa_epochs:
+                parts.swa.update_parameters(parts.model)
             _save_epoch(parts, state, config, row, fold, run_dir)
             _log_epoch(config, epoch, row)
             budget.end()
@@ -577,10 +605,69 @@ def train_fold_within(
         _log_fold_start(config, fold, precision, device, deadline)
         warn_if_little_room(run_dir, parts.checkpoint_bytes())
         not_started = _train_epochs(fold, parts, state, config, run_dir, progress, deadline, epoch_ended)
+        if len(state.rows) == config.epochs and (config.average_top or config.swa_epochs):
+            _average_weights(fold, parts, state, config, run_dir)
     result = _result(config, state.rows, not_started)
     if result.best is not None and not not_started:
         _log_best(config, result, run_dir)
     return result
+
+
+def _average_weights(fold: FoldData, parts: _Parts, state: _State, config: TrainConfig, run_dir: Path) -> None:
+    """averaged.pt (--average-top) and swa.pt (--swa-epochs) once the fold's last epoch is saved, batch norm
+    recomputed on training images; scored on the fold's validation images beside best.pt, said in one line and
+    written to averaged.csv. averaged.csv goes last: a resumed run whose averaging was interrupted does it again,
+    and a finished one leaves it as it is."""
+    if (run_dir / SCORES_NAME).exists():
+        return
+    column, name = monitored(config)
+    averages = []
+    if config.average_top:
+        epochs = sorted(epoch for epoch, _ in state.kept)
+        model = copy.deepcopy(parts.model)
+        model.load_state_dict(average_kept(run_dir, epochs))
+        averages.append((AVERAGED_NAME, model, epochs, f"top {len(epochs)}: epochs "))
+    if config.swa_epochs:
+        epochs = list(range(config.epochs - config.swa_epochs + 1, config.epochs + 1))
+        averages.append((SWA_NAME, parts.swa.module, epochs, "epochs "))
+    device = next(parts.model.parameters()).device
+    loader = unaugmented_loader(config, fold.train_loader, device, BATCH_NORM_BATCHES)
+    best = max(state.rows, key=lambda row: row[column]) if fold.held_out else state.rows[-1]  # best.pt's epoch
+    rows, said = [], [f"best.pt {best[column]:.5f} (epoch {best['epoch']})"]
+    for file_name, model, epochs, label in averages:
+        recompute_batch_norm(model, loader, config.channels_last, parts.precision)
+        metrics = _validate(model, parts, fold, config)
+        metrics.pop("confusion", None)
+        payload = {
+            "model": model.state_dict(),
+            **summary(config, epochs[-1], metrics[column], fold.image_shape),
+            "averaged_epochs": epochs,
+        }
+        _write_averaged(run_dir / file_name, functools.partial(write_checkpoint, payload))
+        rows.append({"weights": file_name, "epochs": " ".join(map(str, epochs)), **metrics})
+        said.append(f"{file_name} ({label}{epochs_text(epochs)}) {metrics[column]:.5f}")
+    best_scores = {key: best.get(key, "") for key in rows[0] if key not in ("weights", "epochs")}
+    rows.insert(0, {"weights": "best.pt", "epochs": str(best["epoch"]), **best_scores})
+    _write_averaged(run_dir / SCORES_NAME, lambda path: write_scores(rows, path))
+    logger.info("fold %d: %s %s", config.fold, name, ", ".join(said))
+
+
+def _write_averaged(path: Path, write: Callable[[Path], None]) -> None:
+    """``path`` written under a temporary name and renamed; a full disk is one line saying how to go on (asked
+    before the temporary file is removed, which frees the room again)."""
+    partial = partial_path(path)
+    try:
+        write(partial)
+    except BaseException as error:
+        full = is_disk_full(error, path.parent)
+        partial.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(
+                f"{path.parent}: no space left on its device to write {path.name} ({free_space(path.parent)} free); "
+                "every epoch is saved: once there is room, the same command with --resume writes it"
+            ) from None
+        raise
+    os.replace(partial, path)
 
 
 def _log_fold_start(config: TrainConfig, fold: FoldData, precision: str, device, deadline: Deadline) -> None:
