@@ -21,7 +21,7 @@ HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # A stack of images labelled in one call: connected within an image, never across the stack's first axis.
 STACK_EIGHT_CONNECTED = np.stack([np.zeros((3, 3), bool), EIGHT_CONNECTED, np.zeros((3, 3), bool)])
-THRESHOLDS = tuple(round(0.1 + 0.05 * step, 2) for step in range(17))  # 0.10 .. 0.90
+THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))  # 0.1 .. 0.9: one labelling each per class
 AREA_FRACTIONS = (0.0, *(2.0**-power for power in range(16, 3, -1)))  # of the image: 0, then 1/65536 .. 1/16
 TUNE_LONGEST_SIDE = 384  # out-of-fold probabilities kept at most this long a side, as uint8 (p * 255)
 STACK_IMAGES = 200  # images labelled in one call: bounds the int32 labels' memory
@@ -223,15 +223,18 @@ def label_components(stacks, level: int) -> Components:
     for scores, true, scale in stacks:
         for start in range(0, len(scores), STACK_IMAGES):
             chunk, truth = scores[start : start + STACK_IMAGES] > level, true[start : start + STACK_IMAGES]
+            parts["true_area"].append(truth.reshape(len(chunk), -1).sum(1))
+            predicted = np.flatnonzero(chunk.reshape(len(chunk), -1).any(1))  # the images left empty need no labels
+            if not len(predicted):
+                continue
+            chunk, truth = chunk[predicted], truth[predicted]
             labels, count = ndimage.label(chunk, STACK_EIGHT_CONNECTED)
             parts["sizes"].append(np.bincount(labels[chunk], minlength=count + 1)[1:])
             parts["overlaps"].append(np.bincount(labels[chunk & truth], minlength=count + 1)[1:])
             # labels grow in raster order, so an image's components follow the previous image's
             last = np.maximum.accumulate(labels.reshape(len(chunk), -1).max(1))
-            per_image = np.diff(last, prepend=0)
-            parts["image"].append(np.repeat(np.arange(offset, offset + len(chunk)), per_image))
-            parts["true_area"].append(truth.reshape(len(chunk), -1).sum(1))
-            offset += len(chunk)
+            parts["image"].append(np.repeat(offset + start + predicted, np.diff(last, prepend=0)))
+        offset += len(scores)
         parts["scale"].append(scale)
     joined = {name: np.concatenate(values) for name, values in parts.items()}
     full_sizes = joined["sizes"] * joined["scale"][joined["image"]]
@@ -278,11 +281,14 @@ def tune(store: OutOfFoldStore, classes: list[str], threshold: float) -> tuple[P
     rules, rows = [], []
     for index, name in enumerate(classes):
         stacks = list(store.class_stacks(index + 1 if store.head == "softmax" else index))
+        labelled = {level_of(candidate): label_components(stacks, level_of(candidate)) for candidate in grid}
         untuned_level = level_of(None if store.head == "softmax" else threshold)
-        untuned = best_areas(label_components(stacks, untuned_level), areas[:1])[3]
+        if untuned_level not in labelled:
+            labelled[untuned_level] = label_components(stacks, untuned_level)
+        untuned = best_areas(labelled[untuned_level], areas[:1])[3]
         best = (-1.0, None, 0, 0)
         for candidate in grid:
-            dice, min_area, min_total, _ = best_areas(label_components(stacks, level_of(candidate)), areas)
+            dice, min_area, min_total, _ = best_areas(labelled[level_of(candidate)], areas)
             if dice > best[0] + 1e-12:
                 best = (dice, candidate, min_area, min_total)
         rules.append(ClassRule(name, best[1], best[2], best[3]))

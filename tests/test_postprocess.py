@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench import tune_bench
 from competition import metrics
 from competition.errors import ConfigError, DataError
 from competition.mask_values import pack_labels
@@ -197,3 +198,31 @@ def test_class_tables_score_the_mean_dice_of_numpy(tmp_path, order):
     pd.DataFrame(short, columns=["id", "class", "predicted"]).to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(DataError, match=r"no row for 1 \(image, class\) pair\(s\) with a true mask"):
         metrics.score_class_tables(tmp_path / "short.csv", tmp_path / "truth.csv", lambda image: shapes[image])
+
+
+def test_the_tuning_bench_runs_small_and_tuning_gains(capsys):
+    tune_bench.main(["--images", "40", "--size", "64"])
+    printed = capsys.readouterr().out
+    assert "tuning search: 40 images 64x64, 3 classes in" in printed and "load average" in printed
+    table = [line.split() for line in printed.splitlines()[1:4]]
+    assert [row[0] for row in table] == ["common", "rare", "rarest"]
+    assert all(float(row[2]) > float(row[1]) for row in table), "the search beats threshold 0.5 without areas"
+
+
+def test_metrics_command_scores_per_class_tables(tmp_path, capsys):
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 4\na.jpg,2,\nb.jpg,1,\n")
+    submission = tmp_path / "sub.csv"
+    submission.write_text("ImageId_ClassId,EncodedPixels\na.jpg_1,1 2\na.jpg_2,\nb.jpg_1,\nb.jpg_2,3 1\n")
+    metrics.main([str(submission), str(truth), "--size", "2x3"])
+    # a_1: 2*2/(2+4); a_2: empty/empty 1; b_1: 1; b_2: predicted where nothing is true 0
+    expected = (2 * 2 / 6 + 1 + 1 + 0) / 4
+    assert capsys.readouterr().out == (
+        f"mean Dice {expected:.5f} over 4 (image, class) pairs of 2 images; per class: 1 {(2 / 3 + 1) / 2:.5f}, "
+        "2 0.50000\n"
+    )
+    (tmp_path / "bad.csv").write_text("a,b,c,d\n1,2,3,4\n")
+    with pytest.raises(SystemExit) as exit_info:
+        metrics.main([str(submission), str(tmp_path / "bad.csv"), "--size", "2x3"])
+    assert exit_info.value.code == 2
+    assert "bad.csv: the header is 'a,b,c,d'; a per-class RLE table has" in capsys.readouterr().err
