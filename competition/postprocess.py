@@ -218,7 +218,9 @@ class Components:
 
 def label_components(stacks, level: int) -> Components:
     """Each image's connected components above ``level`` (uint8), labelled STACK_IMAGES images per call."""
-    parts: dict[str, list] = {name: [] for name in ("sizes", "overlaps", "image", "true_area", "scale")}
+    # each list starts empty-handed: a level no image passes has no components at all
+    parts: dict[str, list] = {name: [np.zeros(0, np.int64)] for name in ("sizes", "overlaps", "image", "true_area")}
+    parts["scale"] = []
     offset = 0
     for scores, true, scale in stacks:
         for start in range(0, len(scores), STACK_IMAGES):

@@ -107,6 +107,14 @@ def test_tuning_removes_specks_on_empty_images_and_scores_its_own_choice():
     assert row["untuned"] == pytest.approx(untuned) and row["tuned"] == pytest.approx(tuned)
 
 
+def test_a_class_never_predicted_scores_its_empty_images():
+    probabilities, truth = specks_fixture(images=10)
+    store = OutOfFoldStore("binary", 1, 255)
+    store.add(probabilities * 0, truth)  # nothing above any threshold
+    _, table = tune(store, ["car"], 0.5)
+    assert table.iloc[0]["untuned"] == table.iloc[0]["tuned"] == 0.8  # 8 of the 10 images are empty: Dice 1 there
+
+
 def test_a_tuning_file_of_other_classes_is_one_line(tmp_path):
     path = tmp_path / "postprocess.json"
     rules = PostProcess("multilabel", (ClassRule("car", 0.4, 10, 0), ClassRule("glass", 0.6, 0, 50)))
