@@ -22,6 +22,7 @@ import infer
 from competition.errors import ConfigError
 from competition.inference import Ensemble, find_checkpoints, load_member, write_predictions
 from competition.layouts import open_data
+from competition.logs import configure
 from competition.metrics import score_mask_folders
 from competition.out_of_fold import out_of_fold
 from competition.rle import rle_decode
@@ -285,6 +286,7 @@ def parts_sample(data: Path, path: Path) -> list[tuple[str, str]]:
 def test_sample_submission_rows_stopped_by_the_clock_and_resumed_on_two_devices(
     parts, tmp_path, monkeypatch, caplog, capsys
 ):
+    configure()  # the project's handlers on this test's streams: write_predictions logs before any infer.main
     caplog.set_level(logging.INFO, logger="competition")
     data, _, run = parts
     sample = tmp_path / "sample_submission.csv"
