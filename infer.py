@@ -12,12 +12,20 @@ python infer.py --export-onnx unet.onnx --checkpoints runs/x/fold0/best.pt   one
 python infer.py --tta --checkpoints runs/parts --out submissions/parts/   any other data set: a PNG mask per image
 python infer.py --tta --checkpoints runs/parts --format rle-csv --out parts.csv   ... or per-class RLE rows
 python infer.py --oof --tta --checkpoints runs/parts --out predictions/oof-masks/   ... out of fold, masks written
+python infer.py --oof --tta --tune --checkpoints runs/gi   ... and per-class post-processing tuned: postprocess.json
+python infer.py --tta --checkpoints runs/gi --sample-submission input/sample_submission.csv --out sub.csv
+                                                                       ... per-class rows as the sample lists them
 
 Every output is one stream into a writer (--format): rle, one img,rle_mask row per image in sample-submission
 order (Carvana's, the default of its models); rle-csv, Kaggle's ImageId_ClassId,EncodedPixels rows; png, a
 palette PNG of class indices per test image (the data folder's test/ or test split, or --test-images DIR) in the
 --out folder (default: <work dir>/submissions/masks), --overlays adding colour overlays (the default of every
-other data set).
+other data set). --sample-submission FILE writes per-class RLE rows in the rows and columns of a competition's
+sample submission (id,class,predicted; ImageId_ClassId,EncodedPixels; ImageId,ClassId,EncodedPixels).
+
+A postprocess.json in the checkpoints' run folder (written by --oof --tune) makes the masks of the test
+submission: per class its threshold (replacing --threshold), minimum component area and minimum total area;
+--no-postprocess leaves it out.
 
 On several devices (--devices; by default every GPU when there are several) the test images are cut into
 contiguous shards at batch boundaries, one worker process per device: row files are written to
@@ -60,7 +68,16 @@ from competition.inference import (
 )
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
-from competition.out_of_fold import oof_report
+from competition.out_of_fold import check_tuning_file, oof_report, tune_report, tuning_file
+from competition.postprocess import FILE_NAME as POSTPROCESS_FILE
+from competition.postprocess import (
+    OutOfFoldStore,
+    PostProcess,
+    head_of,
+    predicted_classes,
+    read_postprocess,
+    run_folder_of,
+)
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.rle import RLE_ORDERS
 from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
@@ -82,7 +99,10 @@ MODE_FLAGS = {
     "--shards": ("shards", ("submission",), lambda: None),
     "--test-images": ("test_images", ("submission",), lambda: None),
     "--format": ("format", ("submission",), lambda: None),
-    "--rle-order": ("rle_order", ("submission",), lambda: "row"),
+    "--rle-order": ("rle_order", ("submission",), lambda: None),
+    "--sample-submission": ("sample_submission", ("submission",), lambda: None),
+    "--no-postprocess": ("no_postprocess", ("submission",), lambda: False),
+    "--tune": ("tune", ("oof",), lambda: False),
     "--overlays": ("overlays", ("submission",), lambda: False),
     "--worst": ("worst", ("oof",), lambda: 8),
     "--folds-csv": ("folds_csv", ("oof",), lambda: None),
@@ -156,7 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="png (a palette PNG of class indices per image; the default but on Carvana), rle-csv (Kaggle's "
         "ImageId_ClassId,EncodedPixels rows) or rle (one img,rle_mask row per image, binary models; Carvana's default)",
     )
-    submission.add_argument("--rle-order", choices=RLE_ORDERS, help="rle-csv: flatten row-major (default) or column")
+    submission.add_argument(
+        "--rle-order", choices=RLE_ORDERS, help="rle-csv: flatten row- or column-major (default: the run's, else row)"
+    )
+    submission.add_argument(
+        "--sample-submission",
+        type=Path,
+        help="per-class RLE rows in this file's row order and column names (implies --format rle-csv); test images "
+        "it does not list are not predicted",
+    )
+    submission.add_argument(
+        "--no-postprocess",
+        action="store_true",
+        default=None,
+        help=f"leave out the run folder's {POSTPROCESS_FILE} (tuned by --oof --tune): --threshold for every class",
+    )
     submission.add_argument(
         "--overlays", action="store_true", default=None, help="png: colour overlays in <out>/overlays"
     )
@@ -174,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--folds-csv", type=Path, help="for --oof (default: the one the checkpoints were trained with)"
     )
     scoring.add_argument("--worst", type=int, help="for --oof: overlays of this many worst images (default: 8)")
+    scoring.add_argument(
+        "--tune",
+        action="store_true",
+        default=None,
+        help=f"for --oof: search per class a threshold and minimum areas on the out-of-fold probabilities, written "
+        f"to {POSTPROCESS_FILE} in the run folder",
+    )
     scoring.add_argument("--out-dir", type=Path, help="where PNGs and tables go (default: <work dir>/predictions)")
     add_logging_arguments(parser)
     return parser
@@ -281,6 +322,14 @@ def score_out_of_fold(args, members, tta, precision) -> None:
         raise ConfigError(f"{trained_on[0]}: trained with --train-on, on every split it names: nothing is out of fold")
     folds_csv = args.folds_csv or members[0].config.folds_csv
     data = open_test_data(args, members[0].config)
+    config = members[0].config
+    record = prediction_record([member.path for member in members], tta, args.threshold, config)
+    store = None
+    if args.tune:
+        tuning = tuning_file([member.path for member in members])
+        check_writable(tuning, "--tune")
+        check_tuning_file(tuning, record, args.overwrite)
+        store = OutOfFoldStore(head_of(config), config.output_channels(), data.ignore_index)
     settings = {
         "threshold": args.threshold,
         "worst": args.worst,
@@ -288,8 +337,11 @@ def score_out_of_fold(args, members, tta, precision) -> None:
         "workers": args.workers,
         "masks_out": args.out,
         "overwrite": args.overwrite,
+        "store": store,
     }
     oof_report(members, data, folds_csv, tta, precision, args.out_dir, **settings)
+    if store is not None:
+        tune_report(store, predicted_classes(config), args.threshold, tuning, record)
 
 
 def predict_one_image(args, members, tta, precision) -> None:
@@ -328,19 +380,44 @@ def load_members(args, paths, device_name, tta):
     return members, precision
 
 
-def output_of(args, config, data) -> Output:
+def output_of(args, config, data, paths: list[Path]) -> Output:
     """What the test predictions are written as: --format, else the data's own (Carvana's RLE rows, PNG masks
     elsewhere), at --out or the format's default place; checked against the models."""
-    format = args.format or data.submission_format
+    format = args.format or ("rle-csv" if args.sample_submission else data.submission_format)
     if format == "rle" and (config.output_channels() != 1 or config.multilabel()):
         raise ConfigError("--format rle writes one row per image, for binary models; use --format rle-csv or png")
     if args.overlays and format != "png":
         raise ConfigError("--overlays belongs to --format png")
-    if args.rle_order != "row" and format != "rle-csv":
+    if args.rle_order is not None and format != "rle-csv":
         raise ConfigError("--rle-order belongs to --format rle-csv")
+    if args.sample_submission is not None and format != "rle-csv":
+        raise ConfigError(f"--sample-submission writes per-class RLE rows (--format rle-csv), not --format {format}")
+    if args.sample_submission is not None and not args.sample_submission.is_file():
+        raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
     default = "masks" if format == "png" else "submission.csv"
     out = args.out or default_work_dir() / "submissions" / default
-    return Output(format, str(out), config.num_classes(), args.rle_order, bool(args.overlays), config.multilabel())
+    rle_order = args.rle_order or getattr(config, "rle_order", None) or "row"  # the run's table's order, if it has one
+    return Output(
+        format, str(out), config.num_classes(), rle_order, bool(args.overlays),
+        sample_submission=str(args.sample_submission) if args.sample_submission else None,
+        classes=tuple(predicted_classes(config)), multilabel=config.multilabel(),
+        postprocess=None if args.no_postprocess else postprocess_of(args, paths, config),
+    )  # fmt: skip
+
+
+def postprocess_of(args, paths: list[Path], config) -> PostProcess | None:
+    """The rules of the postprocess.json in the checkpoints' run folder (the first run folder holding one), read
+    for the run's classes (one line when tuned for others); None when there is none."""
+    found = [run_folder_of(path) / POSTPROCESS_FILE for path in paths]
+    path = next((file for file in found if file.is_file()), None)
+    if path is None:
+        return None
+    postprocess = read_postprocess(path, head_of(config), predicted_classes(config))
+    replaces = "min areas only: softmax classes are the most probable" if postprocess.head == "softmax" else (
+        f"its thresholds replace --threshold {args.threshold:g}")  # fmt: skip
+    logger.info("%s: post-processing applied (%s; --no-postprocess leaves it out): %s", path, replaces,
+                postprocess.describe())  # fmt: skip
+    return postprocess
 
 
 def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | None]) -> int:
@@ -349,7 +426,7 @@ def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | N
     checkpoints = [load_checkpoint(path) for path in paths]  # an unreadable one is one line here, not in a shard
     configs = [checkpoint_config(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
     data = open_test_data(args, configs[0])
-    output = output_of(args, configs[0], data)
+    output = output_of(args, configs[0], data, paths)
     if args.out is None:  # the format's default place, known now: checked as a given --out is at the start
         check_writable(output.path, "--out")
     with output_lock(output.path, "--out") if args.out is None else contextlib.nullcontext():  # a given one is held

@@ -2,6 +2,7 @@
 process's device, one image, ONNX."""
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +213,18 @@ def prediction_record(checkpoints: list[str | Path], tta: tuple[str, ...], thres
 
 
 def output_record(record: dict, output: Output) -> dict:
-    """``record`` with the output's format, which --resume must find unchanged too."""
-    return record | {"output": {"format": output.format, "rle_order": output.rle_order, "overlays": output.overlays}}
+    """``record`` with the output's format, sample submission (its contents' hash) and post-processing rules,
+    which --resume must find unchanged too."""
+    written = {"format": output.format, "rle_order": output.rle_order, "overlays": output.overlays}
+    if output.sample_submission is not None:
+        contents = Path(output.sample_submission).read_bytes()
+        written["sample_submission"] = {
+            "path": output.sample_submission,
+            "sha256": hashlib.sha256(contents).hexdigest(),
+        }
+    if output.postprocess is not None:
+        written["postprocess"] = dataclasses.asdict(output.postprocess)
+    return record | {"output": written}
 
 
 def validation_shape(expected: tuple[int, int] | None, data, order: list[str]):
@@ -256,8 +267,9 @@ def write_predictions(
         batches = image_batches(data, todo, "test", batch_size, fixed)
         sinks.append(writer.sink(writer.target(), data, resume))
         predicted, seconds, finished = predict_into(
-            ensemble, data, batches, sinks[0], threshold, workers, progress, deadline=deadline, total=len(order)
-        )
+            ensemble, data, batches, sinks[0], threshold, workers, progress, deadline=deadline, total=len(order),
+            postprocess=output.postprocess,
+        )  # fmt: skip
         sinks[0].close(finished)
         if not finished:
             log_stopped(output.path, writer.written(), len(order), deadline, predicted)

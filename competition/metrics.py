@@ -2,7 +2,8 @@
 pixel accuracy and per-class IoU/F1.
 
 Batched torch versions for training, numpy versions for scoring, and a scorer for submission files
-(``python -m competition.metrics submission.csv truth.csv``) or folders of PNG masks
+(``python -m competition.metrics submission.csv truth.csv``; per-class RLE tables such as UW-Madison's
+``id,class,predicted`` are scored by mean Dice over (image, class) pairs) or folders of PNG masks
 (``python -m competition.metrics predicted/ truth/``: the truth read by the data layer's rules, with the settings
 of the model recorded beside the predictions unless flags give them).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from competition.carvana import CarvanaData
 from competition.checkpoints import checkpoint_config, load_checkpoint
@@ -26,9 +28,22 @@ from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from
 from competition.mask_values import check_packed_values, unpack_labels
 from competition.rle import RLEError, rle_runs
-from competition.segmentation_data import MASK_EXTENSIONS, files_by_stem, parse_classes, read_index_mask
+from competition.segmentation_data import (
+    IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
+    files_by_stem,
+    parse_classes,
+    read_index_mask,
+)
 from competition.splits import resolve
-from competition.submission import IMAGE_ROWS, RECORD_NAME, check_rows, read_submission
+from competition.submission import (
+    IMAGE_ROWS,
+    RECORD_NAME,
+    check_rows,
+    read_submission,
+    sample_image_id,
+    split_class_columns,
+)
 
 logger = logging.getLogger("competition.metrics")
 
@@ -166,6 +181,65 @@ def score_submission(
         except RLEError as error:
             raise DataError(f"{truth_source}: row {number} ({img}): {error}") from None
     return pd.Series(scores, name="dice")
+
+
+def read_class_table(path) -> tuple[dict[tuple[str, str], str], int]:
+    """A per-class RLE table (``split_class_columns``' rule) as {(image, class): RLE}; one line naming a row that
+    repeats an (image, class) pair. Also its number of rows."""
+    frame = read_csv_file(path, dtype=str, keep_default_na=False)
+    images, classes, rle_column = split_class_columns(frame, path)
+    table: dict[tuple[str, str], str] = {}
+    first: dict[tuple[str, str], int] = {}
+    for number, pair in enumerate(zip(images, classes), start=2):
+        if pair in table:
+            raise DataError(f"{path}: row {number} repeats image {pair[0]} class {pair[1]} of row {first[pair]}")
+        first[pair] = number
+        table[pair] = frame[rle_column].iat[number - 2]
+    return table, len(frame)
+
+
+def score_class_tables(submission_path, truth_path, shape) -> pd.Series:
+    """Dice of each (image, class) row of a per-class RLE submission against a per-class RLE truth table (an absent
+    truth row is an empty mask; both empty: 1), as Severstal and UW-Madison score, indexed by (image, class). Both
+    tables flatten their masks the same way (Dice on runs is the same row- or column-major); a truth mask the
+    submission has no row for is one line. ``shape``: (HEIGHT, WIDTH), or ``shape(image_id)``."""
+    predicted, _ = read_class_table(submission_path)
+    truth, _ = read_class_table(truth_path)
+    unscored = [pair for pair, rle in truth.items() if rle.strip() and pair not in predicted]
+    if unscored:
+        raise DataError(
+            f"{submission_path}: no row for {len(unscored)} (image, class) pair(s) with a true mask in {truth_path}, "
+            f"e.g. {unscored[:3]}; predict with the competition's sample submission"
+        )
+    scores = {}
+    for (image, name), rle in predicted.items():
+        height, width = shape(sample_image_id(image)) if callable(shape) else shape
+        try:
+            scores[(image, name)] = rle_dice(rle, truth.get((image, name), ""), height * width)
+        except RLEError as error:
+            raise DataError(f"{submission_path} or {truth_path}: image {image} class {name}: {error}") from None
+    return pd.Series(scores, name="dice")
+
+
+def image_file_shapes(folder: Path, where: str):
+    """(height, width) of each image of ``folder``'s ``test/`` or ``train/`` (any image extension), by its id,
+    read from the file's header when asked; one line for an id without an image."""
+    files = {}
+    for split in ("train", "test"):
+        for extension in IMAGE_EXTENSIONS:
+            files |= {path.stem: path for path in (folder / split).rglob(f"*{extension}")}
+
+    @functools.cache
+    def shape(image_id: str) -> tuple[int, int]:
+        if image_id not in files:
+            raise DataError(
+                f"{where}: image {image_id} has no file in {folder}/test/ or train/; give the masks' size with --size "
+                "HEIGHTxWIDTH, or their images' folder with --data-dir"
+            )
+        with Image.open(files[image_id]) as image:
+            return image.height, image.width
+
+    return shape
 
 
 def truth_image_shapes(truth_path: Path, folder: Path):
@@ -422,12 +496,26 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         truth = read_csv_file(args.truth, dtype=str, keep_default_na=False)
+        if list(truth.columns) != ["img", "rle_mask"]:  # a per-class table (image, class, RLE)
+            return _score_class_tables(args)
         shape = submission_shape(args.size, Path(args.truth), args.data_dir)
         submission = read_submission(args.submission)
         scores = score_submission(submission, truth, shape, args.submission, f"the truth {args.truth}")
     except ProjectError as error:
         parser.exit(2, f"metrics: error: {error}\n")
     print(f"mean Dice {scores.mean():.5f} over {len(scores)} images (worst {scores.min():.5f}: {scores.idxmin()})")
+
+
+def _score_class_tables(args) -> None:
+    folder = Path(args.data_dir) if args.data_dir else Path(args.truth).parent
+    shape = submission_shape(args.size, Path(args.truth), None) if args.size else image_file_shapes(folder, args.truth)
+    scores = score_class_tables(args.submission, args.truth, shape)
+    by_class = scores.groupby(level=1).mean()
+    images = len(set(scores.index.get_level_values(0)))
+    print(
+        f"mean Dice {scores.mean():.5f} over {len(scores)} (image, class) pairs of {images} images; per class: "
+        + ", ".join(f"{name} {value:.5f}" for name, value in by_class.items())
+    )
 
 
 if __name__ == "__main__":

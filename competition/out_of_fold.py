@@ -18,6 +18,15 @@ from competition.files import atomic_output
 from competition.folds import read_folds
 from competition.inference import Member, fold_ensembles, prediction_record
 from competition.metrics import confusion_matrix, dice_per_image, format_class_table, segmentation_scores
+from competition.postprocess import (
+    FILE_NAME,
+    TUNE_LONGEST_SIDE,
+    OutOfFoldStore,
+    PostProcess,
+    run_folder_of,
+    tune,
+    write_postprocess,
+)
 from competition.prediction import label_masks
 from competition.prediction_stream import (
     PredictionImages,
@@ -148,9 +157,11 @@ def out_of_fold(
     workers: int = 4,
     masks_out: str | Path | None = None,
     overwrite: bool = False,
+    store: OutOfFoldStore | None = None,
 ) -> FoldScores:
     """Each fold's models (one per run folder) scored together on their held-out images at full resolution;
-    ``masks_out``: a folder the TTA masks of those images go to, as palette PNGs."""
+    ``masks_out``: a folder the TTA masks of those images go to, as palette PNGs; ``store``: keeps the TTA
+    probabilities for the post-processing search."""
     folds = read_folds(folds_csv)
     classes = list(data.classes)
     multilabel = members[0].config.multilabel()
@@ -181,6 +192,8 @@ def out_of_fold(
             for batch, images in device_batches(loader, ensemble.device):
                 truth = batch["mask"][:, 0].to(ensemble.device)
                 plain, augmented = ensemble.plain_and_augmented(images, tuple(truth.shape[-2:]))
+                if store is not None:
+                    store.add(augmented.float().cpu().numpy(), truth.cpu().numpy())
                 indices = batch["index"].tolist()
                 masks = scores.add([names[index] for index in indices], fold, plain, augmented, truth)
                 if sink is not None:
@@ -202,13 +215,16 @@ def oof_report(
     workers: int = 4,
     masks_out: str | Path | None = None,
     overwrite: bool = False,
+    store: OutOfFoldStore | None = None,
 ) -> pd.DataFrame:
     """Out-of-fold scores to ``out_dir/oof.csv`` (refused over another run's without ``overwrite``), the tables
     logged, and overlays of the ``worst`` images at ``threshold``, their score in the name."""
     out_dir = Path(out_dir)
     record = prediction_record([member.path for member in members], tta, threshold, members[0].config)
     check_oof_file(out_dir, record, overwrite)
-    scores = out_of_fold(members, data, folds_csv, tta, precision, threshold, batch_size, workers, masks_out, overwrite)
+    scores = out_of_fold(
+        members, data, folds_csv, tta, precision, threshold, batch_size, workers, masks_out, overwrite, store
+    )
     table = pd.DataFrame(scores.rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "oof.csv") as partial:
@@ -220,6 +236,41 @@ def oof_report(
     if masks_out is not None:
         logger.info("out-of-fold masks (palette PNGs, with the TTA asked for, at the threshold) -> %s/", masks_out)
     return table
+
+
+def tuning_file(paths: list[Path]) -> Path:
+    """Where ``--tune`` writes its rules: ``postprocess.json`` in the run folder of the first checkpoint (beside
+    its fold0/, fold1/...)."""
+    return run_folder_of(paths[0]) / FILE_NAME
+
+
+def check_tuning_file(path: Path, record: dict, overwrite: bool) -> None:
+    """Rules tuned on other checkpoints are never replaced unasked; the same models' ones are tuned again."""
+    if path.is_file() and not overwrite and not same_checkpoints(path, record):
+        raise ConfigError(f"{path} was tuned on other checkpoints; pass --overwrite to replace it")
+
+
+def tune_report(store: OutOfFoldStore, classes: list[str], threshold: float, path: Path, record: dict) -> PostProcess:
+    """The post-processing search on the stored out-of-fold probabilities: its table logged, its rules written to
+    ``path`` (``postprocess.json``) with what they were tuned on."""
+    postprocess, table = tune(store, classes, threshold)
+    untuned, tuned = table["untuned"].mean(), table["tuned"].mean()
+    logger.info(
+        "post-processing tuned out of fold on %d images (at most %d px a side), mean Dice over (image, class):\n%s\n"
+        "all classes: %.5f -> %.5f (%+.5f)",
+        store.images, TUNE_LONGEST_SIDE,
+        table.to_string(index=False, float_format=lambda value: f"{value:.5f}"),
+        untuned, tuned, tuned - untuned,
+    )  # fmt: skip
+    tuned_on = {
+        "images": store.images,
+        "untuned_dice": float(untuned),
+        "tuned_dice": float(tuned),
+        "tta": record["tta"],
+    }
+    write_postprocess(path, postprocess, tuned_on, record["checkpoints"])
+    logger.info("%s: written; infer.py applies it (--no-postprocess: not)", path)
+    return postprocess
 
 
 def _log_tables(scores: FoldScores, table: pd.DataFrame, tta: tuple[str, ...]) -> None:

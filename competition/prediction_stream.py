@@ -14,6 +14,7 @@ from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
 from competition.data import Loader, resize_image, same_size_batches, to_chw
 from competition.environment import explain_out_of_memory
 from competition.errors import CheckpointError, DataError
+from competition.postprocess import PostProcess
 from competition.prediction import label_masks
 from competition.workers import loader_start_method
 
@@ -196,13 +197,14 @@ class PredictionPace:
 def predict_into(
     ensemble, data, batches: list[list[str]], sink, threshold: float, workers: int, progress: bool = True,
     label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
-    masks_of=None,
+    masks_of=None, postprocess: PostProcess | None = None,
 ) -> tuple[int, float, bool]:  # fmt: skip
     """The streaming pipeline with bounded memory: loader workers decode and resize the test images of
     ``batches``, the device predicts a batch and turns it into class masks, and a thread pool encodes them
     (``sink.encode``: the numba RLE and zlib release the GIL) while the next batch is on the device; ``sink.write``
-    stores them in order. Stops before a batch that ``deadline`` leaves no time for, what was written kept.
-    ``masks_of`` turns a batch's probabilities into its masks instead of ``class_masks`` at ``threshold``.
+    stores them in order. With ``postprocess`` its per-class rules make the masks from the probabilities, in
+    those threads, instead of ``threshold``; ``masks_of`` turns a batch's probabilities into its masks instead of
+    either. Stops before a batch that ``deadline`` leaves no time for, what was written kept.
     Returns (images predicted, seconds, whether every image of ``batches`` was written)."""
     image_ids = [image_id for batch in batches for image_id in batch]
     positions = {image_id: index for index, image_id in enumerate(image_ids)}
@@ -236,13 +238,18 @@ def predict_into(
                     break
                 shape = tuple(batch["shape"][0].tolist())
                 probabilities = ensemble.probabilities(images, shape)
-                masks = (
-                    class_masks(probabilities, threshold, ensemble.multilabel)
-                    if masks_of is None
-                    else masks_of(probabilities)
-                )
                 names = [image_ids[index] for index in batch["index"].tolist()]
-                pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
+                if masks_of is not None or postprocess is None:
+                    masks = (
+                        masks_of(probabilities)
+                        if masks_of is not None
+                        else class_masks(probabilities, threshold, ensemble.multilabel)
+                    )
+                    pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
+                else:
+                    arrays = probabilities.float().cpu().numpy()
+                    pending.append([(name, pool.submit(_encode_postprocessed, sink, postprocess, name, array))
+                                    for name, array in zip(names, arrays)])  # fmt: skip
                 predicted += len(names)
                 pace.batch_done(len(names))
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
@@ -256,6 +263,10 @@ def predict_into(
                 bar.close()  # also when a write failed (a full disk): the bar ends before the error's line
     pace.finish()
     return predicted, time.perf_counter() - started, predicted == len(image_ids)
+
+
+def _encode_postprocessed(sink, postprocess: PostProcess, name: str, probabilities: np.ndarray):
+    return sink.encode(name, postprocess.mask(probabilities))
 
 
 def _write_done(sink, items, bar) -> None:

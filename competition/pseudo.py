@@ -27,14 +27,13 @@ from competition.files import atomic_output, check_writable, no_space_left, outp
 from competition.inference import Ensemble, find_checkpoints, load_member
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.postprocess import FILE_NAME, head_of, predicted_classes, read_postprocess, run_folder_of
 from competition.prediction import TTA, check_tta, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
 from competition.writers import encode_mask_png, palette
 
 logger = logging.getLogger("competition.pseudo")
-
-POSTPROCESS_NAME = "postprocess.json"  # infer.py --oof --tune's per-class settings, beside the run's fold folders
 
 
 def confident_masks(
@@ -75,27 +74,16 @@ def sigmoid_classes(config, classes: list[str]) -> list[str]:
     return classes[1:] if config.output_channels() == 1 else []
 
 
-def tuned_thresholds(checkpoints: list[str], config, classes: list[str]) -> tuple[list[float] | None, str | None]:
-    """(the per-class thresholds of the first run folder's postprocess.json, its path), or (None, None) when there is
-    none or the models are a softmax. Its other settings (minimum areas) shape submissions, not labels: unread."""
-    run = Path(checkpoints[0])
-    path = run / POSTPROCESS_NAME
-    channels = sigmoid_classes(config, classes)
-    if not run.is_dir() or not path.is_file() or not channels:
+def tuned_thresholds(paths: list[Path], config, classes: list[str]) -> tuple[list[float] | None, str | None]:
+    """(the per-class thresholds of the postprocess.json in the checkpoints' run folders (the first holding one, as
+    infer.py takes it), its path), or (None,
+    None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum areas
+    shape submissions, not labels: a small confident component is still a confident label."""
+    path = next((run_folder_of(p) / FILE_NAME for p in paths if (run_folder_of(p) / FILE_NAME).is_file()), None)
+    if path is None or not path.is_file() or not sigmoid_classes(config, classes):
         return None, None
-    try:
-        tuned = json.loads(path.read_text())["classes"]
-        thresholds = {str(name): float(settings["threshold"]) for name, settings in tuned.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConfigError(
-            f"{path}: not a readable tuning file ({error!r}); tune it again with infer.py --oof --tune"
-        ) from None
-    if sorted(thresholds) != sorted(channels):
-        raise ConfigError(
-            f"{path}: tuned for the classes {','.join(sorted(thresholds))}, the checkpoints predict "
-            f"{','.join(channels)}; tune it again with infer.py --oof --tune for these checkpoints"
-        )
-    return [thresholds[name] for name in channels], str(path)
+    postprocess = read_postprocess(path, head_of(config), predicted_classes(config))
+    return [rule.threshold for rule in postprocess.rules], str(path)
 
 
 class PseudoSink:
@@ -274,7 +262,7 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else default_data_dir())
         data = open_data_as(config, data_dir, test_images=args.test_images)
         classes = run_classes(config, data)
-        thresholds, tuned = tuned_thresholds(args.checkpoints, config, classes)
+        thresholds, tuned = tuned_thresholds(paths, config, classes)
         settings = {
             "checkpoints": [str(path) for path in paths],
             "tta": list(tta),

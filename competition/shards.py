@@ -120,6 +120,7 @@ def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) 
             position=job.index - 1,
             deadline=Deadline(settings.time_limit, settings.started),
             total=job.images,
+            postprocess=settings.output.postprocess,
         )
         sink.close(outcome["finished"])
     except Exception as error:  # noqa: BLE001 - reported to the driver; the other shards go on

@@ -9,6 +9,10 @@ Files beside ``--out`` (``submission.csv``):
 ``submission.csv.predicted-by.json``    what those rows are predicted with (checkpoints, TTA, threshold), so that
                                         ``--resume`` never mixes them with rows of other models; removed when the
                                         submission is finished.
+
+With ``--sample-submission FILE`` (``SampleRows``) the rows in progress are keyed by the sample's row number
+(``sample_row,EncodedPixels``); when every row is there they are written in the sample's order and columns under
+``<out>.sample.partial``, validated, and renamed to ``<out>``.
 """
 
 import glob
@@ -24,8 +28,9 @@ import pandas as pd
 
 from competition.data import image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
-from competition.files import atomic_output, partial_path
+from competition.files import atomic_output, partial_path, tagged_partial_path
 from competition.rle import RLEError, rle_encode, rle_runs
+from competition.segmentation_data import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,8 @@ def label_rles(packed: np.ndarray, num_labels: int, order: str = "row") -> list[
 
 
 IMAGE_ROWS = ImageRows()
-HEADERS = (ImageRows.header.encode(), ClassRows.header.encode())
+SAMPLE_KEY_HEADER = "sample_row,EncodedPixels\n"  # rows in progress of a --sample-submission run (SampleRows)
+HEADERS = (ImageRows.header.encode(), ClassRows.header.encode(), SAMPLE_KEY_HEADER.encode())
 RESTORE_SAMPLE = f"restore the competition's full {SAMPLE}, or remove it to predict every test image in sorted order"
 
 
@@ -142,6 +148,142 @@ def sample_submission_order(data) -> list[str]:
             f"{unlisted[:3]}; {RESTORE_SAMPLE}"
         )
     return order
+
+
+def sample_image_id(value: str) -> str:
+    """A sample's image value as a test image id: its file name without an image extension (``0002cc93b.jpg``
+    -> ``0002cc93b``), else the value itself (``case123_day20_slice_0001``)."""
+    path = Path(value)
+    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else value
+
+
+def split_class_columns(frame: pd.DataFrame, path) -> tuple[list[str], list[str], str]:
+    """(the image of each row, its class, the RLE column's name) of a per-class RLE table read from ``path``, by its
+    header (``SampleRows``' rule); one line when the header follows no such rule."""
+    columns = [str(column) for column in frame.columns]
+    if len(columns) == 2:
+        keys = frame[columns[0]].tolist()
+        bad = next((number for number, key in enumerate(keys, start=2) if "_" not in key), None)
+        if bad is not None:
+            raise DataError(
+                f"{path}: row {bad}: {keys[bad - 2]!r} is not <image>_<class>, as its first column {columns[0]} "
+                "must hold when the header has two columns"
+            )
+        return [key.rsplit("_", 1)[0] for key in keys], [key.rsplit("_", 1)[1] for key in keys], columns[1]
+    named = [column for column in columns if "class" in column.lower()]
+    if len(columns) != 3 or len(named) != 1:
+        raise DataError(
+            f"{path}: the header is {','.join(columns)!r}; a per-class RLE table has <image>_<class>,<rle> "
+            "(ImageId_ClassId,EncodedPixels) or three columns, one of them naming the class (id,class,predicted or "
+            "ImageId,ClassId,EncodedPixels)"
+        )
+    image, rle = [column for column in columns if column != named[0]]
+    return frame[image].tolist(), frame[named[0]].tolist(), rle
+
+
+class SampleRows:
+    """The rows of a competition's sample submission (``--sample-submission FILE``), in its order and columns: one
+    per (image, class) it lists, the class's RLE in the RLE column, flattened row- or column-major (``order``).
+
+    Its columns are read from the header: with two, the first holds ``<image>_<class>`` (Severstal's
+    ``ImageId_ClassId``, split at the last ``_``) and the second the RLE; with three, the class is in the column
+    whose name holds ``class`` (``class``, ``ClassId``), the image in the first other one and the RLE in the last
+    (UW-Madison's ``id,class,predicted``, Severstal's ``ImageId,ClassId,EncodedPixels``). A class value is a class
+    name of the run, or its number 1..K among the predicted classes (Severstal's ClassId); an image value is a test
+    image's id or file name. The sample defines the rows: test images it does not list are not predicted.
+    """
+
+    header = SAMPLE_KEY_HEADER
+
+    def __init__(self, path: str | Path, classes: list[str], multilabel: bool, order: str = "row"):
+        self.path, self.classes, self.multilabel, self.flatten = Path(path), classes, multilabel, order
+        self.frame = read_csv_file(self.path, dtype=str, keep_default_na=False)
+        self.columns = [str(column) for column in self.frame.columns]
+        images, class_values, self.rle_column = split_class_columns(self.frame, self.path)
+        self.channels = [self._channel(value, number) for number, value in enumerate(class_values, start=2)]
+        self.image_of_row = [sample_image_id(value) for value in images]
+        self.rows_of: dict[str, list[int]] = {}
+        for row, image_id in enumerate(self.image_of_row):
+            self.rows_of.setdefault(image_id, []).append(row)
+
+    def _channel(self, value: str, number: int) -> int:
+        """The predicted class (0-based, in the run's order) that a class value of row ``number`` names."""
+        if value in self.classes:
+            return self.classes.index(value)
+        if value.isdigit() and 1 <= int(value) <= len(self.classes):
+            return int(value) - 1
+        raise DataError(
+            f"{self.path}: row {number}: class {value!r} is none of the run's classes {','.join(self.classes)} "
+            f"nor their number 1..{len(self.classes)}; predict with the checkpoints of this competition"
+        )
+
+    def order(self, data) -> list[str]:
+        """The test image ids in the order the sample first lists them; a listed image without a file is one
+        line, a test image it does not list is left out (logged)."""
+        test_ids = data.test_ids()
+        known = set(test_ids)
+        missing = [image_id for image_id in self.rows_of if image_id not in known]
+        if missing:
+            raise DataError(
+                f"{self.path}: lists {len(missing)} image(s) with no file among the {len(test_ids)} test images, e.g. "
+                f"{missing[:3]}; pass the test folder they are in with --test-images DIR"
+            )
+        order = list(self.rows_of)
+        if len(order) < len(test_ids):
+            logger.info(
+                "%s lists %d of the %d test images: the %d others are not predicted (the sample defines the rows)",
+                self.path, len(order), len(test_ids), len(test_ids) - len(order),
+            )  # fmt: skip
+        return order
+
+    def names(self, image_id: str) -> list[str]:
+        return [str(row) for row in self.rows_of.get(image_id, [])]
+
+    def image_of(self, name: str) -> str:
+        return self.image_of_row[int(name)]
+
+    def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
+        rows = [int(name) for name in self.names(image_id)]
+        if self.multilabel:
+            rles = label_rles(mask, len(self.classes), self.flatten)
+        else:
+            rles = class_rles(mask, len(self.classes) + 1, self.flatten)
+        return [(str(row), rles[self.channels[row]]) for row in rows]
+
+    def publish(self, keyed: Path, out: Path, shape) -> pd.DataFrame:
+        """The keyed rows of ``keyed`` written in the sample's order and columns to ``<out>.sample.partial``,
+        validated (``check_rows``), then renamed to ``out``; ``keyed`` removed. The rows with their areas."""
+        rows = read_csv_file(keyed, dtype=str, keep_default_na=False)
+        checked = check_rows(rows.set_axis(["img", "rle_mask"], axis=1), keyed, [str(row) for row in
+                             range(len(self.frame))], shape, self)  # fmt: skip
+        by_row = dict(zip(checked["img"].astype(int), checked["rle_mask"]))
+        table = self.frame.assign(**{self.rle_column: [by_row[row] for row in range(len(self.frame))]})
+        temporary = tagged_partial_path(out, "sample")
+        try:
+            table.to_csv(temporary, index=False)
+            validated = self.validate(temporary, shape)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        os.replace(temporary, out)
+        keyed.unlink()
+        return validated
+
+    def validate(self, path: Path, shape) -> pd.DataFrame:
+        """The rows of a submission in the sample's columns: the sample's rows in its order, every RLE within its
+        image (``check_rows``); with each mask's area."""
+        frame = read_csv_file(path, dtype=str, keep_default_na=False)
+        keys = [column for column in self.columns if column != self.rle_column]
+        if [str(column) for column in frame.columns] != self.columns or len(frame) != len(self.frame):
+            raise DataError(
+                f"{path}: not the {len(self.frame)} rows and columns {','.join(self.columns)} of {self.path}"
+            )
+        differ = (frame[keys] != self.frame[keys]).any(axis=1).to_numpy()
+        if differ.any():
+            row = int(differ.argmax())
+            raise DataError(f"{path}: row {row + 2} is not row {row + 2} of {self.path}; predict it again")
+        rows = pd.DataFrame({"img": [str(row) for row in range(len(frame))], "rle_mask": frame[self.rle_column]})
+        return check_rows(rows, path, rows["img"].tolist(), shape, self)
 
 
 def submission_order(data, rows: "ImageRows | ClassRows" = IMAGE_ROWS) -> list[str]:

@@ -18,15 +18,17 @@ from PIL import Image
 from competition.data import as_rgb
 from competition.errors import ConfigError, DataError, OutputError
 from competition.files import atomic_output, no_space_left, partial_path
+from competition.postprocess import PostProcess
 from competition.submission import (
     RECORD_NAME,
     ClassRows,
     ImageRows,
+    SampleRows,
     SubmissionWriter,
     complete_rows,
     finish_rows,
     gather_rows,
-    interrupted_rows,
+    interrupted_files,
     keep_finished,
     shard_files,
     shard_path,
@@ -129,7 +131,10 @@ class Output:
     num_classes: int
     rle_order: str = "row"
     overlays: bool = False
-    multilabel: bool = False  # masks are packed bits of num_classes classes (--head multilabel)
+    sample_submission: str | None = None  # rle-csv: the rows and columns of this file (SampleRows)
+    classes: tuple[str, ...] = ()  # the classes the channels predict, in order (SampleRows' class values)
+    multilabel: bool = False  # masks are packed labels (bit k: class k), not class indices
+    postprocess: PostProcess | None = None  # per-class rules making the masks, instead of the threshold
 
     def writer(self) -> "RowsFile | PngFolder":
         return PngFolder(self) if self.format == "png" else RowsFile(self)
@@ -144,12 +149,15 @@ class RowsFile:
         if self.path.is_dir():
             raise ConfigError(f"--out {self.path}: RLE rows go to a CSV file; name one, e.g. {self.path / 'out.csv'}")
         self.folder = self.path.parent  # where the rows are written
-        self.rows = (
-            ImageRows()
-            if output.format == "rle"
-            else ClassRows(output.num_classes, output.rle_order, output.multilabel)
-        )
+        if output.sample_submission is not None:
+            self.rows = SampleRows(output.sample_submission, list(output.classes), output.multilabel, output.rle_order)
+        elif output.format == "rle":
+            self.rows = ImageRows()
+        else:
+            self.rows = ClassRows(output.num_classes, output.rle_order, output.multilabel)
         self.description = "" if output.format == "rle" else f" (per class, {output.rle_order}-major RLE)"
+        if output.sample_submission is not None:
+            self.description += f" in the rows and columns of {output.sample_submission}"
 
     def order(self, data) -> list[str]:
         return self.rows.order(data)
@@ -176,7 +184,8 @@ class RowsFile:
 
     def written(self) -> int:
         """The images whose rows an unfinished run has kept."""
-        return interrupted_rows(self.path) // len(self.rows.names(""))
+        files = interrupted_files(self.path)
+        return len({self.rows.image_of(name) for file in files for name, _, _ in complete_rows(file)})
 
     def kept_in(self, target: str, image_ids: list[str]) -> str:
         """What a shard that failed keeps, in words."""
@@ -188,6 +197,15 @@ class RowsFile:
         """Every row in ``order`` (gathered first unless the rows were written ``in_order``), renamed to the output
         (unless the output was ``finished`` before) and validated (each RLE within ``shape``, or
         ``shape(image_id)``); the rows, with each mask's area."""
+        if isinstance(self.rows, SampleRows):
+            if finished:
+                rows = self.rows.validate(self.path, shape)
+            else:
+                if not in_order:
+                    gather_rows(self.path, order, self.rows)
+                rows = self.rows.publish(partial_path(self.path), self.path, shape)
+            finish_rows(self.path)
+            return rows
         if not finished:
             if not in_order:
                 gather_rows(self.path, order, self.rows)

@@ -15,6 +15,7 @@ from competition.checkpoints import check_resumable
 from competition.config import TrainConfig
 from competition.errors import ConfigError, DataError
 from competition.fold_data import fold_ids, open_training_data, set_up_fold
+from competition.postprocess import FILE_NAME, ClassRule, PostProcess, write_postprocess
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.segmentation_data import read_index_mask
 from competition.training import build_parts
@@ -127,24 +128,30 @@ def test_a_failed_run_leaves_no_folder_and_the_folder_before_untouched(data_dir,
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pseudo"]
 
 
+def tuned_file(folder: Path, head: str, rules: dict) -> Path:
+    """A postprocess.json as infer.py --oof --tune writes it (competition.postprocess's own writer)."""
+    path = folder / FILE_NAME
+    chosen = tuple(ClassRule(name, threshold, 9, 0) for name, threshold in rules.items())
+    write_postprocess(path, PostProcess(head, chosen), {"images": 1}, [])
+    return path
+
+
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
-    carvana, classes = TrainConfig(), ["background", "car"]
-    assert pseudo.tuned_thresholds([str(tmp_path)], carvana, classes) == (None, None)  # none there: 0.5
-    (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"car": {"threshold": 0.35, "min_area": 9}}}))
-    assert pseudo.tuned_thresholds([str(tmp_path)], carvana, classes) == ([0.35], str(tmp_path / "postprocess.json"))
-    (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"road": {"threshold": 0.35}}}))
-    with pytest.raises(ConfigError, match="tuned for the classes road, the checkpoints predict car"):
-        pseudo.tuned_thresholds([str(tmp_path)], carvana, classes)
+    carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
+    assert pseudo.tuned_thresholds(paths, carvana, classes) == (None, None)  # none there: 0.5
+    path = tuned_file(tmp_path, "binary", {"car": 0.35})
+    assert pseudo.tuned_thresholds(paths, carvana, classes) == ([0.35], str(path))
+    tuned_file(tmp_path, "binary", {"road": 0.35})
+    with pytest.raises(ConfigError, match="tuned for the classes road .binary head., but the checkpoints predict car"):
+        pseudo.tuned_thresholds(paths, carvana, classes)
     softmax = TrainConfig(classes="background,road,sky")
-    assert pseudo.tuned_thresholds([str(tmp_path)], softmax, softmax.class_names()) == (None, None)  # the top class
+    assert pseudo.tuned_thresholds(paths, softmax, softmax.class_names()) == (None, None)  # the top class
     labels = TrainConfig(classes="car,glass", head="multilabel")
-    (tmp_path / "postprocess.json").write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
-    with pytest.raises(ConfigError, match="not a readable tuning file"):
-        pseudo.tuned_thresholds([str(tmp_path)], labels, labels.class_names())
-    (tmp_path / "postprocess.json").write_text(
-        json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {"threshold": 0.4}}})
-    )
-    assert pseudo.tuned_thresholds([str(tmp_path)], labels, labels.class_names())[0] == [0.4, 0.6]
+    path.write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
+    with pytest.raises(DataError, match="not a post-processing file of infer.py --oof --tune"):
+        pseudo.tuned_thresholds(paths, labels, labels.class_names())
+    tuned_file(tmp_path, "multilabel", {"car": 0.4, "glass": 0.6})
+    assert pseudo.tuned_thresholds(paths, labels, labels.class_names())[0] == [0.4, 0.6]
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 resumed after a killed worker; out-of-fold scores, masks and worst overlays of a multi-class model."""
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import infer
 from competition.errors import ConfigError
 from competition.inference import Ensemble, find_checkpoints, load_member, write_predictions
 from competition.layouts import open_data
+from competition.logs import configure
 from competition.metrics import score_mask_folders
 from competition.out_of_fold import out_of_fold
 from competition.rle import rle_decode
@@ -264,3 +267,94 @@ def test_resume_never_mixes_formats_nor_touches_pngs_it_did_not_write(parts, tmp
     with pytest.raises(ConfigError, match="holds 1 PNG file"):
         infer.main(["--checkpoints", str(run), "--workers", "0", "--out", str(own), "--overwrite", "--debug"])
     assert (own / "photo.png").read_bytes() == b"not ours"
+
+
+def parts_sample(data: Path, path: Path) -> list[tuple[str, str]]:
+    """A UW-Madison style sample submission (id,class,predicted) of 30 of the 32 test images of ``parts``, its rows
+    class by class (not grouped by image) and shuffled; its (id, class) pairs in order."""
+    test_ids = sorted(path.stem for path in (data / "test").glob("*.jpg")) or sorted(
+        path.stem for path in (data / "test").iterdir()
+    )
+    pairs = [(image_id, name) for name in ("lights", "body", "glass", "wheels") for image_id in test_ids[2:]]
+    order = np.random.default_rng(5).permutation(len(pairs))
+    pairs = [pairs[index] for index in order]
+    pd.DataFrame([(*pair, "") for pair in pairs], columns=["id", "class", "predicted"]).to_csv(path, index=False)
+    return pairs
+
+
+@pytest.mark.slow
+def test_sample_submission_rows_stopped_by_the_clock_and_resumed_on_two_devices(
+    parts, tmp_path, monkeypatch, caplog, capsys
+):
+    configure()  # the project's handlers on this test's streams: write_predictions logs before any infer.main
+    caplog.set_level(logging.INFO, logger="competition")
+    data, _, run = parts
+    sample = tmp_path / "sample_submission.csv"
+    pairs = parts_sample(data, sample)
+    deadline = thirty_seconds_a_batch(monkeypatch)
+    members = [load_member(path, torch.device("cpu")) for path in find_checkpoints([run])]
+    out = tmp_path / "sub.csv"
+    classes = ("body", "glass", "wheels", "lights")
+    output = Output("rle-csv", str(out), 5, "column", sample_submission=str(sample), classes=classes)
+    settings = {"workers": 0, "progress": False, "deadline": deadline}
+    assert write_predictions(Ensemble(members, ("hflip",)), open_data(data), output, **settings) is None
+    assert f"{sample} lists 30 of the 32 test images: the 2 others are not predicted" in caplog.text
+    assert not out.exists() and len((tmp_path / "sub.csv.partial").read_text().splitlines()) == 1 + 12 * 4
+    monkeypatch.undo()
+    common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--rle-order", "column"]
+    infer.main([*common, "--sample-submission", str(sample), "--out", str(out), "--resume", "--devices", "cpu,cpu"])
+    infer.main([*common, "--sample-submission", str(sample), "--out", str(tmp_path / "uninterrupted.csv")])
+    assert out.read_bytes() == (tmp_path / "uninterrupted.csv").read_bytes()
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert list(rows.columns) == ["id", "class", "predicted"] and list(zip(rows["id"], rows["class"])) == pairs
+    assert not list(tmp_path.glob("sub.csv.*")), "no partial, shard or record file left"
+    # each row holds its class's mask: the per-class rows of the same models (ImageId_ClassId, class k = index k)
+    infer.main([*common, "--format", "rle-csv", "--out", str(tmp_path / "classes.csv")])
+    by_key = pd.read_csv(tmp_path / "classes.csv", keep_default_na=False).set_index("ImageId_ClassId")["EncodedPixels"]
+    numbers = {name: number for number, name in enumerate(classes, start=1)}
+    assert [by_key[f"{image}_{numbers[name]}"] for image, name in pairs] == rows["predicted"].tolist()
+    assert rows["predicted"].str.len().gt(0).any()
+    # a sample naming a class the run does not predict, or a format of other rows: one line each
+    pd.DataFrame([("x", "tyre", "")], columns=["id", "class", "predicted"]).to_csv(tmp_path / "bad.csv", index=False)
+    bad = ["--checkpoints", str(run), "--workers", "0", "--out", str(tmp_path / "bad_out.csv")]
+    error = run_infer([*bad, "--sample-submission", str(tmp_path / "bad.csv")], capsys)
+    assert (
+        "bad.csv: row 2: class 'tyre' is none of the run's classes body,glass,wheels,lights nor their number" in error
+    )
+    error = run_infer([*bad, "--sample-submission", str(sample), "--format", "png"], capsys)
+    assert "--sample-submission writes per-class RLE rows (--format rle-csv), not --format png" in error
+
+
+@pytest.mark.slow
+def test_oof_tune_writes_postprocess_json_that_infer_applies(parts, tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="competition")
+    _, folds, trained = parts
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    flags = ["--checkpoints", str(run), "--workers", "0"]
+    infer.main([*flags, "--oof", "--tune", "--folds-csv", str(folds), "--out-dir", str(tmp_path / "oof")])
+    tuned = json.loads((run / "postprocess.json").read_text())
+    assert tuned["head"] == "softmax" and tuned["classes"] == ["body", "glass", "wheels", "lights"]
+    assert all(rule["threshold"] is None for rule in tuned["rules"]) and tuned["tuned"]["images"] == 16
+    assert "post-processing tuned out of fold on 16 images" in caplog.text
+    assert tuned["tuned"]["tuned_dice"] >= tuned["tuned"]["untuned_dice"]
+    infer.main([*flags, "--out", str(tmp_path / "tuned.csv"), "--format", "rle-csv"])
+    assert f"{run / 'postprocess.json'}: post-processing applied (min areas only: softmax" in caplog.text
+    infer.main([*flags, "--out", str(tmp_path / "plain.csv"), "--format", "rle-csv", "--no-postprocess"])
+    infer.main([*flags, "--out", str(tmp_path / "before.csv"), "--format", "rle-csv", "--checkpoints", str(trained)])
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "before.csv").read_bytes()
+    # rules that remove every component: the submission's masks are all empty
+    tuned["rules"] = [rule | {"min_area": 10**6} for rule in tuned["rules"]]
+    (run / "postprocess.json").write_text(json.dumps(tuned))
+    infer.main([*flags, "--out", str(tmp_path / "empty.csv"), "--format", "rle-csv"])
+    assert pd.read_csv(tmp_path / "empty.csv", keep_default_na=False)["EncodedPixels"].eq("").all()
+    # a file tuned for other classes: one line, exit 2
+    (run / "postprocess.json").write_text(json.dumps(tuned | {"classes": ["car"]}))
+    capsys.readouterr()
+    error = run_infer([*flags, "--out", str(tmp_path / "other.csv")], capsys)
+    assert error.count("\n") == 1 and "tuned for the classes car (softmax head), but the checkpoints predict" in error
+    # tuning again over rules of other checkpoints is refused unless --overwrite
+    tuned_elsewhere = tuned | {"checkpoints": [{"path": "elsewhere.pt"}]}
+    (run / "postprocess.json").write_text(json.dumps(tuned_elsewhere))
+    error = run_infer([*flags, "--oof", "--tune", "--folds-csv", str(folds), "--out-dir", str(tmp_path / "o")], capsys)
+    assert "postprocess.json was tuned on other checkpoints; pass --overwrite to replace it" in error
