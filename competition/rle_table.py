@@ -89,7 +89,8 @@ def group_rows(frame, columns, labels: list[str], path: Path) -> tuple[dict[str,
         if indices[value] is None:
             raise DataError(
                 f"{path}: line {line}: class {value!r} is none of the classes ({', '.join(labels)}) nor their number "
-                f"1..{len(labels)}; fix the row, or name every class with --classes"
+                f"1..{len(labels)}; fix the row, or name every class with --classes (background first, unless --head "
+                "multilabel: its classes overlap and have no background)"
             )
         if not table_id.strip():
             raise DataError(f"{path}: line {line}: no image id in column {id_column}; fix the row")

@@ -287,7 +287,8 @@ def test_an_unknown_class_stops_at_open_with_its_line(tmp_path):
         open_data(root, masks_csv="train.csv", classes="background,a,b,c")
     assert str(error.value) == (
         f"{root / 'train.csv'}: line 8: class 'liver' is none of the classes (a, b, c) nor their number 1..3; fix "
-        "the row, or name every class with --classes"
+        "the row, or name every class with --classes (background first, unless --head multilabel: its classes "
+        "overlap and have no background)"
     )
     with pytest.raises(DataError, match="line 8: class '4' is none of the classes"):  # past the classes' numbers
         make_table(tmp_path, boxes(2), ["1", "2", "3"], extra_rows=[("case0_slice_0001", "4", "1 2")])
