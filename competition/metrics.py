@@ -28,6 +28,7 @@ from competition.layouts import DATA_FLAGS, MaskFolder, open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from
 from competition.mask_values import check_packed_values, unpack_labels
 from competition.rle import RLEError, rle_runs
+from competition.rle_table import uw_madison_scans
 from competition.segmentation_data import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
@@ -228,6 +229,8 @@ def image_file_shapes(folder: Path, where: str):
     for split in ("train", "test"):
         for extension in IMAGE_EXTENSIONS:
             files |= {path.stem: path for path in (folder / split).rglob(f"*{extension}")}
+        if (folder / split).is_dir():
+            files |= uw_madison_scans(folder / split)  # named by their row ids, not their stems
 
     @functools.cache
     def shape(image_id: str) -> tuple[int, int]:

@@ -219,6 +219,16 @@ def rle_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def reads_as_relative(rle: str, n_pixels: int) -> bool:
+    """Whether an RLE reads as SIIM-ACR's relative one (each start counted from the end of the previous run, the
+    first from pixel 0) within ``n_pixels``: what to tell of a row refused as absolute runs."""
+    numbers = rle.split()
+    if not numbers or len(numbers) % 2 or not all(number.isdigit() for number in numbers):
+        return False
+    values = [int(number) for number in numbers]
+    return all(values[1::2]) and sum(values) <= n_pixels
+
+
 def rle_decode(rle: str, shape: tuple[int, int], order: str = "row") -> np.ndarray:
     """Decode a Carvana RLE string into a uint8 0/1 mask of ``shape`` (height, width), its pixels numbered
     row-major (``order="row"``) or column-major (``"column"``)."""

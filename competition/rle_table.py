@@ -1,6 +1,7 @@
 """The rle-table layout: masks as a table of RLE rows, one per image and class (UW-Madison's, Severstal's), beside the images."""
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import numpy as np
 from competition.data import decoded_image_shape, read_csv_file
 from competition.errors import ConfigError, DataError
 from competition.mask_values import MAX_LABELS
-from competition.rle import RLEError, paint_runs, rle_runs
+from competition.rle import RLEError, paint_runs, reads_as_relative, rle_runs
 from competition.segmentation_data import IMAGE_EXTENSIONS, SegmentationData, files_by_stem, parse_classes
 from competition.splits import resolve
 
@@ -16,8 +17,15 @@ logger = logging.getLogger("competition.layouts")
 
 EMPTY_CELLS = ("", "-1", "nan")  # an RLE cell for a class the image lacks (stripped, lower-cased), as tables write it
 HEADER_LINES = 1  # a row's line number as a spreadsheet shows it: the header is line 1, the first row line 2
+RELATIVE_FIX = (  # a refused row that reads as SIIM-ACR's train-rle.csv: its starts are offsets from the previous run
+    "fix the row; if its starts count from the end of the previous run (a relative RLE, as SIIM-ACR's train-rle.csv "
+    "writes), rewrite them as absolute 1-indexed pixel numbers: --masks-csv reads those"
+)
 UW_MADISON_COLUMNS = "id,class,segmentation"  # --rle-columns' default: UW-Madison's train.csv (and the synthetic one)
 Row = tuple[int, str, int]  # (the class's index among the table's classes, its RLE, its line in the file)
+# UW-Madison's scans as Kaggle ships them: train/case123/case123_day20/scans/slice_0001_266_266_1.50_1.50.png is
+# the row id case123_day20_slice_0001 (width, height and pixel spacing in the name).
+UW_MADISON_SLICE = re.compile(r"(?:.*/)?(case\d+_day\d+)/scans/(slice_\d+)_\d+_\d+_[\d.]+_[\d.]+\.png")
 
 
 def parse_rle_columns(text: str) -> tuple[str, str | None, str]:
@@ -32,8 +40,10 @@ def parse_rle_columns(text: str) -> tuple[str, str | None, str]:
 
 
 def read_rle_frame(path: Path, columns: tuple[str, str | None, str]):
-    """The table as strings (an empty cell is ""), checked to have ``columns``."""
+    """The table as strings (an empty cell is ""), checked to have ``columns``; a header's names are read without
+    the spaces around them (SIIM's ``ImageId, EncodedPixels``), as ``--rle-columns`` reads its own."""
     frame = read_csv_file(path, dtype=str, keep_default_na=False)
+    frame.columns = [str(name).strip() for name in frame.columns]
     missing = [name for name in columns if name is not None and name not in frame.columns]
     if missing:
         found = [str(name) for name in frame.columns]
@@ -68,11 +78,13 @@ def table_labels(values: list[str], classes: str, multilabel: bool, has_class_co
 
 
 def class_index(value: str, labels: list[str]) -> int | None:
-    """The 0-based index of a class cell: one of ``labels`` by name, or its 1-based number (Severstal's ClassId)."""
+    """The 0-based index of a class cell: one of ``labels`` by name, or its 1-based number (Severstal's ClassId)
+    unless the names are numbers themselves (classes 1,3,4 of a table that lacks class 2: a 2 is then no class)."""
     if value in labels:
         return labels.index(value)
     number = value.strip()
-    return int(number) - 1 if number.isdigit() and 1 <= int(number) <= len(labels) else None
+    numbered = any(label.strip().isdigit() for label in labels)
+    return int(number) - 1 if not numbered and number.isdigit() and 1 <= int(number) <= len(labels) else None
 
 
 def group_rows(frame, columns, labels: list[str], path: Path) -> tuple[dict[str, list[Row]], set[str]]:
@@ -97,6 +109,19 @@ def group_rows(frame, columns, labels: list[str], path: Path) -> tuple[dict[str,
         if rle.strip().lower() not in EMPTY_CELLS:
             rows.setdefault(table_id, []).append((indices[value], rle, line))
     return rows, set(frame[id_column])
+
+
+def uw_madison_scans(folder: Path) -> dict[str, Path]:
+    """Row id -> file of UW-Madison's scans in ``folder``'s case and day subfolders (``UW_MADISON_SLICE``)."""
+    slices = (UW_MADISON_SLICE.fullmatch(path.relative_to(folder).as_posix()) for path in sorted(folder.rglob("*.png")))
+    return {f"{match[1]}_{match[2]}": folder / match[0] for match in slices if match}
+
+
+def table_images(folder: Path) -> dict[str, Path]:
+    """Image id -> file of ``folder``: the images in it by stem, or, when it holds none, UW-Madison's scans in its
+    case and day subfolders, each by its row id."""
+    found = files_by_stem(folder, IMAGE_EXTENSIONS)
+    return found if found or not folder.is_dir() else uw_madison_scans(folder)
 
 
 def image_of(table_id: str, images: dict[str, Path]) -> str | None:
@@ -177,9 +202,9 @@ class RLETableData(SegmentationData):
             raise DataError(
                 f"{folder}: no such folder; the images of --masks-csv are in train/, or name their folder with --images"
             )
-        found = files_by_stem(folder, IMAGE_EXTENSIONS)
+        found = table_images(folder)
         self.rows = self.match_images(rows, table_ids, found, folder)
-        test = files_by_stem(test_images or root / "test", IMAGE_EXTENSIONS)
+        test = table_images(test_images or root / "test")
         names = labels if multilabel else ["background", *labels]
         super().__init__(root, found, names, ignore_index, test)
 
@@ -192,6 +217,13 @@ class RLETableData(SegmentationData):
         image_ids = {table_id: image_of(table_id, images) for table_id in table_ids}
         orphans = sorted(table_id for table_id, image_id in image_ids.items() if image_id is None)
         if images and table_ids and len(orphans) == len(table_ids):
+            joined = [table_id for table_id in orphans if image_of(table_id.rsplit("_", 1)[0], images)]
+            if joined:
+                raise DataError(
+                    f"{self.csv}: its ids are <image>_<class> (e.g. {joined[0]!r}, as Severstal's first "
+                    "ImageId_ClassId column writes them); --masks-csv reads the image and the class from two columns: "
+                    "split that column in two, e.g. ImageId,ClassId, and pass --rle-columns ImageId,ClassId,EncodedPixels"
+                )
             raise DataError(
                 f"{self.csv}: none of its {len(table_ids)} ids names an image in {folder} (e.g. {orphans[0]!r} and "
                 f"{next(iter(images.values())).name}); ids are the images' names or stems: check --images or --rle-columns"
@@ -224,7 +256,9 @@ class RLETableData(SegmentationData):
             try:
                 starts, ends = rle_runs(rle, height * width)
             except RLEError as error:
-                raise DataError(f"{self.csv}: line {line} (image {image_id}): {error}; fix the row") from None
+                relative = "out of order" in str(error) and reads_as_relative(rle, height * width)
+                fix = RELATIVE_FIX if relative else "fix the row"
+                raise DataError(f"{self.csv}: line {line} (image {image_id}): {error}; {fix}") from None
             covered = paint_runs(mask, starts, ends, value, self.rle_order, combine=self.multilabel)
             first_line.setdefault(value, line)
             if covered and not self.multilabel:

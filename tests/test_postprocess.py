@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from bench import tune_bench
 from competition import metrics
@@ -172,6 +173,33 @@ def test_sample_rows_refusals_are_one_line(tmp_path):
     sample.write_text("id,class,predicted\na,car,\nghost,car,\n")
     with pytest.raises(DataError, match=r"lists 1 image\(s\) with no file among the 1 test images, e.g. \['ghost'\]"):
         SampleRows(sample, ["car"], multilabel=False).order(ListedTestImages(["a"]))
+
+
+def test_metrics_reads_the_sizes_of_uw_madison_scans_by_their_row_ids(tmp_path, capsys):
+    """UW-Madison's train/ as shipped (caseN/caseN_dayD/scans/slice_SSSS_W_H_1.50_1.50.png): each mask its scan's
+    size, found by the row id (Hengyi-Luo/UW-Madison_GI_Tract_Image_Segmentation's splits list such paths)."""
+    for case, width, height in ((1, 3, 2), (2, 4, 5)):
+        scans = tmp_path / "train" / f"case{case}" / f"case{case}_day0" / "scans"
+        scans.mkdir(parents=True)
+        Image.fromarray(np.zeros((height, width), np.uint16)).save(scans / f"slice_0001_{width}_{height}_1.50_1.50.png")
+    truth = tmp_path / "train.csv"
+    truth.write_text("id,class,segmentation\ncase1_day0_slice_0001,stomach,1 6\ncase2_day0_slice_0001,stomach,7 14\n")
+    submission = tmp_path / "sub.csv"
+    submission.write_text("id,class,predicted\ncase1_day0_slice_0001,stomach,1 3\ncase2_day0_slice_0001,stomach,7 14\n")
+    metrics.main([str(submission), str(truth)])  # 7 14 runs past the first scan's 6 pixels: sizes are per scan
+    assert capsys.readouterr().out.startswith(f"mean Dice {(2 * 3 / 9 + 1) / 2:.5f} over 2 (image, class) pairs")
+
+
+def test_sample_rows_of_numbered_classes_map_each_by_its_number(tmp_path):
+    """Severstal's sample (ImageId,ClassId,EncodedPixels, ClassId 1..4) for a run whose classes are named 1,3,4 (a
+    table without ClassId 2): class 3's rows take class 3's mask, and a ClassId 2 row is no class of the run."""
+    sample = tmp_path / "sample.csv"
+    sample.write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 409600\na.jpg,3,1 409600\na.jpg,4,1 409600\n")
+    assert SampleRows(sample, ["1", "3", "4"], multilabel=True, order="column").channels == [0, 1, 2]
+    sample.write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 409600\na.jpg,2,1 409600\na.jpg,3,1 409600\n")
+    with pytest.raises(DataError, match=r"row 3: class '2' is none of the run's classes 1,3,4; predict with"):
+        SampleRows(sample, ["1", "3", "4"], multilabel=True, order="column")
+    assert SampleRows(sample, ["pits", "inclusion", "scratches"], multilabel=True).channels == [0, 1, 2]
 
 
 def numpy_rle(mask: np.ndarray, order: str) -> str:

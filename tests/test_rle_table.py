@@ -21,11 +21,15 @@ from competition.errors import ConfigError, DataError
 from competition.inspect_data import describe
 from competition.layouts import open_data
 from competition.mask_values import pack_labels
-from competition.rle import rle_decode, rle_encode_numpy
+from competition.rle import rle_decode, rle_encode, rle_encode_numpy
 from competition.survey import survey
 
 ROOT = Path(__file__).resolve().parent.parent
 SEVERSTAL = {"rle_columns": "ImageId,ClassId,EncodedPixels", "rle_order": "column"}
+RELATIVE_FIX = (  # what a row refused as out of order is told when it reads as SIIM-ACR's relative runs
+    "fix the row; if its starts count from the end of the previous run (a relative RLE, as SIIM-ACR's train-rle.csv "
+    "writes), rewrite them as absolute 1-indexed pixel numbers: --masks-csv reads those"
+)
 
 
 def numpy_decode(rle: str, shape: tuple[int, int], order: str) -> np.ndarray:
@@ -251,6 +255,74 @@ def test_images_come_from_the_folder_images_names(tmp_path):
     assert data.train_ids() == sorted(masks)
 
 
+# --- the real competitions' quirks (rows synthesised in each format: Kaggle's files may not be redistributed) ---
+
+
+def test_a_header_with_a_space_after_its_commas_is_read_by_its_names(tmp_path):
+    """SIIM-ACR's train-rle.csv: header ``ImageId, EncodedPixels``, cells `` -1`` (empty) and `` 5 3`` (as
+    srivatsav09/pneumothorax-detection-unet keeps the competition's file)."""
+    (tmp_path / "train").mkdir()
+    for image_id in ("1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090", "1.2.276.0.7230010.3.1.4.1"):
+        Image.fromarray(np.zeros((4, 6), np.uint8)).save(tmp_path / "train" / f"{image_id}.png")
+    (tmp_path / "train-rle.csv").write_text(
+        "ImageId, EncodedPixels\n1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090, -1\n"
+        "1.2.276.0.7230010.3.1.4.1, 5 3\n1.2.276.0.7230010.3.1.4.1, 13 2\n"
+    )
+    data = open_data(tmp_path, masks_csv="train-rle.csv", rle_columns="ImageId,EncodedPixels", rle_order="column")
+    assert not data.read_mask("1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090").any()
+    expected = numpy_decode("5 3", (4, 6), "column") | numpy_decode("13 2", (4, 6), "column")  # two rows, one image
+    np.testing.assert_array_equal(data.read_mask("1.2.276.0.7230010.3.1.4.1"), expected)
+
+
+def test_a_relative_rle_row_is_refused_with_what_it_reads_as(tmp_path):
+    """SIIM-ACR's train-rle.csv counts each start from the end of the previous run: ``5 2 4 2`` is pixels 6-7 and
+    12-13 there, out of order as absolute runs."""
+    root = make_table(tmp_path, boxes(2), ["a", "b", "c"], extra_rows=[("case0_slice_0001", "b", "5 2 4 2")])
+    with pytest.raises(DataError) as error:
+        open_data(root, masks_csv="train.csv").read_mask("case0_slice_0001")
+    assert str(error.value).endswith("RLE has runs out of order or overlapping (image of 240 pixels); " + RELATIVE_FIX)
+
+
+def test_uw_madison_scans_in_case_and_day_folders_are_named_by_their_row_ids(tmp_path):
+    """UW-Madison's train/case55/case55_day0/scans/slice_0078_266_266_1.50_1.50.png (width, then height), 16-bit,
+    is row case55_day0_slice_0078 (the paths of Hengyi-Luo/UW-Madison_GI_Tract_Image_Segmentation's splits)."""
+    rows, expected = [], {}
+    for case, width, height in ((55, 26, 26), (49, 36, 31)):
+        scans = tmp_path / "train" / f"case{case}" / f"case{case}_day0" / "scans"
+        scans.mkdir(parents=True)
+        Image.fromarray(np.zeros((height, width), np.uint16)).save(scans / f"slice_0078_{width}_{height}_1.50_1.50.png")
+        planes = np.zeros((2, height, width), np.uint8)
+        planes[0, 2:9, 3:7] = planes[1, 5:12, 4:20] = 1  # overlapping organs
+        expected[f"case{case}_day0_slice_0078"] = planes
+        rows += [
+            (f"case{case}_day0_slice_0078", name, rle_encode(plane))
+            for name, plane in zip(["bowel", "stomach"], planes)
+        ]
+    pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(tmp_path / "train.csv", index=False)
+    data = open_data(tmp_path, masks_csv="train.csv", head="multilabel")
+    assert data.train_ids() == sorted(expected)
+    for image_id, planes in expected.items():
+        np.testing.assert_array_equal(data.read_mask(image_id), pack_labels(planes))
+
+
+def test_ids_of_image_and_class_in_one_column_say_to_split_it(tmp_path):
+    """Severstal's first train.csv: ``ImageId_ClassId,EncodedPixels`` (``0002cc93b.jpg_1``), as
+    khornlund/severstal-steel-defect-detection's pseudo.csv keeps the format."""
+    root = make_table(tmp_path, boxes(2), ["1", "2", "3"], "column", ("ImageId_ClassId", "EncodedPixels"))
+    frame = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    names = [f"{image_id}.png_{k}" for image_id in boxes(2) for k in (1, 2, 3)]
+    frame.assign(ImageId_ClassId=names).to_csv(root / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"its ids are <image>_<class> \(e.g. 'case0_slice_0000.png_1', as Severstal"):
+        open_data(root, masks_csv="train.csv", rle_columns="ImageId_ClassId,EncodedPixels", rle_order="column")
+
+
+def test_numbered_classes_are_names_not_positions(tmp_path):
+    """Classes 1,3,4 (a Severstal excerpt without ClassId 2): a row of class 2 is no class, never class 3."""
+    root = make_table(tmp_path, boxes(2, classes=3), ["1", "3", "4"], extra_rows=[("case0_slice_0000", "2", "1 2")])
+    with pytest.raises(DataError, match=r"line 8: class '2' is none of the classes \(1, 3, 4\)"):
+        open_data(root, masks_csv="train.csv", classes="background,1,3,4")
+
+
 # --- bad input: one line naming the file and the row ---
 
 
@@ -271,7 +343,8 @@ def test_a_malformed_run_names_the_file_and_its_line(tmp_path, rle, message):
     data = open_data(root, masks_csv="train.csv")
     with pytest.raises(DataError) as error:
         data.read_mask("case0_slice_0001")
-    assert str(error.value) == f"{root / 'train.csv'}: line 8 (image case0_slice_0001): {message}; fix the row"
+    fix = RELATIVE_FIX if "out of order" in message else "fix the row"  # these two read as relative runs too
+    assert str(error.value) == f"{root / 'train.csv'}: line 8 (image case0_slice_0001): {message}; {fix}"
     problems = survey_problems(data)
     assert len(problems) == 1 and problems[0].startswith("train.csv: line 8 (image case0_slice_0001")
 
