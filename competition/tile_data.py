@@ -1,0 +1,118 @@
+"""Training on tiles (``--tile``): windows of slides read one at a time with their masks' windows, as data sets of
+the one pipeline (same augmentation, loss and loop as whole images).
+
+A slide is opened lazily (``slides.open_slide``: a tiled TIFF in place, anything else decoded once into the work
+folder's cache), its mask kept as the RLE table's runs (``slides.RunsMask``), and its tile index built once
+(``tiles.build_index``: every tile decoded once, which is also the check that the file is whole). Training draws
+each sample's window through ``tiles.sample_windows``; validation scores the index's grid windows of the held-out
+slides, a fixed list."""
+
+import logging
+
+import numpy as np
+import torch
+
+from competition.config import TrainConfig
+from competition.data import SegmentationDataset
+from competition.environment import default_work_dir
+from competition.errors import ConfigError
+from competition.slides import RunsMask, open_slide
+from competition.tiles import TileIndex, build_index, sample_windows
+
+logger = logging.getLogger(__name__)
+
+SLIDE_CACHE = "slide_cache"  # in the work folder: slides that are no tiled TIFF, decoded once
+
+
+class TiledSlide:
+    """One training slide: its ``Slide``, its mask's runs, and its tile index."""
+
+    def __init__(self, data, image_id: str, config: TrainConfig):
+        self.image_id = image_id
+        self.slide = open_slide(data.image_path(image_id), default_work_dir() / SLIDE_CACHE)
+        self.mask = slide_mask(data, image_id, self.slide.shape[:2])
+        self.index: TileIndex = build_index(self.slide, self.mask, config.tile, config.tile_overlap)
+
+    def window(self, top: int, left: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (tile, tile, 3), mask uint8 (tile, tile)) at (top, left); a slide smaller than the tile
+        is mirrored at its bottom and right edges, as the sliding window pads it."""
+        rows, columns = min(tile, self.slide.shape[0] - top), min(tile, self.slide.shape[1] - left)
+        image, mask = self.slide.read(top, left, rows, columns), self.mask.read(top, left, rows, columns)
+        if (rows, columns) != (tile, tile):
+            pad = ((0, tile - rows), (0, tile - columns))
+            image, mask = np.pad(image, (*pad, (0, 0)), mode="symmetric"), np.pad(mask, pad, mode="symmetric")
+        return image, mask
+
+
+def slide_mask(data, image_id: str, shape: tuple[int, int]) -> RunsMask:
+    """The image's binary mask as the runs of its row in the RLE table (``--masks-csv``), never drawn whole."""
+    if getattr(data, "layout", "") != "rle-table":
+        raise ConfigError(
+            f"--tile reads masks from an RLE table window by window, and {data.root} is read as the "
+            f"{getattr(data, 'layout', type(data).__name__)} layout: give --masks-csv (e.g. train.csv --rle-columns "
+            "id,encoding --rle-order column), or train on whole images without --tile"
+        )
+    if data.num_classes != 2 or data.multilabel:
+        raise ConfigError(f"--tile: {data.csv} holds {data.num_classes - 1} classes; tiles are trained on one class")
+    rows = data.rows.get(image_id, [])
+    if len(rows) > 1:
+        lines = ", ".join(str(line) for _, _, line in rows)
+        raise ConfigError(f"--tile: {data.csv}: lines {lines} are all image {image_id}'s; give each slide one row")
+    rle, source = (rows[0][1], f"{data.csv}: line {rows[0][2]} (image {image_id})") if rows else ("", str(data.csv))
+    return RunsMask(rle, shape, data.rle_order, source)
+
+
+def tiled_slides(data, image_ids: list[str], config: TrainConfig) -> list[TiledSlide]:
+    slides = [TiledSlide(data, image_id, config) for image_id in image_ids]
+    logger.info(
+        "--tile %d: %d slide(s) indexed, %d tiles of which %d hold foreground",
+        config.tile,
+        len(slides),
+        sum(slide.index.tops.size for slide in slides),
+        sum(int((slide.index.foreground > 0).sum()) for slide in slides),
+    )
+    return slides
+
+
+class TrainingTiles(SegmentationDataset):
+    """As many samples an epoch as the training slides' index has tiles, sample k from the slide of the k-th tile
+    (each slide drawn as often as it has tiles); its window drawn by ``sample_windows`` from torch's generator
+    (seeded per epoch and worker by the loader: reproducible, new each epoch)."""
+
+    def __init__(self, data, slides: list[TiledSlide], config: TrainConfig, transform=None):
+        super().__init__(data, [slide.image_id for slide in slides], transform=transform)
+        self.slides, self.config = slides, config
+        self.ends = np.cumsum([slide.index.tops.size for slide in slides])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slide = self.slides[int(np.searchsorted(self.ends, index, "right"))]
+        rng = np.random.default_rng(int(torch.randint(2**62, ()).item()))
+        config = self.config
+        (top, left), *_ = sample_windows(
+            slide.index, slide.mask, 1, rng, config.empty_tile_weight, config.positive_ratio, config.min_tissue
+        )
+        image, mask = slide.window(int(top), int(left), config.tile)
+        return self.prepared(image, mask, False)
+
+
+class ValidationTiles(SegmentationDataset):
+    """Every grid window of the held-out slides' tile index, in order, unaugmented: a fixed list."""
+
+    def __init__(self, data, slides: list[TiledSlide], tile: int):
+        super().__init__(data, [slide.image_id for slide in slides])
+        self.slides, self.tile = slides, tile
+        self.windows = [
+            (number, int(top), int(left))
+            for number, slide in enumerate(slides)
+            for top, left in zip(slide.index.tops, slide.index.lefts)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        number, top, left = self.windows[index]
+        return self.prepared(*self.slides[number].window(top, left, self.tile), False)
