@@ -5,7 +5,8 @@ A slide is opened lazily (``slides.open_slide``: a tiled TIFF in place, anything
 folder's cache), its mask kept as the RLE table's runs (``slides.RunsMask``), and its tile index built once
 (``tiles.build_index``: every tile decoded once, which is also the check that the file is whole). Training draws
 each sample's window through ``tiles.sample_windows``; validation scores the index's grid windows of the held-out
-slides, a fixed list."""
+slides, a fixed list, for the loss; Dice and IoU are the held-out slides' own, each predicted whole by the sliding
+window as infer.py stitches it (``stitched_scores``)."""
 
 import logging
 
@@ -13,15 +14,18 @@ import numpy as np
 import torch
 
 from competition.config import TrainConfig
-from competition.data import SegmentationDataset
+from competition.data import SegmentationDataset, to_chw
 from competition.environment import default_work_dir
 from competition.errors import ConfigError
+from competition.prediction import predict_probabilities
 from competition.slides import RunsMask, open_slide
+from competition.sliding_window import predict_mask
 from competition.tiles import TileIndex, build_index, sample_windows
 
 logger = logging.getLogger(__name__)
 
 SLIDE_CACHE = "slide_cache"  # in the work folder: slides that are no tiled TIFF, decoded once
+ACCUMULATORS = "sliding_window"  # in the work folder: a large slide's blended probabilities while it is validated
 
 
 class TiledSlide:
@@ -116,3 +120,44 @@ class ValidationTiles(SegmentationDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         number, top, left = self.windows[index]
         return self.prepared(*self.slides[number].window(top, left, self.tile), False)
+
+
+@torch.no_grad()
+def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: TrainConfig, precision: str) -> dict:
+    """``val_dice`` and ``val_iou`` of whole slides, averaged over them: each predicted by ``predict_mask``
+    (windows of ``--tile`` and ``--tile-overlap``, Gaussian-blended, as infer.py stitches them), its mask compared
+    band by band with the RLE's runs: neither the slide's probabilities nor its mask is held whole."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        images = torch.stack([to_chw(window) for window in windows]).to(device)
+        return predict_probabilities(model, images, precision=precision).cpu().numpy()
+
+    dice, iou = [], []
+    for slide in slides:
+        both, predicted, truth = _overlap(slide, predict, config)
+        dice.append(1.0 if predicted + truth == 0 else 2 * both / (predicted + truth))
+        iou.append(1.0 if predicted + truth == 0 else both / (predicted + truth - both))
+    return {"val_dice": float(np.mean(dice)), "val_iou": float(np.mean(iou))}
+
+
+def _overlap(slide: TiledSlide, predict, config: TrainConfig) -> tuple[int, int, int]:
+    """(pixels predicted and true, predicted, true) of the slide's stitched mask, counted band by band."""
+    counts = np.zeros(3, np.int64)
+
+    def compare(top: int, band: np.ndarray) -> None:
+        labels, mask = band.astype(bool), slide.mask.read(top, 0, *band.shape).astype(bool)
+        counts[:] += ((labels & mask).sum(), labels.sum(), mask.sum())
+
+    work_dir = default_work_dir() / ACCUMULATORS
+    predict_mask(
+        slide.slide,
+        predict,
+        compare,
+        config.tile,
+        config.tile_overlap,
+        batch_size=config.val_batch_size,
+        work_dir=work_dir,
+    )
+    return tuple(int(count) for count in counts)

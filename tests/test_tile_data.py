@@ -87,6 +87,31 @@ def test_windows_are_drawn_around_foreground_at_the_ratio_given(slides):
     assert half == pytest.approx(0.5 + 0.5 * none_around, abs=0.12)
 
 
+class ConstantModel(torch.nn.Module):
+    """A one-channel model whose logit is ``logit`` at every pixel, whatever the window."""
+
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(logit))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit.expand(images.shape[0], 1, *images.shape[-2:])
+
+
+def test_validation_scores_whole_slides_stitched_as_inference_stitches_them(slides):
+    from competition.tile_data import stitched_scores
+
+    root, folds, data = slides
+    config = tile_config(root, folds, val_batch_size=4)
+    slides_ = [TiledSlide(data, image_id, config) for image_id in data.train_ids()[:2]]
+    truths = [data.draw(slide.image_id, (1024, 1024)).sum() for slide in slides_]
+    everywhere = stitched_scores(ConstantModel(10.0), slides_, config, "fp32")
+    pixels = 1024 * 1024  # every pixel of each slide predicted foreground once: Dice 2T / (N + T), IoU T / N
+    assert everywhere["val_dice"] == pytest.approx(np.mean([2 * t / (pixels + t) for t in truths]))
+    assert everywhere["val_iou"] == pytest.approx(np.mean([t / pixels for t in truths]))
+    assert stitched_scores(ConstantModel(-10.0), slides_, config, "fp32") == {"val_dice": 0.0, "val_iou": 0.0}
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -123,3 +148,4 @@ def test_one_epoch_on_tiles_trains_and_saves_the_tile_settings(slides, tmp_path)
     saved = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
     assert saved["config"]["tile"] == TILE and saved["config"]["tile_overlap"] == 0.25
     assert saved["image_shape"] == [1024, 1024]
+    assert 0 <= saved["score"] <= 1 and "val_dice" in (tmp_path / "run" / "fold0" / "log.csv").read_text()
