@@ -16,7 +16,7 @@ import torch
 from competition.config import TrainConfig
 from competition.data import SegmentationDataset, to_chw
 from competition.environment import default_work_dir
-from competition.errors import ConfigError
+from competition.errors import ConfigError, DataError
 from competition.prediction import predict_probabilities
 from competition.slides import RunsMask, open_slide
 from competition.sliding_window import predict_mask
@@ -44,7 +44,7 @@ class TiledSlide:
         image, mask = self.slide.read(top, left, rows, columns), self.mask.read(top, left, rows, columns)
         if (rows, columns) != (tile, tile):
             pad = ((0, tile - rows), (0, tile - columns))
-            image, mask = np.pad(image, (*pad, (0, 0)), mode="symmetric"), np.pad(mask, pad, mode="symmetric")
+            image, mask = np.pad(image, (*pad, (0, 0)), mode="reflect"), np.pad(mask, pad, mode="reflect")
         return image, mask
 
 
@@ -61,7 +61,9 @@ def slide_mask(data, image_id: str, shape: tuple[int, int]) -> RunsMask:
     rows = data.rows.get(image_id, [])
     if len(rows) > 1:
         lines = ", ".join(str(line) for _, _, line in rows)
-        raise ConfigError(f"--tile: {data.csv}: lines {lines} are all image {image_id}'s; give each slide one row")
+        raise DataError(
+            f"{data.csv}: lines {lines} are all image {image_id}'s; --tile takes one row per slide: join them"
+        )
     rle, source = (rows[0][1], f"{data.csv}: line {rows[0][2]} (image {image_id})") if rows else ("", str(data.csv))
     return RunsMask(rle, shape, data.rle_order, source)
 

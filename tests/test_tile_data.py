@@ -29,14 +29,13 @@ def slides(tmp_path_factory):
 
 
 def tile_config(root, folds, **settings) -> TrainConfig:
+    settings = {"tile": TILE, "tile_overlap": 0.25} | settings
     return TrainConfig(
         data_dir=str(root),
         folds_csv=str(folds),
         masks_csv="train.csv",
         rle_columns="id,encoding",
         rle_order="column",
-        tile=TILE,
-        tile_overlap=0.25,
         **settings,
     )
 
@@ -57,6 +56,18 @@ def test_windows_are_the_tile_and_their_masks_the_rle_tables_window(slides):
         assert np.array_equal(mask[0].numpy(), whole_mask[top : top + TILE, left : left + TILE])
         assert np.array_equal(image.permute(1, 2, 0).numpy(), whole_image[top : top + TILE, left : left + TILE])
     assert whole_mask.any() and any(windows[index][1].any() for index in range(len(windows)))
+
+
+def test_a_slide_smaller_than_the_tile_is_mirrored_at_its_edges_as_the_sliding_window_pads_it(slides):
+    root, folds, data = slides
+    image_id = data.train_ids()[1]
+    slide = TiledSlide(data, image_id, tile_config(root, folds, tile=1280))
+    assert slide.index.tops.tolist() == [0] and slide.index.lefts.tolist() == [0]
+    image, mask = slide.window(0, 0, 1280)
+    assert image.shape == (1280, 1280, 3) and mask.shape == (1280, 1280)
+    assert np.array_equal(mask[:1024, :1024], data.draw(image_id, (1024, 1024)))
+    assert np.array_equal(mask[1024:, :1024], mask[1022:766:-1, :1024])  # reflected about the last row
+    assert np.array_equal(image[:, 1024:], image[:, 1022:766:-1])
 
 
 def test_a_slide_is_never_in_both_training_and_validation(slides):
