@@ -152,11 +152,19 @@ def test_one_epoch_on_tiles_trains_and_saves_the_tile_settings(slides, tmp_path)
 
     root, folds, _ = slides
     config = tile_config(
-        root, folds, out=str(tmp_path / "run"), encoder="resnet18", encoder_weights="none", epochs=1, batch_size=4
+        root,
+        folds,
+        out=str(tmp_path / "run"),
+        encoder="resnet18",
+        encoder_weights="none",
+        epochs=1,
+        batch_size=4,
+        tile=512,  # 4 windows a slide, no overlap: 2 steps, and seconds of validation
+        tile_overlap=0.0,
     )
     config.workers, config.warmup_epochs = 0, 0.2
     train_fold(config, "cpu", progress=False)
     saved = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
-    assert saved["config"]["tile"] == TILE and saved["config"]["tile_overlap"] == 0.25
+    assert saved["config"]["tile"] == 512 and saved["config"]["tile_overlap"] == 0.0
     assert saved["image_shape"] == [1024, 1024]
     assert 0 <= saved["score"] <= 1 and "val_dice" in (tmp_path / "run" / "fold0" / "log.csv").read_text()
