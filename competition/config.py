@@ -22,6 +22,8 @@ from competition.rle import RLE_ORDERS
 from competition.rle_table import UW_MADISON_COLUMNS
 from competition.sampling import SAMPLERS
 from competition.schedules import SCHEDULES
+from competition.sliding_window import check_tiling
+from competition.tiles import check_sampling
 
 MONITORS = ("auto", "dice", "miou", "macro_f1", "pixel_accuracy")
 PET_BORDERS = ("ignore", "class")
@@ -133,6 +135,19 @@ class TrainConfig:
     encoder_weights: str = setting("imagenet", "imagenet, none, or the path of a local encoder weights file")
     size: str = setting("1024x1536", "HEIGHTxWIDTH the images are resized to (multiples of 32), or full")
     crop: int = setting(0, "> 0: train on random full-resolution crops of this side instead of resizing")
+    tile: int = setting(
+        0,
+        "> 0: train on windows of this side (a multiple of 32) sampled from slides through a tile index, each read "
+        "alone, never the whole image (the rle-table layout); 0: whole images",
+    )
+    tile_overlap: float = setting(
+        0.25, "with --tile: the share of a tile the next one on the index's grid covers again"
+    )
+    empty_tile_weight: float = setting(
+        0.1, "with --tile: how often a tile of no foreground and little tissue is drawn, relative to the others"
+    )
+    positive_ratio: float = setting(0.5, "with --tile: the share of windows centred near a random foreground pixel")
+    min_tissue: float = setting(0.05, "with --tile: the share of tissue under which a tile with no foreground is empty")
     epochs: int = setting(30, "epochs")
     batch_size: int = setting(8, "images per forward pass")
     accum_steps: int = setting(1, "forward passes per optimizer step: effective batch = batch_size x accum_steps")
@@ -194,7 +209,7 @@ class TrainConfig:
 
     def input_size(self) -> tuple[int, int] | None:
         """(height, width) the model sees in training and validation, or None for full resolution."""
-        if self.crop or self.size.lower() in ("full", ""):
+        if self.crop or self.tile or self.size.lower() in ("full", ""):
             return None
         return parse_size(self.size)
 
@@ -320,9 +335,27 @@ def check_config(config: "TrainConfig") -> None:
         )
     if config.multilabel():
         check_multilabel(config)
+    if config.tile:
+        _check_tiles(config)
     config.input_size()
     parse_duration(config.time_limit, flag("time_limit"))
     _check_averaging(config)
+
+
+def _check_tiles(config: "TrainConfig") -> None:
+    """--tile's window and sampling settings, one line naming the flag; --crop is the whole images' crops."""
+    check_tiling(config.tile, config.tile_overlap)
+    check_sampling(config.empty_tile_weight, config.positive_ratio, config.min_tissue)
+    if config.crop:
+        raise ConfigError(f"--tile {config.tile} and --crop {config.crop}: --tile's windows are the crops; give one")
+    whole_images = {"--class-weights": config.class_weights != "none", "--sampler": config.sampler != "random"}
+    whole_images["--pseudo"] = bool(config.pseudo)
+    for name, given in whole_images.items():
+        if given:
+            raise ConfigError(
+                f"{name} with --tile {config.tile}: it counts or draws whole images; tiles are drawn by "
+                "--empty-tile-weight and --positive-ratio: leave it out"
+            )
 
 
 def _check_averaging(config: "TrainConfig") -> None:

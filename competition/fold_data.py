@@ -22,6 +22,7 @@ from competition.losses import class_weights
 from competition.pseudo_data import PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.sampling import class_balanced_weights
 from competition.survey import survey
+from competition.tile_data import TrainingTiles, ValidationTiles, tiled_slides
 from competition.workers import loader_start_method
 
 logger = logging.getLogger(__name__)
@@ -138,10 +139,11 @@ def unaugmented_loader(config: TrainConfig, train_loader, device: torch.device, 
     """At most ``batches`` batches of the fold's training images as training feeds them but without augmentation
     (training crops kept: they are what the model's batch norm saw), drawn in an order fixed by the seed: the images
     that averaged weights' batch-norm statistics are recomputed on, the same for each."""
-    trained = train_loader.dataset
-    plain = SegmentationDataset(
-        trained.data, trained.image_ids, size=trained.size, transform=train_transform(replace(config, augment="none"))
-    )
+    trained, unaugmented = train_loader.dataset, train_transform(replace(config, augment="none"))
+    if isinstance(trained, TrainingTiles):
+        plain = TrainingTiles(trained.data, trained.slides, config, transform=unaugmented)
+    else:
+        plain = SegmentationDataset(trained.data, trained.image_ids, size=trained.size, transform=unaugmented)
     drawn = torch.randperm(len(plain), generator=torch.Generator().manual_seed(config.seed))
     chosen = drawn[: batches * config.batch_size].tolist()  # a list: every pass over the loader sees the same batches
     return Loader(plain, config.batch_size, sampler=chosen, drop_last=True, **_loader_options(config, device))
@@ -154,11 +156,15 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
     sampler's weights. ``pseudo`` (PseudoLabels) joins its images to the training images alone."""
     input_size = config.input_size()
     transform = train_transform(config)
-    if pseudo is None:
+    if config.tile:
+        train_set = TrainingTiles(data, tiled_slides(data, train_ids, config), config, transform)
+        val_set = ValidationTiles(data, tiled_slides(data, val_ids, config), config.tile)
+    elif pseudo is None:
         train_set = SegmentationDataset(data, train_ids, size=input_size, transform=transform)
     else:
         train_set = PseudoLabelledSet(data, train_ids, pseudo, size=input_size, transform=transform)
-    val_set = SegmentationDataset(data, val_ids, size=input_size, full_size_masks=True)
+    if not config.tile:
+        val_set = SegmentationDataset(data, val_ids, size=input_size, full_size_masks=True)
     if len(train_set) < config.batch_size:
         raise DataError(
             f"fold {config.fold}: {len(train_set)} training images, fewer than one batch of {config.batch_size}; "
@@ -172,7 +178,9 @@ def build_loaders(config: TrainConfig, data, train_ids, val_ids, device: torch.d
         weights = class_balanced_weights(pixel_counts).tolist()
         sampler = torch.utils.data.WeightedRandomSampler(weights, len(train_set), replacement=True, generator=order)
     train_loader = Loader(train_set, config.batch_size, sampler=sampler, drop_last=True, generator=order, **options)
-    if data.fixed_image_size:  # every image one size (Carvana's 1918x1280): no same-size batches needed
+    if (
+        data.fixed_image_size or config.tile
+    ):  # every image (window) one size one size (Carvana's 1918x1280): no same-size batches needed
         return train_loader, order, Loader(val_set, config.val_batch_size, **options)
     batches = same_size_batches([data.image_shape(image_id) for image_id in val_ids], config.val_batch_size)
     return train_loader, order, Loader(val_set, batch_sampler=batches, **options)
@@ -215,6 +223,8 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
     pseudo = _pseudo_labels(config, data, val_ids)  # before the masks are checked: that takes a while
     # The layout says which masks are counted: with fixed classes (Carvana's) the training images' alone, and only
     # for the weights or the sampler; elsewhere every mask, so that a class no training mask holds is said first.
+    if config.tile:  # no image decoded whole: the tile index reads each slide once, tile by tile, and checks it
+        return _set_up_tiles(config, data, device, train_ids, val_ids)
     ids = train_ids + val_ids
     pixel_counts_needed = config.class_weights != "none" or config.sampler != "random"
     count = data.masks_to_count(len(train_ids), len(ids), pixel_counts_needed)
@@ -235,6 +245,22 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
         order=order,
         val_loader=val_loader,
         image_shape=data.image_shape(val_ids[0]),  # inference checks test images against it
+        split=split_digest(val_ids),
+        classes=tuple(data.classes),
+        held_out=not set(val_ids) & set(train_ids),
+    )
+
+
+def _set_up_tiles(config: TrainConfig, data, device: torch.device, train_ids, val_ids) -> FoldData:
+    """``--tile``: the loaders of the slides' windows (settings that count or draw whole images are refused by
+    check_config)."""
+    train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device)
+    return FoldData(
+        config=config,
+        train_loader=train_loader,
+        order=order,
+        val_loader=val_loader,
+        image_shape=val_loader.dataset.slides[0].slide.shape[:2],  # from the TIFF's header, not a decode
         split=split_digest(val_ids),
         classes=tuple(data.classes),
         held_out=not set(val_ids) & set(train_ids),

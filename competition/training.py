@@ -50,6 +50,7 @@ from competition.run_folder import (
     warn_if_little_room,
 )
 from competition.schedules import build_scheduler, steps_per_epoch
+from competition.tile_data import stitched_scores
 
 logger = logging.getLogger(__name__)
 
@@ -502,9 +503,12 @@ def _validate(model: torch.nn.Module, parts: _Parts, fold: FoldData, config: Tra
     scored_classes = list(fold.classes) if by_confusion else None
     score = evaluate_labels if config.multilabel() else evaluate
     with explain_out_of_memory(*_out_of_memory_fix(config, validating=True)):
-        return score(
+        scores = score(
             model, fold.val_loader, parts.loss_fn, parts.precision, scored_classes, config.label_ignore_index()
         )
+        if config.tile:  # Dice and IoU of the whole slides, stitched as infer.py stitches them; the loss the windows'
+            scores.update(stitched_scores(model, fold.val_loader.dataset.slides, config, parts.precision))
+        return scores
 
 
 def _train_epochs(
