@@ -2,12 +2,14 @@
 --time-limit and --resume of whole-image prediction."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 import infer
 from competition.prediction_stream import PredictionPace
+from competition.submission import predicted_by_path
 from tests.test_shards import common_flags
 
 
@@ -88,11 +90,12 @@ def test_tiles_stop_at_the_time_limit_by_image_and_resume_finishes(
         infer.main([*common_flags(trained_run, data_dir, out), *tiling, "--time-limit", "1h"])
     assert exit_info.value.code == 3 and not out.exists()
     assert "stopped by the time limit 1h00m at a batch boundary: 3 of the 32 test images are written" in caplog.text
+    record = json.loads(predicted_by_path(out).read_text())["output"]["tiling"]
+    assert record == {"tile": 64, "overlap": 0.5, "weighting": "gaussian"}, "another tiling predicts them all again"
     monkeypatch.setattr(PredictionPace, "next_batch_fits", fits)
-    with pytest.raises(SystemExit) as exit_info:  # another tiling is not the run that wrote them
-        infer.main([*common_flags(trained_run, data_dir, out), "--tile", "96", "--resume"])
-    assert exit_info.value.code == 2
+    caplog.clear()
     infer.main([*common_flags(trained_run, data_dir, out), *tiling, "--resume"])
+    assert "32 rows" in caplog.text and "29 predicted" in caplog.text, "the 3 images written are kept"
     assert out.read_bytes() == complete.read_bytes()
 
 
