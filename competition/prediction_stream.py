@@ -1,6 +1,7 @@
 """The prediction stream: images decoded by loader processes in batches of one size, through an ensemble, into
 class masks handed to a writer's sink, on the deadline's clock."""
 
+import contextlib
 import logging
 import os
 import time
@@ -320,13 +321,13 @@ def predict_slides_into(
             for image_id in image_ids:
                 if not pace.next_batch_fits():
                     break
-                slide = open_test_slide(data, image_id, cache_dir)
-                mask = np.empty(slide.shape[:2], np.uint8)
+                with contextlib.closing(open_test_slide(data, image_id, cache_dir)) as slide:
+                    mask = np.empty(slide.shape[:2], np.uint8)
 
-                def write(top: int, band: np.ndarray, mask=mask) -> None:
-                    mask[top : top + band.shape[0]] = band
+                    def write(top: int, band: np.ndarray, mask=mask) -> None:
+                        mask[top : top + band.shape[0]] = band
 
-                predict_mask(slide, predict, write, tiling.tile, tiling.overlap, threshold, **options)
+                    predict_mask(slide, predict, write, tiling.tile, tiling.overlap, threshold, **options)
                 sink.write([(image_id, sink.encode(image_id, mask))])
                 predicted += 1
                 bar.update(1)

@@ -271,3 +271,6 @@ class InMemory:
 
     def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self.image[y : y + height, x : x + width]
+
+    def close(self) -> None:
+        """Nothing to release (a ``slides.Slide`` closes its file): either is closed alike."""
