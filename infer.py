@@ -15,6 +15,7 @@ python infer.py --oof --tta --checkpoints runs/parts --out predictions/oof-masks
 python infer.py --oof --tta --tune --checkpoints runs/gi   ... and per-class post-processing tuned: postprocess.json
 python infer.py --tta --checkpoints runs/gi --sample-submission input/sample_submission.csv --out sub.csv
                                                                        ... per-class rows as the sample lists them
+python infer.py --tta --tile 1024 --tile-overlap 0.25                  each image by a blended sliding window
 
 Every output is one stream into a writer (--format): rle, one img,rle_mask row per image in sample-submission
 order (Carvana's, the default of its models); rle-csv, Kaggle's ImageId_ClassId,EncodedPixels rows; png, a
@@ -81,6 +82,7 @@ from competition.postprocess import (
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.rle import RLE_ORDERS
 from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
+from competition.sliding_window import WEIGHTINGS, Tiling
 from competition.submission import check_resume_flags
 from competition.writers import FORMATS, Output
 
@@ -104,6 +106,9 @@ MODE_FLAGS = {
     "--no-postprocess": ("no_postprocess", ("submission",), lambda: False),
     "--tune": ("tune", ("oof",), lambda: False),
     "--overlays": ("overlays", ("submission",), lambda: False),
+    "--tile": ("tile", ("submission",), lambda: None),
+    "--tile-overlap": ("tile_overlap", ("submission",), lambda: None),
+    "--tile-weighting": ("tile_weighting", ("submission",), lambda: None),
     "--worst": ("worst", ("oof",), lambda: 8),
     "--folds-csv": ("folds_csv", ("oof",), lambda: None),
     "--out-dir": ("out_dir", ("oof", "image"), lambda: default_work_dir() / "predictions"),
@@ -199,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 11h30m, counted from the start: stop at a batch boundary before it passes, the rows kept for "
         "--resume (exit status 3)",
     )
+    submission.add_argument(
+        "--tile",
+        type=int,
+        help="predict each image by a sliding window of this many pixels a side (a multiple of 32), the windows' "
+        "probabilities blended, instead of whole: for images larger than memory (--batch-size: windows at once)",
+    )
+    submission.add_argument(
+        "--tile-overlap",
+        type=float,
+        help="with --tile: the share of a window the next one covers again (default: 0.25)",
+    )
+    submission.add_argument(
+        "--tile-weighting",
+        choices=WEIGHTINGS,
+        help="with --tile: how overlapping windows are blended (default: gaussian; uniform, a plain average)",
+    )
     add_cluster_arguments(parser, "test shard")
     parser.add_argument(
         "--shards", type=int, help="--backend ray: test shards, each a task (default: one per GPU of the cluster)"
@@ -250,7 +271,20 @@ def check_arguments(args: argparse.Namespace) -> str:
     check_cluster_arguments(args, {"--device": args.device, "--devices": args.devices})
     if args.worst is not None and args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: must be at least 0")
+    args.tiling = tiling_of(args)
     return mode
+
+
+def tiling_of(args: argparse.Namespace) -> Tiling | None:
+    """The sliding window of --tile, checked (one line naming the flag), or None: each image predicted whole."""
+    if args.tile is None:
+        given = [flag for flag, value in (("--tile-overlap", args.tile_overlap), ("--tile-weighting", args.tile_weighting))
+                 if value is not None]  # fmt: skip
+        if given:
+            raise ConfigError(f"{given[0]} belongs to --tile: pass --tile SIZE (e.g. --tile 1024) too")
+        return None
+    overlap = 0.25 if args.tile_overlap is None else args.tile_overlap
+    return Tiling(args.tile, overlap, args.tile_weighting or "gaussian", args.batch_size)
 
 
 def check_export(args: argparse.Namespace) -> None:
@@ -394,6 +428,10 @@ def output_of(args, config, data, paths: list[Path]) -> Output:
         raise ConfigError(f"--sample-submission writes per-class RLE rows (--format rle-csv), not --format {format}")
     if args.sample_submission is not None and not args.sample_submission.is_file():
         raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
+    postprocess = None if args.no_postprocess else postprocess_of(args, paths, config)
+    if args.tiling is not None and (config.multilabel() or postprocess is not None):
+        why = "multilabel models" if config.multilabel() else "post-processing (pass --no-postprocess)"
+        raise ConfigError(f"--tile predicts a class mask per window blend; it does not take {why} yet")
     default = "masks" if format == "png" else "submission.csv"
     out = args.out or default_work_dir() / "submissions" / default
     rle_order = args.rle_order or getattr(config, "rle_order", None) or "row"  # the run's table's order, if it has one
@@ -401,7 +439,7 @@ def output_of(args, config, data, paths: list[Path]) -> Output:
         format, str(out), config.num_classes(), rle_order, bool(args.overlays),
         sample_submission=str(args.sample_submission) if args.sample_submission else None,
         classes=tuple(predicted_classes(config)), multilabel=config.multilabel(),
-        postprocess=None if args.no_postprocess else postprocess_of(args, paths, config),
+        postprocess=postprocess, tiling=args.tiling,
     )  # fmt: skip
 
 

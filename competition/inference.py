@@ -224,6 +224,9 @@ def output_record(record: dict, output: Output) -> dict:
         }
     if output.postprocess is not None:
         written["postprocess"] = dataclasses.asdict(output.postprocess)
+    if output.tiling is not None:
+        tiling = output.tiling
+        written["tiling"] = {"tile": tiling.tile, "overlap": tiling.overlap, "weighting": tiling.weighting}
     return record | {"output": written}
 
 
@@ -264,11 +267,11 @@ def write_predictions(
         done = writer.begin(record, order, resume, overwrite)
         todo = [image_id for image_id in order if image_id not in done]
         fixed = expected_shape(ensemble, data) is not None
-        batches = image_batches(data, todo, "test", batch_size, fixed)
+        batches = image_batches(data, todo, "test", batch_size, fixed or output.tiling is not None)
         sinks.append(writer.sink(writer.target(), data, resume))
         predicted, seconds, finished = predict_into(
             ensemble, data, batches, sinks[0], threshold, workers, progress, deadline=deadline, total=len(order),
-            postprocess=output.postprocess,
+            postprocess=output.postprocess, tiling=output.tiling,
         )  # fmt: skip
         sinks[0].close(finished)
         if not finished:

@@ -1,10 +1,12 @@
 """The prediction stream: images decoded by loader processes in batches of one size, through an ensemble, into
 class masks handed to a writer's sink, on the deadline's clock."""
 
+import contextlib
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,10 +14,13 @@ from tqdm.auto import tqdm
 
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
 from competition.data import Loader, resize_image, same_size_batches, to_chw
-from competition.environment import explain_out_of_memory
+from competition.environment import default_work_dir, explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.postprocess import PostProcess
 from competition.prediction import label_masks
+from competition.slide_inference import window_predictor
+from competition.slides import TIFF_SUFFIXES, open_slide
+from competition.sliding_window import InMemory, Tiling, predict_mask
 from competition.workers import loader_start_method
 
 logger = logging.getLogger(__name__)
@@ -197,15 +202,20 @@ class PredictionPace:
 def predict_into(
     ensemble, data, batches: list[list[str]], sink, threshold: float, workers: int, progress: bool = True,
     label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
-    masks_of=None, postprocess: PostProcess | None = None,
+    masks_of=None, postprocess: PostProcess | None = None, tiling: Tiling | None = None,
 ) -> tuple[int, float, bool]:  # fmt: skip
     """The streaming pipeline with bounded memory: loader workers decode and resize the test images of
     ``batches``, the device predicts a batch and turns it into class masks, and a thread pool encodes them
     (``sink.encode``: the numba RLE and zlib release the GIL) while the next batch is on the device; ``sink.write``
     stores them in order. With ``postprocess`` its per-class rules make the masks from the probabilities, in
     those threads, instead of ``threshold``; ``masks_of`` turns a batch's probabilities into its masks instead of
-    either. Stops before a batch that ``deadline`` leaves no time for, what was written kept.
+    either. Stops before a batch that ``deadline`` leaves no time for, what was written kept. With ``tiling``
+    each image is predicted by the sliding window instead (``predict_slides_into``).
     Returns (images predicted, seconds, whether every image of ``batches`` was written)."""
+    if tiling is not None:
+        image_ids = [image_id for batch in batches for image_id in batch]
+        settings = {"progress": progress, "label": label, "position": position, "deadline": deadline, "total": total}
+        return predict_slides_into(ensemble, data, image_ids, sink, threshold, tiling, **settings)
     image_ids = [image_id for batch in batches for image_id in batch]
     positions = {image_id: index for index, image_id in enumerate(image_ids)}
     data.in_channels = ensemble.in_channels  # the models decide the channels they take
@@ -272,3 +282,58 @@ def _encode_postprocessed(sink, postprocess: PostProcess, name: str, probabiliti
 def _write_done(sink, items, bar) -> None:
     sink.write([(name, future.result()) for name, future in items])
     bar.update(len(items))
+
+
+def open_test_slide(data, image_id: str, cache_dir: Path):
+    """A test image as a slide: a TIFF through ``open_slide`` (a tiled one read window by window), any other image
+    decoded whole as the data reads it (its channels as the models take them)."""
+    path = Path(data.image_path(image_id, "test"))
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return open_slide(path, cache_dir)
+    image, _ = data.read_image_and_shape(image_id, "test")
+    return InMemory(image)
+
+
+@torch.no_grad()
+def predict_slides_into(
+    ensemble, data, image_ids: list[str], sink, threshold: float, tiling: Tiling, progress: bool = True,
+    label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
+) -> tuple[int, float, bool]:  # fmt: skip
+    """``predict_into`` of images one at a time by the sliding window of ``tiling`` (windows in its batches, each
+    through every model and TTA view; the blend's accumulator in memory, or on disk in the work folder's
+    slide_cache when the image is large). Each image's mask, whole in memory as uint8, goes to
+    ``sink.encode`` and ``sink.write`` at once: the image is the unit of ``--resume``, and ``deadline`` is checked
+    before each image. Returns (images predicted, seconds, whether every image was written)."""
+    data.in_channels = ensemble.in_channels
+    batch_size = tiling.batch_size
+    cache_dir = default_work_dir() / "slide_cache"
+    predict = window_predictor(ensemble)
+    views = 1 + len(ensemble.tta)
+    pace = PredictionPace(deadline or Deadline(None), label, len(image_ids), len(ensemble.members), views)
+    total = len(image_ids) if total is None else total
+    started, predicted = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=total - len(image_ids), unit="img", desc=label, position=position,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    fix = f"lower --batch-size (now {batch_size}) or --tile (now {tiling.tile}); --resume keeps what is written"
+    options = {"weighting": tiling.weighting, "batch_size": batch_size, "work_dir": cache_dir}
+    try:
+        with explain_out_of_memory(f"a batch of {batch_size} windows of {tiling.tile} pixels", fix):
+            for image_id in image_ids:
+                if not pace.next_batch_fits():
+                    break
+                with contextlib.closing(open_test_slide(data, image_id, cache_dir)) as slide:
+                    mask = np.empty(slide.shape[:2], np.uint8)
+
+                    def write(top: int, band: np.ndarray, mask=mask) -> None:
+                        mask[top : top + band.shape[0]] = band
+
+                    predict_mask(slide, predict, write, tiling.tile, tiling.overlap, threshold, **options)
+                sink.write([(image_id, sink.encode(image_id, mask))])
+                predicted += 1
+                bar.update(1)
+                pace.batch_done(1)
+        sink.flush()
+    finally:
+        bar.close()
+    pace.finish()
+    return predicted, time.perf_counter() - started, predicted == len(image_ids)

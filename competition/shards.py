@@ -121,6 +121,7 @@ def predict_shard(job: ShardJob, settings: ShardSettings, resume: bool = False) 
             deadline=Deadline(settings.time_limit, settings.started),
             total=job.images,
             postprocess=settings.output.postprocess,
+            tiling=settings.output.tiling,
         )
         sink.close(outcome["finished"])
     except Exception as error:  # noqa: BLE001 - reported to the driver; the other shards go on
@@ -190,7 +191,8 @@ def write_on_devices(
     order = writer.order(data)
     done = writer.begin(record, order, resume, overwrite)
     todo = [image_id for image_id in order if image_id not in done]
-    batches = image_batches(data, todo, "test", settings.batch_size, ensemble_shape is not None)
+    in_order = ensemble_shape is not None or settings.output.tiling is not None  # slides: no header read here
+    batches = image_batches(data, todo, "test", settings.batch_size, in_order)
     count = min(len(devices), len(batches))
     jobs = _jobs(writer, batches, devices[:count], settings)
     if jobs:

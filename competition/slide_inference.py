@@ -5,12 +5,12 @@ import numpy as np
 import torch
 
 from competition.data import resize_image, to_chw
-from competition.inference import Ensemble
 from competition.sliding_window import Predict
 
 
-def window_predictor(ensemble: Ensemble) -> Predict:
-    """``predict(windows)`` of ``competition.sliding_window``: uint8 (N, tile, tile, C) windows -> float32 numpy
+def window_predictor(ensemble) -> Predict:
+    """``predict(windows)`` of ``competition.sliding_window`` for an ``inference.Ensemble`` (not imported: the
+    prediction stream, below it, predicts slides with this): uint8 (N, tile, tile, C) windows -> float32 numpy
     (N, K, tile, tile) probabilities averaged over the members and their TTA views, each member seeing the windows
     at its input size (a full-size member: as they are) and its probabilities resized back to the tile."""
 

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,20 @@ MEMORY_LIMIT = 256 * 2**20  # bytes of accumulator held in memory; above it, a f
 ACCUMULATOR = np.float16
 
 Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images are cut into windows (``--tile``, ``--tile-overlap``, ``--tile-weighting``): picklable, for shards."""
+
+    tile: int
+    overlap: float
+    weighting: str = "gaussian"
+    batch_size: int = 8  # windows predicted at once (--batch-size): how fast, not what is predicted
+
+    def __post_init__(self):
+        check_tiling(self.tile, self.overlap)
+        weight_profile(TILE_MULTIPLE, self.weighting)  # an unknown weighting is one line here
 
 
 def check_tiling(tile: int, overlap: float) -> int:
@@ -256,3 +271,6 @@ class InMemory:
 
     def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self.image[y : y + height, x : x + width]
+
+    def close(self) -> None:
+        """Nothing to release (a ``slides.Slide`` closes its file): either is closed alike."""

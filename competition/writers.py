@@ -19,6 +19,7 @@ from competition.data import as_rgb
 from competition.errors import ConfigError, DataError, OutputError
 from competition.files import atomic_output, no_space_left, partial_path
 from competition.postprocess import PostProcess
+from competition.sliding_window import Tiling
 from competition.submission import (
     RECORD_NAME,
     ClassRows,
@@ -135,6 +136,7 @@ class Output:
     classes: tuple[str, ...] = ()  # the classes the channels predict, in order (SampleRows' class values)
     multilabel: bool = False  # masks are packed labels (bit k: class k), not class indices
     postprocess: PostProcess | None = None  # per-class rules making the masks, instead of the threshold
+    tiling: Tiling | None = None  # each image predicted by a blended sliding window, not whole
 
     def writer(self) -> "RowsFile | PngFolder":
         return PngFolder(self) if self.format == "png" else RowsFile(self)

@@ -1,0 +1,123 @@
+"""infer.py --tile: each test image predicted by the blended sliding window, through the writers, shards,
+--time-limit and --resume of whole-image prediction."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import infer
+from competition.prediction_stream import PredictionPace
+from competition.submission import predicted_by_path
+from tests.test_shards import common_flags
+
+
+class PixelModel(torch.nn.Module):
+    """A per-pixel model (a 1x1 convolution of the raw uint8 channels, red minus green): its mask is the same
+    whole or cut into windows. Its logits are 0.2 * (red - green) + 0.1, integers times 0.2 shifted by 0.1, so at
+    least 0.1 from the threshold's 0: the blend's rounding (float16, at most 2**-12 in probability) cannot flip a
+    pixel, and tiled and whole masks must match exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.2, -0.2, 0.0]).view(1, 3, 1, 1))
+            self.conv.bias.fill_(0.1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float())
+
+
+@pytest.fixture
+def pixel_checkpoints(trained_run, tmp_path, monkeypatch):
+    """fold0 of the trained run at full resolution (windows are not resized), its model swapped for PixelModel."""
+    checkpoint = torch.load(trained_run / "fold0" / "best.pt", weights_only=True)
+    checkpoint["config"]["size"] = "full"
+    (tmp_path / "pixel" / "fold0").mkdir(parents=True)
+    torch.save(checkpoint, tmp_path / "pixel" / "fold0" / "best.pt")
+    load_member = infer.load_member
+
+    def pixel_member(path, device, compile=False):
+        model = PixelModel().to(device)
+        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
+
+    monkeypatch.setattr(infer, "load_member", pixel_member)
+    return tmp_path / "pixel"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tiling",
+    [["--tile", "64", "--tile-overlap", "0.25"], ["--tile", "96", "--tile-weighting", "ramp"], ["--tile", "256"]],
+)
+def test_tiles_give_the_mask_of_the_whole_image_for_a_per_pixel_model(pixel_checkpoints, data_dir, tmp_path, tiling):
+    whole, tiled = tmp_path / "whole.csv", tmp_path / "tiled.csv"
+    infer.main([*common_flags(pixel_checkpoints, data_dir, whole), "--tta"])
+    infer.main([*common_flags(pixel_checkpoints, data_dir, tiled), "--tta", *tiling])
+    rows = whole.read_text().splitlines()
+    assert len(rows) == 33 and sum(len(row) > 60 for row in rows) > 16, "masks with foreground, not empty ones"
+    assert tiled.read_text() == whole.read_text()
+
+
+@pytest.mark.slow
+def test_tiles_write_png_masks_of_the_whole_image(pixel_checkpoints, data_dir, tmp_path):
+    flags = ["--format", "png", "--tta"]
+    infer.main([*common_flags(pixel_checkpoints, data_dir, tmp_path / "whole"), *flags])
+    infer.main([*common_flags(pixel_checkpoints, data_dir, tmp_path / "tiled"), *flags, "--tile", "64"])
+    names = sorted(path.name for path in (tmp_path / "whole").glob("*.png"))
+    assert len(names) == 32
+    assert all((tmp_path / "whole" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes() for name in names)
+
+
+@pytest.mark.slow
+def test_tiles_stop_at_the_time_limit_by_image_and_resume_finishes(
+    trained_run, data_dir, tmp_path, monkeypatch, caplog
+):
+    complete, out = tmp_path / "complete.csv", tmp_path / "submission.csv"
+    tiling = ["--tile", "64", "--tile-overlap", "0.5"]
+    infer.main([*common_flags(trained_run, data_dir, complete), *tiling])
+    fits = PredictionPace.next_batch_fits
+    asked = []
+
+    def three_images_fit(pace):  # the clock of a limit that leaves time for three images
+        asked.append(1)
+        return fits(pace) and len(asked) <= 3
+
+    monkeypatch.setattr(PredictionPace, "next_batch_fits", three_images_fit)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([*common_flags(trained_run, data_dir, out), *tiling, "--time-limit", "1h"])
+    assert exit_info.value.code == 3 and not out.exists()
+    assert "stopped by the time limit 1h00m at a batch boundary: 3 of the 32 test images are written" in caplog.text
+    record = json.loads(predicted_by_path(out).read_text())["output"]["tiling"]
+    assert record == {"tile": 64, "overlap": 0.5, "weighting": "gaussian"}, "another tiling predicts them all again"
+    monkeypatch.setattr(PredictionPace, "next_batch_fits", fits)
+    caplog.clear()
+    infer.main([*common_flags(trained_run, data_dir, out), *tiling, "--resume"])
+    assert "32 rows" in caplog.text and "29 predicted" in caplog.text, "the 3 images written are kept"
+    assert out.read_bytes() == complete.read_bytes()
+
+
+@pytest.mark.slow
+def test_tiles_on_two_cpu_shards_write_the_file_of_one_device(trained_run, data_dir, tmp_path):
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    infer.main([*common_flags(trained_run, data_dir, one), "--tile", "64"])
+    infer.main([*common_flags(trained_run, data_dir, two), "--tile", "64", "--devices", "cpu,cpu"])
+    assert two.read_bytes() == one.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tile", "1000"], "--tile 1000: must be a positive multiple of 32, e.g. 992"),
+        (["--tile", "1024", "--tile-overlap", "1"], "--tile-overlap 1.0: must be at least 0 and below 1"),
+        (["--tile-overlap", "0.5"], "--tile-overlap belongs to --tile: pass --tile SIZE (e.g. --tile 1024) too"),
+        (["--oof", "--tile", "64"], "--tile belongs to the test submission, not to --oof"),
+    ],
+)
+def test_bad_tiling_is_one_line_naming_the_flag(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(["--checkpoints", str(tmp_path), *flags])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
