@@ -429,7 +429,8 @@ def output_of(args, config, data, paths: list[Path]) -> Output:
     if args.sample_submission is not None and not args.sample_submission.is_file():
         raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
     postprocess = None if args.no_postprocess else postprocess_of(args, paths, config)
-    if args.tiling is not None and (config.multilabel() or postprocess is not None):
+    tiling = args.tiling or tiling_of_run(config, args.batch_size)
+    if tiling is not None and (config.multilabel() or postprocess is not None):
         why = "multilabel models" if config.multilabel() else "post-processing (pass --no-postprocess)"
         raise ConfigError(f"--tile predicts a class mask per window blend; it does not take {why} yet")
     default = "masks" if format == "png" else "submission.csv"
@@ -439,8 +440,20 @@ def output_of(args, config, data, paths: list[Path]) -> Output:
         format, str(out), config.num_classes(), rle_order, bool(args.overlays),
         sample_submission=str(args.sample_submission) if args.sample_submission else None,
         classes=tuple(predicted_classes(config)), multilabel=config.multilabel(),
-        postprocess=postprocess, tiling=args.tiling,
+        postprocess=postprocess, tiling=tiling,
     )  # fmt: skip
+
+
+def tiling_of_run(config, batch_size: int) -> Tiling | None:
+    """The sliding window of a run trained on tiles (train.py --tile), when --tile is not given: its images are
+    slides, which whole-image prediction would resize to one size."""
+    if not config.tile:
+        return None
+    logger.info(
+        "the checkpoints were trained on tiles of %d px: each test image is predicted by a sliding window of them "
+        "(--tile %d --tile-overlap %g; give --tile to choose another)", config.tile, config.tile, config.tile_overlap,
+    )  # fmt: skip
+    return Tiling(config.tile, config.tile_overlap, "gaussian", batch_size)
 
 
 def postprocess_of(args, paths: list[Path], config) -> PostProcess | None:

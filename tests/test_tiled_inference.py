@@ -121,3 +121,12 @@ def test_bad_tiling_is_one_line_naming_the_flag(flags, message, tmp_path, capsys
         infer.main(["--checkpoints", str(tmp_path), *flags])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_run_trained_on_tiles_is_predicted_by_a_window_of_its_tiles():
+    from competition.config import TrainConfig
+    from infer import tiling_of_run
+
+    assert tiling_of_run(TrainConfig(), 4) is None  # whole images: predicted whole
+    tiling = tiling_of_run(TrainConfig(tile=256, tile_overlap=0.5), 4)
+    assert (tiling.tile, tiling.overlap) == (256, 0.5)
