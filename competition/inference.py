@@ -368,7 +368,7 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input_name: images.numpy()})[0])
 
     def probabilities(self, images: dict[str, torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
-        return predict_probabilities(self.forward, images["onnx"], output_size)
+        return predict_probabilities(self.forward, images["onnx"], output_size, multilabel=self.multilabel)
 
 
 def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:

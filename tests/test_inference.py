@@ -667,3 +667,23 @@ def test_rows_are_kept_by_resume_only_when_predicted_alike(tmp_path, caplog):
     (tmp_path / "submission.csv.partial").write_text(rows)
     start_rows(out, predicted_by([checkpoint], (), 0.6), resume=False)  # --overwrite
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "submission.csv.predicted-by.json"]
+
+
+def test_an_onnx_multilabel_model_gives_a_sigmoid_per_channel(tmp_path):
+    class TwoLabels(torch.nn.Module):  # uint8 images in, two overlapping classes' logits out
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, images):
+            return self.conv(images.float() / 255)
+
+    torch.manual_seed(0)
+    model, path = TwoLabels().eval(), tmp_path / "labels.onnx"
+    images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    torch.onnx.export(model, (images,), path, dynamo=False, input_names=["images"], output_names=["logits"])
+    onnx_model = inference.OnnxModel(path)
+    onnx_model.multilabel = True  # as serve sets it from the checkpoints' config
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images))
+    assert torch.allclose(onnx_model.probabilities({"onnx": images}, (8, 8)), expected, atol=1e-5)
