@@ -4,8 +4,8 @@ python -m competition.pseudo --checkpoints runs/x --out pseudo/x --tta          
 python -m competition.pseudo ... --confidence 0.95 --min-kept 0.9                 a stricter rule
 python -m competition.pseudo ... --overwrite                                      replacing a pseudo-label folder
 
-A pixel is kept when the ensemble is confident of it: max(p, 1 - p) >= --confidence for a sigmoid head (binary, and
-each class of a multilabel head: every class must be), its top softmax probability >= --confidence for a softmax
+A pixel is kept when the ensemble is confident of its label: p >= --confidence where it is 1, p <= 1 - --confidence
+where it is 0, for a sigmoid head (binary, and each class of a multilabel head: every class must be), its top softmax probability >= --confidence for a softmax
 head; its label is the hard mask (the run's tuned thresholds of postprocess.json when it is there, else 0.5; the
 softmax's top class). Every other pixel holds 255, which training ignores. A test image is kept when at least
 --min-kept of its pixels are. The folder is written under <out>.partial and renamed when complete.
@@ -40,9 +40,10 @@ def confident_masks(
     probabilities: torch.Tensor, confidence: float, thresholds: list[float] | None = None, multilabel: bool = False
 ) -> np.ndarray:
     """(N, C, H, W) probabilities -> uint8 (N, H, W) hard masks where the ensemble is confident, IGNORE_VALUE
-    elsewhere. One sigmoid channel (binary): 1 above its threshold, confident where max(p, 1 - p) >= ``confidence``.
+    elsewhere. One sigmoid channel (binary): 1 above its threshold, confident where p >= ``confidence`` labels a 1 or
+    p <= 1 - ``confidence`` labels a 0.
     Softmax (several channels): the top class, confident where its probability is. ``multilabel`` (a sigmoid per
-    class): bit k set where class k is above its threshold, confident where every class is. ``thresholds``: one per
+    class): bit k set where class k is above its threshold, confident where every class is so. ``thresholds``: one per
     sigmoid channel (default 0.5 each)."""
     sigmoid = multilabel or probabilities.shape[1] == 1
     if not sigmoid:
@@ -54,7 +55,10 @@ def confident_masks(
         hard = (probabilities > limits.view(1, -1, 1, 1)).to(torch.uint8)
         bits = torch.tensor([1 << k for k in range(probabilities.shape[1])], device=probabilities.device)
         masks = (hard * bits.view(1, -1, 1, 1).to(torch.uint8)).sum(1, dtype=torch.uint8)
-        confident = (torch.maximum(probabilities, 1 - probabilities) >= confidence).all(1)
+        # kept only where the confident side agrees with the threshold's label: with a tuned threshold of 0.9 and
+        # a confidence of 0.8, p = 0.85 is confidently the class yet labelled 0, so it is ignored
+        agreed = ((probabilities >= confidence) & (hard == 1)) | ((probabilities <= 1 - confidence) & (hard == 0))
+        confident = agreed.all(1)
     return torch.where(confident, masks, IGNORE_VALUE).to(torch.uint8).cpu().numpy()
 
 

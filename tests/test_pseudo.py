@@ -34,8 +34,10 @@ def probabilities(*pixels) -> torch.Tensor:
 def test_binary_pixels_are_kept_by_max_p_or_1_minus_p_and_labelled_by_the_threshold():
     masks = pseudo.confident_masks(probabilities([0.05], [0.3], [0.7], [0.95], [0.9]), 0.9)
     assert masks.tolist() == [[[0, IGNORE_VALUE, IGNORE_VALUE, 1, 1]]]
-    tuned = pseudo.confident_masks(probabilities([0.05], [0.92], [0.95]), 0.9, thresholds=[0.93])
-    assert tuned.tolist() == [[[0, 0, 1]]]  # confident pixels, labelled by the tuned threshold
+    tuned = pseudo.confident_masks(probabilities([0.05], [0.92], [0.95], [0.08]), 0.9, thresholds=[0.93])
+    assert tuned.tolist() == [[[0, IGNORE_VALUE, 1, 0]]]  # 0.92: confident, but a 0 by the tuned threshold
+    low = pseudo.confident_masks(probabilities([0.05], [0.08], [0.95]), 0.9, thresholds=[0.06])
+    assert low.tolist() == [[[0, IGNORE_VALUE, 1]]]  # 0.08: confidently not the class, but a 1 by the threshold
 
 
 def test_softmax_pixels_are_kept_by_their_top_probability():
@@ -48,7 +50,7 @@ def test_multilabel_pixels_are_kept_when_every_class_is_confident_as_packed_bits
     masks = pseudo.confident_masks(probabilities(*pixels), 0.9, multilabel=True)
     assert masks.tolist() == [[[0b101, IGNORE_VALUE, 0, 0b011]]]
     tuned = pseudo.confident_masks(probabilities([0.95, 0.96, 0.02]), 0.9, thresholds=[0.5, 0.97, 0.5], multilabel=True)
-    assert tuned.tolist() == [[[0b001]]]
+    assert tuned.tolist() == [[[IGNORE_VALUE]]]  # class 1 at 0.96: confident, but below its threshold
     assert pseudo.class_pixels(np.array([[0b101, IGNORE_VALUE, 0, 0b011]], np.uint8), 3, True) == [2, 1, 1]
     assert pseudo.class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False) == [1, 0, 2]
 
