@@ -18,6 +18,7 @@ from competition.data import as_rgb, decode_image, resize_image, to_chw
 from competition.errors import CheckpointError, DataError
 from competition.files import atomic_output
 from competition.models import build_model
+from competition.postprocess import PostProcess, find_file, head_of, predicted_classes, read_postprocess
 from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.prediction_stream import class_masks, expected_shape, image_batches, predict_into
 from competition.submission import predicted_by
@@ -210,6 +211,17 @@ def prediction_record(checkpoints: list[str | Path], tta: tuple[str, ...], thres
     """What predictions are made with (``predicted_by``), and the settings of the models (``config``) that say how
     to read their classes: written beside the predictions, so that a score needs no flags."""
     return predicted_by(checkpoints, tta, threshold) | {"config": dataclasses.asdict(config)}
+
+
+def tuned_postprocess(paths: list[Path], tta: tuple[str, ...], config) -> tuple[PostProcess | None, Path]:
+    """(the rules of the checkpoints' postprocess.json, read for their classes and for these checkpoints (one line
+    when tuned for others), or None when there is none; where it is looked for)."""
+    path = find_file(paths)
+    if not path.is_file():
+        return None, path
+    current = predicted_by(paths, tta, 0.5)
+    rules = read_postprocess(path, head_of(config), predicted_classes(config), current["checkpoints"], current["tta"])
+    return rules, path
 
 
 def output_record(record: dict, output: Output) -> dict:

@@ -2,6 +2,7 @@
 empties the class), its search on out-of-fold probabilities, and ``postprocess.json`` beside the run's folds."""
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from competition.files import atomic_output
 from competition.mask_values import pack_labels, unpack_labels
 
 FILE_NAME = "postprocess.json"
+logger = logging.getLogger(__name__)
 HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid channel per class; a softmax
 # 8-connected components, as cv2.connectedComponents (the Severstal and SIIM-ACR write-ups) counts them.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -136,9 +138,18 @@ def write_postprocess(path: Path, postprocess: PostProcess, tuned: dict, checkpo
         partial.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def read_postprocess(path: Path, head: str, classes: list[str]) -> PostProcess:
-    """The rules of ``path`` for a run of ``head`` predicting ``classes``; one line when the file is not one of
-    ours, or was tuned for other classes."""
+def find_file(paths: list[Path]) -> Path:
+    """Where ``--tune`` writes the rules of checkpoints ``paths`` and where they are read: ``postprocess.json`` in
+    the run folder of the first checkpoint (beside its fold0/, fold1/...)."""
+    return run_folder_of(paths[0]) / FILE_NAME
+
+
+def read_postprocess(
+    path: Path, head: str, classes: list[str], checkpoints: list[dict] | None = None, tta: list[str] | None = None
+) -> PostProcess:
+    """The rules of ``path`` for a run of ``head`` predicting ``classes`` with ``checkpoints`` (as
+    ``submission.predicted_by`` records them, when given); one line when the file is not one of ours, or was tuned
+    for other classes or other checkpoints. Tuned with other TTA views than ``tta``: a warning."""
     retune = "run `python infer.py --oof --tune` for these checkpoints again, or pass --no-postprocess"
     try:
         document = json.loads(Path(path).read_text())
@@ -151,6 +162,16 @@ def read_postprocess(path: Path, head: str, classes: list[str]) -> PostProcess:
             f"{path}: tuned for the classes {','.join(tuned_classes)} ({tuned_head} head), but the checkpoints "
             f"predict {','.join(classes)} ({head} head); {retune}"
         )
+    if checkpoints is not None and document.get("checkpoints") != checkpoints:
+        raise ConfigError(
+            f"{path}: tuned on other checkpoints: run infer.py --oof --tune again, or pass --no-postprocess"
+        )
+    tuned_tta = (document.get("tuned") or {}).get("tta")
+    if tta is not None and tuned_tta is not None and tuned_tta != tta:
+        logger.warning(
+            "%s: tuned with TTA %s, applied to predictions with TTA %s", path, "+".join(tuned_tta) or "off",
+            "+".join(tta) or "off",
+        )  # fmt: skip
     return PostProcess(head, rules)
 
 

@@ -24,10 +24,9 @@ import torch
 from competition.environment import default_data_dir
 from competition.errors import ConfigError, OutputError
 from competition.files import atomic_output, check_writable, no_space_left, output_lock, partial_path
-from competition.inference import Ensemble, find_checkpoints, load_member
+from competition.inference import Ensemble, find_checkpoints, load_member, tuned_postprocess
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
-from competition.postprocess import FILE_NAME, head_of, predicted_classes, read_postprocess, run_folder_of
 from competition.prediction import TTA, check_tta, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
@@ -78,15 +77,17 @@ def sigmoid_classes(config, classes: list[str]) -> list[str]:
     return classes[1:] if config.output_channels() == 1 else []
 
 
-def tuned_thresholds(paths: list[Path], config, classes: list[str]) -> tuple[list[float] | None, str | None]:
-    """(the per-class thresholds of the postprocess.json in the checkpoints' run folders (the first holding one, as
-    infer.py takes it), its path), or (None,
-    None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum areas
-    shape submissions, not labels: a small confident component is still a confident label."""
-    path = next((run_folder_of(p) / FILE_NAME for p in paths if (run_folder_of(p) / FILE_NAME).is_file()), None)
-    if path is None or not path.is_file() or not sigmoid_classes(config, classes):
+def tuned_thresholds(
+    paths: list[Path], tta: tuple[str, ...], config, classes: list[str]
+) -> tuple[list[float] | None, str | None]:
+    """(the per-class thresholds of the postprocess.json tuned on these checkpoints, as infer.py reads it, its path),
+    or (None, None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum
+    areas shape submissions, not labels: a small confident component is still a confident label."""
+    if not sigmoid_classes(config, classes):
         return None, None
-    postprocess = read_postprocess(path, head_of(config), predicted_classes(config))
+    postprocess, path = tuned_postprocess(paths, tta, config)
+    if postprocess is None:
+        return None, None
     return [rule.threshold for rule in postprocess.rules], str(path)
 
 
@@ -266,7 +267,7 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else default_data_dir())
         data = open_data_as(config, data_dir, test_images=args.test_images)
         classes = run_classes(config, data)
-        thresholds, tuned = tuned_thresholds(paths, config, classes)
+        thresholds, tuned = tuned_thresholds(paths, tta, config, classes)
         settings = {
             "checkpoints": [str(path) for path in paths],
             "tta": list(tta),

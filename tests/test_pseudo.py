@@ -18,6 +18,7 @@ from competition.fold_data import fold_ids, open_training_data, set_up_fold
 from competition.postprocess import FILE_NAME, ClassRule, PostProcess, write_postprocess
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.segmentation_data import read_index_mask
+from competition.submission import predicted_by
 from competition.training import build_parts
 from competition.writers import encode_mask_png, palette
 from tests.conftest import HEIGHT, WIDTH, small_config
@@ -134,26 +135,45 @@ def tuned_file(folder: Path, head: str, rules: dict) -> Path:
     """A postprocess.json as infer.py --oof --tune writes it (competition.postprocess's own writer)."""
     path = folder / FILE_NAME
     chosen = tuple(ClassRule(name, threshold, 9, 0) for name, threshold in rules.items())
-    write_postprocess(path, PostProcess(head, chosen), {"images": 1}, [])
+    checkpoints = predicted_by([folder / "fold0" / "best.pt"], (), 0.5)["checkpoints"]
+    write_postprocess(path, PostProcess(head, chosen), {"images": 1, "tta": []}, checkpoints)
     return path
 
 
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
     carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
-    assert pseudo.tuned_thresholds(paths, carvana, classes) == (None, None)  # none there: 0.5
+    paths[0].parent.mkdir()
+    paths[0].write_bytes(b"weights")
+    assert pseudo.tuned_thresholds(paths, (), carvana, classes) == (None, None)  # none there: 0.5
     path = tuned_file(tmp_path, "binary", {"car": 0.35})
-    assert pseudo.tuned_thresholds(paths, carvana, classes) == ([0.35], str(path))
+    assert pseudo.tuned_thresholds(paths, (), carvana, classes) == ([0.35], str(path))
     tuned_file(tmp_path, "binary", {"road": 0.35})
     with pytest.raises(ConfigError, match="tuned for the classes road .binary head., but the checkpoints predict car"):
-        pseudo.tuned_thresholds(paths, carvana, classes)
+        pseudo.tuned_thresholds(paths, (), carvana, classes)
     softmax = TrainConfig(classes="background,road,sky")
-    assert pseudo.tuned_thresholds(paths, softmax, softmax.class_names()) == (None, None)  # the top class
+    assert pseudo.tuned_thresholds(paths, (), softmax, softmax.class_names()) == (None, None)  # the top class
     labels = TrainConfig(classes="car,glass", head="multilabel")
     path.write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
     with pytest.raises(DataError, match="not a post-processing file of infer.py --oof --tune"):
-        pseudo.tuned_thresholds(paths, labels, labels.class_names())
+        pseudo.tuned_thresholds(paths, (), labels, labels.class_names())
     tuned_file(tmp_path, "multilabel", {"car": 0.4, "glass": 0.6})
-    assert pseudo.tuned_thresholds(paths, labels, labels.class_names())[0] == [0.4, 0.6]
+    assert pseudo.tuned_thresholds(paths, (), labels, labels.class_names())[0] == [0.4, 0.6]
+
+
+def test_a_tuning_file_of_other_checkpoints_is_one_line(tmp_path):
+    carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
+    paths[0].parent.mkdir()
+    paths[0].write_bytes(b"weights")
+    path = tuned_file(tmp_path, "binary", {"car": 0.35})
+    averaged = tmp_path / "fold0" / "averaged.pt"
+    averaged.write_bytes(b"other weights")
+    message = f"{path}: tuned on other checkpoints: run infer.py --oof --tune again, or pass --no-postprocess"
+    with pytest.raises(ConfigError) as error:
+        pseudo.tuned_thresholds([averaged], (), carvana, classes)  # --weights averaged: not what was tuned
+    assert str(error.value) == message
+    paths[0].write_bytes(b"weights retrained")  # the same file, rewritten by a run with --overwrite
+    with pytest.raises(ConfigError, match="tuned on other checkpoints"):
+        pseudo.tuned_thresholds(paths, (), carvana, classes)
 
 
 @pytest.mark.parametrize(
