@@ -27,7 +27,7 @@ from competition.files import atomic_output, check_writable, no_space_left, outp
 from competition.inference import Ensemble, find_checkpoints, load_member, tuned_postprocess
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
-from competition.prediction import TTA, check_tta, setup_device
+from competition.prediction import TTA, check_tta, label_masks, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
 from competition.writers import encode_mask_png, palette
@@ -51,12 +51,11 @@ def confident_masks(
         confident = top >= confidence
     else:
         limits = torch.tensor(thresholds or [0.5] * probabilities.shape[1], device=probabilities.device)
-        hard = (probabilities > limits.view(1, -1, 1, 1)).to(torch.uint8)
-        bits = torch.tensor([1 << k for k in range(probabilities.shape[1])], device=probabilities.device)
-        masks = (hard * bits.view(1, -1, 1, 1).to(torch.uint8)).sum(1, dtype=torch.uint8)
+        hard = probabilities > limits.view(1, -1, 1, 1)
+        masks = torch.from_numpy(label_masks(probabilities, limits)).to(probabilities.device)  # bit k: class k
         # kept only where the confident side agrees with the threshold's label: with a tuned threshold of 0.9 and
         # a confidence of 0.8, p = 0.85 is confidently the class yet labelled 0, so it is ignored
-        agreed = ((probabilities >= confidence) & (hard == 1)) | ((probabilities <= 1 - confidence) & (hard == 0))
+        agreed = ((probabilities >= confidence) & hard) | ((probabilities <= 1 - confidence) & ~hard)
         confident = agreed.all(1)
     return torch.where(confident, masks, IGNORE_VALUE).to(torch.uint8).cpu().numpy()
 
