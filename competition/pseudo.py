@@ -30,7 +30,7 @@ from competition.logs import OneLineParser, add_logging_arguments, configure_fro
 from competition.prediction import TTA, check_tta, label_masks, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
-from competition.writers import encode_mask_png, palette
+from competition.writers import encode_mask_png, encode_png, palette
 
 logger = logging.getLogger("competition.pseudo")
 
@@ -92,7 +92,7 @@ def tuned_thresholds(
 
 class PseudoSink:
     """Counts each predicted mask's confident pixels, and writes the mask of an image kept by ``min_kept`` into the
-    folder (a palette PNG of class indices, or of multilabel bits; 255 ignored)."""
+    folder (a palette PNG of class indices, a greyscale PNG of multilabel bits; 255 ignored)."""
 
     def __init__(self, folder: Path, classes: list[str], multilabel: bool, min_kept: float):
         self.folder, self.classes, self.multilabel, self.min_kept = folder, classes, multilabel, min_kept
@@ -109,7 +109,10 @@ class PseudoSink:
             "class_pixels": class_pixels(mask, len(self.classes), self.multilabel),
         }
         keep = confident >= self.min_kept * mask.size
-        return record, encode_mask_png(mask, self.colours) if keep else None
+        if not keep:
+            return record, None
+        # packed bits (up to 2^K - 1, and 255) have no palette colours: greyscale, as infer.py writes them
+        return record, encode_png(mask) if self.multilabel else encode_mask_png(mask, self.colours)
 
     def write(self, items: list[tuple[str, tuple[dict, bytes | None]]]) -> None:
         for image_id, (record, png) in items:

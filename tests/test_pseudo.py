@@ -56,6 +56,20 @@ def test_multilabel_pixels_are_kept_when_every_class_is_confident_as_packed_bits
     assert pseudo.class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False) == [1, 0, 2]
 
 
+@pytest.mark.parametrize("multilabel, mode", [(True, "L"), (False, "P")])
+def test_kept_masks_are_greyscale_bits_for_multilabel_and_palette_indices_else(tmp_path, multilabel, mode):
+    import io
+
+    from PIL import Image
+
+    mask = np.array(
+        [[0b101, IGNORE_VALUE, 0], [0b011, 0b111, 0b001]] if multilabel else [[2, 255, 0], [1, 1, 0]], np.uint8
+    )
+    _, png = pseudo.PseudoSink(tmp_path, ["car", "glass", "shadow"], multilabel, 0.5).encode("a", mask)
+    assert Image.open(io.BytesIO(png)).mode == mode
+    np.testing.assert_array_equal(read_index_mask(png, "a.png"), mask)  # as train.py --pseudo reads it
+
+
 class HalfSureEnsemble:
     """The interface of an Ensemble the prediction stream uses, without a model: the batches alternate between
     confident images (0.97 foreground but a strip of 0.5 a quarter wide) and unconfident ones (0.6 everywhere)."""
