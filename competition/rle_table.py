@@ -68,10 +68,13 @@ def table_labels(values: list[str], classes: str, multilabel: bool, has_class_co
 
 
 def class_index(value: str, labels: list[str]) -> int | None:
-    """The 0-based index of a class cell: one of ``labels`` by name, or its 1-based number (Severstal's ClassId)."""
+    """The 0-based index of a class cell: one of ``labels`` by name, or its 1-based number (Severstal's ClassId).
+    Never by number when some label is itself a number: with labels 1,3,4, "2" is no class (not the second, "3")."""
     if value in labels:
         return labels.index(value)
     number = value.strip()
+    if any(label.isdigit() for label in labels):
+        return None
     return int(number) - 1 if number.isdigit() and 1 <= int(number) <= len(labels) else None
 
 

@@ -30,6 +30,7 @@ from competition.data import image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output, partial_path, tagged_partial_path
 from competition.rle import RLEError, rle_encode, rle_runs
+from competition.rle_table import class_index
 from competition.segmentation_data import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -189,8 +190,8 @@ class SampleRows:
     ``ImageId_ClassId``, split at the last ``_``) and the second the RLE; with three, the class is in the column
     whose name holds ``class`` (``class``, ``ClassId``), the image in the first other one and the RLE in the last
     (UW-Madison's ``id,class,predicted``, Severstal's ``ImageId,ClassId,EncodedPixels``). A class value is a class
-    name of the run, or its number 1..K among the predicted classes (Severstal's ClassId); an image value is a test
-    image's id or file name. The sample defines the rows: test images it does not list are not predicted.
+    name of the run, or its number 1..K among the predicted classes (Severstal's ClassId; not when the names are
+    numbers); an image value is a test image's id or file name. The sample defines the rows: test images it does not list are not predicted.
     """
 
     header = SAMPLE_KEY_HEADER
@@ -208,10 +209,9 @@ class SampleRows:
 
     def _channel(self, value: str, number: int) -> int:
         """The predicted class (0-based, in the run's order) that a class value of row ``number`` names."""
-        if value in self.classes:
-            return self.classes.index(value)
-        if value.isdigit() and 1 <= int(value) <= len(self.classes):
-            return int(value) - 1
+        channel = class_index(value, self.classes)
+        if channel is not None:
+            return channel
         raise DataError(
             f"{self.path}: row {number}: class {value!r} is none of the run's classes {','.join(self.classes)} "
             f"nor their number 1..{len(self.classes)}; predict with the checkpoints of this competition"
