@@ -24,7 +24,7 @@ other data set). --sample-submission FILE writes per-class RLE rows in the rows 
 sample submission (id,class,predicted; ImageId_ClassId,EncodedPixels; ImageId,ClassId,EncodedPixels).
 
 A postprocess.json in the checkpoints' run folder (written by --oof --tune) makes the masks of the test
-submission: per class its threshold (replacing --threshold), minimum component area and minimum total area;
+submission and of --image: per class its threshold (replacing --threshold), minimum component area and minimum total area;
 --no-postprocess leaves it out.
 
 On several devices (--devices; by default every GPU when there are several) the test images are cut into
@@ -101,7 +101,7 @@ MODE_FLAGS = {
     "--format": ("format", ("submission",), lambda: None),
     "--rle-order": ("rle_order", ("submission",), lambda: None),
     "--sample-submission": ("sample_submission", ("submission",), lambda: None),
-    "--no-postprocess": ("no_postprocess", ("submission",), lambda: False),
+    "--no-postprocess": ("no_postprocess", ("submission", "image"), lambda: False),
     "--tune": ("tune", ("oof",), lambda: False),
     "--overlays": ("overlays", ("submission",), lambda: False),
     "--worst": ("worst", ("oof",), lambda: 8),
@@ -345,7 +345,9 @@ def score_out_of_fold(args, members, tta, precision) -> None:
 
 
 def predict_one_image(args, members, tta, precision) -> None:
-    predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold)
+    paths, config = [member.path for member in members], members[0].config
+    postprocess = None if args.no_postprocess else postprocess_of(args, paths, tta, config)
+    predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold, postprocess)
 
 
 def submission_devices(args: argparse.Namespace) -> list[str | None]:

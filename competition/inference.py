@@ -330,20 +330,31 @@ def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline, p
 
 
 @torch.no_grad()
-def predict_images(ensemble: "Ensemble | OnnxModel", images: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
+def predict_images(
+    ensemble: "Ensemble | OnnxModel",
+    images: list[np.ndarray],
+    threshold: float = 0.5,
+    postprocess: PostProcess | None = None,
+) -> np.ndarray:
     """uint8 masks (N, H, W) of (H, W, in_channels) images of one size, predicted as one batch: 0/1 for a binary
-    model, class indices for a multi-class one. Each model sees the images resized to its input size (a full-size
-    model pads them to a multiple of 32 and crops its logits back)."""
+    model, class indices for a multi-class one (``postprocess``: by its per-class rules instead of ``threshold``).
+    Each model sees the images resized to its input size (a full-size model pads them to a multiple of 32 and crops
+    its logits back)."""
     batches = {}
     for key, size in ensemble.input_sizes.items():
         resized = [image if size is None else resize_image(image, size) for image in images]
         batches[key] = torch.stack([to_chw(image) for image in resized]).to(ensemble.device)
-    return class_masks(ensemble.probabilities(batches, images[0].shape[:2]), threshold, ensemble.multilabel)
+    probabilities = ensemble.probabilities(batches, images[0].shape[:2])
+    if postprocess is not None:
+        return np.stack([postprocess.mask(image) for image in probabilities.cpu().numpy()])
+    return class_masks(probabilities, threshold, ensemble.multilabel)
 
 
-def predict_image(ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def predict_image(
+    ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5, postprocess: PostProcess | None = None
+) -> np.ndarray:
     """uint8 mask of one (H, W, in_channels) image (see ``predict_images``)."""
-    return predict_images(ensemble, [image], threshold)[0]
+    return predict_images(ensemble, [image], threshold, postprocess)[0]
 
 
 class OnnxModel:
@@ -383,15 +394,22 @@ class OnnxModel:
         return predict_probabilities(self.forward, images["onnx"], output_size, multilabel=self.multilabel)
 
 
-def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:
-    """One JPEG -> ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` in ``out_dir``; returns the 0/1 mask."""
+def predict_image_file(
+    ensemble: Ensemble,
+    path: str | Path,
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    postprocess: PostProcess | None = None,
+) -> np.ndarray:
+    """One JPEG -> ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` in ``out_dir``; returns the 0/1 mask
+    (``postprocess``: made by its per-class rules instead of ``threshold``)."""
     path, out_dir = Path(path), Path(out_dir)
     try:
         payload = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read the image ({error.strerror})") from None
     image = decode_image(payload, str(path), channels=ensemble.in_channels)
-    mask = predict_image(ensemble, image, threshold)
+    mask = predict_image(ensemble, image, threshold, postprocess)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
     classes = ensemble.members[0].config.num_classes()

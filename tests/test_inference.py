@@ -121,6 +121,24 @@ def test_single_image_prediction(trained_run, data_dir, tmp_path):
     assert (tmp_path / f"{image.stem}_overlay.png").exists()
 
 
+def test_single_image_prediction_applies_the_tuned_post_processing(tmp_path, caplog):
+    from competition.postprocess import ClassRule, PostProcess, write_postprocess
+    from tests.test_serve import photo, untrained_run
+
+    caplog.set_level(logging.INFO, logger="competition")
+    run, image = untrained_run(tmp_path / "run"), tmp_path / "car.png"
+    Image.fromarray(photo()).save(image)
+    checkpoints = predicted_by(find_checkpoints([run]), (), 0.5)["checkpoints"]
+    everything = PostProcess("binary", (ClassRule("car", 1e-9, 0, 0),))  # every pixel above the threshold
+    write_postprocess(run / "postprocess.json", everything, {"images": 1, "tta": []}, checkpoints)
+    argv = ["--image", str(image), "--checkpoints", str(run), "--workers", "0"]
+    infer.main([*argv, "--out-dir", str(tmp_path / "tuned")])
+    assert f"{run / 'postprocess.json'}: post-processing applied" in caplog.text
+    assert (np.asarray(Image.open(tmp_path / "tuned" / "car_mask.png")) == 255).all()
+    infer.main([*argv, "--out-dir", str(tmp_path / "plain"), "--no-postprocess"])
+    assert not (np.asarray(Image.open(tmp_path / "plain" / "car_mask.png")) == 255).all()
+
+
 def run_infer(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         infer.main(argv)
