@@ -18,7 +18,7 @@ from competition.mask_values import pack_labels, unpack_labels
 
 FILE_NAME = "postprocess.json"
 logger = logging.getLogger(__name__)
-HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid channel per class; a softmax
+RULE_HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid channel per class; a softmax
 # 8-connected components, as cv2.connectedComponents (the Severstal and SIIM-ACR write-ups) counts them.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # A stack of images labelled in one call: connected within an image, never across the stack's first axis.
@@ -42,7 +42,7 @@ class ClassRule:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """The rules of every predicted class (``head``: one of HEADS), in channel order (softmax: classes 1..K-1)."""
+    """The rules of every predicted class (``head``: one of RULE_HEADS), in channel order (softmax: classes 1..K-1)."""
 
     head: str
     rules: tuple[ClassRule, ...]
@@ -69,7 +69,7 @@ class PostProcess:
 
 
 def head_of(config) -> str:
-    """The run's head as post-processing sees it (one of HEADS)."""
+    """The run's head as post-processing sees it (one of RULE_HEADS)."""
     if config.multilabel():
         return "multilabel"
     return "binary" if config.output_channels() == 1 else "softmax"

@@ -27,6 +27,7 @@ from competition.files import atomic_output, check_writable, no_space_left, outp
 from competition.inference import Ensemble, find_checkpoints, load_member, tuned_postprocess
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.postprocess import head_of
 from competition.prediction import TTA, check_tta, label_masks, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
@@ -68,21 +69,11 @@ def class_pixels(mask: np.ndarray, num_classes: int, multilabel: bool) -> list[i
     return np.bincount(labelled, minlength=num_classes)[:num_classes].astype(int).tolist()
 
 
-def sigmoid_classes(config, classes: list[str]) -> list[str]:
-    """Of the models' ``classes``, those of their sigmoid channels, which thresholds are tuned for: the foreground of
-    a binary model, every class of a multilabel one; none for a softmax."""
-    if config.multilabel():
-        return classes
-    return classes[1:] if config.output_channels() == 1 else []
-
-
-def tuned_thresholds(
-    paths: list[Path], tta: tuple[str, ...], config, classes: list[str]
-) -> tuple[list[float] | None, str | None]:
+def tuned_thresholds(paths: list[Path], tta: tuple[str, ...], config) -> tuple[list[float] | None, str | None]:
     """(the per-class thresholds of the postprocess.json tuned on these checkpoints, as infer.py reads it, its path),
     or (None, None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum
     areas shape submissions, not labels: a small confident component is still a confident label."""
-    if not sigmoid_classes(config, classes):
+    if head_of(config) == "softmax":
         return None, None
     postprocess, path = tuned_postprocess(paths, tta, config)
     if postprocess is None:
@@ -269,12 +260,12 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else default_data_dir())
         data = open_data_as(config, data_dir, test_images=args.test_images)
         classes = run_classes(config, data)
-        thresholds, tuned = tuned_thresholds(paths, tta, config, classes)
+        thresholds, tuned = tuned_thresholds(paths, tta, config)
         settings = {
             "checkpoints": [str(path) for path in paths],
             "tta": list(tta),
             "classes": classes,
-            "head": config.head,
+            "head": head_of(config),
             "data_dir": str(Path(data.root).resolve()),
             "test_images": str(args.test_images.resolve()) if args.test_images else None,
             "rule": {
@@ -291,11 +282,7 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
             "+".join(tta) or "off",
             args.confidence,
             args.min_kept,
-            f"from {tuned}"
-            if tuned
-            else "0.5"
-            if sigmoid_classes(config, classes)
-            else "none (the softmax's top class)",
+            f"from {tuned}" if tuned else "0.5" if head_of(config) != "softmax" else "none (the softmax's top class)",
         )
         manifest = write_pseudo_labels(
             ensemble, data, args.out, settings, args.batch_size, args.workers, not args.quiet

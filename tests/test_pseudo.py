@@ -96,7 +96,7 @@ def write_half_sure(data_dir: Path, out: Path, classes=("background", "car"), en
         "checkpoints": ["fake"],
         "tta": [],
         "classes": list(classes),
-        "head": "auto",
+        "head": "binary",
         "data_dir": str(Path(data_dir).resolve()),
         "test_images": None,
         "rule": {"confidence": 0.9, "min_kept": 0.7, "thresholds": None, "postprocess": None, "ignore_value": 255},
@@ -155,27 +155,27 @@ def tuned_file(folder: Path, head: str, rules: dict) -> Path:
 
 
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
-    carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
+    carvana, paths = TrainConfig(), [tmp_path / "fold0" / "best.pt"]
     paths[0].parent.mkdir()
     paths[0].write_bytes(b"weights")
-    assert pseudo.tuned_thresholds(paths, (), carvana, classes) == (None, None)  # none there: 0.5
+    assert pseudo.tuned_thresholds(paths, (), carvana) == (None, None)  # none there: 0.5
     path = tuned_file(tmp_path, "binary", {"car": 0.35})
-    assert pseudo.tuned_thresholds(paths, (), carvana, classes) == ([0.35], str(path))
+    assert pseudo.tuned_thresholds(paths, (), carvana) == ([0.35], str(path))
     tuned_file(tmp_path, "binary", {"road": 0.35})
     with pytest.raises(ConfigError, match="tuned for the classes road .binary head., but the checkpoints predict car"):
-        pseudo.tuned_thresholds(paths, (), carvana, classes)
+        pseudo.tuned_thresholds(paths, (), carvana)
     softmax = TrainConfig(classes="background,road,sky")
-    assert pseudo.tuned_thresholds(paths, (), softmax, softmax.class_names()) == (None, None)  # the top class
+    assert pseudo.tuned_thresholds(paths, (), softmax) == (None, None)  # the top class
     labels = TrainConfig(classes="car,glass", head="multilabel")
     path.write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
     with pytest.raises(DataError, match="not a post-processing file of infer.py --oof --tune"):
-        pseudo.tuned_thresholds(paths, (), labels, labels.class_names())
+        pseudo.tuned_thresholds(paths, (), labels)
     tuned_file(tmp_path, "multilabel", {"car": 0.4, "glass": 0.6})
-    assert pseudo.tuned_thresholds(paths, (), labels, labels.class_names())[0] == [0.4, 0.6]
+    assert pseudo.tuned_thresholds(paths, (), labels)[0] == [0.4, 0.6]
 
 
 def test_a_tuning_file_of_other_checkpoints_is_one_line(tmp_path):
-    carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
+    carvana, paths = TrainConfig(), [tmp_path / "fold0" / "best.pt"]
     paths[0].parent.mkdir()
     paths[0].write_bytes(b"weights")
     path = tuned_file(tmp_path, "binary", {"car": 0.35})
@@ -183,11 +183,11 @@ def test_a_tuning_file_of_other_checkpoints_is_one_line(tmp_path):
     averaged.write_bytes(b"other weights")
     message = f"{path}: tuned on other checkpoints: run infer.py --oof --tune again, or pass --no-postprocess"
     with pytest.raises(ConfigError) as error:
-        pseudo.tuned_thresholds([averaged], (), carvana, classes)  # --weights averaged: not what was tuned
+        pseudo.tuned_thresholds([averaged], (), carvana)  # --weights averaged: not what was tuned
     assert str(error.value) == message
     paths[0].write_bytes(b"weights retrained")  # the same file, rewritten by a run with --overwrite
     with pytest.raises(ConfigError, match="tuned on other checkpoints"):
-        pseudo.tuned_thresholds(paths, (), carvana, classes)
+        pseudo.tuned_thresholds(paths, (), carvana)
 
 
 @pytest.mark.parametrize(
@@ -256,8 +256,8 @@ def test_pseudo_labels_of_other_classes_are_one_line(data_dir, folds_csv, tmp_pa
     run = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(tmp_path / "run")]
     argv = [*run, "--pseudo", str(out), "--encoder-weights", "none", "--device", "cpu", "--no-check"]
     error = refused(train.main, argv, capsys)
-    assert f"--pseudo {out}: its labels are of the classes background,road (head auto), this run's are " in error
-    assert "background,car (head auto)" in error
+    assert f"--pseudo {out}: its labels are of the classes background,road (head binary), this run's are " in error
+    assert "background,car (head binary)" in error
     assert "--pseudo" in refused(train.main, [*run, "--pseudo", str(tmp_path / "none"), "--device", "cpu"], capsys)
 
 
