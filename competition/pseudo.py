@@ -27,6 +27,7 @@ from competition.files import atomic_output, check_writable, no_space_left, outp
 from competition.inference import Ensemble, find_checkpoints, load_member, tuned_postprocess
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.mask_values import class_pixels
 from competition.postprocess import head_of
 from competition.prediction import TTA, check_tta, label_masks, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
@@ -61,14 +62,6 @@ def confident_masks(
     return torch.where(confident, masks, IGNORE_VALUE).to(torch.uint8).cpu().numpy()
 
 
-def class_pixels(mask: np.ndarray, num_classes: int, multilabel: bool) -> list[int]:
-    """The confident pixels of each class of a pseudo-label mask (multilabel: of each class's bit)."""
-    labelled = mask[mask != IGNORE_VALUE]
-    if multilabel:
-        return [int(((labelled >> k) & 1).sum()) for k in range(num_classes)]
-    return np.bincount(labelled, minlength=num_classes)[:num_classes].astype(int).tolist()
-
-
 def tuned_thresholds(paths: list[Path], tta: tuple[str, ...], config) -> tuple[list[float] | None, str | None]:
     """(the per-class thresholds of the postprocess.json tuned on these checkpoints, as infer.py reads it, its path),
     or (None, None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum
@@ -97,7 +90,7 @@ class PseudoSink:
             "id": image_id,
             "pixels": int(mask.size),
             "kept": confident,
-            "class_pixels": class_pixels(mask, len(self.classes), self.multilabel),
+            "class_pixels": class_pixels(mask, len(self.classes), self.multilabel).tolist(),
         }
         keep = confident >= self.min_kept * mask.size
         if not keep:

@@ -34,6 +34,7 @@ from competition.data import decode_image
 from competition.errors import CheckpointError, ConfigError, DataError
 from competition.inference import Ensemble, OnnxModel, find_checkpoints, load_member, predict_images, tuned_postprocess
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.mask_values import class_pixels
 from competition.postprocess import PostProcess
 from competition.prediction import setup_device
 from competition.submission import class_rles, label_rles
@@ -299,16 +300,15 @@ class Batcher:
 def class_summary(mask: np.ndarray, class_names: list[str], with_rle: bool, multilabel: bool = False) -> list[dict]:
     """Each class's index, name, colour, pixel count and share of the image (and row-major RLE, background aside);
     ``multilabel``: of each class's bit of the packed mask, in the colour its overlay tints it."""
+    counts = class_pixels(mask, len(class_names), multilabel)
     if multilabel:
         colours, rles = palette(len(class_names) + 1)[1:], label_rles(mask, len(class_names)) if with_rle else None
         summary = []
         for index, name in enumerate(class_names):
-            pixels = int(((mask >> index) & 1).sum())
             entry = {"index": index, "name": name, "colour": "#" + bytes(colours[index]).hex()}
-            entry |= {"pixels": pixels, "share": pixels / mask.size} | ({"rle": rles[index]} if rles else {})
-            summary.append(entry)
+            entry |= {"pixels": int(counts[index]), "share": float(counts[index] / mask.size)}
+            summary.append(entry | ({"rle": rles[index]} if rles else {}))
         return summary
-    counts = np.bincount(mask.ravel(), minlength=len(class_names))
     colours = palette(len(class_names))
     rles = [""] + class_rles(mask, len(class_names)) if with_rle else None
     summary = []

@@ -15,6 +15,7 @@ from competition.checkpoints import check_resumable
 from competition.config import TrainConfig
 from competition.errors import ConfigError, DataError
 from competition.fold_data import fold_ids, open_training_data, set_up_fold
+from competition.mask_values import class_pixels
 from competition.postprocess import FILE_NAME, ClassRule, PostProcess, write_postprocess
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.segmentation_data import read_index_mask
@@ -52,8 +53,8 @@ def test_multilabel_pixels_are_kept_when_every_class_is_confident_as_packed_bits
     assert masks.tolist() == [[[0b101, IGNORE_VALUE, 0, 0b011]]]
     tuned = pseudo.confident_masks(probabilities([0.95, 0.96, 0.02]), 0.9, thresholds=[0.5, 0.97, 0.5], multilabel=True)
     assert tuned.tolist() == [[[IGNORE_VALUE]]]  # class 1 at 0.96: confident, but below its threshold
-    assert pseudo.class_pixels(np.array([[0b101, IGNORE_VALUE, 0, 0b011]], np.uint8), 3, True) == [2, 1, 1]
-    assert pseudo.class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False) == [1, 0, 2]
+    assert class_pixels(np.array([[0b101, IGNORE_VALUE, 0, 0b011]], np.uint8), 3, True).tolist() == [2, 1, 1]
+    assert class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False).tolist() == [1, 0, 2]
 
 
 @pytest.mark.parametrize("multilabel, mode", [(True, "L"), (False, "P")])
