@@ -25,7 +25,7 @@ other data set). --sample-submission FILE writes per-class RLE rows in the rows 
 sample submission (id,class,predicted; ImageId_ClassId,EncodedPixels; ImageId,ClassId,EncodedPixels).
 
 A postprocess.json in the checkpoints' run folder (written by --oof --tune) makes the masks of the test
-submission: per class its threshold (replacing --threshold), minimum component area and minimum total area;
+submission and of --image: per class its threshold (replacing --threshold), minimum component area and minimum total area;
 --no-postprocess leaves it out.
 
 On several devices (--devices; by default every GPU when there are several) the test images are cut into
@@ -65,19 +65,19 @@ from competition.inference import (
     output_record,
     predict_image_file,
     prediction_record,
+    tuned_postprocess,
     write_predictions,
 )
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
-from competition.out_of_fold import check_tuning_file, oof_report, tune_report, tuning_file
+from competition.out_of_fold import check_tuning_file, oof_report, tune_report
 from competition.postprocess import FILE_NAME as POSTPROCESS_FILE
 from competition.postprocess import (
     OutOfFoldStore,
     PostProcess,
+    find_file,
     head_of,
     predicted_classes,
-    read_postprocess,
-    run_folder_of,
 )
 from competition.prediction import TTA, check_tta, resolve_precision, setup_device
 from competition.rle import RLE_ORDERS
@@ -103,7 +103,7 @@ MODE_FLAGS = {
     "--format": ("format", ("submission",), lambda: None),
     "--rle-order": ("rle_order", ("submission",), lambda: None),
     "--sample-submission": ("sample_submission", ("submission",), lambda: None),
-    "--no-postprocess": ("no_postprocess", ("submission",), lambda: False),
+    "--no-postprocess": ("no_postprocess", ("submission", "image"), lambda: False),
     "--tune": ("tune", ("oof",), lambda: False),
     "--overlays": ("overlays", ("submission",), lambda: False),
     "--tile": ("tile", ("submission",), lambda: None),
@@ -360,7 +360,7 @@ def score_out_of_fold(args, members, tta, precision) -> None:
     record = prediction_record([member.path for member in members], tta, args.threshold, config)
     store = None
     if args.tune:
-        tuning = tuning_file([member.path for member in members])
+        tuning = find_file([member.path for member in members])
         check_writable(tuning, "--tune")
         check_tuning_file(tuning, record, args.overwrite)
         store = OutOfFoldStore(head_of(config), config.output_channels(), data.ignore_index)
@@ -379,7 +379,9 @@ def score_out_of_fold(args, members, tta, precision) -> None:
 
 
 def predict_one_image(args, members, tta, precision) -> None:
-    predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold)
+    paths, config = [member.path for member in members], members[0].config
+    postprocess = None if args.no_postprocess else postprocess_of(args, paths, tta, config)
+    predict_image_file(Ensemble(members, tta, precision), args.image, args.out_dir, args.threshold, postprocess)
 
 
 def submission_devices(args: argparse.Namespace) -> list[str | None]:
@@ -414,7 +416,7 @@ def load_members(args, paths, device_name, tta):
     return members, precision
 
 
-def output_of(args, config, data, paths: list[Path]) -> Output:
+def output_of(args, config, data, paths: list[Path], tta: tuple[str, ...]) -> Output:
     """What the test predictions are written as: --format, else the data's own (Carvana's RLE rows, PNG masks
     elsewhere), at --out or the format's default place; checked against the models."""
     format = args.format or ("rle-csv" if args.sample_submission else data.submission_format)
@@ -428,7 +430,7 @@ def output_of(args, config, data, paths: list[Path]) -> Output:
         raise ConfigError(f"--sample-submission writes per-class RLE rows (--format rle-csv), not --format {format}")
     if args.sample_submission is not None and not args.sample_submission.is_file():
         raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
-    postprocess = None if args.no_postprocess else postprocess_of(args, paths, config)
+    postprocess = None if args.no_postprocess else postprocess_of(args, paths, tta, config)
     tiling = args.tiling or tiling_of_run(config, args.batch_size)
     if tiling is not None and (config.multilabel() or postprocess is not None):
         why = "multilabel models" if config.multilabel() else "post-processing (pass --no-postprocess)"
@@ -456,14 +458,12 @@ def tiling_of_run(config, batch_size: int) -> Tiling | None:
     return Tiling(config.tile, config.tile_overlap, "gaussian", batch_size)
 
 
-def postprocess_of(args, paths: list[Path], config) -> PostProcess | None:
-    """The rules of the postprocess.json in the checkpoints' run folder (the first run folder holding one), read
-    for the run's classes (one line when tuned for others); None when there is none."""
-    found = [run_folder_of(path) / POSTPROCESS_FILE for path in paths]
-    path = next((file for file in found if file.is_file()), None)
-    if path is None:
+def postprocess_of(args, paths: list[Path], tta: tuple[str, ...], config) -> PostProcess | None:
+    """The rules of the postprocess.json tuned on these checkpoints (postprocess.find_file), read for the run's
+    classes (one line when tuned for others, or on other checkpoints); None when there is none."""
+    postprocess, path = tuned_postprocess(paths, tta, config)
+    if postprocess is None:
         return None
-    postprocess = read_postprocess(path, head_of(config), predicted_classes(config))
     replaces = "min areas only: softmax classes are the most probable" if postprocess.head == "softmax" else (
         f"its thresholds replace --threshold {args.threshold:g}")  # fmt: skip
     logger.info("%s: post-processing applied (%s; --no-postprocess leaves it out): %s", path, replaces,
@@ -477,7 +477,7 @@ def predict_test_set(args, paths, tta, deadline: Deadline, devices: list[str | N
     checkpoints = [load_checkpoint(path) for path in paths]  # an unreadable one is one line here, not in a shard
     configs = [checkpoint_config(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
     data = open_test_data(args, configs[0])
-    output = output_of(args, configs[0], data, paths)
+    output = output_of(args, configs[0], data, paths, tta)
     if args.out is None:  # the format's default place, known now: checked as a given --out is at the start
         check_writable(output.path, "--out")
     with output_lock(output.path, "--out") if args.out is None else contextlib.nullcontext():  # a given one is held

@@ -159,7 +159,7 @@ class TrainConfig:
     schedule: str = setting("cosine", "cosine (warm-up, then cosine decay), onecycle or step")
     step_epochs: int = setting(10, "step schedule: epochs between learning-rate decays")
     step_factor: float = setting(0.1, "step schedule: the factor the learning rate is multiplied by at each decay")
-    loss: str = setting("bce_dice", ", ".join(LOSSES))
+    loss: str = setting("bce_dice", ", ".join(LOSSES) + " (--head multilabel: ce and ce_dice are bce and bce_dice)")
     bce_weight: float = setting(1.0, "weight of BCE in bce_dice")
     dice_weight: float = setting(1.0, "weight of soft Dice in bce_dice")
     class_weights: str = setting(

@@ -19,6 +19,7 @@ from competition.errors import ConfigError, DataError
 from competition.folds import read_folds
 from competition.layouts import open_data_as
 from competition.losses import class_weights
+from competition.mask_values import with_background
 from competition.pseudo_data import PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.sampling import class_balanced_weights
 from competition.survey import survey
@@ -217,6 +218,14 @@ def _with_class_weights(config: TrainConfig, pixel_counts: np.ndarray) -> TrainC
     return replace(config, class_weight_values=",".join(f"{weight:.6g}" for weight in weights))
 
 
+def sampler_counts(data, pixel_counts: np.ndarray, pseudo: PseudoLabels | None) -> np.ndarray:
+    """The (images, classes) pixel counts the class-balanced sampler weighs, background first: the training
+    images', then the pseudo-labelled images' confident pixels. A multilabel set's column 0 is a class, not the
+    background that the sampler weighs 1, so an empty background column leads."""
+    counts = pixel_counts if pseudo is None else np.concatenate([pixel_counts, pseudo.class_pixels])
+    return with_background(counts) if getattr(data, "multilabel", False) else counts
+
+
 def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool) -> FoldData:
     seed_everything(config.seed)
     train_ids, val_ids = fold_ids(config, data)
@@ -235,9 +244,7 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
         report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)
     if config.class_weights != "none":
         config = _with_class_weights(config, pixel_counts)
-    balanced = pixel_counts if config.sampler == "class-balanced" else None
-    if balanced is not None and pseudo is not None:  # the pseudo-labelled images are drawn by their confident pixels
-        balanced = np.concatenate([balanced, pseudo.class_pixels])
+    balanced = sampler_counts(data, pixel_counts, pseudo) if config.sampler == "class-balanced" else None
     train_loader, order, val_loader = build_loaders(config, data, train_ids, val_ids, device, balanced, pseudo)
     return FoldData(
         config=config,

@@ -11,6 +11,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from competition.data import read_csv_file
 from competition.errors import ConfigError, DataError
+from competition.mask_values import with_background
 from competition.survey import survey
 
 logger = logging.getLogger("competition.make_folds")
@@ -117,7 +118,10 @@ def group_folds(data, n_folds: int, seed: int, group_regex, stratify, stratify_c
         logger.info("the split has no val part: %d folds over its %d labelled images", n_folds, len(image_ids))
     groups = groups_of(image_ids, group_regex)
     presence = class_presence(data, image_ids, progress) if stratify_classes else None
-    folds = assign_group_folds(groups, n_folds, seed, presence)
+    stratified = presence
+    if presence is not None and getattr(data, "multilabel", False):  # class 0 is a class, not a background
+        stratified = dict(zip(presence, with_background(np.array(list(presence.values()), dtype=bool))))
+    folds = assign_group_folds(groups, n_folds, seed, stratified)
     if presence is not None:
         for index, name in enumerate(data.classes):
             folds[f"with {name}"] = [bool(presence[image_id][index]) for image_id in folds["img"]]

@@ -18,6 +18,7 @@ from competition.data import as_rgb, decode_image, resize_image, to_chw
 from competition.errors import CheckpointError, DataError
 from competition.files import atomic_output
 from competition.models import build_model
+from competition.postprocess import PostProcess, find_file, head_of, predicted_classes, read_postprocess
 from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.prediction_stream import class_masks, expected_shape, image_batches, predict_into
 from competition.submission import predicted_by
@@ -212,6 +213,17 @@ def prediction_record(checkpoints: list[str | Path], tta: tuple[str, ...], thres
     return predicted_by(checkpoints, tta, threshold) | {"config": dataclasses.asdict(config)}
 
 
+def tuned_postprocess(paths: list[Path], tta: tuple[str, ...], config) -> tuple[PostProcess | None, Path]:
+    """(the rules of the checkpoints' postprocess.json, read for their classes and for these checkpoints (one line
+    when tuned for others), or None when there is none; where it is looked for)."""
+    path = find_file(paths)
+    if not path.is_file():
+        return None, path
+    current = predicted_by(paths, tta, 0.5)
+    rules = read_postprocess(path, head_of(config), predicted_classes(config), current["checkpoints"], current["tta"])
+    return rules, path
+
+
 def output_record(record: dict, output: Output) -> dict:
     """``record`` with the output's format, sample submission (its contents' hash) and post-processing rules,
     which --resume must find unchanged too."""
@@ -321,20 +333,31 @@ def log_stopped(out: str | Path, written: int, total: int, deadline: Deadline, p
 
 
 @torch.no_grad()
-def predict_images(ensemble: "Ensemble | OnnxModel", images: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
+def predict_images(
+    ensemble: "Ensemble | OnnxModel",
+    images: list[np.ndarray],
+    threshold: float = 0.5,
+    postprocess: PostProcess | None = None,
+) -> np.ndarray:
     """uint8 masks (N, H, W) of (H, W, in_channels) images of one size, predicted as one batch: 0/1 for a binary
-    model, class indices for a multi-class one. Each model sees the images resized to its input size (a full-size
-    model pads them to a multiple of 32 and crops its logits back)."""
+    model, class indices for a multi-class one (``postprocess``: by its per-class rules instead of ``threshold``).
+    Each model sees the images resized to its input size (a full-size model pads them to a multiple of 32 and crops
+    its logits back)."""
     batches = {}
     for key, size in ensemble.input_sizes.items():
         resized = [image if size is None else resize_image(image, size) for image in images]
         batches[key] = torch.stack([to_chw(image) for image in resized]).to(ensemble.device)
-    return class_masks(ensemble.probabilities(batches, images[0].shape[:2]), threshold, ensemble.multilabel)
+    probabilities = ensemble.probabilities(batches, images[0].shape[:2])
+    if postprocess is not None:
+        return np.stack([postprocess.mask(image) for image in probabilities.cpu().numpy()])
+    return class_masks(probabilities, threshold, ensemble.multilabel)
 
 
-def predict_image(ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def predict_image(
+    ensemble: "Ensemble | OnnxModel", image: np.ndarray, threshold: float = 0.5, postprocess: PostProcess | None = None
+) -> np.ndarray:
     """uint8 mask of one (H, W, in_channels) image (see ``predict_images``)."""
-    return predict_images(ensemble, [image], threshold)[0]
+    return predict_images(ensemble, [image], threshold, postprocess)[0]
 
 
 class OnnxModel:
@@ -371,18 +394,25 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input_name: images.numpy()})[0])
 
     def probabilities(self, images: dict[str, torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
-        return predict_probabilities(self.forward, images["onnx"], output_size)
+        return predict_probabilities(self.forward, images["onnx"], output_size, multilabel=self.multilabel)
 
 
-def predict_image_file(ensemble: Ensemble, path: str | Path, out_dir: str | Path, threshold: float = 0.5) -> np.ndarray:
-    """One JPEG -> ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` in ``out_dir``; returns the 0/1 mask."""
+def predict_image_file(
+    ensemble: Ensemble,
+    path: str | Path,
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    postprocess: PostProcess | None = None,
+) -> np.ndarray:
+    """One JPEG -> ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` in ``out_dir``; returns the 0/1 mask
+    (``postprocess``: made by its per-class rules instead of ``threshold``)."""
     path, out_dir = Path(path), Path(out_dir)
     try:
         payload = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read the image ({error.strerror})") from None
     image = decode_image(payload, str(path), channels=ensemble.in_channels)
-    mask = predict_image(ensemble, image, threshold)
+    mask = predict_image(ensemble, image, threshold, postprocess)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
     classes = ensemble.members[0].config.num_classes()

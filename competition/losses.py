@@ -184,13 +184,12 @@ class _EachChannel(torch.nn.Module):
         return self.loss(logits.flatten(0, 1).unsqueeze(1), targets.flatten(0, 1).unsqueeze(1))
 
 
-def _labels_bce_and_dice(bce_weight, dice_weight, ignore_index):
+def _labels_bce_and_dice(bce_weight, dice_weight, ignore_index: int):
     """Per-class BCE + soft Dice of K sigmoid channels. Every channel of an image shares its labelled pixels, so
     the BCE's mean over them equals the mean over classes of each class's BCE."""
-    ignore = 255 if ignore_index is None else ignore_index
     return _Combined(
-        lambda logits, targets: masked_binary_cross_entropy(logits, targets, ignore),
-        lambda logits, targets: label_soft_dice(logits, targets, ignore),
+        lambda logits, targets: masked_binary_cross_entropy(logits, targets, ignore_index),
+        lambda logits, targets: label_soft_dice(logits, targets, ignore_index),
         bce_weight,
         dice_weight,
     )

@@ -154,6 +154,20 @@ def label_counts(histogram: np.ndarray, num_labels: int) -> np.ndarray:
     return (np.asarray(histogram)[..., :255] @ bits).astype(np.int64)
 
 
+def class_pixels(mask: np.ndarray, num_classes: int, multilabel: bool) -> np.ndarray:
+    """Pixels of each class of one uint8 mask (int64, ``num_classes``): its class indices, or each class's bit of
+    a packed multilabel mask; the ignore value (255) left out."""
+    histogram = value_histogram(mask)
+    return label_counts(histogram, num_classes) if multilabel else histogram[:num_classes]
+
+
+def with_background(rows: np.ndarray) -> np.ndarray:
+    """(images, K) per-label counts or presence of multilabel masks, whose column 0 is a class -> (images, 1 + K)
+    with a leading empty background column, as single-label masks' class counts are read (class 0: background)."""
+    rows = np.asarray(rows)
+    return np.concatenate([np.zeros((len(rows), 1), dtype=rows.dtype), rows.reshape(len(rows), -1)], axis=1)
+
+
 def check_packed_values(mask: np.ndarray, num_labels: int, source: str) -> None:
     """A packed multilabel mask holds bits of its ``num_labels`` classes and the ignore value 255 alone; another
     value (a bit of no class) stops, naming the file."""

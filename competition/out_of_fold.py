@@ -19,11 +19,9 @@ from competition.folds import read_folds
 from competition.inference import Member, fold_ensembles, prediction_record
 from competition.metrics import confusion_matrix, dice_per_image, format_class_table, segmentation_scores
 from competition.postprocess import (
-    FILE_NAME,
     TUNE_LONGEST_SIDE,
     OutOfFoldStore,
     PostProcess,
-    run_folder_of,
     tune,
     write_postprocess,
 )
@@ -236,12 +234,6 @@ def oof_report(
     if masks_out is not None:
         logger.info("out-of-fold masks (palette PNGs, with the TTA asked for, at the threshold) -> %s/", masks_out)
     return table
-
-
-def tuning_file(paths: list[Path]) -> Path:
-    """Where ``--tune`` writes its rules: ``postprocess.json`` in the run folder of the first checkpoint (beside
-    its fold0/, fold1/...)."""
-    return run_folder_of(paths[0]) / FILE_NAME
 
 
 def check_tuning_file(path: Path, record: dict, overwrite: bool) -> None:

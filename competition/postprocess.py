@@ -2,6 +2,7 @@
 empties the class), its search on out-of-fold probabilities, and ``postprocess.json`` beside the run's folds."""
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from competition.files import atomic_output
 from competition.mask_values import pack_labels, unpack_labels
 
 FILE_NAME = "postprocess.json"
-HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid channel per class; a softmax
+logger = logging.getLogger(__name__)
+RULE_HEADS = ("binary", "multilabel", "softmax")  # one sigmoid channel; one sigmoid channel per class; a softmax
 # 8-connected components, as cv2.connectedComponents (the Severstal and SIIM-ACR write-ups) counts them.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # A stack of images labelled in one call: connected within an image, never across the stack's first axis.
@@ -40,7 +42,7 @@ class ClassRule:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """The rules of every predicted class (``head``: one of HEADS), in channel order (softmax: classes 1..K-1)."""
+    """The rules of every predicted class (``head``: one of RULE_HEADS), in channel order (softmax: classes 1..K-1)."""
 
     head: str
     rules: tuple[ClassRule, ...]
@@ -67,7 +69,7 @@ class PostProcess:
 
 
 def head_of(config) -> str:
-    """The run's head as post-processing sees it (one of HEADS)."""
+    """The run's head as post-processing sees it (one of RULE_HEADS)."""
     if config.multilabel():
         return "multilabel"
     return "binary" if config.output_channels() == 1 else "softmax"
@@ -136,9 +138,18 @@ def write_postprocess(path: Path, postprocess: PostProcess, tuned: dict, checkpo
         partial.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def read_postprocess(path: Path, head: str, classes: list[str]) -> PostProcess:
-    """The rules of ``path`` for a run of ``head`` predicting ``classes``; one line when the file is not one of
-    ours, or was tuned for other classes."""
+def find_file(paths: list[Path]) -> Path:
+    """Where ``--tune`` writes the rules of checkpoints ``paths`` and where they are read: ``postprocess.json`` in
+    the run folder of the first checkpoint (beside its fold0/, fold1/...)."""
+    return run_folder_of(paths[0]) / FILE_NAME
+
+
+def read_postprocess(
+    path: Path, head: str, classes: list[str], checkpoints: list[dict] | None = None, tta: list[str] | None = None
+) -> PostProcess:
+    """The rules of ``path`` for a run of ``head`` predicting ``classes`` with ``checkpoints`` (as
+    ``submission.predicted_by`` records them, when given); one line when the file is not one of ours, or was tuned
+    for other classes or other checkpoints. Tuned with other TTA views than ``tta``: a warning."""
     retune = "run `python infer.py --oof --tune` for these checkpoints again, or pass --no-postprocess"
     try:
         document = json.loads(Path(path).read_text())
@@ -151,7 +162,31 @@ def read_postprocess(path: Path, head: str, classes: list[str]) -> PostProcess:
             f"{path}: tuned for the classes {','.join(tuned_classes)} ({tuned_head} head), but the checkpoints "
             f"predict {','.join(classes)} ({head} head); {retune}"
         )
+    tuned_on = document.get("checkpoints")
+    if checkpoints is not None and tuned_on != checkpoints:
+        if not isinstance(tuned_on, list) or _by_name_and_size(tuned_on) != _by_name_and_size(checkpoints):
+            raise ConfigError(
+                f"{path}: tuned on other checkpoints: run infer.py --oof --tune again, or pass --no-postprocess"
+            )
+        logger.info(
+            "%s: its checkpoints moved or were copied since tuning (the same fold files by name and size)", path
+        )
+    tuned_tta = (document.get("tuned") or {}).get("tta")
+    if tta is not None and tuned_tta is not None and tuned_tta != tta:
+        logger.warning(
+            "%s: tuned with TTA %s, applied to predictions with TTA %s", path, "+".join(tuned_tta) or "off",
+            "+".join(tta) or "off",
+        )  # fmt: skip
     return PostProcess(head, rules)
+
+
+def _by_name_and_size(checkpoints: list[dict]) -> list[tuple[str, str, int]]:
+    """Checkpoints as a run folder copied elsewhere keeps them (a Kaggle dataset of the run: new paths and
+    times): each one's fold folder, file name and size."""
+    try:
+        return sorted((Path(c["path"]).parent.name, Path(c["path"]).name, int(c["size"])) for c in checkpoints)
+    except (KeyError, TypeError, ValueError):
+        return []
 
 
 class OutOfFoldStore:

@@ -225,15 +225,8 @@ def predict_into(
     pace = PredictionPace(deadline or Deadline(None), label, len(image_ids), len(ensemble.members), views)
     total = len(image_ids) if total is None else total
     started, predicted = time.perf_counter(), 0
-    bar = tqdm(
-        total=total,
-        initial=total - len(image_ids),
-        unit="img",
-        desc=label,
-        position=position,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, initial=total - len(image_ids), unit="img", desc=label, position=position,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
     batch_size = max((len(batch) for batch in batches), default=1)
     fix = f"lower --batch-size (now {batch_size}); what is already written is kept and --resume continues from it"
     loader = prediction_loader(dataset, index_batches, workers, ensemble.device)
@@ -249,17 +242,8 @@ def predict_into(
                 shape = tuple(batch["shape"][0].tolist())
                 probabilities = ensemble.probabilities(images, shape)
                 names = [image_ids[index] for index in batch["index"].tolist()]
-                if masks_of is not None or postprocess is None:
-                    masks = (
-                        masks_of(probabilities)
-                        if masks_of is not None
-                        else class_masks(probabilities, threshold, ensemble.multilabel)
-                    )
-                    pending.append([(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)])
-                else:
-                    arrays = probabilities.float().cpu().numpy()
-                    pending.append([(name, pool.submit(_encode_postprocessed, sink, postprocess, name, array))
-                                    for name, array in zip(names, arrays)])  # fmt: skip
+                rule = (masks_of, postprocess, threshold, ensemble)
+                pending.append(_submit_masks(pool, sink, names, probabilities, *rule))
                 predicted += len(names)
                 pace.batch_done(len(names))
                 while len(pending) > 2:  # bounded: at most three batches of masks in memory
@@ -273,6 +257,22 @@ def predict_into(
                 bar.close()  # also when a write failed (a full disk): the bar ends before the error's line
     pace.finish()
     return predicted, time.perf_counter() - started, predicted == len(image_ids)
+
+
+def _submit_masks(pool, sink, names, probabilities, masks_of, postprocess, threshold, ensemble) -> list:
+    """(name, future of ``sink.encode``) of each image of a batch: its mask made on the device by ``masks_of``
+    or ``threshold``, or with ``postprocess`` (and no ``masks_of``) from its probabilities in the pool's thread."""
+    if masks_of is not None or postprocess is None:
+        masks = (
+            masks_of(probabilities)
+            if masks_of is not None
+            else class_masks(probabilities, threshold, ensemble.multilabel)
+        )
+        return [(name, pool.submit(sink.encode, name, mask)) for name, mask in zip(names, masks)]
+    arrays = probabilities.float().cpu().numpy()
+    return [
+        (name, pool.submit(_encode_postprocessed, sink, postprocess, name, array)) for name, array in zip(names, arrays)
+    ]
 
 
 def _encode_postprocessed(sink, postprocess: PostProcess, name: str, probabilities: np.ndarray):

@@ -4,8 +4,8 @@ python -m competition.pseudo --checkpoints runs/x --out pseudo/x --tta          
 python -m competition.pseudo ... --confidence 0.95 --min-kept 0.9                 a stricter rule
 python -m competition.pseudo ... --overwrite                                      replacing a pseudo-label folder
 
-A pixel is kept when the ensemble is confident of it: max(p, 1 - p) >= --confidence for a sigmoid head (binary, and
-each class of a multilabel head: every class must be), its top softmax probability >= --confidence for a softmax
+A pixel is kept when the ensemble is confident of its label: p >= --confidence where it is 1, p <= 1 - --confidence
+where it is 0, for a sigmoid head (binary, and each class of a multilabel head: every class must be), its top softmax probability >= --confidence for a softmax
 head; its label is the hard mask (the run's tuned thresholds of postprocess.json when it is there, else 0.5; the
 softmax's top class). Every other pixel holds 255, which training ignores. A test image is kept when at least
 --min-kept of its pixels are. The folder is written under <out>.partial and renamed when complete.
@@ -24,14 +24,15 @@ import torch
 from competition.environment import default_data_dir
 from competition.errors import ConfigError, OutputError
 from competition.files import atomic_output, check_writable, no_space_left, output_lock, partial_path
-from competition.inference import Ensemble, find_checkpoints, load_member
+from competition.inference import Ensemble, find_checkpoints, load_member, tuned_postprocess
 from competition.layouts import open_data_as
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
-from competition.postprocess import FILE_NAME, head_of, predicted_classes, read_postprocess, run_folder_of
-from competition.prediction import TTA, check_tta, setup_device
+from competition.mask_values import class_pixels
+from competition.postprocess import head_of
+from competition.prediction import TTA, check_tta, label_masks, setup_device
 from competition.prediction_stream import expected_shape, image_batches, predict_into
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, run_classes
-from competition.writers import encode_mask_png, palette
+from competition.writers import encode_mask_png, encode_png, palette
 
 logger = logging.getLogger("competition.pseudo")
 
@@ -40,9 +41,10 @@ def confident_masks(
     probabilities: torch.Tensor, confidence: float, thresholds: list[float] | None = None, multilabel: bool = False
 ) -> np.ndarray:
     """(N, C, H, W) probabilities -> uint8 (N, H, W) hard masks where the ensemble is confident, IGNORE_VALUE
-    elsewhere. One sigmoid channel (binary): 1 above its threshold, confident where max(p, 1 - p) >= ``confidence``.
+    elsewhere. One sigmoid channel (binary): 1 above its threshold, confident where p >= ``confidence`` labels a 1 or
+    p <= 1 - ``confidence`` labels a 0.
     Softmax (several channels): the top class, confident where its probability is. ``multilabel`` (a sigmoid per
-    class): bit k set where class k is above its threshold, confident where every class is. ``thresholds``: one per
+    class): bit k set where class k is above its threshold, confident where every class is so. ``thresholds``: one per
     sigmoid channel (default 0.5 each)."""
     sigmoid = multilabel or probabilities.shape[1] == 1
     if not sigmoid:
@@ -51,44 +53,30 @@ def confident_masks(
         confident = top >= confidence
     else:
         limits = torch.tensor(thresholds or [0.5] * probabilities.shape[1], device=probabilities.device)
-        hard = (probabilities > limits.view(1, -1, 1, 1)).to(torch.uint8)
-        bits = torch.tensor([1 << k for k in range(probabilities.shape[1])], device=probabilities.device)
-        masks = (hard * bits.view(1, -1, 1, 1).to(torch.uint8)).sum(1, dtype=torch.uint8)
-        confident = (torch.maximum(probabilities, 1 - probabilities) >= confidence).all(1)
+        hard = probabilities > limits.view(1, -1, 1, 1)
+        masks = torch.from_numpy(label_masks(probabilities, limits)).to(probabilities.device)  # bit k: class k
+        # kept only where the confident side agrees with the threshold's label: with a tuned threshold of 0.9 and
+        # a confidence of 0.8, p = 0.85 is confidently the class yet labelled 0, so it is ignored
+        agreed = ((probabilities >= confidence) & hard) | ((probabilities <= 1 - confidence) & ~hard)
+        confident = agreed.all(1)
     return torch.where(confident, masks, IGNORE_VALUE).to(torch.uint8).cpu().numpy()
 
 
-def class_pixels(mask: np.ndarray, num_classes: int, multilabel: bool) -> list[int]:
-    """The confident pixels of each class of a pseudo-label mask (multilabel: of each class's bit)."""
-    labelled = mask[mask != IGNORE_VALUE]
-    if multilabel:
-        return [int(((labelled >> k) & 1).sum()) for k in range(num_classes)]
-    return np.bincount(labelled, minlength=num_classes)[:num_classes].astype(int).tolist()
-
-
-def sigmoid_classes(config, classes: list[str]) -> list[str]:
-    """Of the models' ``classes``, those of their sigmoid channels, which thresholds are tuned for: the foreground of
-    a binary model, every class of a multilabel one; none for a softmax."""
-    if config.multilabel():
-        return classes
-    return classes[1:] if config.output_channels() == 1 else []
-
-
-def tuned_thresholds(paths: list[Path], config, classes: list[str]) -> tuple[list[float] | None, str | None]:
-    """(the per-class thresholds of the postprocess.json in the checkpoints' run folders (the first holding one, as
-    infer.py takes it), its path), or (None,
-    None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum areas
-    shape submissions, not labels: a small confident component is still a confident label."""
-    path = next((run_folder_of(p) / FILE_NAME for p in paths if (run_folder_of(p) / FILE_NAME).is_file()), None)
-    if path is None or not path.is_file() or not sigmoid_classes(config, classes):
+def tuned_thresholds(paths: list[Path], tta: tuple[str, ...], config) -> tuple[list[float] | None, str | None]:
+    """(the per-class thresholds of the postprocess.json tuned on these checkpoints, as infer.py reads it, its path),
+    or (None, None) when there is none or the models are a softmax (the top class needs no threshold). Its minimum
+    areas shape submissions, not labels: a small confident component is still a confident label."""
+    if head_of(config) == "softmax":
         return None, None
-    postprocess = read_postprocess(path, head_of(config), predicted_classes(config))
+    postprocess, path = tuned_postprocess(paths, tta, config)
+    if postprocess is None:
+        return None, None
     return [rule.threshold for rule in postprocess.rules], str(path)
 
 
 class PseudoSink:
     """Counts each predicted mask's confident pixels, and writes the mask of an image kept by ``min_kept`` into the
-    folder (a palette PNG of class indices, or of multilabel bits; 255 ignored)."""
+    folder (a palette PNG of class indices, a greyscale PNG of multilabel bits; 255 ignored)."""
 
     def __init__(self, folder: Path, classes: list[str], multilabel: bool, min_kept: float):
         self.folder, self.classes, self.multilabel, self.min_kept = folder, classes, multilabel, min_kept
@@ -102,10 +90,13 @@ class PseudoSink:
             "id": image_id,
             "pixels": int(mask.size),
             "kept": confident,
-            "class_pixels": class_pixels(mask, len(self.classes), self.multilabel),
+            "class_pixels": class_pixels(mask, len(self.classes), self.multilabel).tolist(),
         }
         keep = confident >= self.min_kept * mask.size
-        return record, encode_mask_png(mask, self.colours) if keep else None
+        if not keep:
+            return record, None
+        # packed bits (up to 2^K - 1, and 255) have no palette colours: greyscale, as infer.py writes them
+        return record, encode_png(mask) if self.multilabel else encode_mask_png(mask, self.colours)
 
     def write(self, items: list[tuple[str, tuple[dict, bytes | None]]]) -> None:
         for image_id, (record, png) in items:
@@ -262,12 +253,12 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else default_data_dir())
         data = open_data_as(config, data_dir, test_images=args.test_images)
         classes = run_classes(config, data)
-        thresholds, tuned = tuned_thresholds(paths, config, classes)
+        thresholds, tuned = tuned_thresholds(paths, tta, config)
         settings = {
             "checkpoints": [str(path) for path in paths],
             "tta": list(tta),
             "classes": classes,
-            "head": config.head,
+            "head": head_of(config),
             "data_dir": str(Path(data.root).resolve()),
             "test_images": str(args.test_images.resolve()) if args.test_images else None,
             "rule": {
@@ -284,11 +275,7 @@ def make_pseudo_labels(args: argparse.Namespace) -> dict:
             "+".join(tta) or "off",
             args.confidence,
             args.min_kept,
-            f"from {tuned}"
-            if tuned
-            else "0.5"
-            if sigmoid_classes(config, classes)
-            else "none (the softmax's top class)",
+            f"from {tuned}" if tuned else "0.5" if head_of(config) != "softmax" else "none (the softmax's top class)",
         )
         manifest = write_pseudo_labels(
             ensemble, data, args.out, settings, args.batch_size, args.workers, not args.quiet

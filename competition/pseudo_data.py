@@ -12,6 +12,7 @@ import torch
 from competition.data import SegmentationDataset
 from competition.errors import ConfigError, DataError
 from competition.layouts import open_data_as
+from competition.postprocess import head_of
 from competition.segmentation_data import read_index_mask
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def read_pseudo_labels(config, data, validation_ids: list[str]) -> PseudoLabels:
     one image kept, each mask there, and none of the fold's ``validation_ids`` among them."""
     folder = Path(config.pseudo)
     manifest = read_manifest(folder)
-    classes, head = run_classes(config, data), config.head
+    classes, head = run_classes(config, data), head_of(config)
     if manifest["classes"] != classes or manifest["head"] != head:
         raise ConfigError(
             f"--pseudo {folder}: its labels are of the classes {','.join(map(str, manifest['classes']))} (head "

@@ -7,7 +7,9 @@ Endpoints: POST /predict (an image as the raw body or as the multipart field ``f
 PNG of class indices (a greyscale PNG of packed bits, bit k for class k, for a multilabel model), or with ?format=json each class's pixel count, share and row-major RLE; GET /health;
 GET /info (the classes and their colours); GET / (a page to try it). Concurrent requests wait in a bounded queue
 and are predicted in batches of images of one size; a full queue answers 503 with Retry-After at once. Every
-refused request is a 4xx with one line of JSON, {"error": "..."}, and the server goes on serving. Needs the
+refused request is a 4xx with one line of JSON, {"error": "..."}, and the server goes on serving. The masks follow
+the run's postprocess.json (infer.py --oof --tune) when it is there and tuned on these checkpoints (--no-postprocess:
+--threshold). Needs the
 serve extra: pip install -r requirements-serve.txt.
 """
 
@@ -30,8 +32,10 @@ from PIL import Image, UnidentifiedImageError
 from competition.checkpoints import checkpoint_config, load_checkpoint
 from competition.data import decode_image
 from competition.errors import CheckpointError, ConfigError, DataError
-from competition.inference import Ensemble, OnnxModel, find_checkpoints, load_member, predict_images
+from competition.inference import Ensemble, OnnxModel, find_checkpoints, load_member, predict_images, tuned_postprocess
 from competition.logs import OneLineParser, add_logging_arguments, configure_from, exit_on_project_error
+from competition.mask_values import class_pixels
+from competition.postprocess import PostProcess
 from competition.prediction import setup_device
 from competition.submission import class_rles, label_rles
 from competition.workers import die_with_parent
@@ -73,6 +77,7 @@ class Backend:
     class_names: list[str]
     threshold: float = 0.5
     multilabel: bool = False  # --head multilabel: masks are packed bits (bit k: class k), classes without background
+    postprocess: PostProcess | None = None  # the run's tuned rules (postprocess.json), which replace ``threshold``
 
     @property
     def in_channels(self) -> int:
@@ -80,7 +85,7 @@ class Backend:
 
     def predict(self, images: list[np.ndarray]) -> np.ndarray:
         """Masks (N, H, W) of images of one size, as one batch."""
-        return predict_images(self.predictor, images, self.threshold)
+        return predict_images(self.predictor, images, self.threshold, self.postprocess)
 
 
 def require_serving():
@@ -96,15 +101,19 @@ def require_serving():
     return fastapi
 
 
-def load_backend(checkpoints: list[str], onnx: str | None, device: str | None, threshold: float) -> Backend:
-    """The fold ensemble of ``checkpoints`` on ``device``, or the ONNX model ``onnx`` read with their classes."""
+def load_backend(
+    checkpoints: list[str], onnx: str | None, device: str | None, threshold: float, postprocess: bool = True
+) -> Backend:
+    """The fold ensemble of ``checkpoints`` on ``device``, or the ONNX model ``onnx`` read with their classes; with
+    ``postprocess``, the rules of the postprocess.json tuned on these checkpoints when there is one."""
     paths = find_checkpoints(checkpoints)
     if onnx is None:
         torch_device, _ = setup_device(device, "fp32")
         ensemble = Ensemble([load_member(path, torch_device) for path in paths])
         config = ensemble.members[0].config
         names = config.class_names() or ["background", "car"]
-        return Backend("pytorch", ensemble, names, threshold, config.multilabel())
+        rules = serving_rules(paths, config) if postprocess else None
+        return Backend("pytorch", ensemble, names, threshold, config.multilabel(), rules)
     if not Path(onnx).is_file():
         raise CheckpointError(f"--onnx {onnx}: no such file; export one with `python infer.py --export-onnx {onnx}`")
     config = checkpoint_config(load_checkpoint(paths[0]), paths[0])
@@ -116,7 +125,16 @@ def load_backend(checkpoints: list[str], onnx: str | None, device: str | None, t
             "it was exported from"
         )
     model.multilabel = config.multilabel()  # the export records no head: its checkpoints' config says it
-    return Backend("onnx", model, config.class_names() or ["background", "car"], threshold, config.multilabel())
+    names, rules = config.class_names() or ["background", "car"], serving_rules(paths, config) if postprocess else None
+    return Backend("onnx", model, names, threshold, config.multilabel(), rules)
+
+
+def serving_rules(paths: list[Path], config) -> PostProcess | None:
+    """The rules of the postprocess.json tuned on the checkpoints (one line when tuned on others), said in a line."""
+    rules, path = tuned_postprocess(paths, (), config)
+    if rules is not None:
+        logger.info("%s: post-processing applied (--no-postprocess leaves it out): %s", path, rules.describe())
+    return rules
 
 
 def decode_upload(payload: bytes, in_channels: int, max_pixels: int) -> np.ndarray:
@@ -282,16 +300,15 @@ class Batcher:
 def class_summary(mask: np.ndarray, class_names: list[str], with_rle: bool, multilabel: bool = False) -> list[dict]:
     """Each class's index, name, colour, pixel count and share of the image (and row-major RLE, background aside);
     ``multilabel``: of each class's bit of the packed mask, in the colour its overlay tints it."""
+    counts = class_pixels(mask, len(class_names), multilabel)
     if multilabel:
         colours, rles = palette(len(class_names) + 1)[1:], label_rles(mask, len(class_names)) if with_rle else None
         summary = []
         for index, name in enumerate(class_names):
-            pixels = int(((mask >> index) & 1).sum())
             entry = {"index": index, "name": name, "colour": "#" + bytes(colours[index]).hex()}
-            entry |= {"pixels": pixels, "share": pixels / mask.size} | ({"rle": rles[index]} if rles else {})
-            summary.append(entry)
+            entry |= {"pixels": int(counts[index]), "share": float(counts[index] / mask.size)}
+            summary.append(entry | ({"rle": rles[index]} if rles else {}))
         return summary
-    counts = np.bincount(mask.ravel(), minlength=len(class_names))
     colours = palette(len(class_names))
     rles = [""] + class_rles(mask, len(class_names)) if with_rle else None
     summary = []
@@ -383,6 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="PyTorch backend's device (default: cuda when there is one, else cpu)")
     parser.add_argument("--threshold", type=float, default=0.5, help="binary models: probability of the class")
+    parser.add_argument(
+        "--no-postprocess", action="store_true", help="leave out the run folder's postprocess.json (--oof --tune)"
+    )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload; larger ones get 413")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (Pillow's pixel limit)")
     parser.add_argument("--max-batch", type=int, default=8, help="images predicted together at most")
@@ -443,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
 
         limits = limits_from(args)
         Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow's guard, explicit: decode_upload checks it first
-        backend = load_backend(args.checkpoints, args.onnx, args.device, args.threshold)
+        backend = load_backend(args.checkpoints, args.onnx, args.device, args.threshold, not args.no_postprocess)
         check_port(args.host, args.port)
         logger.info(
             "serving %s (%s) on http://%s:%d/", backend.name, ", ".join(backend.class_names), args.host, args.port

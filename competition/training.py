@@ -611,6 +611,14 @@ def train_fold_within(
         not_started = _train_epochs(fold, parts, state, config, run_dir, progress, deadline, epoch_ended)
         if len(state.rows) == config.epochs and (config.average_top or config.swa_epochs):
             _average_weights(fold, parts, state, config, run_dir)
+        elif config.average_top or config.swa_epochs:  # stopped early (--time-limit): averaged only at the end
+            names = [
+                name for name, asked in ((AVERAGED_NAME, config.average_top), (SWA_NAME, config.swa_epochs)) if asked
+            ]
+            logger.info(
+                "fold %d: %d of %d epochs done, so no %s yet; --resume finishes the epochs and writes %s",
+                config.fold, len(state.rows), config.epochs, " or ".join(names), " and ".join(names),
+            )  # fmt: skip
     result = _result(config, state.rows, not_started)
     if result.best is not None and not not_started:
         _log_best(config, result, run_dir)

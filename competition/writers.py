@@ -369,8 +369,10 @@ class MaskSink:
         tinted = None
         if self.overlays:
             image = as_rgb(self.data.read_image(image_id, "test"))
-            drawn = colour_overlay(image, mask, self.colours) if self.labels is None else None
-            tinted = encode_png(label_overlay(image, mask, self.labels) if drawn is None else drawn)
+            if self.labels is None:
+                tinted = encode_png(colour_overlay(image, mask, self.colours))
+            else:
+                tinted = encode_png(label_overlay(image, mask, self.labels))
         if self.labels is not None:
             return encode_png(mask.astype(np.uint8)), tinted
         return encode_mask_png(mask, self.colours), tinted

@@ -291,3 +291,29 @@ def test_the_classes_no_training_mask_holds_are_one_warning(caplog):
     assert "7 'class_7' (5 pixels) is only in validation" in message
     with pytest.raises(DataError, match="14 of the 21 classes"):
         report_absent_classes(names, train, val, True, logging.getLogger("competition.fold_data").warning)
+
+
+def test_a_multilabel_set_is_stratified_by_its_class_0_too(monkeypatch):
+    from types import SimpleNamespace
+
+    from competition import folds
+
+    image_ids = [f"g{group:02d}" for group in range(20)]  # class 0 (rare) in 5 groups, class 1 in every one
+    presence = {image_id: np.array([index % 4 == 0, True]) for index, image_id in enumerate(image_ids)}
+    monkeypatch.setattr(folds, "class_presence", lambda data, ids, progress: presence)
+    data = SimpleNamespace(train_ids=lambda: image_ids, splits=None, classes=["rare", "common"], multilabel=True)
+    for seed in range(4):
+        table, _ = folds.group_folds(data, 5, seed, r"^(g\d+)$", None, True, False)
+        assert table.groupby("fold")["with rare"].sum().tolist() == [1] * 5
+
+
+def test_the_class_balanced_sampler_weighs_a_multilabel_set_s_class_0():
+    from types import SimpleNamespace
+
+    from competition.fold_data import sampler_counts
+    from competition.sampling import class_balanced_weights
+
+    counts = np.array([[9, 0], [0, 5], [0, 7], [0, 3]])  # the first image holds class 0 alone, the rarest
+    weights = class_balanced_weights(sampler_counts(SimpleNamespace(multilabel=True), counts, None))
+    assert weights[0] > 1 and weights[0] == weights.max()
+    assert class_balanced_weights(sampler_counts(SimpleNamespace(multilabel=False), counts, None))[0] == 1

@@ -121,6 +121,24 @@ def test_single_image_prediction(trained_run, data_dir, tmp_path):
     assert (tmp_path / f"{image.stem}_overlay.png").exists()
 
 
+def test_single_image_prediction_applies_the_tuned_post_processing(tmp_path, caplog):
+    from competition.postprocess import ClassRule, PostProcess, write_postprocess
+    from tests.test_serve import photo, untrained_run
+
+    caplog.set_level(logging.INFO, logger="competition")
+    run, image = untrained_run(tmp_path / "run"), tmp_path / "car.png"
+    Image.fromarray(photo()).save(image)
+    checkpoints = predicted_by(find_checkpoints([run]), (), 0.5)["checkpoints"]
+    everything = PostProcess("binary", (ClassRule("car", 1e-9, 0, 0),))  # every pixel above the threshold
+    write_postprocess(run / "postprocess.json", everything, {"images": 1, "tta": []}, checkpoints)
+    argv = ["--image", str(image), "--checkpoints", str(run), "--workers", "0"]
+    infer.main([*argv, "--out-dir", str(tmp_path / "tuned")])
+    assert f"{run / 'postprocess.json'}: post-processing applied" in caplog.text
+    assert (np.asarray(Image.open(tmp_path / "tuned" / "car_mask.png")) == 255).all()
+    infer.main([*argv, "--out-dir", str(tmp_path / "plain"), "--no-postprocess"])
+    assert not (np.asarray(Image.open(tmp_path / "plain" / "car_mask.png")) == 255).all()
+
+
 def run_infer(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         infer.main(argv)
@@ -667,3 +685,23 @@ def test_rows_are_kept_by_resume_only_when_predicted_alike(tmp_path, caplog):
     (tmp_path / "submission.csv.partial").write_text(rows)
     start_rows(out, predicted_by([checkpoint], (), 0.6), resume=False)  # --overwrite
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "submission.csv.predicted-by.json"]
+
+
+def test_an_onnx_multilabel_model_gives_a_sigmoid_per_channel(tmp_path):
+    class TwoLabels(torch.nn.Module):  # uint8 images in, two overlapping classes' logits out
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, images):
+            return self.conv(images.float() / 255)
+
+    torch.manual_seed(0)
+    model, path = TwoLabels().eval(), tmp_path / "labels.onnx"
+    images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    torch.onnx.export(model, (images,), path, dynamo=False, input_names=["images"], output_names=["logits"])
+    onnx_model = inference.OnnxModel(path)
+    onnx_model.multilabel = True  # as serve sets it from the checkpoints' config
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images))
+    assert torch.allclose(onnx_model.probabilities({"onnx": images}, (8, 8)), expected, atol=1e-5)

@@ -262,3 +262,10 @@ def test_metrics_command_scores_per_class_tables(tmp_path, capsys):
         metrics.main([str(submission), str(tmp_path / "bad.csv"), "--size", "2x3"])
     assert exit_info.value.code == 2
     assert "bad.csv: the header is 'a,b,c,d'; a per-class RLE table has" in capsys.readouterr().err
+
+
+def test_a_sample_class_that_is_a_number_but_none_of_the_numbered_classes_is_one_line(tmp_path):
+    sample = tmp_path / "sample.csv"
+    sample.write_text("ImageId,ClassId,EncodedPixels\na.png,3,\na.png,2,\n")
+    with pytest.raises(DataError, match="row 3: class '2' is none of the run's classes 1,3,4"):
+        SampleRows(sample, ["1", "3", "4"], multilabel=True)

@@ -2,6 +2,8 @@
 images to every fold's training set alone, their unconfident pixels ignored by the losses."""
 
 import json
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,9 +17,11 @@ from competition.checkpoints import check_resumable
 from competition.config import TrainConfig
 from competition.errors import ConfigError, DataError
 from competition.fold_data import fold_ids, open_training_data, set_up_fold
+from competition.mask_values import class_pixels
 from competition.postprocess import FILE_NAME, ClassRule, PostProcess, write_postprocess
 from competition.pseudo_data import IGNORE_VALUE, MANIFEST_NAME, PseudoLabelledSet, PseudoLabels, read_pseudo_labels
 from competition.segmentation_data import read_index_mask
+from competition.submission import predicted_by
 from competition.training import build_parts
 from competition.writers import encode_mask_png, palette
 from tests.conftest import HEIGHT, WIDTH, small_config
@@ -34,8 +38,10 @@ def probabilities(*pixels) -> torch.Tensor:
 def test_binary_pixels_are_kept_by_max_p_or_1_minus_p_and_labelled_by_the_threshold():
     masks = pseudo.confident_masks(probabilities([0.05], [0.3], [0.7], [0.95], [0.9]), 0.9)
     assert masks.tolist() == [[[0, IGNORE_VALUE, IGNORE_VALUE, 1, 1]]]
-    tuned = pseudo.confident_masks(probabilities([0.05], [0.92], [0.95]), 0.9, thresholds=[0.93])
-    assert tuned.tolist() == [[[0, 0, 1]]]  # confident pixels, labelled by the tuned threshold
+    tuned = pseudo.confident_masks(probabilities([0.05], [0.92], [0.95], [0.08]), 0.9, thresholds=[0.93])
+    assert tuned.tolist() == [[[0, IGNORE_VALUE, 1, 0]]]  # 0.92: confident, but a 0 by the tuned threshold
+    low = pseudo.confident_masks(probabilities([0.05], [0.08], [0.95]), 0.9, thresholds=[0.06])
+    assert low.tolist() == [[[0, IGNORE_VALUE, 1]]]  # 0.08: confidently not the class, but a 1 by the threshold
 
 
 def test_softmax_pixels_are_kept_by_their_top_probability():
@@ -48,9 +54,23 @@ def test_multilabel_pixels_are_kept_when_every_class_is_confident_as_packed_bits
     masks = pseudo.confident_masks(probabilities(*pixels), 0.9, multilabel=True)
     assert masks.tolist() == [[[0b101, IGNORE_VALUE, 0, 0b011]]]
     tuned = pseudo.confident_masks(probabilities([0.95, 0.96, 0.02]), 0.9, thresholds=[0.5, 0.97, 0.5], multilabel=True)
-    assert tuned.tolist() == [[[0b001]]]
-    assert pseudo.class_pixels(np.array([[0b101, IGNORE_VALUE, 0, 0b011]], np.uint8), 3, True) == [2, 1, 1]
-    assert pseudo.class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False) == [1, 0, 2]
+    assert tuned.tolist() == [[[IGNORE_VALUE]]]  # class 1 at 0.96: confident, but below its threshold
+    assert class_pixels(np.array([[0b101, IGNORE_VALUE, 0, 0b011]], np.uint8), 3, True).tolist() == [2, 1, 1]
+    assert class_pixels(np.array([[2, IGNORE_VALUE, 0, 2]], np.uint8), 3, False).tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("multilabel, mode", [(True, "L"), (False, "P")])
+def test_kept_masks_are_greyscale_bits_for_multilabel_and_palette_indices_else(tmp_path, multilabel, mode):
+    import io
+
+    from PIL import Image
+
+    mask = np.array(
+        [[0b101, IGNORE_VALUE, 0], [0b011, 0b111, 0b001]] if multilabel else [[2, 255, 0], [1, 1, 0]], np.uint8
+    )
+    _, png = pseudo.PseudoSink(tmp_path, ["car", "glass", "shadow"], multilabel, 0.5).encode("a", mask)
+    assert Image.open(io.BytesIO(png)).mode == mode
+    np.testing.assert_array_equal(read_index_mask(png, "a.png"), mask)  # as train.py --pseudo reads it
 
 
 class HalfSureEnsemble:
@@ -79,7 +99,7 @@ def write_half_sure(data_dir: Path, out: Path, classes=("background", "car"), en
         "checkpoints": ["fake"],
         "tta": [],
         "classes": list(classes),
-        "head": "auto",
+        "head": "binary",
         "data_dir": str(Path(data_dir).resolve()),
         "test_images": None,
         "rule": {"confidence": 0.9, "min_kept": 0.7, "thresholds": None, "postprocess": None, "ignore_value": 255},
@@ -132,26 +152,51 @@ def tuned_file(folder: Path, head: str, rules: dict) -> Path:
     """A postprocess.json as infer.py --oof --tune writes it (competition.postprocess's own writer)."""
     path = folder / FILE_NAME
     chosen = tuple(ClassRule(name, threshold, 9, 0) for name, threshold in rules.items())
-    write_postprocess(path, PostProcess(head, chosen), {"images": 1}, [])
+    checkpoints = predicted_by([folder / "fold0" / "best.pt"], (), 0.5)["checkpoints"]
+    write_postprocess(path, PostProcess(head, chosen), {"images": 1, "tta": []}, checkpoints)
     return path
 
 
 def test_a_tuning_file_gives_the_thresholds_of_the_models_classes(tmp_path):
-    carvana, classes, paths = TrainConfig(), ["background", "car"], [tmp_path / "fold0" / "best.pt"]
-    assert pseudo.tuned_thresholds(paths, carvana, classes) == (None, None)  # none there: 0.5
+    carvana, paths = TrainConfig(), [tmp_path / "fold0" / "best.pt"]
+    paths[0].parent.mkdir()
+    paths[0].write_bytes(b"weights")
+    assert pseudo.tuned_thresholds(paths, (), carvana) == (None, None)  # none there: 0.5
     path = tuned_file(tmp_path, "binary", {"car": 0.35})
-    assert pseudo.tuned_thresholds(paths, carvana, classes) == ([0.35], str(path))
+    assert pseudo.tuned_thresholds(paths, (), carvana) == ([0.35], str(path))
     tuned_file(tmp_path, "binary", {"road": 0.35})
     with pytest.raises(ConfigError, match="tuned for the classes road .binary head., but the checkpoints predict car"):
-        pseudo.tuned_thresholds(paths, carvana, classes)
+        pseudo.tuned_thresholds(paths, (), carvana)
     softmax = TrainConfig(classes="background,road,sky")
-    assert pseudo.tuned_thresholds(paths, softmax, softmax.class_names()) == (None, None)  # the top class
+    assert pseudo.tuned_thresholds(paths, (), softmax) == (None, None)  # the top class
     labels = TrainConfig(classes="car,glass", head="multilabel")
     path.write_text(json.dumps({"classes": {"glass": {"threshold": 0.6}, "car": {}}}))
     with pytest.raises(DataError, match="not a post-processing file of infer.py --oof --tune"):
-        pseudo.tuned_thresholds(paths, labels, labels.class_names())
+        pseudo.tuned_thresholds(paths, (), labels)
     tuned_file(tmp_path, "multilabel", {"car": 0.4, "glass": 0.6})
-    assert pseudo.tuned_thresholds(paths, labels, labels.class_names())[0] == [0.4, 0.6]
+    assert pseudo.tuned_thresholds(paths, (), labels)[0] == [0.4, 0.6]
+
+
+def test_a_tuning_file_of_other_checkpoints_is_one_line(tmp_path):
+    carvana, paths = TrainConfig(), [tmp_path / "fold0" / "best.pt"]
+    paths[0].parent.mkdir()
+    paths[0].write_bytes(b"weights")
+    path = tuned_file(tmp_path, "binary", {"car": 0.35})
+    averaged = tmp_path / "fold0" / "averaged.pt"
+    averaged.write_bytes(b"other weights")
+    message = f"{path}: tuned on other checkpoints: run infer.py --oof --tune again, or pass --no-postprocess"
+    with pytest.raises(ConfigError) as error:
+        pseudo.tuned_thresholds([averaged], (), carvana)  # --weights averaged: not what was tuned
+    assert str(error.value) == message
+    paths[0].write_bytes(b"weights retrained")  # the same file, rewritten by a run with --overwrite
+    with pytest.raises(ConfigError, match="tuned on other checkpoints"):
+        pseudo.tuned_thresholds(paths, (), carvana)
+    tuned_file(tmp_path, "binary", {"car": 0.35})  # tuned again on the retrained file
+    copied = tmp_path / "dataset" / "run"  # the run uploaded as a Kaggle dataset: new paths, new times
+    shutil.copytree(tmp_path / "fold0", copied / "fold0")
+    shutil.copy(path, copied / path.name)
+    os.utime(copied / "fold0" / "best.pt", ns=(1, 1))
+    assert pseudo.tuned_thresholds([copied / "fold0" / "best.pt"], (), carvana)[0] == [0.35]
 
 
 @pytest.mark.parametrize(
@@ -220,8 +265,8 @@ def test_pseudo_labels_of_other_classes_are_one_line(data_dir, folds_csv, tmp_pa
     run = ["--data-dir", str(data_dir), "--folds-csv", str(folds_csv), "--out", str(tmp_path / "run")]
     argv = [*run, "--pseudo", str(out), "--encoder-weights", "none", "--device", "cpu", "--no-check"]
     error = refused(train.main, argv, capsys)
-    assert f"--pseudo {out}: its labels are of the classes background,road (head auto), this run's are " in error
-    assert "background,car (head auto)" in error
+    assert f"--pseudo {out}: its labels are of the classes background,road (head binary), this run's are " in error
+    assert "background,car (head binary)" in error
     assert "--pseudo" in refused(train.main, [*run, "--pseudo", str(tmp_path / "none"), "--device", "cpu"], capsys)
 
 

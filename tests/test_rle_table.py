@@ -445,3 +445,11 @@ def test_train_py_refuses_an_unknown_class_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "train.csv: line 8: class 'z' is none of the classes (a, b, c)" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_class_numbers_are_never_positions_when_the_class_names_are_numbers():
+    from competition.rle_table import class_index
+
+    assert class_index("2", ["crack", "scratch"]) == 1  # Severstal's ClassId: the 1-based position
+    assert class_index("3", ["1", "3", "4"]) == 1  # by name
+    assert class_index("2", ["1", "3", "4"]) is None  # not the second class, "3"

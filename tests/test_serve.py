@@ -400,3 +400,19 @@ def test_uploads_in_progress_count_against_the_queue():
     with TestClient(app) as client:
         busy = client.post("/predict", content=png_bytes(photo(32, 32)))
         assert "--queue-size" in one_line_error(busy, 503) and backend.batch_sizes == []
+
+
+def test_the_served_masks_follow_the_run_s_tuned_post_processing(tmp_path):
+    from competition.errors import ConfigError
+    from competition.postprocess import ClassRule, PostProcess, write_postprocess
+    from competition.submission import predicted_by
+
+    run = untrained_run(tmp_path / "run")
+    checkpoints = predicted_by([run / "fold0" / "best.pt"], (), 0.5)["checkpoints"]
+    everything = PostProcess("binary", (ClassRule("car", 1e-9, 0, 0),))  # every pixel above the threshold
+    write_postprocess(run / "postprocess.json", everything, {"images": 1, "tta": []}, checkpoints)
+    assert (load_backend([str(run)], None, "cpu", 0.5).predict([photo()]) == 1).all()
+    assert not (load_backend([str(run)], None, "cpu", 0.5, postprocess=False).predict([photo()]) == 1).all()
+    write_postprocess(run / "postprocess.json", everything, {"images": 1, "tta": []}, [])
+    with pytest.raises(ConfigError, match="tuned on other checkpoints"):
+        load_backend([str(run)], None, "cpu", 0.5)

@@ -265,3 +265,23 @@ def test_training_whose_first_epoch_passes_the_limit_says_so_and_resume_goes_on(
     )
     assert "fit in" not in caplog.text and "projected" not in caplog.text and "stopped by" not in caplog.text
     assert torch.load(tiny_config.run_dir() / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_fold_stopped_by_the_time_limit_says_resume_writes_its_averaged_weights(tiny_config, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    tiny_config.epochs, tiny_config.time_limit, tiny_config.average_top = 3, "200s", 2
+    deadline = ManualDeadline(200.0, started=0.0)
+    real = training.accumulate_gradients
+
+    def twenty_seconds_a_step(*args, **kwargs):  # 8 steps: 160 s an epoch, one fits
+        deadline.now += 20.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "accumulate_gradients", twenty_seconds_a_step)
+    assert train_fold_within(tiny_config, deadline, "cpu", progress=False).epochs_done == 1
+    assert not (tiny_config.run_dir() / "averaged.pt").exists()
+    assert (
+        "fold 0: 1 of 3 epochs done, so no averaged.pt yet; --resume finishes the epochs and writes averaged.pt"
+        in caplog.text
+    )
