@@ -241,7 +241,9 @@ def set_up_fold(config: TrainConfig, data, device: torch.device, progress: bool)
     pixel_counts = None if counts is None else counts[: len(train_ids)]
     if not data.fixed_classes:
         val_counts = counts[len(train_ids) :].sum(0)
-        report_absent_classes(data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning)
+        report_absent_classes(
+            data.classes, pixel_counts.sum(0), val_counts, config.strict, logger.warning, data.multilabel
+        )
     if config.class_weights != "none":
         config = _with_class_weights(config, pixel_counts)
     balanced = sampler_counts(data, pixel_counts, pseudo) if config.sampler == "class-balanced" else None

@@ -104,7 +104,7 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
             lines.append(f"ignore index: none ({stored} is the stored value of class {owner!r})")
     else:
         lines.append(f"ignore index {stored}: {100 * ignored / every:.3f}% of all pixels, left out of the shares above")
-    problems += absent_class_problems(data.classes, counts, None)
+    problems += absent_class_problems(data.classes, counts, None, data.multilabel)
     return lines, problems
 
 

@@ -343,3 +343,13 @@ def test_bit_combinations_are_told_from_class_indices():
     assert looks_packed([0, 1, 2, 3, 5, 255]) and looks_packed([0, 1, 4, 5])
     assert not looks_packed(list(range(21)) + [255])  # VOC's indices and border
     assert not looks_packed([0, 1, 2, 4, 8])  # no pixel holds two classes
+
+
+def test_binary_0_255_masks_read_as_multilabel_say_why_no_class_is_there():
+    from competition.data_checks import absent_class_problems
+
+    none_at_all = absent_class_problems(["thing"], np.array([0]), None, multilabel=True)
+    assert "binary 0/255 masks hold no class there; train them with --head auto" in none_at_all[0]
+    one_missing = absent_class_problems(["car", "glass"], np.array([5, 0]), None, multilabel=True)
+    assert "--head auto" not in one_missing[0]  # bits are read: only a class is missing
+    assert "--head auto" not in absent_class_problems(["background", "x"], np.array([0, 0]), None)[0]
