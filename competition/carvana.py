@@ -155,6 +155,7 @@ class CarvanaData:
     submission_format = "rle"  # the competition's img,rle_mask rows
     smooth_mask_resize = True  # 0/1 masks: an area-averaged resize thresholded at half keeps edges smooth
     reads_folder_settings = False  # --images, --masks, --colors, ... are refused
+    reads_images_folder = False
     multilabel = False  # class indices: background 0, car 1
     class_description = "classes: background, car (Carvana)"
     class_problems = class_doubts = ()  # its classes are the competition's: nothing in the masks to doubt

@@ -65,11 +65,8 @@ def describe(data, config, progress: bool = True) -> tuple[list[str], list[str]]
         problems = scan_masks(data, train_ids, progress)[2]
         return lines + [data.class_description], problems + broken_tests
     table = getattr(data, "table", None)
-    if data.layout == "rle-table":
-        lines.append(
-            f"masks: {data.rle_order}-major RLE rows of {data.csv}"
-            + (", bit k of a pixel for class k (--head multilabel)" if data.multilabel else "")
-        )
+    if data.masks_line():
+        lines.append(data.masks_line())
     elif data.multilabel:
         lines.append("masks: packed bits of overlapping classes, bit k for class k (--head multilabel)")
     elif table is not None:

@@ -662,7 +662,7 @@ def open_data(
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found. {LAYOUT_HELP}")
         raise DataError(f"--layout {layout!r}: choose one of {', '.join(layout_choices())}")
-    if layout == RLETableData.layout:
+    if reader.reads_images_folder:
         given = [name for name in given if name != "images"]
     if given and not reader.reads_folder_settings:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for image/mask folders; {root} is read as {layout}")

@@ -143,6 +143,11 @@ class RLETableData(SegmentationData):
 
     layout = "rle-table"
     needs = "--masks-csv FILE: a table of RLE rows, one per image and class, and the images in train/ (or --images)"
+    reads_images_folder = True  # --images names the images' folder; the masks are the table's
+
+    def masks_line(self) -> str:
+        bits = ", bit k of a pixel for class k (--head multilabel)" if self.multilabel else ""
+        return f"masks: {self.rle_order}-major RLE rows of {self.csv}{bits}"
 
     @staticmethod
     def detect(root: Path) -> bool:

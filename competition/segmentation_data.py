@@ -95,6 +95,7 @@ class SegmentationData:
     # pixels (mask_values.pack_labels), its classes named without a background. Layouts set it from the run's head.
     multilabel = False
     reads_folder_settings = False  # whether FOLDER_SETTINGS (--images, --masks, --colors, ...) apply
+    reads_images_folder = False  # whether --images alone of those applies (a layout whose masks are not files)
     # Set by layouts whose stored mask values are not the class indices (see mask_values.value_lookup).
     mask_values: list[int] | None = None
     value_lookup: np.ndarray | None = None
@@ -295,6 +296,10 @@ class SegmentationData:
         mask = self.read_mask(image_id)
         self._same_size(image_id, full_shape, mask.shape)
         return image, mask
+
+    def masks_line(self) -> str:
+        """What inspect_data says the masks are, when the layout says it itself (empty: the masks' values tell)."""
+        return ""
 
     def class_pixel_counts(self, image_id: str) -> np.ndarray:
         """Pixels of each class in the image's mask (int64, one per class), the ignore index left out."""
