@@ -102,14 +102,14 @@ def test_windows_are_drawn_around_foreground_at_the_ratio_given(slides):
 
 
 class ConstantModel(torch.nn.Module):
-    """A one-channel model whose logit is ``logit`` at every pixel, whatever the window."""
+    """A model of ``channels`` channels whose logit is ``logit`` at every pixel, whatever the window."""
 
-    def __init__(self, logit: float):
+    def __init__(self, logit: float, channels: int = 1):
         super().__init__()
-        self.logit = torch.nn.Parameter(torch.tensor(logit))
+        self.logit, self.channels = torch.nn.Parameter(torch.tensor(logit)), channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit.expand(images.shape[0], 1, *images.shape[-2:])
+        return self.logit.expand(images.shape[0], self.channels, *images.shape[-2:])
 
 
 def test_validation_scores_whole_slides_stitched_as_inference_stitches_them(slides):
@@ -257,33 +257,60 @@ def test_a_mask_file_of_another_size_than_its_slide_is_one_line_naming_both(tmp_
         TiledSlide(data, "s1", folder_config(root, root / "folds.csv"))
 
 
-def test_several_classes_of_an_rle_table_give_windows_of_class_indices_or_bits(tmp_path, monkeypatch):
-    root = synthetic.generate_slides(tmp_path / "in", size=SIDE, count=1, test_count=0)
+CLASS_TABLE = {"masks_csv": "classes.csv", "rle_columns": "id,class,encoding", "rle_order": "column"}
+
+
+def write_class_table(root):
+    """classes.csv beside a synthetic slide set's train.csv: its discs as class ``disc``, and class ``half`` over the
+    left half and every disc (the two overlap on each disc)."""
     table = pd.read_csv(root / "train.csv")
     discs = open_data(root, masks_csv="train.csv", rle_columns="id,encoding", rle_order="column")
-    left = discs.draw(table["id"][0], (SIDE, SIDE))
-    assert left.any()
-    left[:, : SIDE // 2] = 1  # a second class over the left half and every disc
     rows = [(image_id, "disc", encoding) for image_id, encoding in zip(table["id"], table["encoding"])]
-    rows += [(image_id, "half", rle_encode(left.T)) for image_id in table["id"]]
+    for image_id in table["id"]:
+        half = discs.draw(image_id, (SIDE, SIDE))
+        assert half.any()
+        half[:, : SIDE // 2] = 1
+        rows.append((image_id, "half", rle_encode(half.T)))
     pd.DataFrame(rows, columns=["id", "class", "encoding"]).to_csv(root / "classes.csv", index=False)
-    options = {"masks_csv": "classes.csv", "rle_columns": "id,class,encoding", "rle_order": "column"}
-    labels = open_data(root, head="multilabel", classes="disc,half", **options)
+
+
+def test_several_classes_of_an_rle_table_give_windows_of_class_indices_or_bits(tmp_path):
+    root = synthetic.generate_slides(tmp_path / "in", size=SIDE, count=1, test_count=0)
+    write_class_table(root)
+    labels = open_data(root, head="multilabel", classes="disc,half", **CLASS_TABLE)
     image_id = labels.train_ids()[0]
     mask = slide_mask(labels, image_id, (SIDE, SIDE))
     whole = labels.draw(image_id, (SIDE, SIDE))
     for y, x, height, width in [(0, 0, SIDE, SIDE), (100, 200, 256, 256), (500, 7, 12, 300)]:
         np.testing.assert_array_equal(mask.read(y, x, height, width), whole[y : y + height, x : x + width])
     assert set(np.unique(whole)) == {0, 2, 3}  # the half alone (bit 1), and both classes on a disc (bits 0 and 1)
-    indices = open_data(root, **options)
+    indices = open_data(root, **CLASS_TABLE)
     with pytest.raises(DataError, match=r"classes.csv: line 2 \(image .*\) and .*line 3 .*overlap"):
         slide_mask(indices, image_id, (SIDE, SIDE)).read(0, 0, SIDE, SIDE)
 
 
+def test_validation_of_multilabel_slides_scores_each_class_of_the_stitched_slides(tmp_path, monkeypatch):
+    from competition.tile_data import stitched_scores
+
+    monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
+    root = synthetic.generate_slides(tmp_path / "in", size=SIDE, count=2, test_count=0)
+    write_class_table(root)
+    data = open_data(root, head="multilabel", classes="disc,half", **CLASS_TABLE)
+    config = TrainConfig(
+        data_dir=str(root), head="multilabel", classes="disc,half", tile=TILE, val_batch_size=4, **CLASS_TABLE
+    )
+    slides_ = [TiledSlide(data, image_id, config) for image_id in data.train_ids()]
+    scores = stitched_scores(ConstantModel(10.0, channels=2), slides_, config, "fp32")  # both classes everywhere
+    wholes = [data.draw(slide.image_id, (SIDE, SIDE)) for slide in slides_]
+    truths = np.array([[(whole & bit > 0).sum() for bit in (1, 2)] for whole in wholes])  # (slides, classes)
+    pixels = SIDE * SIDE
+    assert scores["val_dice"] == pytest.approx((2 * truths / (pixels + truths)).mean())
+    assert scores["val_miou"] == pytest.approx((truths.sum(0) / (2 * pixels)).mean())
+
+
+@pytest.mark.parametrize("folder_slides", ["binary"], indirect=True)
 def test_one_channel_models_get_grey_windows_as_whole_images_are_read(folder_slides, monkeypatch, tmp_path):
-    kind, root, folds, _ = folder_slides
-    if kind != "binary":
-        return
+    _, root, folds, _ = folder_slides
     monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
     data = open_data(root, in_channels=1)
     slide = TiledSlide(data, "s0", folder_config(root, folds, in_channels=1))
@@ -303,10 +330,9 @@ class ClassModel(torch.nn.Module):
         return self.logits[None, :, None, None].expand(images.shape[0], -1, *images.shape[-2:])
 
 
+@pytest.mark.parametrize("folder_slides", ["classes"], indirect=True)
 def test_validation_of_several_classes_scores_the_stitched_slides_confusion(folder_slides, monkeypatch, tmp_path):
-    kind, root, folds, data = folder_slides
-    if kind != "classes":
-        return
+    _, root, folds, data = folder_slides
     from competition.tile_data import stitched_scores
 
     monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
