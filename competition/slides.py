@@ -6,6 +6,7 @@
 RGB window of level 0. A tiled TIFF (pyramidal or not) is read through tifffile one tile at a time: a window costs
 the tiles it touches, not the image. Any other image (a TIFF in strips, PNG, JPEG, ...) is decoded once into
 ``<cache>/<name>-<key>.npy`` (written under a temporary name, renamed when whole) and memory-mapped from there.
+Masks are read the same way (``open_mask``: ``MaskWindows``), or from an RLE's runs (``RunsMask``).
 """
 
 import contextlib

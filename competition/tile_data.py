@@ -2,11 +2,12 @@
 the one pipeline (same augmentation, loss and loop as whole images).
 
 A slide is opened lazily (``slides.open_slide``: a tiled TIFF in place, anything else decoded once into the work
-folder's cache), its mask kept as the RLE table's runs (``slides.RunsMask``), and its tile index built once
+folder's cache), its mask read by window whatever its source (``slide_mask``: an RLE table's runs, a tiled TIFF mask
+in place, any other mask file decoded once into the cache by the layout's rules), and its tile index built once
 (``tiles.build_index``: every tile decoded once, which is also the check that the file is whole). Training draws
 each sample's window through ``tiles.sample_windows``; validation scores the index's grid windows of the held-out
-slides, a fixed list, for the loss; Dice and IoU are the held-out slides' own, each predicted whole by the sliding
-window as infer.py stitches it (``stitched_scores``)."""
+slides, a fixed list, for the loss; its other scores are the held-out slides' own, each predicted whole by the
+sliding window as infer.py stitches it (``stitched_scores``)."""
 
 import logging
 from pathlib import Path
