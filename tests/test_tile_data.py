@@ -408,3 +408,37 @@ def test_make_folds_of_big_slides_reads_their_headers_and_runs_alone(tmp_path, m
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"  # a decoded slide is 192 MiB, a drawn mask 64 MiB
     folds = pd.read_csv(tmp_path / "f.csv")
     assert sorted(folds["img"]) == ["a", "b"] and folds["fold"].nunique() == 2
+
+
+@pytest.mark.slow
+def test_one_epoch_on_tiles_of_a_multilabel_rle_table(tmp_path, monkeypatch):
+    import make_folds
+    from competition.checkpoints import load_checkpoint
+    from competition.training import train_fold
+
+    monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
+    root = synthetic.generate_slides(tmp_path / "in", size=SIDE, count=3, test_count=0)
+    write_class_table(root)
+    flags = ["--masks-csv", "classes.csv", "--rle-columns", "id,class,encoding", "--rle-order", "column"]
+    flags += ["--head", "multilabel", "--classes", "disc,half"]
+    make_folds.main(["--data-dir", str(root), *flags, "--n-folds", "2", "--out", str(tmp_path / "f.csv"), "--quiet"])
+    config = TrainConfig(
+        data_dir=str(root),
+        folds_csv=str(tmp_path / "f.csv"),
+        head="multilabel",
+        classes="disc,half",
+        loss="bce",
+        out=str(tmp_path / "run"),
+        encoder="resnet18",
+        encoder_weights="none",
+        epochs=1,
+        batch_size=2,
+        tile=TILE,
+        tile_overlap=0.0,
+        **CLASS_TABLE,
+    )
+    config.workers, config.warmup_epochs = 0, 0.2
+    train_fold(config, "cpu", progress=False)
+    saved = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
+    assert saved["config"]["head"] == "multilabel" and saved["image_shape"] == [SIDE, SIDE]
+    assert "val_miou" in (tmp_path / "run" / "fold0" / "log.csv").read_text() and 0 <= saved["score"] <= 1
