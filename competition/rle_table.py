@@ -274,6 +274,27 @@ class RLETableData(SegmentationData):
                 )
         return mask
 
+    def class_pixel_counts(self, image_id: str) -> np.ndarray:
+        """Pixels of each class from the rows' runs and the image's header, no mask drawn (a slide's would take
+        gigabytes): what make_folds stratifies by. An image with two rows of one class is drawn, since its rows may
+        overlap; so is one with a malformed row, to stop with drawing's line."""
+        rows = self.rows.get(image_id, ())
+        if len({label for label, _, _ in rows}) < len(rows):
+            return super().class_pixel_counts(image_id)
+        height, width = self.image_shape(image_id)
+        counts = np.zeros(self.num_classes, np.int64)
+        for label, rle, _ in rows:
+            try:
+                starts, ends = rle_runs(rle, height * width)
+            except RLEError:
+                return super().class_pixel_counts(image_id)  # drawn, to stop with drawing's line and its fix
+            counts[label if self.multilabel else label + 1] = (ends - starts).sum()
+        if not self.multilabel:
+            counts[0] = height * width - counts[1:].sum()
+            if counts[0] < 0:  # classes that overlap: drawn, to stop with the overlap's one line
+                return super().class_pixel_counts(image_id)
+        return counts
+
     def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         return self.draw(image_id, self.image_shape(image_id, split)), str(self.csv)
 

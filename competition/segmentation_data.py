@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from competition.data import _decoding, _image_shape, decode_image_and_shape, decoded_image_shape
+from competition.data import _decoding, decode_image_and_shape, decoded_image_shape
 from competition.errors import ConfigError, DataError
 from competition.folds import labelled_folds
 from competition.layout_registry import LAYOUT_HELP, LAYOUTS, known_data_set_hint
 from competition.mask_values import check_packed_values, label_counts, looks_packed, value_histogram
+from competition.slides import header_shape
 from competition.splits import read_id_list, resolve
 
 logger = logging.getLogger("competition.layouts")
@@ -208,8 +209,18 @@ class SegmentationData:
         return decode_image_and_shape(path.read_bytes(), str(path), reduce_to, self.in_channels)
 
     def image_shape(self, image_id: str, split: str = "train") -> tuple[int, int]:
-        path = self._image_file(image_id, split)
-        return _image_shape(path.read_bytes(), str(path))
+        """(height, width) from the file's header alone: a slide's pixels are neither read nor decoded."""
+        return header_shape(self._image_file(image_id, split))
+
+    def mask_rules(self) -> str:
+        """What reading a mask file's values as classes depends on besides the file (classes, stored values, the
+        ignore index, a colour table, snapping): the key of a mask decoded once into the slide cache."""
+        table = getattr(self, "table", None)
+        return repr(
+            (self.layout, self.classes, self.mask_values, self.stored_ignore_index, self.ignore_index, self.multilabel)
+            + (table.key if table is not None else None, getattr(self, "snap", False))
+            + (getattr(self, "unknown_values", ""), getattr(self, "unknown_colors", ""))
+        )
 
     def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
         """(the mask's class indices before checking, the file they came from)."""
@@ -221,7 +232,11 @@ class SegmentationData:
     def read_mask(self, image_id: str, shape: tuple[int, int] | None = None, split: str = "train") -> np.ndarray:
         """uint8 (H, W) class indices, the ignore index for pixels left out; a value that is neither stops.
         ``split`` "test": a test image's mask (a test split's), for scoring predictions."""
-        mask, source = self._mask(image_id, split)
+        return self.classes_of(*self._mask(image_id, split))
+
+    def classes_of(self, mask: np.ndarray, source: str) -> np.ndarray:
+        """A mask's values as ``_mask`` gives them (the whole mask, or any window of it) -> uint8 class indices (or
+        packed bits), the ignore index for pixels left out; a value that is neither stops, naming ``source``."""
         if self.multilabel:
             check_packed_values(mask, self.num_classes, source)
             return mask

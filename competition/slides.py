@@ -6,6 +6,7 @@
 RGB window of level 0. A tiled TIFF (pyramidal or not) is read through tifffile one tile at a time: a window costs
 the tiles it touches, not the image. Any other image (a TIFF in strips, PNG, JPEG, ...) is decoded once into
 ``<cache>/<name>-<key>.npy`` (written under a temporary name, renamed when whole) and memory-mapped from there.
+Masks are read the same way (``open_mask``: ``MaskWindows``), or from an RLE's runs (``RunsMask``).
 """
 
 import contextlib
@@ -17,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from competition.errors import ConfigError, DataError, DiskFullError, OutputError
 from competition.files import atomic_output, check_writable, format_bytes, no_space_left, reserve_space
@@ -138,6 +139,10 @@ class _TiffTiles:
 
     def window(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) from the segments the window touches, and no others."""
+        return as_rgb_window(self.stored_window(y, x, height, width), self.path)
+
+    def stored_window(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """(height, width, channels) of the values as stored, from the segments the window touches alone."""
         rows, columns = self.segment
         wanted = [
             plane * self.grid[0] * self.grid[1] + row * self.grid[1] + column
@@ -151,7 +156,7 @@ class _TiffTiles:
             y1, x1 = min(y + height, top + rows), min(x + width, left + columns)
             channel = slice(plane, plane + 1) if self.page.shaped[0] > 1 else slice(None)
             out[y0 - y : y1 - y, x0 - x : x1 - x, channel] = decoded[y0 - top : y1 - top, x0 - left : x1 - left]
-        return as_rgb_window(out, self.path)
+        return out
 
     def _decoded(self, wanted: list[int]):
         """(rows, columns, samples) of each segment in ``wanted``, and where it lies (plane, depth, top, left, 0)."""
@@ -236,10 +241,12 @@ def cache_key(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def _cached(path: Path, shape: tuple[int, int, int], cache_dir: str | Path, decode) -> Path:
-    """The cache file of ``path``, made first (``decode(out)`` fills a memory-mapped array) unless it is there."""
+def _cached(path: Path, shape: tuple[int, ...], cache_dir: str | Path, decode, rules: str = "") -> Path:
+    """The cache file of ``path``, made first (``decode(out)`` fills a memory-mapped array) unless it is there.
+    ``rules`` (how the file's values were read: a mask's classes) is part of the key: other rules, another file."""
     cache_dir = Path(cache_dir)
-    cached = cache_dir / f"{path.stem}-{cache_key(path)}.npy"
+    key = cache_key(path) if not rules else hashlib.sha1(f"{cache_key(path)}|{rules}".encode()).hexdigest()[:12]
+    cached = cache_dir / f"{path.stem}-{key}.npy"
     if cached.exists():
         return cached
     check_writable(cache_dir, "the slide cache", folder=True)
@@ -267,6 +274,80 @@ def _cached(path: Path, shape: tuple[int, int, int], cache_dir: str | Path, deco
         out.flush()
         del out
     return cached
+
+
+def header_shape(path: Path, what: str = "image") -> tuple[int, int]:
+    """(height, width) of an image or mask file from its header alone, nothing decoded or read whole: a TIFF's
+    first page through tifffile where it is installed (BigTIFF too), anything else through Pillow's lazy open."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        with contextlib.suppress(ConfigError):  # no tifffile: Pillow reads a classic TIFF's header as well
+            tifffile = _tifffile()
+            with _reading(path), tifffile.TiffFile(path) as tiff:
+                return tuple(tiff.series[0].levels[0].keyframe.shaped[2:4])
+    try:
+        with _pixel_limit_lifted(), Image.open(path) as header:
+            return (header.height, header.width)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except (OSError, ValueError, SyntaxError) as error:  # the words of competition.data's decode, which names it too
+        reason = "not an image format Pillow reads" if isinstance(error, UnidentifiedImageError) else error
+        raise DataError(
+            f"{path}: the {what} does not decode ({reason}); the file is corrupt or cut short: replace it, or remove "
+            "the sample"
+        ) from None
+
+
+class MaskWindows:
+    """A mask file read as uint8 (h, w) windows of class values, ``read(y, x, h, w)``, never whole: a tiled TIFF of
+    one channel in place (each window's stored values made classes by ``classes_of(values, source)``, the data
+    layer's rule), any other file from its decode into the cache (``open_mask``). ``source`` names it in errors.
+
+    Pickled (a DataLoader worker) or used after a fork, it opens its file again in the new process, as a Slide does."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], cached: Path | None = None, classes_of=None):
+        self.path, self.shape, self.cached, self.classes_of = path, shape, cached, classes_of
+        self.source = str(path)
+        self._opened_in: int | None = None
+        self._pixels = None
+
+    def __reduce__(self):
+        return (MaskWindows, (self.path, self.shape, self.cached, self.classes_of))
+
+    def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        if self._opened_in != os.getpid():
+            self._pixels = _TiffTiles(self.path) if self.cached is None else np.load(self.cached, mmap_mode="r")
+            self._opened_in = os.getpid()
+        if self.cached is not None:
+            return np.array(self._pixels[y : y + height, x : x + width])
+        return self.classes_of(self._pixels.stored_window(y, x, height, width)[..., 0], self.source)
+
+
+def open_mask(path: str | Path, cache_dir: str | Path, decode_whole, classes_of, rules: str) -> MaskWindows:
+    """``MaskWindows`` over a mask file: a tiled one-channel 8-bit TIFF read window by window through
+    ``classes_of`` (None: the layout's values need the whole file, a colour table's); any other (PNG, GIF, a TIFF in strips or of colours) decoded once by ``decode_whole()`` (the
+    data layer's whole-mask reading: uint8 class values) into ``cache_dir``, keyed by the file and ``rules``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found" if not path.exists() else f"{path}: not a file")
+    shape = header_shape(path, "mask")
+    if classes_of is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        tiles = _TiffTiles(path)
+        try:
+            if tiles.is_tiled and tiles.channels == 1 and tiles.page.dtype == np.uint8:
+                return MaskWindows(path, shape, classes_of=classes_of)
+        finally:
+            tiles.close()
+
+    def decode(out: np.ndarray) -> None:
+        mask = decode_whole()
+        if mask.shape != out.shape:  # the header said otherwise: a file whose pages disagree
+            raise DataError(
+                f"{path}: the mask decodes to {mask.shape[1]}x{mask.shape[0]}, its header says {shape[1]}x{shape[0]}"
+            )
+        out[...] = mask
+
+    return MaskWindows(path, shape, _cached(path, shape, cache_dir, decode, rules))
 
 
 class RunsMask:

@@ -265,3 +265,94 @@ def test_a_mask_of_another_size_than_its_slide_is_one_line():
     encoding = rle_encode(np.ones((100, 100), np.uint8))
     with pytest.raises(DataError, match=r"train.csv, id abc: RLE has a run past the end of the image .* 90x100"):
         RunsMask(encoding, (100, 90), source="train.csv, id abc")
+
+
+def _random_windows(rng: np.random.Generator, shape: tuple[int, int], count: int) -> list[tuple[int, int, int, int]]:
+    """Windows of any size and place inside ``shape``: the whole, single pixels, strips and the rest."""
+    windows = [(0, 0, *shape), (shape[0] - 1, shape[1] - 1, 1, 1)]
+    for _ in range(count):
+        y, x = rng.integers(shape[0]), rng.integers(shape[1])
+        windows.append((int(y), int(x), int(rng.integers(1, shape[0] - y + 1)), int(rng.integers(1, shape[1] - x + 1))))
+    return windows
+
+
+@pytest.fixture
+def stored_mask():
+    """A 600 x 700 mask of stored values: 0/255 blobs, some 128 (read below as the ignore index)."""
+    rng = np.random.default_rng(5)
+    mask = np.where(rng.random((600, 700)) < 0.3, 255, 0).astype(np.uint8)
+    mask[100:180, 200:420] = 128
+    return mask
+
+
+def _as_classes(values: np.ndarray, source: str) -> np.ndarray:
+    """A layout's rule for the test: 0 background, 255 foreground (1), 128 ignored (255), anything else refused."""
+    if not np.isin(values, (0, 128, 255)).all():
+        raise DataError(f"{source}: unknown mask values")
+    return np.select([values == 255, values == 128], [1, 255], 0).astype(np.uint8)
+
+
+def test_a_tiled_tiff_mask_is_read_window_by_window_through_the_layouts_rule(tmp_path, stored_mask, monkeypatch):
+    path = tmp_path / "mask.tiff"
+    tifffile.imwrite(path, stored_mask, tile=(128, 128), compression="zlib")
+    decode_whole = pytest.fail  # a tiled one-channel TIFF is never decoded whole
+    mask = slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "rules")
+    assert mask.shape == (600, 700) and mask.source == str(path) and mask.cached is None
+    expected = _as_classes(stored_mask, "whole")
+    for y, x, height, width in _random_windows(np.random.default_rng(6), (600, 700), 40):
+        np.testing.assert_array_equal(mask.read(y, x, height, width), expected[y : y + height, x : x + width])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(mask)).read(37, 250, 300, 123), expected[37:337, 250:373])
+    assert not (tmp_path / "cache").exists()
+    tifffile.imwrite(path, np.full((600, 700), 7, np.uint8), tile=(128, 128))
+    with pytest.raises(DataError, match="mask.tiff: unknown mask values"):
+        slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "rules").read(0, 0, 64, 64)
+
+
+@pytest.mark.parametrize("kind", ["png", "gif", "strips", "rgb-tiled"])
+def test_other_masks_are_decoded_once_by_the_layouts_rule_into_the_cache(tmp_path, stored_mask, kind):
+    path = tmp_path / f"mask.{'tiff' if kind in ('strips', 'rgb-tiled') else kind}"
+    if kind in ("png", "gif"):
+        Image.fromarray(stored_mask).save(path)
+    elif kind == "strips":
+        tifffile.imwrite(path, stored_mask, rowsperstrip=64)
+    else:  # three channels: a colour mask, read by the layout's colour table from the whole file
+        tifffile.imwrite(path, np.dstack([stored_mask] * 3), tile=(128, 128), photometric="rgb")
+    decodes = []
+
+    def decode_whole() -> np.ndarray:
+        decodes.append(path)
+        return _as_classes(stored_mask, str(path))
+
+    mask = slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "rules")
+    assert decodes == [path] and mask.shape == (600, 700) and mask.cached.parent == tmp_path / "cache"
+    expected = _as_classes(stored_mask, "whole")
+    for y, x, height, width in _random_windows(np.random.default_rng(7), (600, 700), 40):
+        np.testing.assert_array_equal(mask.read(y, x, height, width), expected[y : y + height, x : x + width])
+    assert slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "rules").cached == mask.cached
+    assert decodes == [path]  # read from the cache the second time
+    other_rules = slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "other rules")
+    assert other_rules.cached != mask.cached and len(decodes) == 2  # other classes, another cache file
+
+
+def test_a_mask_that_decodes_to_another_size_than_its_header_is_one_line_and_leaves_no_cache(tmp_path, stored_mask):
+    path = tmp_path / "mask.png"
+    Image.fromarray(stored_mask).save(path)
+    with pytest.raises(DataError, match=r"mask.png: the mask decodes to 70x60, its header says 700x600"):
+        slides.open_mask(path, tmp_path / "cache", lambda: stored_mask[:60, :70], _as_classes, "rules")
+    assert list((tmp_path / "cache").glob("*.npy")) == []
+
+
+@pytest.mark.parametrize("suffix", [".tiff", ".png"])
+def test_an_images_size_comes_from_its_header_without_a_decode(tmp_path, image, suffix, monkeypatch):
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".tiff":
+        tifffile.imwrite(path, image, tile=(128, 128))
+    else:
+        Image.fromarray(image).save(path)
+    monkeypatch.setattr(Image.Image, "load", lambda *_: pytest.fail("decoded"))
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *_, **__: pytest.fail("decoded"))
+    assert slides.header_shape(path) == (600, 700)
+    monkeypatch.undo()  # Pillow's plugins load images of their own when first imported
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(DataError, match="cut.png: the image does not decode"):
+        slides.header_shape(tmp_path / "cut.png")
