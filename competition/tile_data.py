@@ -5,8 +5,8 @@ A slide is opened lazily (``slides.open_slide``: a tiled TIFF in place, anything
 folder's cache), its mask kept as the RLE table's runs (``slides.RunsMask``), and its tile index built once
 (``tiles.build_index``: every tile decoded once, which is also the check that the file is whole). Training draws
 each sample's window through ``tiles.sample_windows``; validation scores the index's grid windows of the held-out
-slides, a fixed list, for the loss; Dice and IoU are the held-out slides' own, each predicted whole by the sliding
-window as infer.py stitches it (``stitched_scores``)."""
+slides, a fixed list, for the loss; Dice and IoU (a softmax's confusion matrix) are the held-out slides' own, each
+predicted whole by the sliding window as infer.py stitches it (``stitched_scores``)."""
 
 import logging
 
@@ -126,9 +126,11 @@ class ValidationTiles(SegmentationDataset):
 
 @torch.no_grad()
 def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: TrainConfig, precision: str) -> dict:
-    """``val_dice`` and ``val_iou`` of whole slides, averaged over them: each predicted by ``predict_mask``
-    (windows of ``--tile`` and ``--tile-overlap``, Gaussian-blended, as infer.py stitches them), its mask compared
-    band by band with the RLE's runs: neither the slide's probabilities nor its mask is held whole."""
+    """The held-out slides' own scores, each slide predicted whole by ``predict_mask`` (windows of ``--tile`` and
+    ``--tile-overlap``, Gaussian-blended, labelled as infer.py labels them) and compared band by band with its
+    mask: neither the slide's probabilities nor its mask is held whole. One channel: ``val_dice`` and ``val_iou``
+    averaged over the slides; several (a softmax): the ``confusion`` matrix of all their pixels (rows the true
+    class, columns the predicted one), for the scores whole-image validation makes of its own."""
     model.eval()
     device = next(model.parameters()).device
 
@@ -136,6 +138,8 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
         images = torch.stack([to_chw(window) for window in windows]).to(device)
         return predict_probabilities(model, images, precision=precision).cpu().numpy()
 
+    if config.output_channels() > 1:
+        return {"confusion": torch.from_numpy(np.sum([_confusion(slide, predict, config) for slide in slides], 0))}
     dice, iou = [], []
     for slide in slides:
         both, predicted, truth = _overlap(slide, predict, config)
@@ -144,14 +148,8 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
     return {"val_dice": float(np.mean(dice)), "val_iou": float(np.mean(iou))}
 
 
-def _overlap(slide: TiledSlide, predict, config: TrainConfig) -> tuple[int, int, int]:
-    """(pixels predicted and true, predicted, true) of the slide's stitched mask, counted band by band."""
-    counts = np.zeros(3, np.int64)
-
-    def compare(top: int, band: np.ndarray) -> None:
-        labels, mask = band.astype(bool), slide.mask.read(top, 0, *band.shape).astype(bool)
-        counts[:] += ((labels & mask).sum(), labels.sum(), mask.sum())
-
+def _stitch(slide: TiledSlide, predict, config: TrainConfig, compare) -> None:
+    """``compare(top, label band)`` of each band of the slide's stitched mask, as infer.py stitches it."""
     work_dir = default_work_dir() / ACCUMULATORS
     predict_mask(
         slide.slide,
@@ -162,4 +160,31 @@ def _overlap(slide: TiledSlide, predict, config: TrainConfig) -> tuple[int, int,
         batch_size=config.val_batch_size,
         work_dir=work_dir,
     )
+
+
+def _overlap(slide: TiledSlide, predict, config: TrainConfig) -> tuple[int, int, int]:
+    """(pixels predicted and true, predicted, true) of the slide's stitched mask, counted band by band."""
+    counts = np.zeros(3, np.int64)
+
+    def compare(top: int, band: np.ndarray) -> None:
+        labels, mask = band.astype(bool), slide.mask.read(top, 0, *band.shape).astype(bool)
+        counts[:] += ((labels & mask).sum(), labels.sum(), mask.sum())
+
+    _stitch(slide, predict, config, compare)
     return tuple(int(count) for count in counts)
+
+
+def _confusion(slide: TiledSlide, predict, config: TrainConfig) -> np.ndarray:
+    """int64 (K, K) pixels of the slide by true class (rows) and predicted class, counted band by band; pixels of
+    the ignore value count nowhere (as ``metrics.confusion_matrix``)."""
+    classes, ignored = config.output_channels(), config.label_ignore_index()
+    counts = np.zeros((classes, classes), np.int64)
+
+    def compare(top: int, band: np.ndarray) -> None:
+        truth = slide.mask.read(top, 0, *band.shape)
+        labelled = truth != ignored
+        pairs = truth[labelled].astype(np.int64) * classes + band[labelled]
+        counts[:] += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+    _stitch(slide, predict, config, compare)
+    return counts
