@@ -2,8 +2,9 @@
 mask written band by band.
 
 Model-agnostic: ``predict(windows)`` takes uint8 (N, tile, tile, C) windows and returns their (N, K, tile, tile)
-probabilities (K = 1: a sigmoid's foreground; K > 1: a softmax's classes), so TTA and fold ensembles plug in as
-the callable. Windows are ``tile`` pixels a side, ``stride = round(tile * (1 - overlap))`` apart, the last of a
+probabilities (K = 1: a sigmoid's foreground; K > 1: a softmax's classes, or a sigmoid per class), so TTA and
+fold ensembles plug in as the callable, and ``labels(band)`` turns blended bands into label bands by the head's
+rule (``labels_of`` by default). Windows are ``tile`` pixels a side, ``stride = round(tile * (1 - overlap))`` apart, the last of a
 row or column flush with the image's edge; an image smaller than the tile is padded by reflection.
 
 Each window's probabilities are weighted by a separable window (Gaussian, or a linear ramp; ``uniform``, a plain
