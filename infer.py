@@ -432,9 +432,6 @@ def output_of(args, config, data, paths: list[Path], tta: tuple[str, ...]) -> Ou
         raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
     postprocess = None if args.no_postprocess else postprocess_of(args, paths, tta, config)
     tiling = args.tiling or tiling_of_run(config, args.batch_size)
-    if tiling is not None and (config.multilabel() or postprocess is not None):
-        why = "multilabel models" if config.multilabel() else "post-processing (pass --no-postprocess)"
-        raise ConfigError(f"--tile predicts a class mask per window blend; it does not take {why} yet")
     default = "masks" if format == "png" else "submission.csv"
     out = args.out or default_work_dir() / "submissions" / default
     rle_order = args.rle_order or getattr(config, "rle_order", None) or "row"  # the run's table's order, if it has one

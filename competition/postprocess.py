@@ -51,13 +51,35 @@ class PostProcess:
     def classes(self) -> list[str]:
         return [rule.name for rule in self.rules]
 
+    @property
+    def area_rules(self) -> bool:
+        """Whether a class has a minimum component area or total: rules on the image's whole components."""
+        return any(rule.min_area > 1 or rule.min_total > 0 for rule in self.rules)
+
     def mask(self, probabilities: np.ndarray) -> np.ndarray:
         """(C, H, W) probabilities of one image -> its uint8 (H, W) mask: 0/1 (binary), packed bits
         (multilabel) or class indices (softmax; a removed component becomes background)."""
+        return self.clean(self.labels(probabilities))
+
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """(C, H, W) probabilities of an image, or of a band of one -> uint8 (H, W) labels by the thresholds
+        alone, pixel by pixel: 0/1 (binary), packed bits (multilabel) or the most probable class (softmax)."""
         if self.head == "softmax":
-            return clean_index_mask(probabilities.argmax(0).astype(np.uint8), self.rules)
-        masks = binary_masks(probabilities, self.rules)
-        return pack_labels(masks) if self.head == "multilabel" else masks[0].astype(np.uint8)
+            return probabilities.argmax(0).astype(np.uint8)
+        present = np.stack([channel > rule.threshold for channel, rule in zip(probabilities, self.rules)])
+        return pack_labels(present) if self.head == "multilabel" else present[0].astype(np.uint8)
+
+    def clean(self, labels: np.ndarray) -> np.ndarray:
+        """An image's whole uint8 (H, W) ``labels`` with the area rules of every class applied: components are
+        the whole image's, so no band of it will do."""
+        if not self.area_rules:
+            return labels
+        if self.head == "softmax":
+            return clean_index_mask(labels, self.rules)
+        present = unpack_labels(labels, len(self.rules)) if self.head == "multilabel" else labels[None]
+        kept = np.stack([component_rule(mask != 0, rule.min_area, rule.min_total)
+                         for mask, rule in zip(present, self.rules)])  # fmt: skip
+        return pack_labels(kept) if self.head == "multilabel" else kept[0].astype(np.uint8)
 
     def describe(self) -> str:
         """``car: threshold 0.45, min area 120 px, min total 0 px; ...`` (softmax: the areas alone)."""
@@ -95,16 +117,6 @@ def component_rule(mask: np.ndarray, min_area: int, min_total: int) -> np.ndarra
     if min_total > 0 and np.count_nonzero(mask) < min_total:
         mask = np.zeros_like(mask)
     return mask
-
-
-def binary_masks(probabilities: np.ndarray, rules: tuple[ClassRule, ...]) -> np.ndarray:
-    """(K, H, W) sigmoid probabilities -> (K, H, W) boolean masks, each class by its rule."""
-    return np.stack(
-        [
-            component_rule(channel > rule.threshold, rule.min_area, rule.min_total)
-            for channel, rule in zip(probabilities, rules)
-        ]
-    )
 
 
 def clean_index_mask(mask: np.ndarray, rules: tuple[ClassRule, ...]) -> np.ndarray:

@@ -18,7 +18,7 @@ from competition.environment import default_work_dir, explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.postprocess import PostProcess
 from competition.prediction import label_masks
-from competition.slide_inference import window_predictor
+from competition.slide_inference import area_rules_applied, band_labelling, window_predictor
 from competition.slides import TIFF_SUFFIXES, open_slide
 from competition.sliding_window import InMemory, Tiling, predict_mask
 from competition.workers import loader_start_method
@@ -215,7 +215,8 @@ def predict_into(
     if tiling is not None:
         image_ids = [image_id for batch in batches for image_id in batch]
         settings = {"progress": progress, "label": label, "position": position, "deadline": deadline, "total": total}
-        return predict_slides_into(ensemble, data, image_ids, sink, threshold, tiling, **settings)
+        return predict_slides_into(ensemble, data, image_ids, sink, threshold, tiling, postprocess=postprocess,
+                                   **settings)  # fmt: skip
     image_ids = [image_id for batch in batches for image_id in batch]
     positions = {image_id: index for index, image_id in enumerate(image_ids)}
     data.in_channels = ensemble.in_channels  # the models decide the channels they take
@@ -298,16 +299,18 @@ def open_test_slide(data, image_id: str, cache_dir: Path):
 def predict_slides_into(
     ensemble, data, image_ids: list[str], sink, threshold: float, tiling: Tiling, progress: bool = True,
     label: str = "predict", position: int | None = None, deadline: Deadline | None = None, total: int | None = None,
+    postprocess: PostProcess | None = None,
 ) -> tuple[int, float, bool]:  # fmt: skip
     """``predict_into`` of images one at a time by the sliding window of ``tiling`` (windows in its batches, each
     through every model and TTA view; the blend's accumulator in memory, or on disk in the work folder's
-    slide_cache when the image is large). Each image's mask, whole in memory as uint8, goes to
-    ``sink.encode`` and ``sink.write`` at once: the image is the unit of ``--resume``, and ``deadline`` is checked
-    before each image. Returns (images predicted, seconds, whether every image was written)."""
+    slide_cache when the image is large), each band labelled as whole images are (``band_labelling``: the head's
+    rule, or ``postprocess``'s thresholds, its area rules on the whole mask). Each image's mask, whole in memory
+    as uint8, goes to ``sink.encode`` and ``sink.write`` at once: the image is the unit of ``--resume``, and
+    ``deadline`` is checked before each image. Returns (images predicted, seconds, whether every image was written)."""
     data.in_channels = ensemble.in_channels
     batch_size = tiling.batch_size
     cache_dir = default_work_dir() / "slide_cache"
-    predict = window_predictor(ensemble)
+    predict, labels = window_predictor(ensemble), band_labelling(threshold, ensemble.multilabel, postprocess)
     views = 1 + len(ensemble.tta)
     pace = PredictionPace(deadline or Deadline(None), label, len(image_ids), len(ensemble.members), views)
     total = len(image_ids) if total is None else total
@@ -327,7 +330,8 @@ def predict_slides_into(
                     def write(top: int, band: np.ndarray, mask=mask) -> None:
                         mask[top : top + band.shape[0]] = band
 
-                    predict_mask(slide, predict, write, tiling.tile, tiling.overlap, threshold, **options)
+                    with area_rules_applied(write, slide.shape[:2], postprocess, image_id) as hand_on:
+                        predict_mask(slide, predict, hand_on, tiling.tile, tiling.overlap, labels, **options)
                 sink.write([(image_id, sink.encode(image_id, mask))])
                 predicted += 1
                 bar.update(1)

@@ -2,15 +2,16 @@
 mask written band by band.
 
 Model-agnostic: ``predict(windows)`` takes uint8 (N, tile, tile, C) windows and returns their (N, K, tile, tile)
-probabilities (K = 1: a sigmoid's foreground; K > 1: a softmax's classes), so TTA and fold ensembles plug in as
-the callable. Windows are ``tile`` pixels a side, ``stride = round(tile * (1 - overlap))`` apart, the last of a
+probabilities (K = 1: a sigmoid's foreground; K > 1: a softmax's classes, or a sigmoid per class), so TTA and
+fold ensembles plug in as the callable, and ``labels(band)`` turns blended bands into label bands by the head's
+rule (``labels_of`` by default). Windows are ``tile`` pixels a side, ``stride = round(tile * (1 - overlap))`` apart, the last of a
 row or column flush with the image's edge; an image smaller than the tile is padded by reflection.
 
 Each window's probabilities are weighted by a separable window (Gaussian, or a linear ramp; ``uniform``, a plain
 average, is the unblended baseline) and divided by the sum of the weights that cover each pixel before they are
 added: that sum is the product of two exact 1-D sums (the windows lie on a grid), so no weight map is kept.
 Windows run row by row into a float32 band of ``tile`` rows; the rows no later window touches are then final
-(thresholded or argmax, and handed on), and the rest is kept for the next row of windows in the full-size
+(labelled by the head's rule, and handed on), and the rest is kept for the next row of windows in the full-size
 accumulator, as float16 (rounded once per row of windows: by at most 2**-12, the sums being probabilities in
 [0, 1]). The accumulator is an array in memory up to ``memory_limit``
 bytes, else a file in ``work_dir`` of which one band of rows is mapped at a time.
@@ -36,6 +37,7 @@ MEMORY_LIMIT = 256 * 2**20  # bytes of accumulator held in memory; above it, a f
 ACCUMULATOR = np.float16
 
 Predict = Callable[[np.ndarray], np.ndarray]
+Labelling = Callable[[np.ndarray], np.ndarray]  # float32 (rows, width, K) blended probabilities -> uint8 (rows, width)
 
 
 @dataclass(frozen=True)
@@ -252,13 +254,14 @@ def predict_mask(
     write: Callable[[int, np.ndarray], None],
     tile: int,
     overlap: float,
-    threshold: float = 0.5,
+    labels: Labelling = labels_of,
     **options,
 ) -> int:
-    """The mask of ``slide`` handed to ``write(top, uint8 band)`` band by band; returns the windows predicted.
-    ``options``: ``weighting``, ``batch_size``, ``work_dir``, ``memory_limit`` of ``blended_bands``."""
+    """The mask of ``slide`` handed to ``write(top, uint8 band)`` band by band, each band labelled by ``labels``
+    (of the model's head: ``slide_inference.band_labelling``); returns the windows predicted. ``options``:
+    ``weighting``, ``batch_size``, ``work_dir``, ``memory_limit`` of ``blended_bands``."""
     for top, probabilities in blended_bands(slide, predict, tile, overlap, **options):
-        write(top, labels_of(probabilities, threshold))
+        write(top, labels(probabilities))
     stride = check_tiling(tile, overlap)
     return len(window_starts(slide.shape[0], tile, stride)) * len(window_starts(slide.shape[1], tile, stride))
 

@@ -20,7 +20,7 @@ from competition.config import TrainConfig
 from competition.data import SegmentationDataset, image_to_array, to_chw
 from competition.environment import default_work_dir
 from competition.errors import ConfigError, DataError
-from competition.metrics import confusion_matrix, segmentation_scores
+from competition.metrics import confusion_matrix
 from competition.prediction import predict_probabilities
 from competition.segmentation_data import MASK_EXTENSIONS, SegmentationData
 from competition.slides import RunsMask, open_mask, open_slide
@@ -197,8 +197,8 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
     Gaussian-blended, as infer.py stitches them) and compared band by band with its mask's windows: neither the
     slide's probabilities nor its mask is held whole; ignored pixels count nowhere. One class: ``val_dice`` and
     ``val_iou`` averaged over the slides; multilabel: ``val_dice`` (per slide and class) and ``val_miou`` (per class
-    over the slides); several classes: the confusion matrix summed over the slides and its scores, as ``evaluate``
-    gives them for whole images."""
+    over the slides); several classes: the confusion matrix summed over the slides (``confusion``), which training
+    scores as it scores whole images'."""
     model.eval()
     device = next(model.parameters()).device
     multilabel, classes = config.multilabel(), config.class_names()
@@ -209,14 +209,7 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
 
     if config.num_classes() > 2 and not multilabel:
         confusion = sum(_counted(slide, predict, config, len(classes)) for slide in slides)
-        scores = segmentation_scores(confusion, classes)
-        return {
-            "confusion": torch.from_numpy(confusion),
-            "val_miou": float(scores["miou"]),
-            "val_macro_f1": float(scores["macro_f1"]),
-            "val_pixel_accuracy": float(scores["pixel_accuracy"]),
-            **{f"iou_{name}": float(value) for name, value in scores["per_class"]["iou"].items()},
-        }
+        return {"confusion": torch.from_numpy(confusion)}  # scored by training.confusion_scores, as whole images
     counts = np.stack([_counted(slide, predict, config, 0) for slide in slides])  # (slides, K, 3)
     both, predicted, truth = counts[..., 0], counts[..., 1], counts[..., 2]
     dice = np.where(predicted + truth == 0, 1.0, 2 * both / np.maximum(predicted + truth, 1))

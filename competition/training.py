@@ -189,16 +189,21 @@ def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None =
     if dice:
         metrics.update(val_dice=torch.cat(dice).mean().item(), val_iou=torch.cat(iou).mean().item())
     if confusion is not None:
-        confusion = confusion.cpu()
-        scores = segmentation_scores(confusion, classes)
-        metrics.update(
-            confusion=confusion,
-            val_miou=float(scores["miou"]),
-            val_macro_f1=float(scores["macro_f1"]),
-            val_pixel_accuracy=float(scores["pixel_accuracy"]),
-            **{f"iou_{name}": float(value) for name, value in scores["per_class"]["iou"].items()},
-        )
+        metrics.update(confusion_scores(confusion.cpu(), classes))
     return metrics
+
+
+def confusion_scores(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """A confusion matrix (on the CPU) and its scores as validation logs them: mIoU, macro F1, pixel accuracy and
+    ``iou_<class>`` for each class."""
+    scores = segmentation_scores(confusion, classes)
+    return {
+        "confusion": confusion,
+        "val_miou": float(scores["miou"]),
+        "val_macro_f1": float(scores["macro_f1"]),
+        "val_pixel_accuracy": float(scores["pixel_accuracy"]),
+        **{f"iou_{name}": float(value) for name, value in scores["per_class"]["iou"].items()},
+    }
 
 
 def class_iou_line(row: dict, score: str = "iou") -> str:
@@ -506,8 +511,12 @@ def _validate(model: torch.nn.Module, parts: _Parts, fold: FoldData, config: Tra
         scores = score(
             model, fold.val_loader, parts.loss_fn, parts.precision, scored_classes, config.label_ignore_index()
         )
-        if config.tile:  # Dice and IoU of the whole slides, stitched as infer.py stitches them; the loss the windows'
-            scores.update(stitched_scores(model, fold.val_loader.dataset.slides, config, parts.precision))
+        if config.tile:  # the whole slides' scores (a softmax's: of their confusion matrix), stitched as infer.py
+            # stitches them; the loss the windows'
+            stitched = stitched_scores(model, fold.val_loader.dataset.slides, config, parts.precision)
+            scores.update(
+                confusion_scores(stitched["confusion"], scored_classes) if "confusion" in stitched else stitched
+            )
         return scores
 
 

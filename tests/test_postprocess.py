@@ -13,12 +13,11 @@ from PIL import Image
 from bench import tune_bench
 from competition import metrics
 from competition.errors import ConfigError, DataError
-from competition.mask_values import pack_labels
+from competition.mask_values import unpack_labels
 from competition.postprocess import (
     ClassRule,
     OutOfFoldStore,
     PostProcess,
-    binary_masks,
     clean_index_mask,
     read_postprocess,
     tune,
@@ -47,13 +46,11 @@ def test_rules_match_opencv_components_on_random_masks():
             ClassRule(f"c{k}", float(rng.uniform(0.4, 0.6)), int(rng.integers(0, 12)), int(rng.integers(0, 40)))
             for k in range(3)
         )
-        masks = binary_masks(probabilities, rules)
-        for channel, rule, mask in zip(probabilities, rules, masks):
-            np.testing.assert_array_equal(
-                mask, cv2_component_rule(channel > rule.threshold, rule.min_area, rule.min_total)
-            )
         packed = PostProcess("multilabel", rules).mask(probabilities)
-        np.testing.assert_array_equal(packed, pack_labels(masks))
+        for channel, rule, mask in zip(probabilities, rules, unpack_labels(packed, len(rules))):
+            expected = cv2_component_rule(channel > rule.threshold, rule.min_area, rule.min_total)
+            np.testing.assert_array_equal(mask, expected)
+            np.testing.assert_array_equal(PostProcess("binary", (rule,)).mask(channel[None]), expected)
 
 
 def test_softmax_rules_turn_small_components_into_background():

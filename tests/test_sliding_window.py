@@ -2,9 +2,13 @@
 probabilities to within float16's rounding, on disk when large, the mask written band by band; tile and overlap
 refused in one line."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from competition import sliding_window
 from competition.errors import ConfigError
@@ -222,3 +226,30 @@ def test_a_fold_ensemble_with_tta_through_the_window_gives_its_whole_image_proba
     blended = np.concatenate([band for _, band in bands])[..., 0]
     assert blended.shape == expected.shape and np.abs(blended - expected).max() <= 2 * 2**-12 + 1e-6
     assert 0.1 < (expected > 0.5).mean() < 0.9  # the models are not constant: the windows carry information
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    head=st.sampled_from(["binary", "multilabel", "softmax"]),
+    classes=st.integers(2, 4),
+    rows=st.integers(1, 12),
+    width=st.integers(1, 12),
+    threshold=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_bands_are_labelled_as_whole_images_are_by_every_head(head, classes, rows, width, threshold, seed):
+    from competition.postprocess import ClassRule, PostProcess
+    from competition.prediction_stream import class_masks
+    from competition.slide_inference import band_labelling
+
+    channels = 1 if head == "binary" else classes
+    band = np.random.default_rng(seed).random((rows, width, channels), dtype=np.float32)
+    whole = torch.from_numpy(np.moveaxis(band, -1, 0)[None].copy())
+    labels = band_labelling(threshold, head == "multilabel")(band)
+    np.testing.assert_array_equal(labels, class_masks(whole, threshold, head == "multilabel")[0])
+    limits = [None if head == "softmax" else threshold + 0.01 * k for k in range(channels)]
+    rules = PostProcess(head, tuple(ClassRule(f"c{k}", limit, 3, 0) for k, limit in enumerate(limits)))
+    thresholds_alone = dataclasses.replace(rules, rules=tuple(ClassRule(r.name, r.threshold) for r in rules.rules))
+    tuned = band_labelling(threshold, head == "multilabel", rules)(band)
+    np.testing.assert_array_equal(tuned, thresholds_alone.mask(whole[0].numpy()))
+    np.testing.assert_array_equal(rules.clean(tuned), rules.mask(whole[0].numpy()))

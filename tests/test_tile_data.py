@@ -334,11 +334,13 @@ class ClassModel(torch.nn.Module):
 def test_validation_of_several_classes_scores_the_stitched_slides_confusion(folder_slides, monkeypatch, tmp_path):
     _, root, folds, data = folder_slides
     from competition.tile_data import stitched_scores
+    from competition.training import confusion_scores
 
     monkeypatch.setenv("CARVANA_WORK_DIR", str(tmp_path / "work"))
     config = folder_config(root, folds, classes="background,left,right", val_batch_size=4)
     slides_ = [TiledSlide(data, image_id, config) for image_id in data.train_ids()[:2]]
-    scores = stitched_scores(ClassModel(3, 1), slides_, config, "fp32")
+    stitched = stitched_scores(ClassModel(3, 1), slides_, config, "fp32")
+    scores = confusion_scores(stitched["confusion"], ["background", "left", "right"])
     truth = np.concatenate([data.read_mask(slide.image_id).ravel() for slide in slides_])
     labelled = truth[truth != 255]
     assert scores["val_pixel_accuracy"] == pytest.approx((labelled == 1).mean())
@@ -442,3 +444,36 @@ def test_one_epoch_on_tiles_of_a_multilabel_rle_table(tmp_path, monkeypatch):
     saved = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
     assert saved["config"]["head"] == "multilabel" and saved["image_shape"] == [SIDE, SIDE]
     assert "val_miou" in (tmp_path / "run" / "fold0" / "log.csv").read_text() and 0 <= saved["score"] <= 1
+
+
+class ChannelModel(torch.nn.Module):
+    """A per-pixel softmax model: each pixel's class is its brightest channel (logits of 0.1 a grey level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale
+
+
+def test_softmax_validation_counts_the_stitched_slides_confusion_band_by_band():
+    from types import SimpleNamespace
+
+    from competition.sliding_window import InMemory
+    from competition.tile_data import stitched_scores
+
+    rng = np.random.default_rng(0)
+    slides_, expected = [], np.zeros((3, 3), np.int64)
+    for height, width in ((100, 130), (40, 70)):  # the second smaller than a window of the first's grid
+        brightest = rng.integers(0, 3, (height, width))
+        image = (np.eye(3)[brightest] * 200 + rng.integers(0, 50, (height, width, 3))).astype(np.uint8)
+        truth = rng.integers(0, 3, (height, width)).astype(np.uint8)
+        truth[rng.random((height, width)) < 0.1] = 255  # ignored: counted nowhere
+        mask = SimpleNamespace(read=lambda top, left, rows, columns, truth=truth: truth[top : top + rows])
+        slides_.append(SimpleNamespace(slide=InMemory(image), mask=mask, ignore_index=255))
+        kept = truth != 255
+        expected += np.bincount(truth[kept] * 3 + brightest[kept], minlength=9).reshape(3, 3)
+    config = TrainConfig(classes="a,b,c", tile=64, tile_overlap=0.25, val_batch_size=4)
+    scores = stitched_scores(ChannelModel(), slides_, config, "fp32")
+    assert set(scores) == {"confusion"} and np.array_equal(scores["confusion"].numpy(), expected)

@@ -3,9 +3,12 @@
 
 import dataclasses
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import infer
 from competition.prediction_stream import PredictionPace
@@ -130,3 +133,88 @@ def test_a_run_trained_on_tiles_is_predicted_by_a_window_of_its_tiles():
     assert tiling_of_run(TrainConfig(), 4) is None  # whole images: predicted whole
     tiling = tiling_of_run(TrainConfig(tile=256, tile_overlap=0.5), 4)
     assert (tiling.tile, tiling.overlap) == (256, 0.5)
+
+
+class LabelPixelModel(torch.nn.Module):
+    """PixelModel's per-pixel logits for the three labels of ``test_multilabel``'s scenes (box: red - green, disc:
+    blue - red, dot: green - blue), each 0.2 * an integer + 0.1: sigmoids at least 0.02 from 0.5 and from a
+    threshold of 0.6 (sigmoid(0.4)), so neither the blend's rounding nor a window flips a class bit."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            weights = [[0.2, -0.2, 0.0], [-0.2, 0.0, 0.2], [0.0, 0.2, -0.2]]
+            self.conv.weight.copy_(torch.tensor(weights).view(3, 3, 1, 1))
+            self.conv.bias.fill_(0.1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float())
+
+
+@pytest.fixture
+def label_run(tmp_path, monkeypatch):
+    """A multilabel run (box, disc, dot; full size) on ``test_multilabel``'s folder data, its model LabelPixelModel."""
+    from competition.checkpoints import save_checkpoint, summary
+    from competition.config import TrainConfig
+    from competition.models import build_model
+    from tests.test_multilabel import LABELS, make_label_folders
+
+    root = make_label_folders(tmp_path / "data", count=2, tests=4)
+    config = TrainConfig(data_dir=str(root), out=str(tmp_path / "run"), encoder="resnet18", encoder_weights="none",
+                         size="full", head="multilabel", classes=",".join(LABELS))  # fmt: skip
+    model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
+    (tmp_path / "run" / "fold0").mkdir(parents=True)
+    save_checkpoint(
+        {"model": model.state_dict(), **summary(config, 1, 0.0, (64, 96))}, tmp_path / "run" / "fold0" / "best.pt"
+    )
+    load_member = infer.load_member
+
+    def pixel_member(path, device, compile=False):
+        model = LabelPixelModel().to(device)
+        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
+
+    monkeypatch.setattr(infer, "load_member", pixel_member)
+    return tmp_path / "run"
+
+
+def tuned_rules(run, min_area: int, min_total: int) -> None:
+    """A postprocess.json for ``label_run``: the disc's threshold 0.6, and these area rules for every class."""
+    from competition.inference import find_checkpoints
+    from competition.postprocess import ClassRule, PostProcess, write_postprocess
+    from competition.submission import predicted_by
+    from tests.test_multilabel import LABELS
+
+    rules = tuple(ClassRule(name, 0.6 if name == "disc" else 0.5, min_area, min_total) for name in LABELS)
+    checkpoints = predicted_by(find_checkpoints([run]), ("hflip",), 0.5)["checkpoints"]
+    write_postprocess(run / "postprocess.json", PostProcess("multilabel", rules), {"images": 1, "tta": ["hflip"]},
+                      checkpoints)  # fmt: skip
+
+
+def label_masks_of(run, out, *flags) -> dict:
+    infer.main(["--checkpoints", str(run), "--workers", "0", "--tta", "--out", str(out), *flags])
+    return {path.name: path.read_bytes() for path in sorted(out.glob("*.png"))}
+
+
+@pytest.mark.parametrize("tiling", [["--tile", "32"], ["--tile", "64", "--tile-overlap", "0.5"]])
+def test_tiles_give_the_packed_masks_of_the_whole_image_for_a_multilabel_model(label_run, tmp_path, tiling):
+    whole = label_masks_of(label_run, tmp_path / "whole")
+    tiled = label_masks_of(label_run, tmp_path / "tiled", *tiling)
+    assert len(whole) == 4 and tiled == whole
+    masks = [np.asarray(Image.open(tmp_path / "whole" / name)) for name in whole]
+    assert all(len(np.unique(mask)) > 4 for mask in masks), "several class bits, and their overlaps, in each mask"
+
+
+@pytest.mark.slow
+def test_tiles_apply_the_tuned_thresholds_and_the_area_rules_of_the_whole_image(label_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="competition")
+    tuned_rules(label_run, 0, 0)
+    thresholds = label_masks_of(label_run, tmp_path / "thresholds", "--tile", "32")
+    assert "held whole" not in caplog.text, "thresholds alone are applied band by band"
+    tuned_rules(label_run, 40, 400)
+    whole = label_masks_of(label_run, tmp_path / "whole")
+    tiled = label_masks_of(label_run, tmp_path / "tiled", "--tile", "32")
+    assert tiled == whole and whole != thresholds, "the area rules remove components"
+    assert "its mask is held whole as uint8 (6.1 kB)" in caplog.text
+    untuned = label_masks_of(label_run, tmp_path / "untuned", "--tile", "32", "--no-postprocess")
+    assert untuned == label_masks_of(label_run, tmp_path / "untuned_whole", "--no-postprocess") != thresholds
