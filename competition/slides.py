@@ -196,6 +196,17 @@ def open_slide(path: str | Path, cache_dir: str | Path) -> Slide:
     return Slide(path, shape, _cached(path, shape, cache_dir, lambda out: _decode_whole(path, out)))
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image from its header alone, nothing decoded: a TIFF's level 0 through tifffile (any
+    size, BigTIFF too), any other image through Pillow."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        tiles = _TiffTiles(path)
+        tiles.close()
+        return tiles.height, tiles.width
+    return _pillow_shape(path)[:2]
+
+
 @contextlib.contextmanager
 def _pixel_limit_lifted():
     """Pillow's decompression-bomb limit off while the block runs: a slide is big on purpose."""
