@@ -261,7 +261,7 @@ def test_metrics_command_scores_per_class_tables(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         metrics.main([str(submission), str(tmp_path / "bad.csv"), "--size", "2x3"])
     assert exit_info.value.code == 2
-    assert "bad.csv: the header is 'a,b,c,d'; a per-class RLE table has" in capsys.readouterr().err
+    assert "bad.csv: the header is 'a,b,c,d'; an RLE table has" in capsys.readouterr().err
 
 
 def test_a_sample_class_that_is_a_number_but_none_of_the_numbered_classes_is_one_line(tmp_path):
