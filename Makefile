@@ -8,6 +8,10 @@
 #                  as per-class RLE rows (input-multilabel/train.csv), 2 folds by car, both trained
 #                  (configs/cpu_multilabel.toml), post-processing tuned out of fold, the submission in
 #                  sample_submission.csv's rows, scored against the test truth (test_masks.csv)
+# make slides: the larger-than-memory example (issue 29): synthetic HuBMAP-like tiled TIFF slides in input-slides/
+#              (train.csv: column-major RLE rows), a fold per slide, fold 0 trained on 256 x 256 tiles
+#              (configs/cpu_slides.toml), the test slide predicted by the sliding window into sample_submission.csv's
+#              id,predicted rows, scored against the test truth (test_masks.csv)
 # make test: set up (with Ray for the cluster tests, TensorBoard for --tensorboard's, tifffile for the slides',
 #            the serve extra and chromium for the serve tests) and run the tests (this is what CI runs);
 #            make test-fast: the fast tier, under a minute
@@ -16,7 +20,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser demo data folds train infer parts multilabel test test-fast bench bench-gpu
+.PHONY: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser demo data folds train infer parts multilabel slides test test-fast bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -98,6 +102,19 @@ multilabel: setup
 	$(BIN)/python infer.py --tta --checkpoints $(ML_RUN) --sample-submission $(ML_DATA)/sample_submission.csv \
 	--out submissions/multilabel.csv --overwrite
 	$(BIN)/python -m competition.metrics submissions/multilabel.csv $(ML_DATA)/test_masks.csv
+
+SLIDES_DATA := input-slides
+SLIDES_RUN := runs/slides
+
+slides: setup setup-slides
+	@if [ -e $(SLIDES_DATA)/train.csv ]; then echo "$(SLIDES_DATA)/ already holds data: keeping it"; \
+	else $(BIN)/python -m competition.synthetic --slides --slide-size 2048 --slide-count 3 --test-slide-count 1 \
+	--out $(SLIDES_DATA)/; fi
+	$(BIN)/python make_folds.py --config configs/cpu_slides.toml --n-folds 3
+	$(BIN)/python train.py --config configs/cpu_slides.toml --fold 0 --resume
+	$(BIN)/python infer.py --tile 256 --tile-overlap 0.25 --checkpoints $(SLIDES_RUN) --rle-order column \
+	--sample-submission $(SLIDES_DATA)/sample_submission.csv --out submissions/slides.csv --overwrite
+	$(BIN)/python -m competition.metrics submissions/slides.csv $(SLIDES_DATA)/test_masks.csv
 
 test: setup setup-cluster setup-tensorboard setup-slides setup-serve setup-browser
 	$(BIN)/ruff check .

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from competition.carvana import CarvanaData
 from competition.checkpoints import checkpoint_config, load_checkpoint
@@ -36,14 +35,14 @@ from competition.segmentation_data import (
     parse_classes,
     read_index_mask,
 )
+from competition.slides import header_shape
 from competition.splits import resolve
 from competition.submission import (
     IMAGE_ROWS,
     RECORD_NAME,
     check_rows,
-    read_submission,
     sample_image_id,
-    split_class_columns,
+    split_rle_columns,
 )
 
 logger = logging.getLogger("competition.metrics")
@@ -184,11 +183,13 @@ def score_submission(
     return pd.Series(scores, name="dice")
 
 
-def read_class_table(path) -> tuple[dict[tuple[str, str], str], int]:
-    """A per-class RLE table (``split_class_columns``' rule) as {(image, class): RLE}; one line naming a row that
-    repeats an (image, class) pair. Also its number of rows."""
-    frame = read_csv_file(path, dtype=str, keep_default_na=False)
-    images, classes, rle_column = split_class_columns(frame, path)
+def read_rle_table(path, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame | None, dict[tuple[str, str], str]]:
+    """An RLE table read by its header (``split_rle_columns``' rule): a row per image as (``img,rle_mask`` rows,
+    {}), a row per (image, class) as (None, {(image, class): RLE}); one line naming a row that repeats a pair."""
+    frame = read_csv_file(path, dtype=str, keep_default_na=False) if frame is None else frame
+    images, classes, rle_column = split_rle_columns(frame, path)
+    if classes is None:
+        return pd.DataFrame({"img": images, "rle_mask": frame[rle_column].tolist()}), {}
     table: dict[tuple[str, str], str] = {}
     first: dict[tuple[str, str], int] = {}
     for number, pair in enumerate(zip(images, classes), start=2):
@@ -196,7 +197,23 @@ def read_class_table(path) -> tuple[dict[tuple[str, str], str], int]:
             raise DataError(f"{path}: row {number} repeats image {pair[0]} class {pair[1]} of row {first[pair]}")
         first[pair] = number
         table[pair] = frame[rle_column].iat[number - 2]
-    return table, len(frame)
+    return None, table
+
+
+def read_class_table(path) -> dict[tuple[str, str], str]:
+    """A per-class RLE table as {(image, class): RLE}; one line for a table of a row per image."""
+    rows, table = read_rle_table(path)
+    if rows is not None:
+        raise DataError(f"{path}: a row per image, but the truth has a row per (image, class); predict its rows")
+    return table
+
+
+def read_image_table(path) -> pd.DataFrame:
+    """A table of a row per image as ``img,rle_mask`` rows; one line for a per-class table."""
+    rows, _ = read_rle_table(path)
+    if rows is None:
+        raise DataError(f"{path}: a row per (image, class), but the truth has a row per image; predict its rows")
+    return rows
 
 
 def score_class_tables(submission_path, truth_path, shape) -> pd.Series:
@@ -204,8 +221,8 @@ def score_class_tables(submission_path, truth_path, shape) -> pd.Series:
     truth row is an empty mask; both empty: 1), as Severstal and UW-Madison score, indexed by (image, class). Both
     tables flatten their masks the same way (Dice on runs is the same row- or column-major); a truth mask the
     submission has no row for is one line. ``shape``: (HEIGHT, WIDTH), or ``shape(image_id)``."""
-    predicted, _ = read_class_table(submission_path)
-    truth, _ = read_class_table(truth_path)
+    predicted = read_class_table(submission_path)
+    truth = read_class_table(truth_path)
     unscored = [pair for pair, rle in truth.items() if rle.strip() and pair not in predicted]
     if unscored:
         raise DataError(
@@ -224,7 +241,8 @@ def score_class_tables(submission_path, truth_path, shape) -> pd.Series:
 
 def image_file_shapes(folder: Path, where: str):
     """(height, width) of each image of ``folder``'s ``test/`` or ``train/`` (any image extension), by its id,
-    read from the file's header when asked; one line for an id without an image."""
+    read from the file's header when asked (a slide's TIFF header too: nothing decoded); one line for an id
+    without an image."""
     files = {}
     for split in ("train", "test"):
         for extension in IMAGE_EXTENSIONS:
@@ -239,8 +257,7 @@ def image_file_shapes(folder: Path, where: str):
                 f"{where}: image {image_id} has no file in {folder}/test/ or train/; give the masks' size with --size "
                 "HEIGHTxWIDTH, or their images' folder with --data-dir"
             )
-        with Image.open(files[image_id]) as image:
-            return image.height, image.width
+        return header_shape(files[image_id])
 
     return shape
 
@@ -498,21 +515,30 @@ def main(argv: list[str] | None = None) -> None:
         print(format_scores(scores))
         return
     try:
-        truth = read_csv_file(args.truth, dtype=str, keep_default_na=False)
-        if list(truth.columns) != ["img", "rle_mask"]:  # a per-class table (image, class, RLE)
+        frame = read_csv_file(args.truth, dtype=str, keep_default_na=False)
+        truth, _ = read_rle_table(args.truth, frame)
+        if truth is None:  # a per-class table (image, class, RLE)
             return _score_class_tables(args)
-        shape = submission_shape(args.size, Path(args.truth), args.data_dir)
-        submission = read_submission(args.submission)
+        if list(frame.columns) == ["img", "rle_mask"]:  # Carvana's: the sizes of its images, folders or zips
+            shape = submission_shape(args.size, Path(args.truth), args.data_dir)
+        else:
+            shape = _table_shapes(args)
+        submission = read_image_table(args.submission)
         scores = score_submission(submission, truth, shape, args.submission, f"the truth {args.truth}")
     except ProjectError as error:
         parser.exit(2, f"metrics: error: {error}\n")
     print(f"mean Dice {scores.mean():.5f} over {len(scores)} images (worst {scores.min():.5f}: {scores.idxmin()})")
 
 
-def _score_class_tables(args) -> None:
+def _table_shapes(args):
+    """--size, else each image's own from its file's header in --data-dir's (or the truth's folder's) test/ or
+    train/ (a slide's TIFF header: never decoded)."""
     folder = Path(args.data_dir) if args.data_dir else Path(args.truth).parent
-    shape = submission_shape(args.size, Path(args.truth), None) if args.size else image_file_shapes(folder, args.truth)
-    scores = score_class_tables(args.submission, args.truth, shape)
+    return submission_shape(args.size, Path(args.truth), None) if args.size else image_file_shapes(folder, args.truth)
+
+
+def _score_class_tables(args) -> None:
+    scores = score_class_tables(args.submission, args.truth, _table_shapes(args))
     by_class = scores.groupby(level=1).mean()
     images = len(set(scores.index.get_level_values(0)))
     print(

@@ -158,25 +158,31 @@ def sample_image_id(value: str) -> str:
     return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else value
 
 
-def split_class_columns(frame: pd.DataFrame, path) -> tuple[list[str], list[str], str]:
-    """(the image of each row, its class, the RLE column's name) of a per-class RLE table read from ``path``, by its
-    header (``SampleRows``' rule); one line when the header follows no such rule."""
+def split_rle_columns(frame: pd.DataFrame, path) -> tuple[list[str], list[str] | None, str]:
+    """(the image of each row, its class or None, the RLE column's name) of an RLE table read from ``path``, by its
+    header: of two columns, a first whose name holds ``class`` holds ``<image>_<class>`` (Severstal's
+    ``ImageId_ClassId``, split at the last ``_``), any other first column is the image of a row per image (classes
+    None: Carvana's ``img,rle_mask``, HuBMAP's ``id,encoding`` and ``id,predicted``); of three, the one whose name
+    holds ``class`` is the class, the first other one the image, the last the RLE (``SampleRows``' rule). One line
+    when the header follows no such rule."""
     columns = [str(column) for column in frame.columns]
+    if len(columns) == 2 and "class" not in columns[0].lower():
+        return frame[columns[0]].tolist(), None, columns[1]
     if len(columns) == 2:
         keys = frame[columns[0]].tolist()
         bad = next((number for number, key in enumerate(keys, start=2) if "_" not in key), None)
         if bad is not None:
             raise DataError(
                 f"{path}: row {bad}: {keys[bad - 2]!r} is not <image>_<class>, as its first column {columns[0]} "
-                "must hold when the header has two columns"
+                "must hold when its name holds 'class'"
             )
         return [key.rsplit("_", 1)[0] for key in keys], [key.rsplit("_", 1)[1] for key in keys], columns[1]
     named = [column for column in columns if "class" in column.lower()]
     if len(columns) != 3 or len(named) != 1:
         raise DataError(
-            f"{path}: the header is {','.join(columns)!r}; a per-class RLE table has <image>_<class>,<rle> "
-            "(ImageId_ClassId,EncodedPixels) or three columns, one of them naming the class (id,class,predicted or "
-            "ImageId,ClassId,EncodedPixels)"
+            f"{path}: the header is {','.join(columns)!r}; an RLE table has <image>,<rle> (a row per image: "
+            "img,rle_mask or id,predicted), <image>_<class>,<rle> (ImageId_ClassId,EncodedPixels) or three columns, "
+            "one of them naming the class (id,class,predicted or ImageId,ClassId,EncodedPixels)"
         )
     image, rle = [column for column in columns if column != named[0]]
     return frame[image].tolist(), frame[named[0]].tolist(), rle
@@ -186,8 +192,9 @@ class SampleRows:
     """The rows of a competition's sample submission (``--sample-submission FILE``), in its order and columns: one
     per (image, class) it lists, the class's RLE in the RLE column, flattened row- or column-major (``order``).
 
-    Its columns are read from the header: with two, the first holds ``<image>_<class>`` (Severstal's
-    ``ImageId_ClassId``, split at the last ``_``) and the second the RLE; with three, the class is in the column
+    Its columns are read from the header (``split_rle_columns``): with two, a first naming a class holds
+    ``<image>_<class>`` (Severstal's ``ImageId_ClassId``, split at the last ``_``), any other is the image of a row per
+    image (HuBMAP's ``id,predicted``: a run of one class) and the second the RLE; with three, the class is in the column
     whose name holds ``class`` (``class``, ``ClassId``), the image in the first other one and the RLE in the last
     (UW-Madison's ``id,class,predicted``, Severstal's ``ImageId,ClassId,EncodedPixels``). A class value is a class
     name of the run, or its number 1..K among the predicted classes (Severstal's ClassId) unless the names are
@@ -201,12 +208,23 @@ class SampleRows:
         self.path, self.classes, self.multilabel, self.flatten = Path(path), classes, multilabel, order
         self.frame = read_csv_file(self.path, dtype=str, keep_default_na=False)
         self.columns = [str(column) for column in self.frame.columns]
-        images, class_values, self.rle_column = split_class_columns(self.frame, self.path)
-        self.channels = [self._channel(value, number) for number, value in enumerate(class_values, start=2)]
+        images, class_values, self.rle_column = split_rle_columns(self.frame, self.path)
+        if class_values is None:  # a row per image (HuBMAP's id,predicted): the mask of the run's one class
+            self._check_one_class()
+            self.channels = [0] * len(images)
+        else:
+            self.channels = [self._channel(value, number) for number, value in enumerate(class_values, start=2)]
         self.image_of_row = [sample_image_id(value) for value in images]
         self.rows_of: dict[str, list[int]] = {}
         for row, image_id in enumerate(self.image_of_row):
             self.rows_of.setdefault(image_id, []).append(row)
+
+    def _check_one_class(self) -> None:
+        if len(self.classes) != 1:
+            raise DataError(
+                f"{self.path}: its header {','.join(self.columns)} holds a row per image, one mask each, but the run "
+                f"predicts {len(self.classes)} classes ({','.join(self.classes)}); give a sample with a class column"
+            )
 
     def _channel(self, value: str, number: int) -> int:
         """The predicted class (0-based, in the run's order) that a class value of row ``number`` names."""

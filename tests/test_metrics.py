@@ -260,3 +260,76 @@ def test_the_mask_size_comes_from_size_or_the_truths_images_never_assumed(tmp_pa
     Image.new("RGB", (4, 4)).save(images / "train" / "c_03.jpg")  # 16 pixels: c_03's runs go past its end
     code, out, error = score_csv(submission, truth, capsys, "--data-dir", str(images))
     assert code == 2 and f"{submission}: row 4 (c_03.jpg): RLE has a run past the end" in error
+
+
+# HuBMAP's tables: a row per image, id,encoding (the truth) and id,predicted (the submission), column-major RLE of
+# slides whose sizes only their TIFF headers give.
+def encode_column_major(mask: np.ndarray) -> str:
+    """A plain numpy RLE of the mask read column by column (1-indexed start, length), apart from competition.rle."""
+    padded = np.concatenate([[0], mask.T.ravel().astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded)) + 1
+    edges[1::2] -= edges[::2]
+    return " ".join(map(str, edges))
+
+
+def decode_column_major(rle: str, height: int, width: int) -> np.ndarray:
+    flat = np.zeros(height * width, bool)
+    numbers = np.array(rle.split(), dtype=np.int64)
+    for start, length in zip(numbers[0::2], numbers[1::2]):
+        flat[start - 1 : start - 1 + length] = True
+    return flat.reshape(width, height).T
+
+
+def write_slide_tables(folder: Path, shapes: dict, seed: int) -> tuple[Path, Path, float]:
+    """Tiled TIFFs of ``shapes`` (id -> (height, width)) in ``folder/test``, random truth and predicted masks as
+    id,encoding and id,predicted tables, and their mean Dice computed by numpy on the masks decoded again."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    (folder / "test").mkdir(parents=True)
+    truth_rows, predicted_rows, dice = [], [], []
+    for image_id, (height, width) in shapes.items():
+        tifffile.imwrite(folder / "test" / f"{image_id}.tiff", np.zeros((height, width, 3), np.uint8), tile=(16, 16))
+        truth = rng.random((height, width)) < rng.uniform(0.05, 0.6)
+        predicted = truth ^ (rng.random((height, width)) < rng.uniform(0, 0.4))  # a share of the pixels flipped
+        truth_rows.append((image_id, encode_column_major(truth)))
+        predicted_rows.append((image_id, encode_column_major(predicted)))
+        truth, predicted = (decode_column_major(rows[-1][1], height, width) for rows in (truth_rows, predicted_rows))
+        dice.append(2 * (truth & predicted).sum() / (truth.sum() + predicted.sum()))
+    pd.DataFrame(truth_rows, columns=["id", "encoding"]).to_csv(folder / "test_masks.csv", index=False)
+    pd.DataFrame(predicted_rows[::-1], columns=["id", "predicted"]).to_csv(folder / "submission.csv", index=False)
+    return folder / "submission.csv", folder / "test_masks.csv", float(np.mean(dice))
+
+
+def test_hubmap_tables_score_the_dice_of_numpy_on_odd_sized_slides_read_from_their_headers(
+    tmp_path, capsys, monkeypatch
+):
+    import tifffile
+
+    shapes = {"2f6ecfcdf": (37, 53), "aaa6a05cc": (101, 7), "b9a3865fc": (1, 64), "c68fe75ea": (64, 1)}
+    submission, truth, expected = write_slide_tables(tmp_path, shapes, seed=3)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *_, **__: pytest.fail("a slide was decoded"))
+    code, out, error = score_csv(submission, truth, capsys)
+    assert (code, error) == (0, "")
+    assert out.startswith(f"mean Dice {expected:.5f} over 4 images"), out
+    assert abs(float(out.split()[2]) - expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (["id,predicted", "a,1 2", "a,3 1", "b,"], "row 3 repeats a of row 2; each image takes one row"),
+        (["id,predicted", "a,1 2", "b,", "ghost,1 1"], "row 4: ghost is not in the truth"),
+        (["id,predicted", "a,1 2", "b,20 2"], "row 3 (b): RLE has a run past the end of the image (image of 20"),
+        (["id,predicted", "a,1 2"], "no row for 1 of the 2 images of the truth"),
+        (["id", "a", "b"], "the header is 'id'; an RLE table has <image>,<rle>"),
+        (["id,class,predicted", "a,g,1 2", "b,g,"], "a row per (image, class), but the truth has a row per image"),
+    ],
+)
+def test_a_bad_hubmap_submission_is_one_line_and_exit_2(tmp_path, capsys, rows, message):
+    truth, submission = tmp_path / "test_masks.csv", tmp_path / "submission.csv"
+    truth.write_text("id,encoding\na,1 2\nb,3 4\n")
+    submission.write_text("\n".join(rows) + "\n")
+    code, out, error = score_csv(submission, truth, capsys, "--size", "4x5")
+    assert (code, out) == (2, "")
+    assert error.startswith("metrics: error: ") and message in error and error.count("\n") == 1, error

@@ -162,7 +162,7 @@ def test_sample_rows_follow_the_sample_and_its_columns(tmp_path, header, lines):
 def test_sample_rows_refusals_are_one_line(tmp_path):
     sample = tmp_path / "sample.csv"
     sample.write_text("id,predicted,extra\na,,\n")
-    with pytest.raises(DataError, match="the header is 'id,predicted,extra'; a per-class RLE table has"):
+    with pytest.raises(DataError, match="the header is 'id,predicted,extra'; an RLE table has"):
         SampleRows(sample, ["car"], multilabel=False)
     sample.write_text("id,class,predicted\na,car,\na,boat,\n")
     with pytest.raises(DataError, match=r"row 3: class 'boat' is none of the run's classes car nor their number 1..1"):
@@ -258,7 +258,7 @@ def test_metrics_command_scores_per_class_tables(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         metrics.main([str(submission), str(tmp_path / "bad.csv"), "--size", "2x3"])
     assert exit_info.value.code == 2
-    assert "bad.csv: the header is 'a,b,c,d'; a per-class RLE table has" in capsys.readouterr().err
+    assert "bad.csv: the header is 'a,b,c,d'; an RLE table has" in capsys.readouterr().err
 
 
 def test_a_sample_class_that_is_a_number_but_none_of_the_numbered_classes_is_one_line(tmp_path):
@@ -266,3 +266,17 @@ def test_a_sample_class_that_is_a_number_but_none_of_the_numbered_classes_is_one
     sample.write_text("ImageId,ClassId,EncodedPixels\na.png,3,\na.png,2,\n")
     with pytest.raises(DataError, match="row 3: class '2' is none of the run's classes 1,3,4"):
         SampleRows(sample, ["1", "3", "4"], multilabel=True)
+
+
+def test_sample_rows_of_one_row_per_image_take_the_runs_one_class_column_major(tmp_path):
+    """HuBMAP's sample_submission.csv (id,predicted): each image's row is the one class's mask, flattened
+    column-major with order="column"; a run of several classes cannot fill such rows."""
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,predicted\nb,\na,\n")
+    rows = SampleRows(sample, ["glomerulus"], multilabel=False, order="column")
+    assert rows.order(ListedTestImages(["a", "b"])) == ["b", "a"]
+    mask = np.zeros((3, 4), np.uint8)
+    mask[0, 1:4] = 1  # row-major: 2 3; column-major: pixels 4, 7 and 10
+    assert rows.rows("a", mask) == [("1", "4 1 7 1 10 1")]
+    with pytest.raises(DataError, match="holds a row per image, one mask each, but the run predicts 2 classes"):
+        SampleRows(sample, ["car", "glass"], multilabel=False)
