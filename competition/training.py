@@ -692,14 +692,18 @@ def _write_averaged(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _log_fold_start(config: TrainConfig, fold: FoldData, precision: str, device, deadline: Deadline) -> None:
+    inputs = f"crops of {config.crop}" if config.crop else config.size
+    if config.tile:  # the datasets are windows of the slides, not images
+        inputs = f"windows of {config.tile}"
     logger.info(
-        "fold %d: %d train / %d validation images, %s-%s, inputs %s, %s on %s, batch %dx%d, %s",
+        "fold %d: %d train / %d validation %s, %s-%s, inputs %s, %s on %s, batch %dx%d, %s",
         config.fold,
         len(fold.train_loader.dataset),
         len(fold.val_loader.dataset),
+        "windows" if config.tile else "images",
         config.arch,
         config.encoder,
-        f"crops of {config.crop}" if config.crop else config.size,
+        inputs,
         precision,
         device,
         config.batch_size,
