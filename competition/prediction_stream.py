@@ -301,9 +301,11 @@ def predict_slides_into(
 ) -> tuple[int, float, bool]:  # fmt: skip
     """``predict_into`` of images one at a time by the sliding window of ``tiling`` (windows in its batches, each
     through every model and TTA view; the blend's accumulator in memory, or on disk in the work folder's
-    slide_cache when the image is large). Each image's mask, whole in memory as uint8, goes to
-    ``sink.encode`` and ``sink.write`` at once: the image is the unit of ``--resume``, and ``deadline`` is checked
-    before each image. Returns (images predicted, seconds, whether every image was written)."""
+    slide_cache when the image is large). Each image's mask goes band by band to ``sink.image_bands`` (its
+    ``write(top, band)``, then ``finish()``, or ``discard()`` when the prediction fails: RLE rows and TIFFs are
+    encoded from the bands, never whole) and what it makes to ``sink.write`` at once: the image is the unit of
+    ``--resume``, and ``deadline`` is checked before each image.
+    Returns (images predicted, seconds, whether every image was written)."""
     data.in_channels = ensemble.in_channels
     batch_size = tiling.batch_size
     cache_dir = default_work_dir() / "slide_cache"
@@ -322,13 +324,14 @@ def predict_slides_into(
                 if not pace.next_batch_fits():
                     break
                 with contextlib.closing(open_test_slide(data, image_id, cache_dir)) as slide:
-                    mask = np.empty(slide.shape[:2], np.uint8)
-
-                    def write(top: int, band: np.ndarray, mask=mask) -> None:
-                        mask[top : top + band.shape[0]] = band
-
-                    predict_mask(slide, predict, write, tiling.tile, tiling.overlap, threshold, **options)
-                sink.write([(image_id, sink.encode(image_id, mask))])
+                    bands = sink.image_bands(image_id, slide.shape[:2])
+                    try:
+                        predict_mask(slide, predict, bands.write, tiling.tile, tiling.overlap, threshold, **options)
+                        encoded = bands.finish()
+                    except BaseException:
+                        bands.discard()  # a file begun for the image goes: the image is the unit of --resume
+                        raise
+                sink.write([(image_id, encoded)])
                 predicted += 1
                 bar.update(1)
                 pace.batch_done(1)
