@@ -196,6 +196,17 @@ def open_slide(path: str | Path, cache_dir: str | Path) -> Slide:
     return Slide(path, shape, _cached(path, shape, cache_dir, lambda out: _decode_whole(path, out)))
 
 
+def slide_shape(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a slide from its file's header alone: never decoded, nor read whole (a TIFF of 30k pixels a
+    side is past Pillow's decompression-bomb limit, and gigabytes)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        tiles = _TiffTiles(path)
+        tiles.close()
+        return tiles.height, tiles.width
+    return _pillow_shape(path)[:2]
+
+
 @contextlib.contextmanager
 def _pixel_limit_lifted():
     """Pillow's decompression-bomb limit off while the block runs: a slide is big on purpose."""
