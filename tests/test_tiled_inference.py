@@ -13,6 +13,7 @@ from competition.checkpoints import save_checkpoint, summary
 from competition.config import TrainConfig
 from competition.models import build_model
 from competition.prediction_stream import PredictionPace
+from competition.rle import rle_encode
 from competition.submission import predicted_by_path
 from tests.conftest import HEIGHT, WIDTH
 from tests.test_shards import common_flags
@@ -50,10 +51,12 @@ class ClassPixelModel(torch.nn.Module):
         return self.conv(images.float())
 
 
-def constructed_run(out: Path, monkeypatch, classes: str = "") -> Path:
+def constructed_run(out: Path, monkeypatch, classes: str = "", **settings) -> Path:
     """A run folder of one untrained full-resolution checkpoint (made in a second, no training), whose model
-    infer.py swaps for PixelModel (binary) or ClassPixelModel (``classes``)."""
-    config = TrainConfig(out=str(out), encoder="resnet18", encoder_weights="none", size="full", classes=classes)
+    infer.py swaps for PixelModel (binary) or ClassPixelModel (``classes``); ``settings``: more of its config."""
+    config = TrainConfig(
+        out=str(out), encoder="resnet18", encoder_weights="none", size="full", classes=classes, **settings
+    )
     model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
     (out / "fold0").mkdir(parents=True)
     save_checkpoint(
@@ -111,6 +114,26 @@ def test_tiff_masks_written_band_by_band_are_the_files_of_whole_image_inference(
         mask = page.asarray()
         assert page.is_tiled and (page.tilelength, page.tilewidth) == (48, 48) and mask.shape == (HEIGHT, WIDTH)
         assert set(mask.ravel().tolist()) == ({0, 1, 2} if classes else {0, 1})
+
+
+def test_slides_rows_are_checked_against_their_tiff_headers_not_decoded_by_pillow(tmp_path, monkeypatch):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    data = tmp_path / "slides"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    (data / "train.csv").write_text("id,encoding\n")
+    slide = np.random.default_rng(5).integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    tifffile.imwrite(data / "test" / "a.tiff", slide, tile=(64, 64), photometric="rgb")
+    layout = {"masks_csv": "train.csv", "rle_columns": "id,encoding", "rle_order": "column"}
+    run = constructed_run(tmp_path / "run", monkeypatch, data_dir=str(data), **layout)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a small slide past Pillow's decompression-bomb limit
+    out = tmp_path / "rows.csv"
+    infer.main([*common_flags(run, data, out), "--tile", "64", "--format", "rle-csv", "--rle-order", "column"])
+    red_over_green = (0.2 * (slide[..., 0].astype(int) - slide[..., 1]) + 0.1 > 0).astype(np.uint8)
+    assert out.read_text() == f"ImageId_ClassId,EncodedPixels\na_1,{rle_encode(red_over_green.T.copy())}\n"
 
 
 @pytest.fixture
