@@ -52,8 +52,6 @@ def blurred_purple(windows: np.ndarray) -> np.ndarray:
 
 def seam_zone(size: int, tile: int, stride: int, reach: int = SEAM_REACH) -> np.ndarray:
     """bool (size,): positions along a side within ``reach`` of a window's edge inside the slide."""
-    from competition.sliding_window import window_starts
-
     near = np.zeros(size, bool)
     for start in window_starts(size, tile, stride):
         for edge in (start, start + tile):
@@ -95,6 +93,7 @@ def run_child(args: list[str]) -> tuple[dict, int]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise SystemExit(f"slides_bench: the child {' '.join(args)} failed (exit code {process.returncode})")
+    print(f"slides_bench: {' '.join(args[:2])}: {output.decode().strip()}", file=sys.stderr)  # kept if cut short
     return json.loads(output), usage.ru_maxrss * 1024  # Linux counts kilobytes
 
 
