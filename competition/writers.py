@@ -304,6 +304,8 @@ class MaskFolder:
             shutil.rmtree(out / "overlays", ignore_errors=True)
             written = set()
         out.mkdir(parents=True, exist_ok=True)
+        for torn in out.glob(f"*{self.suffix}.partial"):  # a killed run's unfinished mask (a slide's: gigabytes)
+            torn.unlink()
         if self.output.overlays:
             (out / "overlays").mkdir(exist_ok=True)
         with atomic_output(record_path) as partial:

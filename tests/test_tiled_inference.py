@@ -105,6 +105,8 @@ def test_tiff_masks_written_band_by_band_are_the_files_of_whole_image_inference(
     run = constructed_run(tmp_path / "run", monkeypatch, classes)
     flags = ["--format", "tiff"]
     infer.main([*common_flags(run, data_dir, tmp_path / "whole"), *flags])
+    (tmp_path / "tiled").mkdir()
+    (tmp_path / "tiled" / "killed.tif.partial").write_bytes(b"II*\x00")  # a killed run's unfinished mask: removed
     infer.main([*common_flags(run, data_dir, tmp_path / "tiled"), *flags, "--tile", "64", "--tile-overlap", "0.5"])
     names = sorted(path.name for path in (tmp_path / "whole").glob("*.tif"))
     assert len(names) == 32 and not list((tmp_path / "tiled").glob("*.partial"))
