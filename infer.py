@@ -21,7 +21,7 @@ Every output is one stream into a writer (--format): rle, one img,rle_mask row p
 order (Carvana's, the default of its models); rle-csv, Kaggle's ImageId_ClassId,EncodedPixels rows; png, a
 palette PNG of class indices per test image (the data folder's test/ or test split, or --test-images DIR) in the
 --out folder (default: <work dir>/submissions/masks), --overlays adding colour overlays (the default of every
-other data set). --sample-submission FILE writes per-class RLE rows in the rows and columns of a competition's
+other data set); tiff, a tiled TIFF mask per image (written band by band with --tile, never whole). --sample-submission FILE writes per-class RLE rows in the rows and columns of a competition's
 sample submission (id,class,predicted; ImageId_ClassId,EncodedPixels; ImageId,ClassId,EncodedPixels).
 
 A postprocess.json in the checkpoints' run folder (written by --oof --tune) makes the masks of the test
@@ -84,7 +84,7 @@ from competition.rle import RLE_ORDERS
 from competition.shards import ShardSettings, ShardsFailed, describe_devices, write_on_devices
 from competition.sliding_window import WEIGHTINGS, Tiling
 from competition.submission import check_resume_flags
-from competition.writers import FORMATS, Output
+from competition.writers import FORMATS, MASK_FILES, Output
 
 logger = logging.getLogger("competition.infer")
 
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         help="png (a palette PNG of class indices per image; the default but on Carvana), rle-csv (Kaggle's "
-        "ImageId_ClassId,EncodedPixels rows) or rle (one img,rle_mask row per image, binary models; Carvana's default)",
+        "ImageId_ClassId,EncodedPixels rows), rle (one img,rle_mask row per image, binary models; Carvana's default) "
+        "or tiff (a tiled TIFF per image; with --tile written band by band: for slides larger than memory)",
     )
     submission.add_argument(
         "--rle-order", choices=RLE_ORDERS, help="rle-csv: flatten row- or column-major (default: the run's, else row)"
@@ -432,7 +433,7 @@ def output_of(args, config, data, paths: list[Path], tta: tuple[str, ...]) -> Ou
         raise ConfigError(f"--sample-submission {args.sample_submission}: no such file; name the competition's CSV")
     postprocess = None if args.no_postprocess else postprocess_of(args, paths, tta, config)
     tiling = args.tiling or tiling_of_run(config, args.batch_size)
-    default = "masks" if format == "png" else "submission.csv"
+    default = "masks" if format in MASK_FILES else "submission.csv"
     out = args.out or default_work_dir() / "submissions" / default
     rle_order = args.rle_order or getattr(config, "rle_order", None) or "row"  # the run's table's order, if it has one
     return Output(

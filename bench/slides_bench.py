@@ -7,10 +7,13 @@ competition.sliding_window with a per-pixel model (a glomerulus is purple: the p
 green channel, ``sigmoid((120 - G) / 6)``, no torch), the mask written band by band as .npy. Each step runs in a
 fresh process, so no size inherits another's memory: the prediction's peak RSS is the kernel's (getrusage) as it
 ends, before the mask is scored against the slide's truth (Dice, so a blending fault would show); writing's and
-reading's are read as their process ends (os.wait4). Then one window (--window a side) is read from the largest
+reading's are read as their process ends (os.wait4). Then the real ``infer.py --tile`` predicts the slide in a fresh
+process (``child_infer``: a checkpoint built as the tests build one, its model swapped for the same per-pixel model
+in torch), writing column-major RLE rows encoded band by band, its peak RSS against the imports'. Then one window (--window a side) is read from the largest
 slide, against what the whole image would take; and on the smallest, seams: see ``child_seams``.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -25,7 +28,7 @@ import numpy as np
 from competition.errors import ConfigError
 from competition.files import format_bytes
 from competition.logs import OneLineParser, exit_on_project_error
-from competition.sliding_window import check_tiling
+from competition.sliding_window import check_tiling, window_starts
 
 SEAM_REACH = 32  # pixels from a window's edge where seams are scored
 # Disk a size needs: the TIFF (deflate: well under its raw RGB), the float16 accumulator, the uint8 mask.
@@ -49,8 +52,6 @@ def blurred_purple(windows: np.ndarray) -> np.ndarray:
 
 def seam_zone(size: int, tile: int, stride: int, reach: int = SEAM_REACH) -> np.ndarray:
     """bool (size,): positions along a side within ``reach`` of a window's edge inside the slide."""
-    from competition.sliding_window import window_starts
-
     near = np.zeros(size, bool)
     for start in window_starts(size, tile, stride):
         for edge in (start, start + tile):
@@ -92,6 +93,7 @@ def run_child(args: list[str]) -> tuple[dict, int]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise SystemExit(f"slides_bench: the child {' '.join(args)} failed (exit code {process.returncode})")
+    print(f"slides_bench: {' '.join(args[:2])}: {output.decode().strip()}", file=sys.stderr)  # kept if cut short
     return json.loads(output), usage.ru_maxrss * 1024  # Linux counts kilobytes
 
 
@@ -135,6 +137,81 @@ def child_predict(size: int, work: Path, tile: int, overlap: float, weighting: s
     }
 
 
+def torch_purple():
+    """``purple`` as a torch model for infer.py: the logit ``(120 - G) / 6`` of each pixel's raw green value."""
+    import torch
+
+    class Purple(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 1)  # a parameter: the ensemble finds its device by it
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor([0.0, -1 / 6, 0.0]).view(1, 3, 1, 1))
+                self.conv.bias.fill_(20.0)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.conv(images.float())
+
+    return Purple()
+
+
+def slide_run(size: int, work: Path, tile: int, overlap: float) -> tuple[Path, Path]:
+    """(a data folder whose test/ holds the slide of ``size`` (linked, HuBMAP's layout: an RLE table, column-major),
+    a run folder of one full-resolution checkpoint for --tile, built as the tests build one: untrained, no
+    training)."""
+    from competition.checkpoints import save_checkpoint, summary
+    from competition.config import TrainConfig
+    from competition.models import build_model
+
+    data, run = work / f"data-{size}", work / f"run-{size}"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)
+    (data / "test").mkdir(parents=True)
+    (data / "train").mkdir()  # the layout's training folder: nothing is trained here
+    os.link(work / f"slide-{size}.tiff", data / "test" / "slide.tiff")
+    (data / "train.csv").write_text("id,encoding\n")
+    config = TrainConfig(
+        data_dir=str(data), out=str(run), encoder="resnet18", encoder_weights="none", size="full",
+        masks_csv="train.csv", rle_columns="id,encoding", rle_order="column", tile=tile, tile_overlap=overlap,
+    )  # fmt: skip
+    model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
+    (run / "fold0").mkdir(parents=True)
+    save_checkpoint({"model": model.state_dict(), **summary(config, 1, 0.0, (size, size))}, run / "fold0" / "best.pt")
+    return data, run
+
+
+def child_infer(size: int, work: Path, tile: int, overlap: float, weighting: str) -> dict:
+    """``infer.py --tile`` on the slide, its model swapped for ``torch_purple``: the prediction stream, the writer
+    (column-major RLE rows, encoded band by band) and their checks, as a user runs them."""
+    import dataclasses
+
+    import infer
+
+    data, run = work / f"data-{size}", work / f"run-{size}"  # slide_run's, made by the parent
+    load_member = infer.load_member
+
+    def purple_member(path, device, compile=False):
+        model = torch_purple().to(device)
+        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
+
+    infer.load_member = purple_member
+    os.environ["CARVANA_WORK_DIR"] = str(work)  # the accumulator's slide_cache
+    out = work / f"infer-{size}.csv"
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the interpreter and infer.py's imports
+    started = time.perf_counter()
+    flags = ["--tile", str(tile), "--tile-overlap", str(overlap), "--tile-weighting", weighting, "--batch-size", "4"]
+    with contextlib.redirect_stdout(sys.stderr):  # its log lines; this process's output is the JSON result
+        infer.main([
+            "--checkpoints", str(run), "--data-dir", str(data), "--workers", "0", "--out", str(out), "--overwrite",
+            "--format", "rle-csv", "--rle-order", "column", *flags,
+        ])  # fmt: skip
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rle = out.read_text().splitlines()[1].split(",", 1)[1]
+    area = sum(int(length) for length in rle.split()[1::2]) / (size * size)
+    return {"seconds": seconds, "baseline": baseline, "peak": peak, "area": area, "rle_bytes": len(rle)}
+
+
 def child_read(size: int, work: Path, side: int) -> dict:
     from competition.slides import open_slide
 
@@ -154,6 +231,10 @@ def child(argv: list[str]) -> None:
         result = child_write(size, work)
     elif step == "predict":
         result = child_predict(size, work, int(rest[0]), float(rest[1]), rest[2])
+    elif step == "setup":  # in a child: torch in this process would count in every later child's peak (fork)
+        result = [str(path) for path in slide_run(size, work, int(rest[0]), float(rest[1]))]
+    elif step == "infer":
+        result = child_infer(size, work, int(rest[0]), float(rest[1]), rest[2])
     elif step == "seams":
         result = child_seams(size, work, int(rest[0]), float(rest[1]))
     else:
@@ -185,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         measured = [size for size in sizes if fits(size, work)]
+        inferred: dict[int, dict] = {}
         print(
             "| slide | windows | windows/s | peak RSS (at start) | mask | RSS / mask | Dice | write: s, peak RSS, TIFF |"
         )
@@ -200,11 +282,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{format_bytes(rss)} ({format_bytes(predicted['baseline'])}) | {format_bytes(mask_bytes)} | {rss / mask_bytes:.2f} | {predicted['dice']:.4f} | "
                 f"{written['seconds']:.0f} s, {format_bytes(write_rss)}, {format_bytes(written['bytes'])} |"
             )
+            run_child(["setup", str(size), str(work), str(args.tile), str(args.tile_overlap)])
+            inferred[size], _ = run_child(["infer", str(size), str(work), *stride])
             if size == measured[0]:
                 seams, _ = run_child(["seams", str(size), str(work), str(args.tile), str(args.tile_overlap)])
             if size != measured[-1] and not args.keep:
                 remove_size(work, size)
         if measured:
+            print_infer(inferred, args.tile, args.tile_overlap)
             print(f"\nseams on the {measured[0]}x{measured[0]} slide, a model with context (blurred_purple):")
             print(
                 f"| windows | within {SEAM_REACH} px of window edges: Dice with the truth | Dice with the model "
@@ -226,6 +311,29 @@ def main(argv: list[str] | None = None) -> None:
                 remove_size(work, largest)
 
 
+def print_infer(inferred: dict[int, dict], tile: int, overlap: float) -> None:
+    """The table of ``infer.py --tile`` (``child_infer``) on each slide."""
+    print(
+        f"\ninfer.py --tile {tile} --tile-overlap {overlap} --format rle-csv --rle-order column (per-pixel torch "
+        "model; each mask's RLE encoded band by band, never whole):"
+    )
+    print(
+        "| slide | s | windows/s | peak RSS (after imports) | growth over imports | mask | growth / mask | mask area "
+        "| RLE |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    stride = check_tiling(tile, overlap)
+    for size, result in inferred.items():
+        growth, mask_bytes = result["peak"] - result["baseline"], size * size
+        windows = len(window_starts(size, tile, stride)) ** 2
+        print(
+            f"| {size}x{size} | {result['seconds']:.0f} | {windows / result['seconds']:.1f} | "
+            f"{format_bytes(result['peak'])} "
+            f"({format_bytes(result['baseline'])}) | {format_bytes(growth)} | {format_bytes(mask_bytes)} | "
+            f"{growth / mask_bytes:.2f} | {100 * result['area']:.2f}% | {format_bytes(result['rle_bytes'])} |"
+        )
+
+
 def fits(size: int, work: Path) -> bool:
     needed, free = size * size * DISK_PER_PIXEL, shutil.disk_usage(work).free
     if needed > free * 0.9:
@@ -237,8 +345,10 @@ def fits(size: int, work: Path) -> bool:
 
 
 def remove_size(work: Path, size: int) -> None:
-    for name in (f"slide-{size}.tiff", f"mask-{size}.npy"):
+    for name in (f"slide-{size}.tiff", f"mask-{size}.npy", f"infer-{size}.csv"):
         (work / name).unlink(missing_ok=True)
+    for folder in (f"data-{size}", f"run-{size}"):
+        shutil.rmtree(work / folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from competition.models import build_model
 from competition.postprocess import PostProcess, find_file, head_of, predicted_classes, read_postprocess
 from competition.prediction import average_views, model_input, predict_probabilities, prepare_model, view_probabilities
 from competition.prediction_stream import class_masks, expected_shape, image_batches, predict_into
+from competition.slides import header_shape
 from competition.submission import predicted_by
 from competition.writers import (
     Output,
@@ -242,9 +243,12 @@ def output_record(record: dict, output: Output) -> dict:
     return record | {"output": written}
 
 
-def validation_shape(expected: tuple[int, int] | None, data, order: list[str]):
+def validation_shape(expected: tuple[int, int] | None, data, order: list[str], tiled: bool = False):
     """The size each row's RLE must fit: the one size of the data's images (the models' ``expected``, else the first
-    test image's), else each image's own."""
+    test image's), else each image's own; of slides (``tiled``: predicted by the sliding window), from each file's
+    header (``slides.header_shape``)."""
+    if tiled:
+        return lambda image_id: header_shape(data.image_path(image_id, "test"))
     if data.fixed_image_size:
         return expected or data.image_shape(order[0], "test")
     return lambda image_id: data.image_shape(image_id, "test")
@@ -271,7 +275,8 @@ def write_predictions(
     order = writer.order(data)
     if writer.keep_finished(resume, overwrite):
         logger.info("%s: already complete (--resume); nothing to predict, --overwrite predicts it again", output.path)
-        return writer.finish(order, data, validation_shape(expected_shape(ensemble, data), data, order), finished=True)
+        shape = validation_shape(expected_shape(ensemble, data), data, order, output.tiling is not None)
+        return writer.finish(order, data, shape, finished=True)
     paths = [member.path for member in ensemble.members]
     record = output_record(prediction_record(paths, ensemble.tta, threshold, ensemble.members[0].config), output)
     sinks = []
@@ -289,9 +294,8 @@ def write_predictions(
         if not finished:
             log_stopped(output.path, writer.written(), len(order), deadline, predicted)
             return None
-        result = writer.finish(
-            order, data, validation_shape(expected_shape(ensemble, data), data, order), in_order=fixed and not done
-        )
+        shape = validation_shape(expected_shape(ensemble, data), data, order, output.tiling is not None)
+        result = writer.finish(order, data, shape, in_order=fixed and not done)
     log_written(writer.summary(result), predicted, seconds)
     return result
 

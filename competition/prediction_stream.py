@@ -304,9 +304,11 @@ def predict_slides_into(
     """``predict_into`` of images one at a time by the sliding window of ``tiling`` (windows in its batches, each
     through every model and TTA view; the blend's accumulator in memory, or on disk in the work folder's
     slide_cache when the image is large), each band labelled as whole images are (``band_labelling``: the head's
-    rule, or ``postprocess``'s thresholds, its area rules on the whole mask). Each image's mask, whole in memory
-    as uint8, goes to ``sink.encode`` and ``sink.write`` at once: the image is the unit of ``--resume``, and
-    ``deadline`` is checked before each image. Returns (images predicted, seconds, whether every image was written)."""
+    rule, or ``postprocess``'s thresholds; its area rules on the whole mask) and handed to ``sink.image_bands``
+    (its ``write(top, band)``, then ``finish()``, or ``discard()`` when the prediction fails: RLE rows and TIFFs are
+    encoded from the bands, never whole). What it makes goes to ``sink.write`` at once: the image is the unit of
+    ``--resume``, and ``deadline`` is checked before each image.
+    Returns (images predicted, seconds, whether every image was written)."""
     data.in_channels = ensemble.in_channels
     batch_size = tiling.batch_size
     cache_dir = default_work_dir() / "slide_cache"
@@ -325,14 +327,15 @@ def predict_slides_into(
                 if not pace.next_batch_fits():
                     break
                 with contextlib.closing(open_test_slide(data, image_id, cache_dir)) as slide:
-                    mask = np.empty(slide.shape[:2], np.uint8)
-
-                    def write(top: int, band: np.ndarray, mask=mask) -> None:
-                        mask[top : top + band.shape[0]] = band
-
-                    with area_rules_applied(write, slide.shape[:2], postprocess, image_id) as hand_on:
-                        predict_mask(slide, predict, hand_on, tiling.tile, tiling.overlap, labels, **options)
-                sink.write([(image_id, sink.encode(image_id, mask))])
+                    bands = sink.image_bands(image_id, slide.shape[:2])
+                    try:
+                        with area_rules_applied(bands.write, slide.shape[:2], postprocess, image_id) as hand_on:
+                            predict_mask(slide, predict, hand_on, tiling.tile, tiling.overlap, labels, **options)
+                        encoded = bands.finish()
+                    except BaseException:
+                        bands.discard()  # a file begun for the image goes: the image is the unit of --resume
+                        raise
+                sink.write([(image_id, encoded)])
                 predicted += 1
                 bar.update(1)
                 pace.batch_done(1)

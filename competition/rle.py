@@ -113,7 +113,13 @@ def rle_encode(mask: np.ndarray) -> str:
     """Encode a mask (any shape; non-zero is foreground) as a Carvana RLE string."""
     flat = _as_flat_bytes(mask)
     words = flat[: flat.shape[0] // 8 * 8].view(np.uint64)
-    return _format_runs(_find_runs(flat, words)).tobytes().decode("ascii")
+    return runs_text(_find_runs(flat, words))
+
+
+def runs_text(boundaries: np.ndarray) -> str:
+    """The RLE string of runs given by their boundaries, in order: the 1-indexed pixel where each run starts, then
+    the one (1-indexed) where it stopped, alternately; what ``rle_encode`` writes of the same runs, byte for byte."""
+    return _format_runs(np.asarray(boundaries, np.int64)).tobytes().decode("ascii")
 
 
 # Error codes returned by the compiled parser; the Python side turns them into messages.

@@ -221,7 +221,8 @@ def write_on_devices(
     if not all(outcome["finished"] for outcome in outcomes):
         log_stopped(settings.output.path, writer.written(), len(order), Deadline(settings.time_limit, settings.started))
         return None
-    result = writer.finish(order, data, validation_shape(ensemble_shape, data, order), in_order=False)
+    shape = validation_shape(ensemble_shape, data, order, settings.output.tiling is not None)
+    result = writer.finish(order, data, shape, in_order=False)
     # The shards predict at once: the longest one's prediction time (without spawning and model loading)
     # is the time the images took, as in the one-device run's line.
     log_written(writer.summary(result), len(todo), max((outcome["seconds"] for outcome in outcomes), default=0.0))

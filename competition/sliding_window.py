@@ -216,38 +216,6 @@ def npy_mask_writer(path: str | Path, height: int, width: int) -> Iterator[Calla
             raise ValueError(f"{path}: {written} of {height} rows written")
 
 
-class ColumnMajorRuns:
-    """HuBMAP's RLE (pixels numbered down each column, 1-indexed ``start length``) of a mask handed on band by band
-    (``write(top, band)``, in order): memory holds the runs found, and one row of the mask between bands."""
-
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
-        self.previous = np.zeros(width, np.int8)  # the last row written: runs go on across bands
-        self.starts: list[np.ndarray] = []  # (column, row) of each run's first pixel
-        self.ends: list[np.ndarray] = []  # (column, row) just past each run
-
-    def write(self, top: int, band: np.ndarray) -> None:
-        rows = np.vstack([self.previous[None], (band != 0).astype(np.int8)])
-        step = np.diff(rows, axis=0)  # +1 where a run begins, -1 just past where one ends
-        for found, sign in ((self.starts, 1), (self.ends, -1)):
-            row, column = np.nonzero(step == sign)
-            found.append(np.stack([column, row + top]).astype(np.int64))
-        self.previous = rows[-1]
-
-    def encoding(self) -> str:
-        """The RLE string, once every row is written."""
-        self.write(self.height, np.zeros((1, self.width), np.uint8))  # runs open at the last row end there
-        starts, ends = (np.concatenate(found, axis=1) for found in (self.starts, self.ends))
-        first, last = starts[0] * self.height + starts[1], ends[0] * self.height + ends[1]
-        first.sort()
-        last.sort()  # a column's runs follow one another, and the columns follow in order
-        if not first.size:
-            return ""
-        apart = first[1:] != last[:-1]  # a run to the end of a column and one from the top of the next are one
-        first, last = first[np.r_[True, apart]], last[np.r_[apart, True]]
-        return " ".join(f"{start + 1} {stop - start}" for start, stop in zip(first.tolist(), last.tolist()))
-
-
 def predict_mask(
     slide,
     predict: Predict,

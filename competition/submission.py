@@ -20,12 +20,13 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from competition.band_runs import PlaneRuns
 from competition.data import image_id_of, read_csv_file
 from competition.errors import ConfigError, DataError
 from competition.files import atomic_output, partial_path, tagged_partial_path
@@ -54,8 +55,36 @@ class ImageRows:
     def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
         return [(f"{image_id}.jpg", rle_encode(mask))]
 
+    def band_rows(self, image_id: str, shape: tuple[int, int]) -> "BandRows":
+        return BandRows(PlaneRuns(shape, "row", 1, lambda band: [band]), lambda rles: [(f"{image_id}.jpg", rles[0])])
+
     def order(self, data) -> list[str]:
         return sample_submission_order(data)
+
+
+class BandRows:
+    """An image's rows made from its mask handed on band by band (``write(top, band)``, top to bottom), never held
+    whole: ``finish()`` gives the rows that ``rows(image_id, mask)`` gives of the whole mask, byte for byte."""
+
+    def __init__(self, runs: PlaneRuns, rows_of: Callable[[list[str]], list[tuple[str, str]]]):
+        self.runs, self.rows_of = runs, rows_of
+
+    def write(self, top: int, band: np.ndarray) -> None:
+        self.runs.write(top, band)
+
+    def finish(self) -> list[tuple[str, str]]:
+        return self.rows_of(self.runs.encodings())
+
+    def discard(self) -> None:
+        """Nothing is written before ``finish``."""
+
+
+def plane_runs(shape: tuple[int, int], order: str, num_classes: int, multilabel: bool) -> PlaneRuns:
+    """The band-by-band encoders of ``class_rles`` (classes 1..K-1 of a class-index mask) or, with ``multilabel``,
+    of ``label_rles`` (labels 0..K-1 of a packed one), in ``order``."""
+    if multilabel:
+        return PlaneRuns(shape, order, num_classes, lambda band: label_planes(band, num_classes))
+    return PlaneRuns(shape, order, num_classes - 1, lambda band: class_planes(band, num_classes))
 
 
 class ClassRows:
@@ -80,6 +109,10 @@ class ClassRows:
         encode = label_rles if self.multilabel else class_rles
         return list(zip(self.names(image_id), encode(mask, self.num_classes, self.flatten)))
 
+    def band_rows(self, image_id: str, shape: tuple[int, int]) -> BandRows:
+        runs = plane_runs(shape, self.flatten, self.num_classes, self.multilabel)
+        return BandRows(runs, lambda rles: list(zip(self.names(image_id), rles)))
+
     def order(self, data) -> list[str]:
         """The test images in sorted order (no sample submission is read for these rows)."""
         test_ids = data.test_ids()
@@ -93,7 +126,18 @@ def class_rles(mask: np.ndarray, num_classes: int, order: str = "row") -> list[s
     column-major with ``order="column"``."""
     if order == "column":
         mask = np.ascontiguousarray(mask.T)
-    return [rle_encode((mask == index).astype(np.uint8)) for index in range(1, num_classes)]
+    return [rle_encode(plane) for plane in class_planes(mask, num_classes)]
+
+
+def class_planes(mask: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """bool masks of each class 1..K-1 of a class-index mask."""
+    return [mask == index for index in range(1, num_classes)]
+
+
+def label_planes(packed: np.ndarray, num_labels: int) -> list[np.ndarray]:
+    """bool masks of each class 0..K-1 of a packed multilabel mask (bit k: class k; 255, ignored, is in none)."""
+    labelled = packed != 255
+    return [((packed >> index) & 1).astype(bool) & labelled for index in range(num_labels)]
 
 
 def label_rles(packed: np.ndarray, num_labels: int, order: str = "row") -> list[str]:
@@ -101,10 +145,7 @@ def label_rles(packed: np.ndarray, num_labels: int, order: str = "row") -> list[
     1-indexed start/length pairs, flattened row-major, or column-major with ``order="column"``."""
     if order == "column":
         packed = np.ascontiguousarray(packed.T)
-    labelled = packed != 255
-    return [
-        rle_encode((((packed >> index) & 1).astype(bool) & labelled).astype(np.uint8)) for index in range(num_labels)
-    ]
+    return [rle_encode(plane) for plane in label_planes(packed, num_labels)]
 
 
 IMAGE_ROWS = ImageRows()
@@ -264,12 +305,20 @@ class SampleRows:
         return self.image_of_row[int(name)]
 
     def rows(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
-        rows = [int(name) for name in self.names(image_id)]
         if self.multilabel:
             rles = label_rles(mask, len(self.classes), self.flatten)
         else:
             rles = class_rles(mask, len(self.classes) + 1, self.flatten)
-        return [(str(row), rles[self.channels[row]]) for row in rows]
+        return self._rows_of(image_id, rles)
+
+    def band_rows(self, image_id: str, shape: tuple[int, int]) -> BandRows:
+        classes = len(self.classes) + (0 if self.multilabel else 1)
+        runs = plane_runs(shape, self.flatten, classes, self.multilabel)
+        return BandRows(runs, lambda rles: self._rows_of(image_id, rles))
+
+    def _rows_of(self, image_id: str, rles: list[str]) -> list[tuple[str, str]]:
+        """The image's rows, each holding the RLE of its class among ``rles`` (one per predicted class)."""
+        return [(name, rles[self.channels[int(name)]]) for name in self.names(image_id)]
 
     def publish(self, keyed: Path, out: Path, shape) -> pd.DataFrame:
         """The keyed rows of ``keyed`` written in the sample's order and columns to ``<out>.sample.partial``,

@@ -1,5 +1,7 @@
 """Where predicted masks go: RLE rows (Carvana's row per image, Kaggle's row per image and class) or a folder of
-palette PNGs (with colour overlays); each writer resumable, shardable over devices, and checked when finished."""
+palette PNGs (with colour overlays) or tiled TIFFs; each writer resumable, shardable over devices, and checked when
+finished. Each sink takes whole masks (``encode``, then ``write``) or, for the sliding window, an image's mask band
+by band (``image_bands``): RLE rows and TIFFs never hold the whole mask; a PNG is encoded whole."""
 
 import contextlib
 import io
@@ -36,10 +38,12 @@ from competition.submission import (
     start_rows,
     validate_submission,
 )
+from competition.tiff_masks import TiffBands, encode_tiff, tifffile_for_masks
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("png", "rle-csv", "rle")  # rle: one img,rle_mask row per image (Carvana's; binary models)
+FORMATS = ("png", "rle-csv", "rle", "tiff")  # rle: one img,rle_mask row per image (Carvana's; binary models)
+MASK_FILES = {"png": ".png", "tiff": ".tif"}  # the formats of a file per image, and its suffix
 # The first colours of the mask palette: background black, then distinct hues; more classes repeat them darker.
 BASE_COLOURS = (
     (0, 0, 0),
@@ -138,8 +142,8 @@ class Output:
     postprocess: PostProcess | None = None  # per-class rules making the masks, instead of the threshold
     tiling: Tiling | None = None  # each image predicted by a blended sliding window, not whole
 
-    def writer(self) -> "RowsFile | PngFolder":
-        return PngFolder(self) if self.format == "png" else RowsFile(self)
+    def writer(self) -> "RowsFile | MaskFolder":
+        return MaskFolder(self) if self.format in MASK_FILES else RowsFile(self)
 
 
 class RowsFile:
@@ -231,6 +235,10 @@ class RowsSink:
     def encode(self, image_id: str, mask: np.ndarray) -> list[tuple[str, str]]:
         return self.rows.rows(image_id, mask)
 
+    def image_bands(self, image_id: str, shape: tuple[int, int]):
+        """The rows of one image, from its mask band by band (``BandRows``): what ``encode`` gives, never whole."""
+        return self.rows.band_rows(image_id, shape)
+
     def write(self, items: list[tuple[str, list[tuple[str, str]]]]) -> None:
         self.writer.write([row for _, rows in items for row in rows])
 
@@ -244,18 +252,22 @@ class RowsSink:
             self.writer.handle.close()
 
 
-class PngFolder:
-    """A folder of palette PNGs of class indices, one per image (same stem), each written whole under a temporary
-    name, with ``overlays/<stem>.png`` when asked; every worker writes into the folder itself."""
+class MaskFolder:
+    """A folder of masks, one file per image (same stem): palette PNGs of class indices, with ``overlays/<stem>.png``
+    when asked (``--format png``), or tiled TIFFs (``--format tiff``); each written under a temporary name and then
+    renamed; every worker writes into the folder itself."""
 
     def __init__(self, output: Output):
-        self.path, self.output = Path(output.path), output
+        self.path, self.output, self.suffix = Path(output.path), output, MASK_FILES[output.format]
+        kind = output.format.upper()
         if self.path.suffix.lower() == ".csv" or (self.path.exists() and not self.path.is_dir()):
             raise ConfigError(
-                f"--out {self.path}: PNG masks go to a folder; name one, or pass --format rle-csv for a CSV"
+                f"--out {self.path}: {kind} masks go to a folder; name one, or pass --format rle-csv for a CSV"
             )
+        if output.format == "tiff":
+            tifffile_for_masks()  # not installed: one line now, not in every worker
         self.folder = self.path
-        self.description = "greyscale PNG masks of packed bits" if output.multilabel else "palette PNG masks"
+        self.description = f"greyscale {kind} masks of packed bits" if output.multilabel else f"palette {kind} masks"
 
     def order(self, data) -> list[str]:
         test_ids = data.test_ids()
@@ -270,11 +282,11 @@ class PngFolder:
         """The stems already predicted by the same checkpoints and settings (kept with ``resume``); a folder of
         other masks is never written into without ``overwrite``."""
         out = self.path
-        written = {path.stem for path in out.glob("*.png")} if out.is_dir() else set()
+        written = {path.stem for path in out.glob(f"*{self.suffix}")} if out.is_dir() else set()
         record_path = out / RECORD_NAME
         if written and not record_path.is_file():  # the user's own PNGs (the test images themselves, say)
             raise ConfigError(
-                f"--out {out} holds {len(written)} PNG file(s) that infer.py did not write (no {RECORD_NAME}); "
+                f"--out {out} holds {len(written)} {self.suffix} file(s) that infer.py did not write (no {RECORD_NAME}); "
                 "name another folder for the masks"
             )
         if written and not (resume or overwrite):
@@ -287,11 +299,13 @@ class PngFolder:
             if not isinstance(recorded, dict) or _comparable(recorded) != _comparable(record):
                 raise ConfigError(f"{out}: its masks were predicted by other checkpoints or settings; pass --overwrite")
         if overwrite and out.is_dir():
-            for path in out.glob("*.png"):
+            for path in out.glob(f"*{self.suffix}"):
                 path.unlink()
             shutil.rmtree(out / "overlays", ignore_errors=True)
             written = set()
         out.mkdir(parents=True, exist_ok=True)
+        for torn in out.glob(f"*{self.suffix}.partial"):  # a killed run's unfinished mask (a slide's: gigabytes)
+            torn.unlink()
         if self.output.overlays:
             (out / "overlays").mkdir(exist_ok=True)
         with atomic_output(record_path) as partial:
@@ -301,23 +315,26 @@ class PngFolder:
     def target(self, index: int | None = None, count: int = 1) -> str:
         return str(self.path)
 
-    def sink(self, target: str, data, resume: bool) -> "MaskSink":
+    def sink(self, target: str, data, resume: bool) -> "MaskSink | TiffSink":
         labels = self.output.num_classes if self.output.multilabel else None
-        sink = MaskSink(Path(target), data, palette(self.output.num_classes), self.output.overlays, labels)
+        if self.output.format == "tiff":
+            sink = TiffSink(Path(target), None if labels else palette(self.output.num_classes))
+        else:
+            sink = MaskSink(Path(target), data, palette(self.output.num_classes), self.output.overlays, labels)
         if resume:  # a retried shard: the masks its lost attempt wrote are whole (each renamed into place)
-            sink.done = {path.stem for path in Path(target).glob("*.png")}
+            sink.done = {path.stem for path in Path(target).glob(f"*{self.suffix}")}
         return sink
 
     def written(self) -> int:
-        return len(list(self.path.glob("*.png")))
+        return len(list(self.path.glob(f"*{self.suffix}")))
 
     def kept_in(self, target: str, image_ids: list[str]) -> str:
-        masks = sum((self.path / f"{image_id}.png").is_file() for image_id in image_ids)
+        masks = sum((self.path / f"{image_id}{self.suffix}").is_file() for image_id in image_ids)
         return f"its {masks} mask(s) and the other shards' masks are kept"
 
     def finish(self, order: list[str], data, shape, in_order: bool = True, finished: bool = False) -> int:
         """Checks that every image of ``order`` has its mask; their number."""
-        missing = [image_id for image_id in order if not (self.path / f"{image_id}.png").is_file()]
+        missing = [image_id for image_id in order if not (self.path / f"{image_id}{self.suffix}").is_file()]
         if missing:
             raise DataError(f"{self.path}: no mask for {len(missing)} test image(s), e.g. {missing[:3]}")
         return len(order)
@@ -327,7 +344,7 @@ class PngFolder:
         return f"{self.path}/: {count} {self.description} (classes {self.output.num_classes}){overlays}"
 
 
-def no_space_message(writer: "RowsFile | PngFolder", total: int) -> str:
+def no_space_message(writer: "RowsFile | MaskFolder", total: int) -> str:
     """The line for a disk that filled up while ``writer`` wrote: its folder, what is kept, how to go on."""
     return (
         f"{writer.folder}: no space left on its disk; {writer.written()} of the {total} test images are written "
@@ -336,7 +353,7 @@ def no_space_message(writer: "RowsFile | PngFolder", total: int) -> str:
 
 
 @contextlib.contextmanager
-def disk_full_is_one_line(writer: "RowsFile | PngFolder", total: int, sinks: list) -> Iterator[None]:
+def disk_full_is_one_line(writer: "RowsFile | MaskFolder", total: int, sinks: list) -> Iterator[None]:
     """A write refused for a full disk while the block runs becomes one line (OutputError, ``no_space_message``);
     the sinks opened (``sinks``) are closed first, the torn end of a row dropped (``--resume`` reads whole rows)."""
     try:
@@ -377,12 +394,65 @@ class MaskSink:
             return encode_png(mask.astype(np.uint8)), tinted
         return encode_mask_png(mask, self.colours), tinted
 
+    def image_bands(self, image_id: str, shape: tuple[int, int]) -> "WholeMask":
+        """A PNG is encoded whole: the bands are gathered into the image's mask first."""
+        return WholeMask(shape, lambda mask: self.encode(image_id, mask))
+
     def write(self, items: list[tuple[str, tuple[bytes, bytes | None]]]) -> None:
         for image_id, (mask, tinted) in items:
             if tinted is not None:  # first: a mask in the folder marks its image done, overlay included
                 with atomic_output(self.folder / "overlays" / f"{image_id}.png") as partial:
                     partial.write_bytes(tinted)
             with atomic_output(self.folder / f"{image_id}.png") as partial:
+                partial.write_bytes(mask)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass
+
+
+class WholeMask:
+    """An image's mask gathered from its bands (``write(top, band)``) for a sink that encodes whole masks:
+    ``finish()`` is ``encode`` of it."""
+
+    def __init__(self, shape: tuple[int, int], encode):
+        self.mask, self.encode = np.zeros(shape, np.uint8), encode
+
+    def write(self, top: int, band: np.ndarray) -> None:
+        self.mask[top : top + len(band)] = band
+
+    def finish(self):
+        return self.encode(self.mask)
+
+    def discard(self) -> None:
+        """Nothing is written before ``finish``."""
+
+
+class TiffSink:
+    """Writes masks as tiled TIFFs into the folder (``tiff_masks``): a whole mask encoded in memory (``encode``), or
+    an image's mask band by band into its temporary file (``image_bands``); ``write`` renames each into place."""
+
+    def __init__(self, folder: Path, colours: np.ndarray | None):
+        self.folder, self.colours = folder, colours
+        self.done: set[str] = set()
+
+    def encode(self, image_id: str, mask: np.ndarray) -> bytes:
+        return encode_tiff(mask, self.colours)
+
+    def image_bands(self, image_id: str, shape: tuple[int, int]) -> TiffBands:
+        return TiffBands(self.folder / f"{image_id}.tif", shape, self.colours)
+
+    def write(self, items: list[tuple[str, bytes | Path]]) -> None:
+        """Each mask into place: bytes (``encode``) written then renamed, a finished band file (``image_bands``)
+        renamed."""
+        for image_id, mask in items:
+            path = self.folder / f"{image_id}.tif"
+            if isinstance(mask, Path):
+                os.replace(mask, path)
+                continue
+            with atomic_output(path) as partial:
                 partial.write_bytes(mask)
 
     def flush(self) -> None:

@@ -168,23 +168,6 @@ def test_the_slides_bench_refuses_in_one_line(tmp_path, capsys, flags):
     assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-def test_column_major_runs_of_a_mask_written_band_by_band_are_hubmaps_rle():
-    from competition.rle import rle_encode
-    from competition.sliding_window import ColumnMajorRuns
-
-    rng = np.random.default_rng(2)
-    mask = (rng.random((70, 45)) < 0.3).astype(np.uint8)
-    mask[:, 3] = 1  # a column foreground from top to bottom: its run ends at the last row
-    mask[:, 4] = 1  # and the next one too: two runs that touch across the column's end
-    runs = ColumnMajorRuns(70, 45)
-    for top, rows in ((0, 16), (16, 1), (17, 40), (57, 13)):
-        runs.write(top, mask[top : top + rows])
-    assert runs.encoding() == rle_encode(mask.T)
-    empty = ColumnMajorRuns(5, 4)
-    empty.write(0, np.zeros((5, 4), np.uint8))
-    assert empty.encoding() == ""
-
-
 def test_no_room_for_the_accumulator_is_one_line_and_leaves_nothing(tmp_path, image, monkeypatch):
     import errno
     import os

@@ -4,6 +4,8 @@
 import dataclasses
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,13 @@ import torch
 from PIL import Image
 
 import infer
+from competition.checkpoints import save_checkpoint, summary
+from competition.config import TrainConfig
+from competition.models import build_model
 from competition.prediction_stream import PredictionPace
+from competition.rle import rle_encode
 from competition.submission import predicted_by_path
+from tests.conftest import HEIGHT, WIDTH
 from tests.test_shards import common_flags
 
 
@@ -31,6 +38,118 @@ class PixelModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.conv(images.float())
+
+
+class ClassPixelModel(torch.nn.Module):
+    """A per-pixel model of three classes (background, red minus green, blue minus green): logits that differ by at
+    least 0.0125 between any two classes, so that the blend's rounding cannot change the most probable class."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[0, 0, 0], [0.05, -0.05, 0], [0, -0.05, 0.05]]).view(3, 3, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0, 0.025, 0.0125]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float())
+
+
+def few_test_images(data_dir: Path, folder: Path, count: int = 4) -> list[str]:
+    """--test-images of ``count`` of the data's test images copied into ``folder``: a fast test predicts few."""
+    folder.mkdir()
+    for path in sorted((data_dir / "test").iterdir())[:count]:
+        shutil.copy(path, folder / path.name)
+    return ["--test-images", str(folder)]
+
+
+def constructed_run(out: Path, monkeypatch, classes: str = "", **settings) -> Path:
+    """A run folder of one untrained full-resolution checkpoint (made in a second, no training), whose model
+    infer.py swaps for PixelModel (binary) or ClassPixelModel (``classes``); ``settings``: more of its config."""
+    config = TrainConfig(
+        out=str(out), encoder="resnet18", encoder_weights="none", size="full", classes=classes, **settings
+    )
+    model = build_model(config.arch, config.encoder, "none", classes=config.output_channels())
+    (out / "fold0").mkdir(parents=True)
+    save_checkpoint(
+        {"model": model.state_dict(), **summary(config, 1, 0.0, (HEIGHT, WIDTH))}, out / "fold0" / "best.pt"
+    )
+    load_member = infer.load_member
+
+    def pixel_member(path, device, compile=False):
+        model = (ClassPixelModel() if classes else PixelModel()).to(device)
+        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
+
+    monkeypatch.setattr(infer, "load_member", pixel_member)
+    return out
+
+
+@pytest.mark.parametrize(
+    "classes, flags",
+    [
+        ("", ["--format", "rle"]),
+        ("", ["--format", "rle-csv", "--rle-order", "column"]),
+        ("background,red,blue", ["--format", "rle-csv", "--rle-order", "row"]),
+        ("background,red,blue", ["--format", "rle-csv", "--rle-order", "column"]),
+    ],
+)
+def test_rle_rows_written_band_by_band_are_the_rows_of_whole_image_inference(
+    classes, flags, data_dir, tmp_path, monkeypatch
+):
+    run = constructed_run(tmp_path / "run", monkeypatch, classes)
+    whole, tiled = tmp_path / "whole.csv", tmp_path / "tiled.csv"
+    if flags[1] != "rle":  # Carvana's rows follow its sample submission: every test image
+        flags = [*flags, *few_test_images(data_dir, tmp_path / "test")]
+    infer.main([*common_flags(run, data_dir, whole), *flags])
+    infer.main([*common_flags(run, data_dir, tiled), *flags, "--tile", "64", "--tile-overlap", "0.25"])
+    rows = whole.read_text().splitlines()
+    assert sum(len(row) > 60 for row in rows) > len(rows) // 2, "masks with foreground, not empty ones"
+    assert tiled.read_text() == whole.read_text()
+
+
+@pytest.mark.parametrize("classes", ["", "background,red,blue"])
+def test_tiff_masks_written_band_by_band_are_the_files_of_whole_image_inference(
+    classes, data_dir, tmp_path, monkeypatch
+):
+    import tifffile
+
+    from competition import tiff_masks
+
+    monkeypatch.setattr(tiff_masks, "TIFF_TILE", 48)  # several rows and columns of tiles, edge tiles padded
+    run = constructed_run(tmp_path / "run", monkeypatch, classes)
+    flags = ["--format", "tiff", *few_test_images(data_dir, tmp_path / "test")]
+    infer.main([*common_flags(run, data_dir, tmp_path / "whole"), *flags])
+    (tmp_path / "tiled").mkdir()
+    (tmp_path / "tiled" / "killed.tif.partial").write_bytes(b"II*\x00")  # a killed run's unfinished mask: removed
+    infer.main([*common_flags(run, data_dir, tmp_path / "tiled"), *flags, "--tile", "64", "--tile-overlap", "0.5"])
+    names = sorted(path.name for path in (tmp_path / "whole").glob("*.tif"))
+    assert len(names) == 4 and not list((tmp_path / "tiled").glob("*.partial"))
+    assert all((tmp_path / "whole" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes() for name in names)
+    with tifffile.TiffFile(tmp_path / "tiled" / names[0]) as tiff:
+        page = tiff.pages[0]
+        mask = page.asarray()
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (48, 48) and mask.shape == (HEIGHT, WIDTH)
+        assert set(mask.ravel().tolist()) == ({0, 1, 2} if classes else {0, 1})
+
+
+def test_slides_rows_are_checked_against_their_tiff_headers_not_decoded_by_pillow(tmp_path, monkeypatch):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    data = tmp_path / "slides"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    (data / "train.csv").write_text("id,encoding\n")
+    slide = np.random.default_rng(5).integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    tifffile.imwrite(data / "test" / "a.tiff", slide, tile=(64, 64), photometric="rgb")
+    layout = {"masks_csv": "train.csv", "rle_columns": "id,encoding", "rle_order": "column"}
+    run = constructed_run(tmp_path / "run", monkeypatch, data_dir=str(data), **layout)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a small slide past Pillow's decompression-bomb limit
+    out = tmp_path / "rows.csv"
+    infer.main([*common_flags(run, data, out), "--tile", "64", "--format", "rle-csv", "--rle-order", "column"])
+    red_over_green = (0.2 * (slide[..., 0].astype(int) - slide[..., 1]) + 0.1 > 0).astype(np.uint8)
+    assert out.read_text() == f"ImageId_ClassId,EncodedPixels\na_1,{rle_encode(red_over_green.T.copy())}\n"
 
 
 @pytest.fixture

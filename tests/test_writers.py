@@ -358,3 +358,25 @@ def test_oof_tune_writes_postprocess_json_that_infer_applies(parts, tmp_path, ca
     (run / "postprocess.json").write_text(json.dumps(tuned_elsewhere))
     error = run_infer([*flags, "--oof", "--tune", "--folds-csv", str(folds), "--out-dir", str(tmp_path / "o")], capsys)
     assert "postprocess.json was tuned on other checkpoints; pass --overwrite to replace it" in error
+
+
+@pytest.mark.parametrize("tile", [16, 32])
+def test_a_tiff_mask_written_band_by_band_is_the_whole_masks_file_and_a_failed_one_leaves_nothing(
+    tmp_path, monkeypatch, tile
+):
+    from competition import tiff_masks
+    from competition.writers import palette
+
+    monkeypatch.setattr(tiff_masks, "TIFF_TILE", tile)
+    mask = np.random.default_rng(3).integers(0, 3, (70, 45), dtype=np.uint8)
+    bands = tiff_masks.TiffBands(tmp_path / "a.tif", mask.shape, palette(3))
+    for top, bottom in ((0, 20), (20, 21), (21, 64), (64, 70)):  # bands across the tiles' rows, the last one short
+        bands.write(top, mask[top:bottom])
+    written = bands.finish()
+    assert written == tmp_path / "a.tif.partial" and written.read_bytes() == tiff_masks.encode_tiff(mask, palette(3))
+    failed = tiff_masks.TiffBands(tmp_path / "b.tif", mask.shape, None)
+    failed.write(0, mask[:40])
+    with pytest.raises(ValueError, match="expected row 40"):
+        failed.write(50, mask[50:])
+    failed.discard()
+    assert not (tmp_path / "b.tif.partial").exists() and not failed.thread.is_alive()
