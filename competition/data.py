@@ -45,6 +45,11 @@ def _decoding(source: str, what: str = "image"):
     """Pillow's ways of saying a file is not a readable image, as one DataError naming the file."""
     try:
         yield
+    except Image.DecompressionBombError as error:  # not a broken file: one larger than Pillow decodes unasked
+        raise DataError(
+            f"{source}: the {what} is larger than Pillow decodes whole ({error}); an image this large is a slide: "
+            "train and predict it by windows with --tile (masks as tiled TIFFs or an RLE table)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         # Pillow names an unknown format by its stream object's address: the file is named here instead.
         reason = "not an image format Pillow reads" if isinstance(error, UnidentifiedImageError) else error

@@ -41,6 +41,7 @@ from competition.submission import (
     IMAGE_ROWS,
     RECORD_NAME,
     check_rows,
+    first_rows,
     sample_image_id,
     split_rle_columns,
 )
@@ -169,6 +170,9 @@ def score_submission(
         missing = {"img", "rle_mask"} - set(frame.columns)
         if missing:
             raise DataError(f"{name} lacks column(s) {sorted(missing)}; expected img,rle_mask")
+    if truth.empty:
+        raise DataError(f"{truth_source} has no rows: nothing to score; name the truth of the images predicted")
+    first_rows(truth, truth_source)  # a repeated truth row would replace the first silently
     checked = check_rows(
         submission[["img", "rle_mask"]], source, truth["img"].tolist(), shape, IMAGE_ROWS, truth_source
     )

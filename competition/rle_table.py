@@ -283,16 +283,18 @@ class RLETableData(SegmentationData):
             return super().class_pixel_counts(image_id)
         height, width = self.image_shape(image_id)
         counts = np.zeros(self.num_classes, np.int64)
+        runs = []
         for label, rle, _ in rows:
             try:
                 starts, ends = rle_runs(rle, height * width)
             except RLEError:
                 return super().class_pixel_counts(image_id)  # drawn, to stop with drawing's line and its fix
             counts[label if self.multilabel else label + 1] = (ends - starts).sum()
+            runs.append((starts, ends))
         if not self.multilabel:
-            counts[0] = height * width - counts[1:].sum()
-            if counts[0] < 0:  # classes that overlap: drawn, to stop with the overlap's one line
+            if _runs_overlap(runs):  # classes that overlap: drawn, to stop with the overlap's one line
                 return super().class_pixel_counts(image_id)
+            counts[0] = height * width - counts[1:].sum()
         return counts
 
     def _mask(self, image_id: str, split: str = "train") -> tuple[np.ndarray, str]:
@@ -309,3 +311,13 @@ class RLETableData(SegmentationData):
     def _checked_mask(self, image_id: str) -> np.ndarray:
         """The mask drawn at the size of its image decoded to the end: every row checked against that image."""
         return self.draw(image_id, decoded_image_shape(self, image_id))
+
+
+def _runs_overlap(runs: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Whether any two of the rows' runs (pixel index ``[start, end)`` in one flattening order) share a pixel."""
+    if not runs:
+        return False
+    starts, ends = (np.concatenate(parts) for parts in zip(*runs))
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    return bool((starts[1:] < np.maximum.accumulate(ends)[:-1]).any())

@@ -236,11 +236,15 @@ def describe_devices(devices: list[str]) -> str:
     return ", ".join(f"{devices.count(device)} x {device}" for device in dict.fromkeys(devices))
 
 
+def cpu_shard_threads(cpu_shards: int) -> int:
+    """The torch threads of each of ``cpu_shards`` shards on the CPU: they share the cores, not oversubscribe them."""
+    return max(1, (os.cpu_count() or 1) // max(1, cpu_shards))
+
+
 def _jobs(writer, batches: list[list[str]], devices: list[str], settings: ShardSettings) -> list[ShardJob]:
     if not devices:  # nothing left to predict
         return []
-    cpu_shards = sum(device.startswith("cpu") for device in devices)
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_shards))  # CPU shards share the cores, not oversubscribe
+    threads = cpu_shard_threads(sum(device.startswith("cpu") for device in devices))
     # Likewise the decoders of every shard share the cores: --workers in all, not per shard (0 stays 0: each
     # shard decodes in its own process)
     workers = max(1, settings.workers // max(1, len(devices))) if settings.workers else 0

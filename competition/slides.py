@@ -212,13 +212,8 @@ def _pixel_limit_lifted():
 
 
 def _pillow_shape(path: Path) -> tuple[int, int, int]:
-    """(height, width, 3) from the file's header; a file Pillow cannot open is decoded to say why in one line."""
-    try:
-        with _pixel_limit_lifted(), Image.open(path) as header:
-            return (header.height, header.width, 3)
-    except (OSError, ValueError, SyntaxError):
-        _decode_whole(path, np.empty((0, 0, 3), np.uint8))  # decode_image's one line naming the file
-        raise
+    """(height, width, 3) from the file's header (``header_shape``: a file Pillow cannot open is one line)."""
+    return (*header_shape(path), 3)
 
 
 def _copy_bands(tiles: _TiffTiles, out: np.ndarray) -> None:
@@ -340,7 +335,8 @@ def open_mask(path: str | Path, cache_dir: str | Path, decode_whole, classes_of,
             tiles.close()
 
     def decode(out: np.ndarray) -> None:
-        mask = decode_whole()
+        with _pixel_limit_lifted():  # a slide's mask is big on purpose, as its slide is
+            mask = decode_whole()
         if mask.shape != out.shape:  # the header said otherwise: a file whose pages disagree
             raise DataError(
                 f"{path}: the mask decodes to {mask.shape[1]}x{mask.shape[0]}, its header says {shape[1]}x{shape[0]}"

@@ -578,14 +578,9 @@ def read_submission(path: str | Path, rows: "ImageRows | ClassRows" = IMAGE_ROWS
     return frame
 
 
-def check_rows(
-    frame: pd.DataFrame, path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS,
-    expected_from: str = "the test set",
-) -> pd.DataFrame:  # fmt: skip
-    """Check that every expected row name of ``expected_from`` (e.g. ``the truth t.csv``) appears exactly once in
-    the rows ``frame`` read from ``path`` and nothing else, and that every RLE decodes within an image of ``shape``
-    (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function; a fault names the file's row (the header is
-    row 1). Returns the rows with each mask's area fraction."""
+def first_rows(frame: pd.DataFrame, path) -> dict[str, int]:
+    """{row name: its row in the file} of ``frame``'s ``img`` column (the header is row 1); one line naming the first
+    row that repeats a name."""
     first_row: dict[str, int] = {}
     repeats = []
     for number, name in enumerate(frame["img"], start=2):
@@ -595,6 +590,18 @@ def check_rows(
     if repeats:
         more = f" ({len(repeats)} repeated rows in all)" if len(repeats) > 1 else ""
         raise DataError(f"{repeats[0]}; each image takes one row{more}")
+    return first_row
+
+
+def check_rows(
+    frame: pd.DataFrame, path, expected_images: list[str], shape, rows: "ImageRows | ClassRows" = IMAGE_ROWS,
+    expected_from: str = "the test set",
+) -> pd.DataFrame:  # fmt: skip
+    """Check that every expected row name of ``expected_from`` (e.g. ``the truth t.csv``) appears exactly once in
+    the rows ``frame`` read from ``path`` and nothing else, and that every RLE decodes within an image of ``shape``
+    (HEIGHT, WIDTH), or of ``shape(image_id)`` when it is a function; a fault names the file's row (the header is
+    row 1). Returns the rows with each mask's area fraction."""
+    first_row = first_rows(frame, path)
     expected = set(expected_images)
     unknown = [(number, name) for name, number in first_row.items() if name not in expected]
     if unknown:

@@ -117,7 +117,9 @@ class TiffBands:
 
     def discard(self) -> None:
         if self.thread.is_alive():
-            with contextlib.suppress(queue.Full):
-                self.rows.put(_ABANDONED, timeout=5)
-            self.thread.join(timeout=30)
+            with contextlib.suppress(queue.Empty):  # rows the writer has not taken: the end needs their room
+                while True:
+                    self.rows.get_nowait()
+            self.rows.put(_ABANDONED)  # only this side puts: the emptied queue takes it at once
+            self.thread.join()
         self.partial.unlink(missing_ok=True)

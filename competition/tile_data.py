@@ -197,7 +197,7 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
     Gaussian-blended, as infer.py stitches them) and compared band by band with its mask's windows: neither the
     slide's probabilities nor its mask is held whole; ignored pixels count nowhere. One class: ``val_dice`` and
     ``val_iou`` averaged over the slides; multilabel: ``val_dice`` (per slide and class) and ``val_miou`` (per class
-    over the slides); several classes: the confusion matrix summed over the slides (``confusion``), which training
+    over the slides), with each class's ``dice_<class>`` and ``iou_<class>``; several classes: the confusion matrix summed over the slides (``confusion``), which training
     scores as it scores whole images'."""
     model.eval()
     device = next(model.parameters()).device
@@ -216,9 +216,11 @@ def stitched_scores(model: torch.nn.Module, slides: list[TiledSlide], config: Tr
     if multilabel:
         unions = (predicted + truth - both).sum(0)
         iou = np.where(unions > 0, both.sum(0) / np.maximum(unions, 1), np.nan)
-        return {
+        return {  # each class's too, replacing the windows' (the per-class line agrees with its means)
             "val_dice": float(dice.mean()),
             "val_miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else np.nan,
+            **{f"dice_{name}": float(value) for name, value in zip(classes, dice.mean(0))},
+            **{f"iou_{name}": float(value) for name, value in zip(classes, iou)},
         }
     iou = np.where(predicted + truth == 0, 1.0, both / np.maximum(predicted + truth - both, 1))
     return {"val_dice": float(dice.mean()), "val_iou": float(iou.mean())}

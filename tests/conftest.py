@@ -1,5 +1,6 @@
 """Shared fixtures: one small synthetic Carvana data set, as folders and as the competition's zips."""
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from competition.clock import Deadline
+from competition.shards import cpu_shard_threads
 from competition.synthetic import generate
 from tests.layout_fixtures import cut_short
 
@@ -22,6 +24,26 @@ class ManualDeadline(Deadline):
 
     def elapsed(self) -> float:
         return self.now
+
+
+@contextlib.contextmanager
+def threads_of_cpu_shards(count: int = 2):
+    """torch threads as each of ``count`` CPU shards has them (``shards.cpu_shard_threads``), for a one-device run
+    compared byte for byte with ``--devices cpu,cpu``: PyTorch's CPU kernels may round a near tie the other way
+    with another thread count (on a 2-core AMD EPYC, 1 pixel in 2 of 32 softmax masks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_shard_threads(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def threads_as_cpu_shards():
+    """The test's one-device runs take the threads of a shard of ``--devices cpu,cpu`` (``threads_of_cpu_shards``)."""
+    with threads_of_cpu_shards():
+        yield
 
 
 @pytest.fixture(autouse=True)

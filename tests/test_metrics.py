@@ -333,3 +333,23 @@ def test_a_bad_hubmap_submission_is_one_line_and_exit_2(tmp_path, capsys, rows, 
     code, out, error = score_csv(submission, truth, capsys, "--size", "4x5")
     assert (code, out) == (2, "")
     assert error.startswith("metrics: error: ") and message in error and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize(
+    "truth_rows, message",
+    [
+        (
+            ["id,encoding", "a,1 2", "b,3 4", "a,1 5"],
+            "test_masks.csv: row 4 repeats a of row 2; each image takes one row",
+        ),
+        (["id,encoding"], "test_masks.csv has no rows: nothing to score"),
+        (["img,rle_mask"], "test_masks.csv has no rows: nothing to score"),
+    ],
+)
+def test_a_bad_truth_table_is_one_line_and_exit_2(tmp_path, capsys, truth_rows, message):
+    truth, submission = tmp_path / "test_masks.csv", tmp_path / "submission.csv"
+    truth.write_text("\n".join(truth_rows) + "\n")
+    submission.write_text("id,predicted\na,1 2\nb,\n")
+    code, out, error = score_csv(submission, truth, capsys, "--size", "4x5")
+    assert (code, out) == (2, "")
+    assert error.startswith("metrics: error: ") and message in error and error.count("\n") == 1, error

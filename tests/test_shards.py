@@ -20,6 +20,7 @@ import infer
 from competition.errors import ConfigError
 from competition.shards import shard_bounds
 from competition.submission import HEADER, gather_rows, keep_finished, shard_files
+from tests.conftest import threads_of_cpu_shards
 from tests.test_inference import (
     best_checkpoints,
     one_line,
@@ -99,7 +100,8 @@ def common_flags(trained_run, data_dir, out):
 def one_device_submission(trained_run, data_dir, tmp_path_factory):
     """The submission of an uninterrupted run on one device, in this process: what every other run must equal."""
     out = tmp_path_factory.mktemp("one_device") / "submission.csv"
-    infer.main([*common_flags(trained_run, data_dir, out), "--tta"])
+    with threads_of_cpu_shards():
+        infer.main([*common_flags(trained_run, data_dir, out), "--tta"])
     return out.read_bytes()
 
 
@@ -209,6 +211,7 @@ def many_test_images(data_dir: Path, folder: Path, copies: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_kill_9_of_the_driver_stops_every_shard_and_resume_finishes_the_same_file(trained_run, data_dir, tmp_path):
     data = many_test_images(data_dir, tmp_path / "data", copies=12)  # 384 images
     out = tmp_path / "submission.csv"
@@ -260,6 +263,7 @@ def writer_of(path: Path, pids: list[int]) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_a_shard_whose_process_dies_is_reported_and_the_other_finishes(trained_run, data_dir, tmp_path):
     data = many_test_images(data_dir, tmp_path / "data", copies=12)  # 384 images
     out = tmp_path / "submission.csv"

@@ -356,3 +356,19 @@ def test_an_images_size_comes_from_its_header_without_a_decode(tmp_path, image, 
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(DataError, match="cut.png: the image does not decode"):
         slides.header_shape(tmp_path / "cut.png")
+
+
+def test_a_mask_past_pillows_pixel_limit_is_decoded_for_tiles_and_said_in_one_line_elsewhere(tmp_path, monkeypatch):
+    from competition.data import decode_mask
+
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((100, 120), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises past twice its limit: 12,000 pixels do
+    with pytest.raises(DataError, match=r"mask.png: the mask is larger than Pillow decodes whole .* --tile"):
+        decode_mask(path.read_bytes(), str(path))
+
+    def decode_whole() -> np.ndarray:  # the data layer's own read, as the layouts give it to open_mask
+        return decode_mask(path.read_bytes(), str(path))
+
+    mask = slides.open_mask(path, tmp_path / "cache", decode_whole, _as_classes, "rules")
+    assert mask.read(0, 0, 100, 120).shape == (100, 120) and Image.MAX_IMAGE_PIXELS == 1000

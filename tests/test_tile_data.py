@@ -309,6 +309,9 @@ def test_validation_of_multilabel_slides_scores_each_class_of_the_stitched_slide
     pixels = SIDE * SIDE
     assert scores["val_dice"] == pytest.approx((2 * truths / (pixels + truths)).mean())
     assert scores["val_miou"] == pytest.approx((truths.sum(0) / (2 * pixels)).mean())
+    for index, name in enumerate(("disc", "half")):  # each class's own, as the per-class line shows them
+        assert scores[f"dice_{name}"] == pytest.approx((2 * truths[:, index] / (pixels + truths[:, index])).mean())
+        assert scores[f"iou_{name}"] == pytest.approx(truths[:, index].sum() / (2 * pixels))
 
 
 @pytest.mark.parametrize("folder_slides", ["binary"], indirect=True)

@@ -58,6 +58,7 @@ def masks_of(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_path, capfd, caplog):
     data, _, run = parts
     common = ["--checkpoints", str(run), "--tta", "--workers", "0", "--batch-size", "2", "--overlays"]
@@ -82,6 +83,7 @@ def test_png_masks_on_two_cpu_devices_are_the_files_of_one_device(parts, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_per_class_rle_rows_stopped_by_the_clock_and_resumed_are_the_uninterrupted_file(
     parts, tmp_path, monkeypatch, caplog, capsys
 ):
@@ -116,6 +118,7 @@ def test_per_class_rle_rows_stopped_by_the_clock_and_resumed_are_the_uninterrupt
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_a_killed_shard_worker_of_a_png_run_resumed_gives_the_same_files(parts, tmp_path):
     run = parts[2]
     out = tmp_path / "masks"
@@ -264,7 +267,7 @@ def test_resume_never_mixes_formats_nor_touches_pngs_it_did_not_write(parts, tmp
     own = tmp_path / "own"
     own.mkdir()
     (own / "photo.png").write_bytes(b"not ours")
-    with pytest.raises(ConfigError, match="holds 1 PNG file"):
+    with pytest.raises(ConfigError, match=r"holds 1 \.png file\(s\) that infer.py did not write"):
         infer.main(["--checkpoints", str(run), "--workers", "0", "--out", str(own), "--overwrite", "--debug"])
     assert (own / "photo.png").read_bytes() == b"not ours"
 
@@ -283,6 +286,7 @@ def parts_sample(data: Path, path: Path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("threads_as_cpu_shards")
 def test_sample_submission_rows_stopped_by_the_clock_and_resumed_on_two_devices(
     parts, tmp_path, monkeypatch, caplog, capsys
 ):
