@@ -1,7 +1,6 @@
 """Training on tiles (--tile): windows of slides and their RLE masks as data sets of the pipeline, the folds, and
 the settings."""
 
-
 import numpy as np
 import pandas as pd
 import pytest
