@@ -156,7 +156,11 @@ def test_the_slides_bench_measures_each_size_in_its_own_process(tmp_path, capsys
     assert "| 25 |" in rows[0] and "| 121 |" in rows[1]  # windows of 256 every 192 pixels
     assert all(float(row.split("|")[7]) > 0.99 for row in rows)  # Dice of the per-pixel model against the truth
     assert "one 512x512 window of the 2048x2048 tiled TIFF" in out
-    seams = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines() if "overlap" in line}
+    seams = {
+        line.split("|")[1].strip(): float(line.split("|")[3])
+        for line in out.splitlines()
+        if line.startswith("|") and ", overlap " in line
+    }
     assert seams["gaussian, overlap 0.25"] > 0.99 > seams["uniform, overlap 0.0"]  # blended: no seam to speak of
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # slides, masks and accumulators removed
 
