@@ -63,6 +63,17 @@ def few_test_images(data_dir: Path, folder: Path, count: int = 4) -> list[str]:
     return ["--test-images", str(folder)]
 
 
+def swap_models(monkeypatch, pixel_model: type[torch.nn.Module]) -> None:
+    """infer.py's checkpoints loaded as they are, each model swapped for a fresh ``pixel_model()``."""
+    load_member = infer.load_member
+
+    def pixel_member(path, device, compile=False):
+        model = pixel_model().to(device)
+        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
+
+    monkeypatch.setattr(infer, "load_member", pixel_member)
+
+
 def constructed_run(out: Path, monkeypatch, classes: str = "", **settings) -> Path:
     """A run folder of one untrained full-resolution checkpoint (made in a second, no training), whose model
     infer.py swaps for PixelModel (binary) or ClassPixelModel (``classes``); ``settings``: more of its config."""
@@ -74,13 +85,7 @@ def constructed_run(out: Path, monkeypatch, classes: str = "", **settings) -> Pa
     save_checkpoint(
         {"model": model.state_dict(), **summary(config, 1, 0.0, (HEIGHT, WIDTH))}, out / "fold0" / "best.pt"
     )
-    load_member = infer.load_member
-
-    def pixel_member(path, device, compile=False):
-        model = (ClassPixelModel() if classes else PixelModel()).to(device)
-        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
-
-    monkeypatch.setattr(infer, "load_member", pixel_member)
+    swap_models(monkeypatch, ClassPixelModel if classes else PixelModel)
     return out
 
 
@@ -159,13 +164,7 @@ def pixel_checkpoints(trained_run, tmp_path, monkeypatch):
     checkpoint["config"]["size"] = "full"
     (tmp_path / "pixel" / "fold0").mkdir(parents=True)
     torch.save(checkpoint, tmp_path / "pixel" / "fold0" / "best.pt")
-    load_member = infer.load_member
-
-    def pixel_member(path, device, compile=False):
-        model = PixelModel().to(device)
-        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
-
-    monkeypatch.setattr(infer, "load_member", pixel_member)
+    swap_models(monkeypatch, PixelModel)
     return tmp_path / "pixel"
 
 
@@ -287,13 +286,7 @@ def label_run(tmp_path, monkeypatch):
     save_checkpoint(
         {"model": model.state_dict(), **summary(config, 1, 0.0, (64, 96))}, tmp_path / "run" / "fold0" / "best.pt"
     )
-    load_member = infer.load_member
-
-    def pixel_member(path, device, compile=False):
-        model = LabelPixelModel().to(device)
-        return dataclasses.replace(load_member(path, device, compile), model=model, forward=model)
-
-    monkeypatch.setattr(infer, "load_member", pixel_member)
+    swap_models(monkeypatch, LabelPixelModel)
     return tmp_path / "run"
 
 
