@@ -155,6 +155,15 @@ def predict_probabilities(
     return average_views(view_probabilities(model, images, tta, precision, multilabel), output_size)
 
 
+def most_probable_class(probabilities: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) scores -> int64 (N, H, W): the index of each pixel's highest score (the first of equals), as
+    ``argmax(1)`` gives it. On the CPU the class axis is made the last first: argmax across strided channels
+    there is about 4x slower than over contiguous ones (11 classes at 360x480), for the cost of one copy."""
+    if probabilities.device.type != "cpu":
+        return probabilities.argmax(1)
+    return probabilities.permute(0, 2, 3, 1).contiguous().argmax(-1)
+
+
 def label_masks(probabilities: torch.Tensor, thresholds) -> np.ndarray:
     """(N, K, H, W) multilabel probabilities -> uint8 (N, H, W) packed masks: bit k set where class k's probability
     is above its threshold (``thresholds``: one per class, or one number for every class)."""

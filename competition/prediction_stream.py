@@ -17,7 +17,7 @@ from competition.data import Loader, resize_image, same_size_batches, to_chw
 from competition.environment import default_work_dir, explain_out_of_memory
 from competition.errors import CheckpointError, DataError
 from competition.postprocess import PostProcess
-from competition.prediction import label_masks
+from competition.prediction import label_masks, most_probable_class
 from competition.slide_inference import area_rules_applied, band_labelling, window_predictor
 from competition.slides import TIFF_SUFFIXES, open_slide
 from competition.sliding_window import InMemory, Tiling, predict_mask
@@ -131,7 +131,7 @@ def class_masks(probabilities: torch.Tensor, threshold, multilabel: bool = False
         return label_masks(probabilities, threshold)
     if probabilities.shape[1] == 1:
         return (probabilities[:, 0] > threshold).to(torch.uint8).cpu().numpy()
-    return probabilities.argmax(1).to(torch.uint8).cpu().numpy()
+    return most_probable_class(probabilities).to(torch.uint8).cpu().numpy()
 
 
 class PredictionPace:

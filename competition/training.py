@@ -39,7 +39,14 @@ from competition.fold_data import FoldData, open_training_data, set_up_fold, una
 from competition.losses import build_loss
 from competition.metrics import confusion_matrix, dice_per_image, iou_per_image, segmentation_scores
 from competition.models import build_model
-from competition.prediction import autocast, model_input, predict_probabilities, prepare_model, setup_device
+from competition.prediction import (
+    autocast,
+    model_input,
+    most_probable_class,
+    predict_probabilities,
+    prepare_model,
+    setup_device,
+)
 from competition.run_folder import (
     claim_run_folder,
     commit_epoch,
@@ -180,7 +187,7 @@ def evaluate(model, loader, loss_fn, precision: str, classes: list[str] | None =
             class_map = predicted.squeeze(1).long()
         else:  # the log of softmax probabilities: logits whose softmax gives them back
             logits = torch.log(probabilities.clamp_min(1e-6))
-            class_map = probabilities.argmax(1)
+            class_map = most_probable_class(probabilities)
         losses.append(loss_fn(logits, masks) * len(images))
         if confusion is not None:
             truth = masks.squeeze(1).long() if masks.dim() == 4 else masks

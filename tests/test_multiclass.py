@@ -229,3 +229,15 @@ def test_labels_pack_and_unpack_to_the_same_masks():
         assert packed.dtype == np.uint8 and packed.max() < 255  # 255 stays the ignore value
         assert np.array_equal(unpack_labels(packed, count), masks)
         assert np.array_equal(packed, (masks * (1 << np.arange(count))[:, None, None]).sum(0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_most_probable_class_is_argmax_over_channels_first_of_equals_included(seed):
+    """The channels-last argmax gives argmax(1)'s classes, ties (the first of equal scores) included."""
+    from competition.prediction import most_probable_class
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (2, 5, 7, 9), generator=generator).float()  # three values: many ties
+    expected = torch.from_numpy(np.argmax(scores.numpy(), axis=1))  # numpy's argmax: the first of equals
+    assert torch.equal(most_probable_class(scores), expected) and torch.equal(scores.argmax(1), expected)
+    assert torch.equal(most_probable_class(scores[:, :, ::2]), scores[:, :, ::2].argmax(1))  # a strided view
