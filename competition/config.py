@@ -165,9 +165,13 @@ class TrainConfig:
     class_weights: str = setting(
         "none",
         "cross-entropy class weights from the training fold's pixel frequencies: "
-        "none, inverse, median (median frequency) or effective (effective number of samples)",
+        "none, inverse, median (median frequency), effective (effective number of samples) or enet "
+        "(1 / ln(1.02 + frequency), bounded)",
     )
     class_weight_values: str = field(default="", metadata={"help": "", "derived": True})  # class_weights' result
+    # the settings --recipe auto chose (comma-separated names), so that a run resumed under a later rule goes on
+    # with the values it began with
+    recipe_applied: str = field(default="", metadata={"help": "", "derived": True})
     sampler: str = setting("random", "random, or class-balanced (images holding rare classes drawn more often)")
     monitor: str = setting(
         "auto",

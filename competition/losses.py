@@ -12,7 +12,8 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-CLASS_WEIGHTINGS = ("none", "inverse", "median", "effective")
+CLASS_WEIGHTINGS = ("none", "inverse", "median", "effective", "enet")
+ENET_C = 1.02  # ENet's constant: a class at frequency 0 weighs 1 / ln(1.02) ~ 50, one at 1 weighs ~ 1.4
 TVERSKY_ALPHA, TVERSKY_BETA = 0.3, 0.7  # weights of false positives and false negatives: misses cost more
 
 
@@ -235,6 +236,8 @@ def class_weights(pixel_counts, method: str, beta: float = 0.9999) -> list[float
     - ``inverse``: 1 / frequency.
     - ``median``: median frequency / frequency (Eigen & Fergus 2015): the median class weighs 1.
     - ``effective``: (1 - beta) / (1 - beta^n), the inverse of the effective number of samples (Cui et al. 2019).
+    - ``enet``: 1 / ln(1.02 + frequency) (Paszke et al. 2016): bounded, so frequent classes keep more weight than
+      ``median`` leaves them.
     - ``none``: None.
     """
     if method == "none":
@@ -249,6 +252,8 @@ def class_weights(pixel_counts, method: str, beta: float = 0.9999) -> list[float
         weights[present] = np.median(frequency) / frequency
     elif method == "effective":
         weights[present] = (1 - beta) / (1 - np.power(beta, counts[present]))
+    elif method == "enet":
+        weights[present] = 1 / np.log(ENET_C + frequency)
     else:
         raise ValueError(f"class weighting {method!r}: choose one of {', '.join(CLASS_WEIGHTINGS)}")
     weights[present] /= weights[present].mean()

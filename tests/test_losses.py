@@ -119,6 +119,8 @@ def test_class_weights_by_hand():
     beta = 0.99
     effective = (1 - beta) / (1 - beta ** np.array([600, 300, 100]))
     np.testing.assert_allclose(class_weights(counts, "effective", beta), [*(effective / effective.mean()), 0.0])
+    enet = 1 / np.log(1.02 + np.array([0.6, 0.3, 0.1]))  # bounded: at most 1 / ln(1.02) ~ 50 before scaling
+    np.testing.assert_allclose(class_weights(counts, "enet"), [*(enet / enet.mean()), 0.0])
     assert class_weights(counts, "none") is None
     for method in CLASS_WEIGHTINGS[1:]:
         weights = class_weights(counts, method)
