@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = {
     "time_limit",
     "tensorboard",  # what is written beside the run, not what it learns
     "class_weight_values",  # derived from the fold's masks at set-up: the same fold gives the same values
+    "recipe_applied",  # which settings the rule chose: compared through the settings themselves
     "labels",  # where the classes were read: the classes themselves are compared as resolved
 }
 
@@ -125,6 +126,26 @@ def _go_on_as_begun(saved: TrainConfig, config: TrainConfig, path: Path) -> None
         )
 
 
+def _go_on_under_its_rule(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
+    """A setting the rule chose when the run began, and chooses again now (no flag names it) but otherwise (the rule
+    was changed since): the run goes on with the value it began with, said in one line."""
+    chosen_now = set(filter(None, config.recipe_applied.split(",")))
+    kept = [
+        name
+        for name in filter(None, saved.recipe_applied.split(","))
+        if name in chosen_now and getattr(config, name) != getattr(saved, name)
+    ]
+    for name in kept:
+        setattr(config, name, getattr(saved, name))
+    if kept:
+        logger.info(
+            "%s was begun under an earlier rule of the defaults by situation: it goes on with the settings it "
+            "began with (%s)",
+            path,
+            ", ".join(f"{name} {getattr(saved, name)}" for name in kept),
+        )
+
+
 # Settings that, left empty, are resolved from the data as a run starts and saved: empty on a resumed run's command
 # line means "as the data says", which is what the checkpoint holds.
 RESOLVED_FROM_DATA = ("classes", "mask_values")
@@ -145,6 +166,7 @@ def check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
         config.warmup_epochs = saved.warmup_epochs
     if "recipe" not in checkpoint["config"]:
         _go_on_as_begun(saved, config, path)
+    _go_on_under_its_rule(saved, config, path)
     changed = [
         f"{f.name}={getattr(saved, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)

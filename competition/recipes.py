@@ -98,7 +98,7 @@ def with_recipe(config: TrainConfig, given: set[str], data) -> TrainConfig:
         _described(applied) or "the defaults",
         f"; as given: {', '.join(flag(name) for name in kept)}" if kept else "",
     )
-    return replace(config, **applied)
+    return replace(config, **applied, recipe_applied=",".join(applied))
 
 
 def resolve_run_config(args, also_given: tuple[str, ...] = ()) -> TrainConfig:

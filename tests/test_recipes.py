@@ -133,3 +133,23 @@ def test_a_run_begun_before_the_rule_resumes_with_the_settings_it_began_with(tmp
     again = replace(begun, lr=SCRATCH_LR)
     with pytest.raises(ConfigError, match="was trained with lr=0.0003, now 0.002"):  # begun under the rule: as before
         check_resumable(checkpoint_of(begun, before_the_rule=False), again, tmp_path / "last.pt")
+
+
+def test_a_run_begun_under_an_earlier_rule_goes_on_with_what_that_rule_chose(tmp_path, caplog):
+    chosen = "lr,schedule,augment,class_weights"
+    begun = TrainConfig(encoder_weights="none", classes="a,b,c", class_weights="median", recipe_applied=chosen)
+    now = replace(begun, class_weights="enet")  # the rule picks another weighting today
+    with caplog.at_level(logging.INFO, logger="competition"):
+        check_resumable(checkpoint_of(begun, before_the_rule=False), now, tmp_path / "last.pt")
+    assert now.class_weights == "median"
+    assert "begun under an earlier rule of the defaults by situation" in caplog.text and "class_weights median" in (
+        caplog.text
+    )
+    given = replace(begun, class_weights="enet", recipe_applied="lr,schedule,augment")  # --class-weights enet given
+    with pytest.raises(ConfigError, match="was trained with class_weights='median', now 'enet'"):
+        check_resumable(checkpoint_of(begun, before_the_rule=False), given, tmp_path / "last.pt")
+
+
+def test_the_config_names_the_settings_the_rule_chose():
+    config = with_recipe(TrainConfig(encoder_weights="none", augment="full"), {"augment"}, fake_data())
+    assert config.recipe_applied.split(",") == [name for name in RECIPE_SETTINGS if name != "augment"]
