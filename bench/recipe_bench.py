@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +60,8 @@ def class_iou(matrix: np.ndarray) -> np.ndarray:
 
 
 def train_variant(name: str, flags: list[str], shared: list[str], work_dir: Path, threads: int) -> tuple[Path, float]:
-    """(its last.pt, wall seconds) of train.py with the shared flags and the variant's, in its own run folder."""
+    """(its last.pt, wall seconds) of train.py with the shared flags and the variant's, in its own run folder: the
+    whole process, its start, validation each epoch and checkpoints included."""
     out = work_dir / name.replace(" ", "_")
     command = [sys.executable, "train.py", *shared, *flags, "--out", str(out), "--overwrite", "--quiet"]
     started = time.perf_counter()
@@ -70,6 +72,12 @@ def train_variant(name: str, flags: list[str], shared: list[str], work_dir: Path
     if code != 0:
         sys.exit(f"{name}: train.py exited {code}; see {work_dir / f'{out.name}.log'}")
     return next(out.glob("fold*/last.pt")), time.perf_counter() - started
+
+
+def training_images_per_second(checkpoint: Path) -> float:
+    """train.py's mean img/s over its epochs' training steps alone (log.csv's train_img_per_s): without its start,
+    validation and checkpoints, as the plain loop, which has none of them, is timed."""
+    return float(pd.read_csv(checkpoint.parent / "log.csv")["train_img_per_s"].mean())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,9 +130,10 @@ def compare(args, shared: list[str], config, data, train_ids: list[str], val_ids
     variants = ([] if args.no_defaults else [("defaults", [])]) + [
         (text.partition("=")[0], shlex.split(text.partition("=")[2])) for text in args.variant
     ]
-    models, seconds = {}, {}
+    models, seconds, training_pace = {}, {}, {}
     for name, flags in variants:
         checkpoint, seconds[name] = train_variant(name, flags, shared, args.work_dir, args.threads)
+        training_pace[name] = training_images_per_second(checkpoint)
         member = load_member(checkpoint, torch.device("cpu"))
         models[name] = lambda images, member=member: member.forward(member.model_input({member.size_key: images}))
     started = time.perf_counter()
@@ -140,16 +149,17 @@ def compare(args, shared: list[str], config, data, train_ids: list[str], val_ids
         seed=config.seed,
     )
     models["plain loop"], seconds["plain loop"] = plain, time.perf_counter() - started
+    images_trained = (len(train_ids) // config.batch_size) * config.batch_size * config.epochs
+    training_pace["plain loop"] = images_trained / seconds["plain loop"]
 
     scored = [(f"validation (fold {config.fold})", val_ids, "train")]
     if args.test:
         scored.append(("test", data.test_mask_ids(), "test"))
-    images_trained = (len(train_ids) // config.batch_size) * config.batch_size * config.epochs
     for title, image_ids, split in scored:
         ious = {
             name: class_iou(confusion(model, data, image_ids, size, split, ignore)) for name, model in models.items()
         }
-        table = markdown_table(title, len(image_ids), data.classes, ious, seconds, images_trained)
+        table = markdown_table(title, len(image_ids), data.classes, ious, seconds, images_trained, training_pace)
         if split == "test":
             with atomic_output(args.work_dir / "test.md") as partial:
                 partial.write_text(table)
@@ -158,8 +168,11 @@ def compare(args, shared: list[str], config, data, train_ids: list[str], val_ids
             print(table)
 
 
-def markdown_table(title: str, images: int, classes, ious: dict, seconds: dict, images_trained: int) -> str:
-    """Each class's IoU, the mIoU, wall time and img/s of each recipe, and the ratios to the plain loop."""
+def markdown_table(
+    title: str, images: int, classes, ious: dict, seconds: dict, images_trained: int, training_pace: dict
+) -> str:
+    """Each class's IoU, the mIoU, wall time and img/s of each recipe (the whole run's, and its training steps'),
+    and the ratios to the plain loop."""
     names = list(ious)
     means = {name: float(np.nanmean(ious[name])) for name in names}
     plain = means["plain loop"]
@@ -175,6 +188,7 @@ def markdown_table(title: str, images: int, classes, ious: dict, seconds: dict, 
         row("wall time", lambda name: f"{seconds[name] / 60:.1f} min"),
         row("img/s", lambda name: f"{images_trained / seconds[name]:.2f}"),
         row("time / plain", lambda name: f"{seconds[name] / seconds['plain loop']:.2f}"),
+        row("training img/s", lambda name: f"{training_pace[name]:.2f}"),
     ]
     return "\n".join(lines) + "\n"
 

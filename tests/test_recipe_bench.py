@@ -66,7 +66,7 @@ def test_a_bench_run_trains_both_and_prints_their_table(tmp_path, capsys):
     shared += ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "4", "--workers", "0"]
     main(["--work-dir", str(tmp_path / "bench"), "--threads", "1", "--test", "--", *shared])
     table = capsys.readouterr().out
-    assert "| class | defaults | plain loop |" in table and "| **mIoU** |" in table
+    assert "| class | defaults | plain loop |" in table and "| **mIoU** |" in table and "| training img/s |" in table
     assert (tmp_path / "bench" / "defaults" / "fold0" / "last.pt").is_file()
     rows = [line for line in table.splitlines() if line.startswith(("| box", "| disc", "| square", "| background"))]
     assert len(rows) == 4  # one row a class
