@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         absent = [fold for fold in folds if fold not in available]
         if absent:
             raise ConfigError(f"--folds: {config.folds_csv} has no fold {absent}; its folds are {available}")
-        for fold in folds:  # every fold's run folder checked before any starts
+        # every fold's run folder checked before any starts; a resumed fold begun with other settings by the rule
+        # (an earlier rule) sets them back for all, so that the folds of one run stay alike
+        for fold in folds:
             config.fold = fold
             inspect_run_dir(config, args.resume, args.overwrite)
         level = logging.getLogger("competition").level

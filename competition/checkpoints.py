@@ -107,43 +107,41 @@ def checkpoint_config(checkpoint: dict, path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{error}; the file was altered or comes from another code version") from None
 
 
+def _keep_saved(names: list[str], saved: TrainConfig, config: TrainConfig, path: Path, why: str) -> None:
+    """``config`` takes the saved value of each of ``names``, said in one line with ``why``."""
+    for name in names:
+        setattr(config, name, getattr(saved, name))
+    if names:
+        logger.info(
+            "%s was begun %s: it goes on with the settings it began with (%s)",
+            path,
+            why,
+            ", ".join(f"{name} {getattr(saved, name)}" for name in names),
+        )
+
+
 def _go_on_as_begun(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
     """A run begun before the defaults by situation had TrainConfig's defaults where the rule now picks others:
-    it goes on with those it began with, said in one line."""
+    it goes on with those it began with."""
     defaults = TrainConfig()
     kept = [
         name
         for name in RECIPE_SETTINGS
         if getattr(saved, name) == getattr(defaults, name) and getattr(config, name) != getattr(saved, name)
     ]
-    for name in kept:
-        setattr(config, name, getattr(saved, name))
-    if kept:
-        logger.info(
-            "%s was begun before the defaults by situation: it goes on with the settings it began with (%s)",
-            path,
-            ", ".join(f"{name} {getattr(saved, name)}" for name in kept),
-        )
+    _keep_saved(kept, saved, config, path, "before the defaults by situation")
 
 
 def _go_on_under_its_rule(saved: TrainConfig, config: TrainConfig, path: Path) -> None:
-    """A setting the rule chose when the run began, and chooses again now (no flag names it) but otherwise (the rule
-    was changed since): the run goes on with the value it began with, said in one line."""
-    chosen_now = set(filter(None, config.recipe_applied.split(",")))
+    """A setting the rule chose when the run began and chooses now, but differently (the rule changed since): the
+    run goes on with the value it began with. Names outside RECIPE_SETTINGS (a hand-edited file) are not read."""
+    chosen_now = set(config.recipe_applied.split(",")) & set(RECIPE_SETTINGS)
     kept = [
         name
-        for name in filter(None, saved.recipe_applied.split(","))
+        for name in saved.recipe_applied.split(",")
         if name in chosen_now and getattr(config, name) != getattr(saved, name)
     ]
-    for name in kept:
-        setattr(config, name, getattr(saved, name))
-    if kept:
-        logger.info(
-            "%s was begun under an earlier rule of the defaults by situation: it goes on with the settings it "
-            "began with (%s)",
-            path,
-            ", ".join(f"{name} {getattr(saved, name)}" for name in kept),
-        )
+    _keep_saved(kept, saved, config, path, "under an earlier rule of the defaults by situation")
 
 
 # Settings that, left empty, are resolved from the data as a run starts and saved: empty on a resumed run's command

@@ -13,7 +13,17 @@ logger = logging.getLogger(__name__)
 
 
 # Settings that leave an epoch's length as it is: which fold, where the files are, the time limit, the set-up check.
-_SAME_EPOCH_LENGTH = {"fold", "out", "data_dir", "folds_csv", "time_limit", "check", "class_weight_values"}
+# recipe_applied: which settings the rule chose, not what they are (those are compared); absent before it was saved
+_SAME_EPOCH_LENGTH = {
+    "fold",
+    "out",
+    "data_dir",
+    "folds_csv",
+    "time_limit",
+    "check",
+    "class_weight_values",
+    "recipe_applied",
+}
 
 
 def known_epoch_seconds(config: TrainConfig) -> float:

@@ -87,7 +87,7 @@ def with_recipe(config: TrainConfig, given: set[str], data) -> TrainConfig:
     file), said in one line."""
     if config.recipe == "carvana":
         logger.info("recipe: carvana, the defaults whatever the data (--recipe auto picks them by situation)")
-        return config
+        return replace(config, recipe_applied="")  # a reused config.json of an auto run may name some
     situation = situation_of(config, data)
     chosen = recipe(situation)
     applied = {name: value for name, value in chosen.items() if name not in given}

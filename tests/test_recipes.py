@@ -145,6 +145,8 @@ def test_a_run_begun_under_an_earlier_rule_goes_on_with_what_that_rule_chose(tmp
     assert "begun under an earlier rule of the defaults by situation" in caplog.text and "class_weights median" in (
         caplog.text
     )
+    edited = replace(begun, recipe_applied="lr,nonsense,class_weights")  # a hand-edited file: its stray name unread
+    check_resumable(checkpoint_of(edited, before_the_rule=False), replace(now, class_weights="enet"), tmp_path / "x")
     given = replace(begun, class_weights="enet", recipe_applied="lr,schedule,augment")  # --class-weights enet given
     with pytest.raises(ConfigError, match="was trained with class_weights='median', now 'enet'"):
         check_resumable(checkpoint_of(begun, before_the_rule=False), given, tmp_path / "last.pt")
@@ -152,4 +154,6 @@ def test_a_run_begun_under_an_earlier_rule_goes_on_with_what_that_rule_chose(tmp
 
 def test_the_config_names_the_settings_the_rule_chose():
     config = with_recipe(TrainConfig(encoder_weights="none", augment="full"), {"augment"}, fake_data())
-    assert config.recipe_applied.split(",") == [name for name in RECIPE_SETTINGS if name != "augment"]
+    assert set(config.recipe_applied.split(",")) == set(RECIPE_SETTINGS) - {"augment"}
+    carvana = replace(config, recipe="carvana")
+    assert with_recipe(carvana, set(), fake_data()).recipe_applied == ""  # the rule chose nothing

@@ -121,6 +121,17 @@ def test_the_epoch_length_is_read_from_the_logs_of_folds_with_the_same_settings(
     assert known_epoch_seconds(replace(config, batch_size=2)) == 0.0
 
 
+def test_a_fold_saved_before_its_config_named_the_rules_settings_still_tells_the_epoch_length(tiny_config):
+    out = tiny_config.run_dir().parent
+    saved = json.loads(settings_of(tiny_config, 0))
+    del saved["recipe_applied"]  # a config.json of before the field
+    (out / "fold0").mkdir(parents=True)
+    (out / "fold0" / "config.json").write_text(json.dumps(saved))
+    (out / "fold0" / "log.csv").write_text("epoch,seconds\n0,42.0\n")
+    config = resolve_config(train.build_parser().parse_args([*cli_flags(tiny_config), "--fold", "1"]))
+    assert known_epoch_seconds(replace(config, recipe_applied="lr,schedule")) == 42.0
+
+
 def test_a_fold_whose_turn_comes_with_less_than_an_epoch_left_is_not_started(tiny_config, capsys):
     fold0 = tiny_config.run_dir()
     fold0.mkdir(parents=True)
