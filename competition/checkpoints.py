@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from competition.config import RECIPE_SETTINGS, TrainConfig, config_from, short_run_warmup
+from competition.config import DERIVED_SETTINGS, RECIPE_SETTINGS, TrainConfig, config_from, short_run_warmup
 from competition.errors import CheckpointError, ConfigError, refusal
 from competition.files import atomic_output
 
@@ -23,7 +23,7 @@ READABLE_FORMATS = (1, 2, 3)  # the weights and config of format 1 load as they 
 RESUMABLE_FORMATS = (2, 3)  # format 1's schedule counted steps differently
 # Settings a resumed run may change: where things are and how fast they go, not what is learned; and the
 # time limit, since a new session resumes with the time it has.
-RESUMABLE_CHANGES = {
+RESUMABLE_CHANGES = DERIVED_SETTINGS | {
     "out",
     "data_dir",
     "folds_csv",
@@ -34,8 +34,6 @@ RESUMABLE_CHANGES = {
     "check",
     "time_limit",
     "tensorboard",  # what is written beside the run, not what it learns
-    "class_weight_values",  # derived from the fold's masks at set-up: the same fold gives the same values
-    "recipe_applied",  # which settings the rule chose: compared through the settings themselves
     "labels",  # where the classes were read: the classes themselves are compared as resolved
 }
 

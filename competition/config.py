@@ -430,6 +430,11 @@ def _reject_unknown(values: dict, source: str) -> None:
         raise ConfigError(f"{source}: unknown setting(s) {unknown}{hints}; known: {', '.join(sorted(known))}")
 
 
+# Fields computed as a run starts (from the data, or by the recipe rule) and saved, never set by a flag: compared
+# through the settings they come from, so a resume or an epoch-length match leaves them out.
+DERIVED_SETTINGS = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("derived"))
+
+
 def config_from(values: dict, source: str = "config") -> TrainConfig:
     """A checked TrainConfig from a dict (a config file, flags, or one saved in a checkpoint); unknown keys,
     wrong types and values outside their choices or bounds are rejected."""

@@ -7,23 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from competition.clock import PROJECT_AFTER_SECONDS, Deadline, format_duration
-from competition.config import TrainConfig
+from competition.config import DERIVED_SETTINGS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 
-# Settings that leave an epoch's length as it is: which fold, where the files are, the time limit, the set-up check.
-# recipe_applied: which settings the rule chose, not what they are (those are compared); absent before it was saved
-_SAME_EPOCH_LENGTH = {
-    "fold",
-    "out",
-    "data_dir",
-    "folds_csv",
-    "time_limit",
-    "check",
-    "class_weight_values",
-    "recipe_applied",
-}
+# Settings that leave an epoch's length as it is: which fold, where the files are, the time limit, the set-up check,
+# and the derived ones (compared through what they come from; recipe_applied is absent from older config.json files)
+_SAME_EPOCH_LENGTH = DERIVED_SETTINGS | {"fold", "out", "data_dir", "folds_csv", "time_limit", "check"}
 
 
 def known_epoch_seconds(config: TrainConfig) -> float:
